@@ -1,0 +1,37 @@
+# One set-up for every target: a virtual environment in .venv with the CPU build of torch
+# (when no torch is importable) and the package with its test extras.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+TORCH_VERSION ?= 2.13.0
+# Elsewhere, point this at a CPU wheel index (e.g. PyTorch's /whl/cpu) to avoid the CUDA build.
+TORCH_INDEX ?=
+export DS_ACCELERATOR ?= cpu
+export GLOO_SOCKET_IFNAME ?= lo
+export TOKENIZERS_PARALLELISM ?= false
+
+.PHONY: install test lint demo bench clean
+
+$(VENV)/.installed: setup.py
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	@# Without a GPU, a bare torch requirement would pull a multi-GB CUDA build: install the CPU one first.
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q torch==$(TORCH_VERSION) $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
+	$(PY) -m pip install -q -e ".[test]"
+	touch $@
+
+install: $(VENV)/.installed
+
+lint: install
+	$(VENV)/bin/ruff check .
+
+test: lint
+	$(PY) -m pytest -q tests
+
+demo: install
+	$(VENV)/bin/torchrun --nproc_per_node 2 --master_port 29517 launch/train.py --config ds_configs/cpu_demo.json --demo
+
+bench: install
+	$(PY) benchmarks/overhead.py
+
+clean:
+	rm -rf $(VENV) runs

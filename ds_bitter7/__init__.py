@@ -1,0 +1,95 @@
+"""ds_bitter7: ZeRO-aware structured pruning for DeepSpeed training.
+
+``ds_bitter7.initialize`` takes the arguments of ``deepspeed.initialize`` (plus optional
+calibration data), reads the ``"bitter7"`` section of the same config, and returns the same tuple;
+``engine.step()`` then drives the pruning schedule.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Optional
+
+from .config import Bitter7Config, check_deepspeed_support, load_ds_config, parse_config
+from .structures import get_adapter, register_adapter
+
+__all__ = [
+    "initialize",
+    "attach",
+    "get_pruner",
+    "parse_config",
+    "Bitter7Config",
+    "register_adapter",
+]
+
+_ATTR = "_bitter7_pruner"
+
+
+def _config_from(args, config, config_params):
+    cfg = config if config is not None else config_params
+    if cfg is None and args is not None:
+        cfg = getattr(args, "deepspeed_config", None)
+    if cfg is None:
+        raise ValueError("ds_bitter7.initialize needs a DeepSpeed config (config=dict or JSON path)")
+    return load_ds_config(cfg)
+
+
+def initialize(args=None, model=None, optimizer=None, model_parameters=None, training_data=None,
+               lr_scheduler=None, config=None, config_params=None, calibration_data=None, **kwargs):
+    """``deepspeed.initialize`` with the bitter7 pruner attached when the config enables it.
+
+    Same arguments and return tuple ``(engine, optimizer, dataloader, lr_scheduler)``, plus
+    ``calibration_data``: an iterable of model inputs (dicts of keyword arguments, or tensors)
+    for bias compensation. A bad ``"bitter7"`` section raises ``ValueError`` on every rank before
+    any collective.
+    """
+    import deepspeed
+
+    ds_config = _config_from(args, config, config_params)
+    cfg = parse_config(ds_config)
+    if cfg.enabled:
+        check_deepspeed_support(ds_config)
+        get_adapter(model)
+        _prepare_model(model, cfg)
+    ds_only = {k: v for k, v in copy.deepcopy(ds_config).items() if k != "bitter7"}
+    if args is not None and getattr(args, "deepspeed_config", None) is not None:
+        args = copy.copy(args)
+        args.deepspeed_config = None  # the dict below is the config; DeepSpeed refuses both
+    engine, opt, loader, sched = deepspeed.initialize(
+        args=args, model=model, optimizer=optimizer, model_parameters=model_parameters,
+        training_data=training_data, lr_scheduler=lr_scheduler, config=ds_only, **kwargs)
+    if cfg.enabled:
+        attach(engine, cfg, calibration_data)
+    return engine, opt, loader, sched
+
+
+def _prepare_model(model, cfg: Bitter7Config) -> None:
+    """Model changes that must happen before DeepSpeed flattens the parameters."""
+    if cfg.bias_compensation.enabled:
+        from .compensation import add_missing_out_biases
+
+        add_missing_out_biases(model, cfg)
+
+
+def attach(engine, config, calibration_data=None):
+    """Attach a pruner to an engine that already exists (e.g. the one HF Trainer built).
+
+    ``config``: a parsed ``Bitter7Config``, or the DeepSpeed config (dict or path). Returns the
+    pruner (None when disabled).
+    """
+    from .pruner import Pruner
+
+    cfg = config if isinstance(config, Bitter7Config) else parse_config(config)
+    if not cfg.enabled:
+        return None
+    if not isinstance(config, Bitter7Config):
+        check_deepspeed_support(load_ds_config(config))
+    get_adapter(engine.module)
+    pruner = Pruner(engine, cfg, calibration_data)
+    setattr(engine, _ATTR, pruner)
+    return pruner
+
+
+def get_pruner(engine) -> Optional[object]:
+    """The pruner attached to ``engine``, or None."""
+    return getattr(engine, _ATTR, None)

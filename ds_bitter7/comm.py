@@ -1,0 +1,101 @@
+"""The one module that calls collectives.
+
+Every public function that communicates says so: *Collective: every rank must call this, in the
+same order*. With torch.distributed not initialised, they are the identity, so one code path
+serves 1 and N ranks. Bytes handed to collectives are counted (DESIGN invariant 5).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Dict, Optional, Tuple
+
+import torch
+import torch.distributed as dist
+
+logger = logging.getLogger(__name__)
+
+
+def world_size_and_rank(group=None) -> Tuple[int, int]:
+    """(world size, rank) of ``group``; (1, 0) when torch.distributed is not initialised."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size(group), dist.get_rank(group)
+    return 1, 0
+
+
+def is_main_process() -> bool:
+    """True on global rank 0 (and without torch.distributed)."""
+    return world_size_and_rank()[1] == 0
+
+
+def log_main(msg: str, *args, level: int = logging.INFO) -> None:
+    """Log on rank 0 only: the one door for rank-0-only side effects of the library."""
+    if is_main_process():
+        logger.log(level, msg, *args)
+
+
+@dataclass
+class Communicator:
+    """Collectives over one process group, on the device that its backend needs."""
+
+    group: Optional[object] = None
+    bytes_sent: int = 0  # bytes handed to collectives since creation (or the last reset)
+    calls: Dict[str, int] = field(default_factory=dict)
+
+    @property
+    def world_size(self) -> int:
+        return world_size_and_rank(self.group)[0]
+
+    @property
+    def rank(self) -> int:
+        return world_size_and_rank(self.group)[1]
+
+    def _device(self) -> torch.device:
+        if dist.is_initialized() and dist.get_backend(self.group) == "nccl":
+            return torch.device("cuda", torch.cuda.current_device())
+        return torch.device("cpu")
+
+    def _count(self, name: str, t: torch.Tensor) -> None:
+        self.bytes_sent += t.numel() * t.element_size()
+        self.calls[name] = self.calls.get(name, 0) + 1
+
+    def _reduce(self, name: str, t: torch.Tensor, op) -> torch.Tensor:
+        out = t.detach().clone()
+        if self.world_size == 1:
+            return out
+        self._count(name, out)
+        buf = out.to(self._device())
+        dist.all_reduce(buf, op=op, group=self.group)
+        return buf.to(t.device)
+
+    def all_reduce_sum(self, t: torch.Tensor) -> torch.Tensor:
+        """Element-wise sum over ranks, returned as a new tensor.
+
+        Collective: every rank must call this, in the same order.
+        """
+        return self._reduce("all_reduce_sum", t, dist.ReduceOp.SUM)
+
+    def all_reduce_max(self, t: torch.Tensor) -> torch.Tensor:
+        """Element-wise max over ranks, returned as a new tensor.
+
+        Collective: every rank must call this, in the same order.
+        """
+        return self._reduce("all_reduce_max", t, dist.ReduceOp.MAX)
+
+    def any(self, flag: bool) -> bool:
+        """True when ``flag`` is true on any rank.
+
+        Collective: every rank must call this, in the same order.
+        """
+        return bool(self.all_reduce_max(torch.tensor([int(flag)], dtype=torch.int32)).item())
+
+    def raise_if_any(self, error: Optional[BaseException], what: str) -> None:
+        """Raise on every rank when ``error`` happened on any, so no rank waits forever.
+
+        Collective: every rank must call this, in the same order.
+        """
+        if self.any(error is not None):
+            if error is not None:
+                raise error
+            raise RuntimeError(f"{what} failed on another rank; see that rank's error")

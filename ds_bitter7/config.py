@@ -1,0 +1,188 @@
+"""The ``"bitter7"`` section of a DeepSpeed JSON config.
+
+Parsed with DeepSpeed's own config base class (extra keys forbidden), from the same dict or JSON
+path that ``deepspeed.initialize`` receives. Every problem is reported at once, in one
+``ValueError`` naming the key, the value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from enum import Enum
+from typing import Any, List, Union
+
+from deepspeed.runtime.config_utils import DeepSpeedConfigModel
+from pydantic import Field, ValidationError, field_validator, model_validator
+
+SECTION = "bitter7"
+
+
+class ScoreName(str, Enum):
+    bitter7 = "bitter7"
+    magnitude = "magnitude"
+    movement = "movement"
+    fisher = "fisher"
+    bitter7_variance = "bitter7_variance"
+
+
+class StructureName(str, Enum):
+    mlp_neuron = "mlp_neuron"
+    attention_head = "attention_head"
+    unstructured = "unstructured"
+
+
+class Scope(str, Enum):
+    global_ = "global"
+    per_layer = "per_layer"
+
+
+class Shape(str, Enum):
+    cubic = "cubic"
+    linear = "linear"
+
+
+class StatsSource(str, Enum):
+    calibration = "calibration"
+    training = "training"
+
+
+class CompensationMode(str, Enum):
+    mean = "mean"
+    least_squares = "least_squares"
+
+
+class ScheduleConfig(DeepSpeedConfigModel):
+    """When pruning events happen and how far each one goes."""
+
+    start_step: int = Field(0, ge=0)
+    """Optimizer step of the first event; nothing is pruned before it."""
+    end_step: int = Field(0, ge=0)
+    """Optimizer step of the last event, where ``target_sparsity`` is reached."""
+    frequency: int = Field(100, ge=1)
+    """Steps between events."""
+    shape: Shape = Shape.cubic
+    """Sparsity curve between start and end: ``target * progress**3`` (cubic) or linear."""
+
+    @model_validator(mode="after")
+    def _end_after_start(self):
+        if self.end_step < self.start_step:
+            raise ValueError(
+                f"end_step ({self.end_step}) must be >= start_step ({self.start_step})")
+        return self
+
+
+class BiasCompensationConfig(DeepSpeedConfigModel):
+    """Fold removed units' mean activation into the next layer (seed section 1.2)."""
+
+    enabled: bool = False
+    """Compensate the next layer for every unit pruned at an event."""
+    source: StatsSource = StatsSource.calibration
+    """``calibration``: the ``calibration_data`` given to ``initialize``; ``training``: the
+    training forward passes in a window before each event."""
+    mode: CompensationMode = CompensationMode.mean
+    """``mean``: ``b += W[:, i] * mu_i``; ``least_squares``: refit the next layer on kept units."""
+    num_batches: int = Field(8, ge=1)
+    """Calibration batches run before each event (source ``calibration``)."""
+    window: int = Field(8, ge=1)
+    """Training micro-steps observed before each event (source ``training``)."""
+    ridge: float = Field(1e-3, ge=0.0)
+    """Ridge damping of least squares, relative to the mean diagonal of the covariance."""
+
+
+class Bitter7Config(DeepSpeedConfigModel):
+    """The ``"bitter7"`` section."""
+
+    enabled: bool = True
+    """Switch the pruner on; a config without the section leaves it off."""
+    score: ScoreName = ScoreName.bitter7
+    """Per-weight importance: bitter7, magnitude, movement, fisher or bitter7_variance."""
+    structures: List[StructureName] = Field(default_factory=lambda: [StructureName.mlp_neuron],
+                                            min_length=1)
+    """Unit types to prune; each type has its own threshold."""
+    target_sparsity: float = Field(0.5, ge=0.0, lt=1.0)
+    """Fraction of units of each type removed at the end of the schedule, in [0, 1)."""
+    scope: Scope = Scope.global_
+    """``global``: one threshold per type over all layers; ``per_layer``: the same fraction in
+    every layer (exports to a standard architecture)."""
+    min_units_per_layer: int = Field(1, ge=0)
+    """With global scope, the units each layer keeps whatever their scores (a layer with no
+    attention head left cannot be exported as a standard model)."""
+    schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
+    """Pruning schedule."""
+    bias_compensation: BiasCompensationConfig = Field(default_factory=BiasCompensationConfig)
+    """Bias compensation of removed units."""
+    eps: float = Field(1e-8, gt=0.0)
+    """Added to ``exp_avg_sq`` before the power."""
+    exponent: float = Field(0.25, gt=0.0)
+    """Power applied to ``exp_avg_sq + eps`` (the fourth root by default)."""
+
+    @field_validator("structures")
+    @classmethod
+    def _unique(cls, value: List[StructureName]) -> List[StructureName]:
+        if len(set(value)) != len(value):
+            raise ValueError(f"structures must not repeat a type, got {[v.value for v in value]}")
+        return value
+
+
+def _describe(error: dict) -> str:
+    loc = ".".join(str(p) for p in error["loc"]) or "<section>"
+    where = f"{SECTION}.{loc}" if error["loc"] else SECTION
+    value = error.get("input")
+    msg = error["msg"]
+    if error["type"] == "extra_forbidden":
+        msg = "unknown key"
+    ctx = error.get("ctx") or {}
+    allowed = ctx.get("expected")
+    if allowed:
+        msg = f"{msg} (allowed: {allowed})"
+    return f"  {where} = {value!r}: {msg}"
+
+
+def load_ds_config(config: Union[str, os.PathLike, dict]) -> dict:
+    """The DeepSpeed config as a dict, from a dict or a JSON file path."""
+    if isinstance(config, dict):
+        return config
+    path = os.fspath(config)
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise ValueError(f"DeepSpeed config file not found: {path}") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"DeepSpeed config {path} is not valid JSON: {e}") from None
+
+
+def parse_config(config: Union[str, os.PathLike, dict, Any]) -> Bitter7Config:
+    """Parse the ``"bitter7"`` section of a DeepSpeed config (dict or JSON path).
+
+    A missing section gives a disabled config. Raises one ``ValueError`` listing every bad key.
+    """
+    ds_config = load_ds_config(config)
+    section = ds_config.get(SECTION)
+    if section is None:
+        return Bitter7Config(enabled=False)
+    if not isinstance(section, dict):
+        raise ValueError(f"Invalid '{SECTION}' config: expected an object, got {section!r}")
+    try:
+        return Bitter7Config(strict=True, **section)
+    except ValidationError as e:
+        lines = [_describe(err) for err in e.errors()]
+        raise ValueError(f"Invalid '{SECTION}' config ({len(lines)} problem(s)):\n"
+                         + "\n".join(lines)) from None
+
+
+def check_deepspeed_support(ds_config: dict) -> None:
+    """Refuse DeepSpeed settings the pruner cannot serve, before anything is built."""
+    zero = ds_config.get("zero_optimization") or {}
+    problems = []
+    stage = zero.get("stage", 0)
+    if stage not in (0, 1, 2):
+        problems.append(f"  zero_optimization.stage = {stage!r}: ds_bitter7 supports ZeRO stage 0, 1 and 2")
+    for key in ("offload_optimizer", "offload_param"):
+        device = (zero.get(key) or {}).get("device", "none")
+        if device not in (None, "none"):
+            problems.append(f"  zero_optimization.{key}.device = {device!r}: "
+                            "CPU/NVMe offload is not supported yet (allowed: 'none')")
+    if problems:
+        raise ValueError("DeepSpeed config not supported by ds_bitter7:\n" + "\n".join(problems))

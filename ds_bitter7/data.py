@@ -1,0 +1,333 @@
+"""Training and calibration data for causal language models.
+
+Three sources, all through Hugging Face ``datasets``:
+
+* ``"builtin"``: an offline English corpus built at run time from the docstrings of the Python
+  standard library and the ``pydoc`` topic pages that ship with it. Deterministic for a given
+  Python version (everything is sorted), cached under ``~/.cache/ds_bitter7/`` (atomic write).
+* local ``.txt`` / ``.md`` / ``.json`` / ``.jsonl`` files (``load_dataset("text" | "json")``).
+* a dataset name on the Hugging Face hub (``load_dataset(name)``; needs network access).
+
+Text is tokenized (bytes by default, or a local ``transformers`` tokenizer), concatenated with an
+end-of-document id and cut into fixed-length blocks of ``input_ids``.
+"""
+
+from __future__ import annotations
+
+import ast
+import hashlib
+import json
+import logging
+import os
+import sys
+import sysconfig
+import tempfile
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+BUILTIN = "builtin"
+CORPUS_FORMAT = 1  # bump when the corpus recipe changes, so old caches are not reused
+VALIDATION_PERCENT = 5
+TEXT_SUFFIXES = (".txt", ".text", ".md", ".rst")
+JSON_SUFFIXES = (".json", ".jsonl")
+_SKIP_DIRS = {"site-packages", "dist-packages", "__pycache__", "idle_test", "lib2to3", "tests"}
+
+
+# --------------------------------------------------------------------------- tokenizers
+class ByteTokenizer:
+    """UTF-8 bytes as token ids 0..255, plus an end-of-document id 256 (vocabulary 257)."""
+
+    eos_token_id = 256
+    pad_token_id = 256
+    vocab_size = 257
+
+    def encode(self, text: str) -> List[int]:
+        """Token ids of ``text`` (no end-of-document id)."""
+        return list(text.encode("utf-8"))
+
+    def decode(self, ids: Sequence[int]) -> str:
+        """Text of ``ids``; ids >= 256 (end of document) are dropped."""
+        return bytes(int(i) for i in ids if int(i) < 256).decode("utf-8", errors="replace")
+
+    def __len__(self) -> int:
+        return self.vocab_size
+
+
+def get_tokenizer(path: Optional[str] = None):
+    """A :class:`ByteTokenizer`, or ``AutoTokenizer.from_pretrained(path)`` for a local directory."""
+    if not path:
+        return ByteTokenizer()
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(path)
+
+
+def tokenizer_vocab_size(tokenizer) -> int:
+    """Number of token ids the model's embedding must hold."""
+    return len(tokenizer)
+
+
+def _encode_batch(tokenizer, texts: List[str]) -> List[List[int]]:
+    if isinstance(tokenizer, ByteTokenizer):
+        return [tokenizer.encode(t) for t in texts]
+    return tokenizer(texts, add_special_tokens=False)["input_ids"]
+
+
+def _eos_id(tokenizer) -> Optional[int]:
+    eos = getattr(tokenizer, "eos_token_id", None)
+    return eos if eos is not None else getattr(tokenizer, "sep_token_id", None)
+
+
+# --------------------------------------------------------------------------- built-in corpus
+def _docstrings(path: str) -> List[str]:
+    """Module, class and function docstrings of one source file, in source order."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            tree = ast.parse(f.read())
+    except (SyntaxError, UnicodeDecodeError, ValueError):
+        return []
+    kinds = (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)
+    docs = [ast.get_docstring(n) for n in ast.walk(tree) if isinstance(n, kinds)]
+    return [d for d in docs if d and len(d) > 20]
+
+
+def _stdlib_documents() -> List[Dict[str, str]]:
+    """One document per stdlib source file and one per pydoc topic, sorted by name."""
+    root = sysconfig.get_paths()["stdlib"]
+    docs = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if d not in _SKIP_DIRS and not d.startswith("test"))
+        for fn in sorted(filenames):
+            if not fn.endswith(".py") or fn.startswith("test"):
+                continue
+            path = os.path.join(dirpath, fn)
+            texts = _docstrings(path)
+            if texts:
+                name = os.path.relpath(path, root).replace(os.sep, "/")
+                docs.append({"name": f"stdlib/{name}", "text": "\n\n".join(texts)})
+    try:
+        from pydoc_data.topics import topics
+    except ImportError:  # some distributions strip pydoc_data
+        topics = {}
+    docs += [{"name": f"pydoc/{k}", "text": topics[k].strip()} for k in sorted(topics)]
+    docs.sort(key=lambda d: d["name"])
+    return docs
+
+
+def cache_dir() -> str:
+    """``$DS_BITTER7_CACHE`` or ``~/.cache/ds_bitter7``."""
+    return os.environ.get("DS_BITTER7_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "ds_bitter7")
+
+
+def corpus_cache_path(directory: Optional[str] = None) -> str:
+    """Cache file of the built-in corpus for this Python version."""
+    v = sys.version_info
+    name = f"stdlib_corpus_v{CORPUS_FORMAT}_py{v.major}.{v.minor}.{v.micro}.jsonl"
+    return os.path.join(directory or cache_dir(), name)
+
+
+def _atomic_write_jsonl(path: str, rows: List[Dict[str, str]]) -> None:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp-", suffix=".jsonl")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            for row in rows:
+                f.write(json.dumps(row, ensure_ascii=False, sort_keys=True) + "\n")
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)  # atomic: concurrent ranks see the old file or the full new one
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def builtin_documents(directory: Optional[str] = None) -> List[Dict[str, str]]:
+    """The built-in corpus: ``[{"name", "text"}]`` sorted by name, built once and cached."""
+    path = corpus_cache_path(directory)
+    if os.path.exists(path):
+        with open(path, encoding="utf-8") as f:
+            return [json.loads(line) for line in f if line.strip()]
+    docs = _stdlib_documents()
+    logger.info("built-in corpus: %d documents, %.1f MB -> %s", len(docs),
+                sum(len(d["text"]) for d in docs) / 1e6, path)
+    _atomic_write_jsonl(path, docs)
+    return docs
+
+
+def split_of(name: str, validation_percent: int = VALIDATION_PERCENT) -> str:
+    """``"validation"`` or ``"train"`` for a document, from a hash of its name (stable everywhere)."""
+    bucket = int.from_bytes(hashlib.sha256(name.encode("utf-8")).digest()[:8], "big") % 100
+    return "validation" if bucket < validation_percent else "train"
+
+
+def builtin_dataset(split: str = "train", directory: Optional[str] = None):
+    """The built-in corpus split as a ``datasets.Dataset`` with columns ``name`` and ``text``."""
+    import datasets
+
+    if split not in ("train", "validation"):
+        raise ValueError(f"split must be 'train' or 'validation', got {split!r}")
+    rows = [d for d in builtin_documents(directory) if split_of(d["name"]) == split]
+    return datasets.Dataset.from_list(rows)
+
+
+# --------------------------------------------------------------------------- text datasets
+def _text_column(ds) -> str:
+    if "text" in ds.column_names:
+        return "text"
+    for name, feature in ds.features.items():
+        if getattr(feature, "dtype", None) == "string":
+            return name
+    raise ValueError(f"no text column in dataset with columns {ds.column_names}")
+
+
+def _split_train(ds, validation_fraction: float, seed: int) -> Tuple[Any, Any]:
+    if len(ds) < 2:
+        raise ValueError(f"need at least 2 rows to split off a validation set, got {len(ds)}")
+    parts = ds.train_test_split(test_size=validation_fraction, seed=seed, shuffle=True)
+    return parts["train"], parts["test"]
+
+
+def _local_files(spec: Sequence[str]) -> Optional[List[str]]:
+    files = []
+    for item in spec:
+        if os.path.isdir(item):
+            files += sorted(os.path.join(item, f) for f in os.listdir(item)
+                            if f.endswith(TEXT_SUFFIXES + JSON_SUFFIXES))
+        elif os.path.exists(item):
+            files.append(item)
+        else:
+            return None
+    return files
+
+
+def load_text_datasets(data: Union[str, Sequence[str]], validation_fraction: float = 0.05,
+                       seed: int = 0, hub_config: Optional[str] = None) -> Tuple[Any, Any]:
+    """(train, validation) ``datasets.Dataset`` objects with a text column.
+
+    ``data`` is ``"builtin"``, local file(s)/directories (text or JSON lines with a ``text``
+    field; split deterministically with ``seed``), or a hub dataset name (its ``validation``
+    split when it has one).
+    """
+    import datasets
+
+    spec = [data] if isinstance(data, str) else list(data)
+    if spec == [BUILTIN]:
+        return builtin_dataset("train"), builtin_dataset("validation")
+    files = _local_files(spec)
+    if files is not None:
+        if not files:
+            raise ValueError(f"no .txt/.md/.json/.jsonl files in {spec}")
+        kinds = {"json" if f.endswith(JSON_SUFFIXES) else "text" for f in files}
+        if len(kinds) > 1:
+            raise ValueError(f"mix of text and JSON files is not supported: {files}")
+        ds = datasets.load_dataset(kinds.pop(), data_files=files, split="train")
+        return _split_train(ds, validation_fraction, seed)
+    if len(spec) != 1:
+        raise ValueError(f"data paths do not exist: {[s for s in spec if not os.path.exists(s)]}")
+    dd = datasets.load_dataset(spec[0], hub_config)  # hub name: needs network access
+    if "validation" in dd:
+        return dd["train"], dd["validation"]
+    return _split_train(dd["train"], validation_fraction, seed)
+
+
+def chunk_dataset(ds, tokenizer, seq_len: int, num_proc: Optional[int] = None):
+    """Tokenize, join documents with the end-of-document id and cut into ``seq_len`` blocks.
+
+    Returns a ``datasets.Dataset`` with one column ``input_ids`` (torch format); the last
+    partial block of each map batch is dropped.
+    """
+    column = _text_column(ds)
+    eos = _eos_id(tokenizer)
+
+    def to_blocks(batch: Dict[str, List[Any]]) -> Dict[str, List[List[int]]]:
+        flat: List[int] = []
+        for ids in _encode_batch(tokenizer, [t for t in batch[column] if t]):
+            flat.extend(ids)
+            if eos is not None:
+                flat.append(eos)
+        n = len(flat) // seq_len
+        return {"input_ids": [flat[i * seq_len:(i + 1) * seq_len] for i in range(n)]}
+
+    blocks = ds.map(to_blocks, batched=True, batch_size=1000, remove_columns=ds.column_names,
+                    num_proc=num_proc, desc=f"blocks of {seq_len}")
+    if len(blocks) == 0:
+        raise ValueError(f"dataset too small for one block of {seq_len} tokens")
+    blocks.set_format("torch", columns=["input_ids"])
+    return blocks
+
+
+def build_lm_datasets(data: Union[str, Sequence[str]], tokenizer, seq_len: int,
+                      validation_fraction: float = 0.05, seed: int = 0) -> Tuple[Any, Any]:
+    """(train, validation) block datasets of ``input_ids`` of length ``seq_len``."""
+    train, val = load_text_datasets(data, validation_fraction, seed)
+    return chunk_dataset(train, tokenizer, seq_len), chunk_dataset(val, tokenizer, seq_len)
+
+
+# --------------------------------------------------------------------------- loaders
+def _dist_world_rank() -> Tuple[int, int]:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size(), dist.get_rank()
+    return 1, 0
+
+
+def collate_blocks(rows: List[Dict[str, torch.Tensor]]) -> Dict[str, torch.Tensor]:
+    """Stack block rows into ``{"input_ids": LongTensor[b, T]}``."""
+    return {"input_ids": torch.stack([torch.as_tensor(r["input_ids"]) for r in rows]).long()}
+
+
+def make_dataloader(blocks, batch_size: int, shuffle: bool = True, seed: int = 0,
+                    world_size: Optional[int] = None, rank: Optional[int] = None,
+                    drop_last: bool = True) -> torch.utils.data.DataLoader:
+    """A DataLoader over this rank's share (``DistributedSampler``, seeded) of ``blocks``.
+
+    Call ``loader.sampler.set_epoch(e)`` each epoch for a new deterministic order.
+    """
+    from torch.utils.data import DataLoader, DistributedSampler
+
+    if world_size is None or rank is None:
+        world_size, rank = _dist_world_rank()
+    sampler = DistributedSampler(blocks, num_replicas=world_size, rank=rank, shuffle=shuffle,
+                                 seed=seed, drop_last=drop_last and len(blocks) >= world_size)
+    return DataLoader(blocks, batch_size=batch_size, sampler=sampler, collate_fn=collate_blocks,
+                      drop_last=drop_last and len(blocks) >= world_size * batch_size)
+
+
+def calibration_batches(train_blocks, batch_size: int, num_batches: int, seed: int = 1234,
+                        rank_aware: bool = True) -> List[Dict[str, torch.Tensor]]:
+    """``num_batches`` batches ``{"input_ids": LongTensor[b, T]}`` drawn from the TRAIN blocks.
+
+    A list, so it can be iterated at every pruning event. With ``rank_aware`` each rank gets
+    different blocks (the statistics are all-reduced); otherwise all ranks get the same ones.
+    """
+    world_size, rank = _dist_world_rank() if rank_aware else (1, 0)
+    g = torch.Generator().manual_seed(seed)
+    order = torch.randperm(len(train_blocks), generator=g).tolist()
+    mine = order[rank::world_size]
+    need = batch_size * num_batches
+    if not mine:
+        raise ValueError("not enough training blocks for calibration")
+    picks = [mine[i % len(mine)] for i in range(need)]
+    return [collate_blocks([train_blocks[j] for j in picks[i:i + batch_size]])
+            for i in range(0, need, batch_size)]
+
+
+def iterate_forever(loader: torch.utils.data.DataLoader, start_batch: int = 0
+                    ) -> Iterator[Dict[str, torch.Tensor]]:
+    """Endless batches, re-seeding the sampler each epoch; skips the first ``start_batch``."""
+    n = len(loader)
+    if n == 0:
+        raise ValueError("data loader is empty: fewer blocks than ranks x batch size")
+    epoch, skip = divmod(start_batch, n)
+    while True:
+        if hasattr(loader.sampler, "set_epoch"):
+            loader.sampler.set_epoch(epoch)
+        for i, batch in enumerate(loader):
+            if i >= skip:
+                yield batch
+        skip = 0
+        epoch += 1

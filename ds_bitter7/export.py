@@ -1,0 +1,271 @@
+"""Export a pruned DeepSpeed (or HF Trainer) checkpoint as a physically smaller Hugging Face model.
+
+    python -m ds_bitter7.export CHECKPOINT_DIR OUTPUT_DIR [--tag TAG] [--model_config DIR]
+
+CHECKPOINT_DIR is the folder given to `engine.save_checkpoint` (holding `latest` and the tag
+folders) or a Trainer `checkpoint-N` folder. The fp32 weights are consolidated with DeepSpeed's own
+`zero_to_fp32`; the masks come from the pruner state (client state key `"bitter7"`, or
+`bitter7_state.pt` under Trainer). OUTPUT_DIR gets the model (safetensors + config),
+`pruning_report.json` and `pruning_report.md`, written into a temporary folder and renamed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import logging
+import os
+import shutil
+import sys
+import tempfile
+from typing import Dict, Mapping, Optional, Tuple
+
+import torch
+from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
+
+from .shrink import shrink_model, unit_counts, validate_masks, zero_pruned_units_
+
+logger = logging.getLogger(__name__)
+
+STATE_KEY = "bitter7"
+TRAINER_STATE_FILE = "bitter7_state.pt"
+MODEL_STATES_FILE = "mp_rank_00_model_states.pt"
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
+                    "merges.txt", "tokenizer.model", "generation_config.json")
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class ExportError(RuntimeError):
+    """A checkpoint that cannot be exported; the message names the file at fault."""
+
+
+def resolve_tag(checkpoint_dir: str, tag: Optional[str] = None) -> str:
+    """The checkpoint tag: `tag`, else the `latest` file, else the single `global_step*` folder."""
+    if not os.path.isdir(checkpoint_dir):
+        raise ExportError(f"checkpoint directory {checkpoint_dir!r} does not exist")
+    if tag is None:
+        latest = os.path.join(checkpoint_dir, "latest")
+        if os.path.isfile(latest):
+            with open(latest) as f:
+                tag = f.read().strip()
+        else:
+            steps = sorted(os.path.basename(p) for p in glob.glob(os.path.join(checkpoint_dir, "global_step*")))
+            if len(steps) != 1:
+                found = f"found tag folders {steps}" if steps else "no global_step* folder either"
+                raise ExportError(f"no 'latest' file at {latest!r} ({found}); pass --tag")
+            tag = steps[0]
+    if not os.path.isdir(os.path.join(checkpoint_dir, tag)):
+        raise ExportError(f"checkpoint tag folder {os.path.join(checkpoint_dir, tag)!r} does not exist")
+    return tag
+
+
+def _torch_load(path: str):
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+    except Exception as err:  # a truncated or foreign file: say which one
+        raise ExportError(f"cannot read {path!r}: {type(err).__name__}: {err}") from err
+
+
+def load_pruner_state(checkpoint_dir: str, tag: str) -> Tuple[dict, str]:
+    """(pruner state dict, the file it came from): `bitter7_state.pt` if present, else the
+    `"bitter7"` client-state entry of the tag's model-states file."""
+    trainer_file = os.path.join(checkpoint_dir, TRAINER_STATE_FILE)
+    model_file = os.path.join(checkpoint_dir, tag, MODEL_STATES_FILE)
+    if os.path.isfile(trainer_file):
+        state, source = _torch_load(trainer_file), trainer_file
+    elif os.path.isfile(model_file):
+        source = model_file
+        state = _torch_load(model_file)
+        if not isinstance(state, dict) or STATE_KEY not in state:
+            raise ExportError(f"no pruner state: {model_file!r} has no {STATE_KEY!r} client state and "
+                              f"{trainer_file!r} does not exist")
+        state = state[STATE_KEY]
+    else:
+        raise ExportError(f"no pruner state: neither {trainer_file!r} nor {model_file!r} exists")
+    masks = state.get("masks") if isinstance(state, dict) else None
+    if not isinstance(masks, dict) or not masks:
+        raise ExportError(f"pruner state in {source!r} is corrupt: expected a dict with a non-empty 'masks' "
+                          f"dict, got {type(state).__name__} with keys {list(state)[:8] if isinstance(state, dict) else '-'}")
+    return state, source
+
+
+def consolidate(checkpoint_dir: str, tag: str) -> Dict[str, torch.Tensor]:
+    """fp32 weights via DeepSpeed's zero_to_fp32; without ZeRO optimizer files (stage 0, bf16
+    optimizer) the module weights saved in the model-states file."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    tag_dir = os.path.join(checkpoint_dir, tag)
+    if glob.glob(os.path.join(tag_dir, "*optim_states.pt")):
+        try:
+            state = get_fp32_state_dict_from_zero_checkpoint(checkpoint_dir, tag=tag)
+            return _strip_prefix(state)
+        except ValueError as err:
+            if "is not a zero checkpoint" not in str(err):
+                raise ExportError(f"cannot consolidate {tag_dir!r}: {err}") from err
+            logger.warning("%s: not a ZeRO checkpoint; using the module weights of %s", tag_dir, MODEL_STATES_FILE)
+    model_file = os.path.join(tag_dir, MODEL_STATES_FILE)
+    if not os.path.isfile(model_file):
+        raise ExportError(f"no weights: {tag_dir!r} has neither *optim_states.pt nor {MODEL_STATES_FILE}")
+    module = _torch_load(model_file).get("module")
+    if not isinstance(module, Mapping):
+        raise ExportError(f"{model_file!r} has no 'module' state dict")
+    return _strip_prefix({k: v.float() for k, v in module.items()})
+
+
+def _strip_prefix(state: Mapping[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    # A model wrapped before deepspeed.initialize (DDP-style) names its params "module.*".
+    if state and all(k.startswith("module.") for k in state):
+        return {k[len("module."):]: v for k, v in state.items()}
+    return dict(state)
+
+
+def load_config(checkpoint_dir: str, model_config: Optional[str] = None):
+    """The HF config from `model_config` (a folder) or CHECKPOINT_DIR/config.json."""
+    folder = model_config or checkpoint_dir
+    path = os.path.join(folder, "config.json")
+    if not os.path.isfile(path):
+        hint = "" if model_config else " (pass --model_config DIR with the training model's config.json)"
+        raise ExportError(f"no model config: {path!r} does not exist{hint}")
+    return AutoConfig.from_pretrained(folder), folder
+
+
+def add_missing_biases_(model: nn.Module, state_dict: Mapping[str, torch.Tensor]) -> None:
+    """Give nn.Linear layers a bias where the checkpoint has one the config does not declare
+    (the pruner adds a compensation bias to LLaMA's down_proj / o_proj)."""
+    modules = dict(model.named_modules())
+    params = dict(model.named_parameters())
+    for key, value in state_dict.items():
+        if key in params or not key.endswith(".bias"):
+            continue
+        module = modules.get(key[: -len(".bias")])
+        if isinstance(module, nn.Linear) and module.bias is None:
+            module.bias = nn.Parameter(torch.zeros_like(value, dtype=module.weight.dtype))
+
+
+def build_model(config, state_dict: Mapping[str, torch.Tensor], source: str) -> PreTrainedModel:
+    """A model of `config` holding the consolidated weights (fp32); raises naming `source`."""
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    add_missing_biases_(model, state_dict)
+    missing, unexpected = model.load_state_dict(state_dict, strict=False)
+    tied = set(getattr(model, "all_tied_weights_keys", {}) or {})
+    missing = [k for k in missing if k not in tied]
+    if missing or unexpected:
+        raise ExportError(f"weights in {source!r} do not fit the {config.model_type} config: "
+                          f"missing {missing[:8]}, unexpected {unexpected[:8]}")
+    model.tie_weights()
+    return model.eval()
+
+
+def _count(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def _write_reports(folder: str, report: dict) -> None:
+    with open(os.path.join(folder, "pruning_report.json"), "w") as f:
+        json.dump(report, f, indent=2)
+    lines = [
+        "# Pruning report", "",
+        f"- source: `{report.get('source') or '-'}` (step {report.get('step', '-')})",
+        f"- model type: `{report['model_type_in']}` → `{report['model_type_out']}`",
+        f"- parameters: {report['params_before']:,} → {report['params_after']:,} "
+        f"({100 * (1 - report['params_after'] / report['params_before']):.1f}% fewer)", "",
+        "| layer | kind | units kept / total | params before | params after |",
+        "|---:|---|---:|---:|---:|",
+    ]
+    for r in report["layers"]:
+        lines.append(f"| {r['layer']} | {r['kind']} | {r['units_kept']} / {r['units_total']} | "
+                     f"{r['params_before']:,} | {r['params_after']:,} |")
+    with open(os.path.join(folder, "pruning_report.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+
+
+def _publish(tmp: str, output_dir: str, overwrite: bool) -> None:
+    """Rename the finished temporary folder to output_dir (replacing it only with overwrite)."""
+    old = None
+    if os.path.exists(output_dir):
+        if not overwrite:
+            raise ExportError(f"output directory {output_dir!r} already exists (pass --overwrite)")
+        old = tempfile.mkdtemp(dir=os.path.dirname(output_dir), prefix=f".{os.path.basename(output_dir)}.old-")
+        os.rmdir(old)
+        os.rename(output_dir, old)
+    os.rename(tmp, output_dir)
+    if old:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def export_model(model: PreTrainedModel, masks: Mapping[str, torch.Tensor], output_dir: str, *,
+                 dtype: Optional[str] = None, overwrite: bool = False, source: Optional[str] = None,
+                 extra: Optional[dict] = None, copy_from: Optional[str] = None) -> dict:
+    """Zero the pruned units (for safety), shrink, and write the HF model and reports atomically.
+
+    Returns the report dict (also written as pruning_report.json).
+    """
+    validate_masks(masks, unit_counts(model.state_dict(), model.config), source=f"masks from {source or 'caller'}")
+    zero_pruned_units_(model, masks)
+    small, layers = shrink_model(model, masks)
+    if dtype is not None:
+        small = small.to(_DTYPES[dtype])
+    report = {"source": source, **(extra or {}), "model_type_in": model.config.model_type,
+              "model_type_out": small.config.model_type, "params_before": _count(model),
+              "params_after": _count(small), "layers": layers}
+    output_dir = os.path.abspath(output_dir)
+    parent = os.path.dirname(output_dir)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(output_dir)}.tmp-")
+    try:
+        small.save_pretrained(tmp)
+        for name in _TOKENIZER_FILES if copy_from else ():
+            if os.path.isfile(os.path.join(copy_from, name)):
+                shutil.copy2(os.path.join(copy_from, name), tmp)
+        _write_reports(tmp, report)
+        _publish(tmp, output_dir, overwrite)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    logger.info("exported %s: %d -> %d parameters", output_dir, report["params_before"], report["params_after"])
+    return report
+
+
+def export_checkpoint(checkpoint_dir: str, output_dir: str, *, tag: Optional[str] = None,
+                      model_config: Optional[str] = None, dtype: str = "float32", overwrite: bool = False) -> dict:
+    """Consolidate a DeepSpeed/Trainer checkpoint, shrink it with its pruner masks, and write it."""
+    tag = resolve_tag(checkpoint_dir, tag)
+    state, state_file = load_pruner_state(checkpoint_dir, tag)
+    config, config_dir = load_config(checkpoint_dir, model_config)
+    weights = consolidate(checkpoint_dir, tag)
+    model = build_model(config, weights, os.path.join(checkpoint_dir, tag))
+    masks = state["masks"]
+    try:
+        validate_masks(masks, unit_counts(model.state_dict(), config), source=f"masks in {state_file!r}")
+    except ValueError as err:
+        raise ExportError(str(err)) from err
+    extra = {"tag": tag, "step": state.get("step"), "structures": state.get("structures")}
+    return export_model(model, masks, output_dir, dtype=dtype, overwrite=overwrite,
+                        source=os.path.abspath(checkpoint_dir), extra=extra, copy_from=config_dir)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m ds_bitter7.export", description=__doc__.split("\n\n")[0])
+    parser.add_argument("checkpoint_dir", help="folder given to engine.save_checkpoint, or a Trainer checkpoint-N")
+    parser.add_argument("output_dir", help="where to write the smaller Hugging Face model")
+    parser.add_argument("--tag", default=None, help="checkpoint tag (default: the 'latest' file)")
+    parser.add_argument("--model_config", default=None, help="folder with the model's config.json "
+                        "(default: CHECKPOINT_DIR)")
+    parser.add_argument("--dtype", default="float32", choices=sorted(_DTYPES), help="dtype of the saved weights")
+    parser.add_argument("--overwrite", action="store_true", help="replace OUTPUT_DIR if it exists")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        report = export_checkpoint(args.checkpoint_dir, args.output_dir, tag=args.tag,
+                                   model_config=args.model_config, dtype=args.dtype, overwrite=args.overwrite)
+    except (ExportError, NotImplementedError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(f"wrote {args.output_dir}: {report['model_type_out']}, parameters "
+          f"{report['params_before']:,} -> {report['params_after']:,}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

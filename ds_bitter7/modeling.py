@@ -1,0 +1,96 @@
+"""Causal language models for training scripts: tiny built-ins, local directories, config names.
+
+Models are randomly initialized from a config (seeded) unless a local directory with weights is
+given. Nothing is downloaded except for a transformers config name (e.g. ``gpt2``), which needs
+network access for its ``config.json`` only.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any, Callable, Dict, Optional
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "model.safetensors.index.json",
+                 "pytorch_model.bin.index.json")
+
+
+def _round_up(n: int, multiple: int = 8) -> int:
+    return (n + multiple - 1) // multiple * multiple
+
+
+def _tiny_gpt2(vocab_size: int, max_positions: int, **overrides: Any):
+    from transformers import GPT2Config
+
+    kw = dict(n_layer=4, n_embd=128, n_head=4, n_positions=max_positions,
+              resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    kw.update(overrides)
+    return GPT2Config(vocab_size=vocab_size, **kw)
+
+
+def _tiny_llama(vocab_size: int, max_positions: int, **overrides: Any):
+    from transformers import LlamaConfig
+
+    kw = dict(num_hidden_layers=4, hidden_size=128, num_attention_heads=4, num_key_value_heads=2,
+              intermediate_size=344, max_position_embeddings=max_positions, tie_word_embeddings=False)
+    kw.update(overrides)
+    return LlamaConfig(vocab_size=vocab_size, **kw)
+
+
+BUILTIN_MODELS: Dict[str, Callable[..., Any]] = {
+    "tiny-gpt2": _tiny_gpt2,
+    "tiny-llama": _tiny_llama,
+}
+
+
+def _has_weights(path: str) -> bool:
+    return any(os.path.exists(os.path.join(path, f)) for f in _WEIGHT_FILES)
+
+
+def build_config(name_or_path: str, vocab_size: Optional[int] = None, max_positions: int = 256,
+                 overrides: Optional[Dict[str, Any]] = None):
+    """The ``PretrainedConfig`` for a built-in name, a local directory or a transformers name.
+
+    ``vocab_size`` (rounded up to a multiple of 8) sets the built-ins' vocabulary; for other
+    configs it must not exceed theirs. ``overrides`` are set on the config.
+    """
+    overrides = dict(overrides or {})
+    if name_or_path in BUILTIN_MODELS:
+        vocab = _round_up(vocab_size or 257)
+        # the last real id is the tokenizer's end-of-document id (256 for bytes)
+        eos = (vocab_size or 257) - 1
+        overrides = {"bos_token_id": eos, "eos_token_id": eos, **overrides}
+        return BUILTIN_MODELS[name_or_path](vocab, max_positions, **overrides)
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(name_or_path)  # a hub name needs network access
+    for key, value in overrides.items():
+        setattr(config, key, value)
+    if vocab_size is not None and vocab_size > config.vocab_size:
+        raise ValueError(f"tokenizer has {vocab_size} ids but model {name_or_path!r} only "
+                         f"{config.vocab_size}")
+    return config
+
+
+def build_model(name_or_path: str, vocab_size: Optional[int] = None, max_positions: int = 256,
+                seed: int = 0, overrides: Optional[Dict[str, Any]] = None,
+                dtype: Optional[torch.dtype] = None):
+    """A causal LM: ``from_pretrained`` for a local directory holding weights, else a seeded
+    random init from :func:`build_config` (built-in names: ``tiny-gpt2``, ``tiny-llama``)."""
+    from transformers import AutoModelForCausalLM
+
+    if os.path.isdir(name_or_path) and _has_weights(name_or_path):
+        logger.info("loading weights from %s", name_or_path)
+        return AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype)
+    config = build_config(name_or_path, vocab_size, max_positions, overrides)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config)
+    if dtype is not None:
+        model = model.to(dtype)
+    logger.info("random init %s (%s): %.2fM parameters", name_or_path, config.model_type,
+                sum(p.numel() for p in model.parameters()) / 1e6)
+    return model

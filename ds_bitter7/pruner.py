@@ -1,0 +1,299 @@
+"""The pruner: schedule, distributed scoring, masks and their upkeep inside the optimizer step.
+
+Data flow of one event (every rank, in lockstep):
+local fragments -> per-element scores -> per-unit partial sums (float64) -> one all-reduce per
+structure type -> identical unit scores everywhere -> exact selection -> masks written to this
+rank's fp32 master fragments and Adam moments (and, being replicated, to the model's own
+parameters). Between events a step post-hook keeps pruned elements at exactly zero.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from enum import Enum
+from typing import Dict, List, Optional
+
+import torch
+
+from .calibration import ActivationStats, unit_std
+from .comm import Communicator, log_main
+from .compensation import compensate
+from .config import Bitter7Config, Scope, StructureName
+from .schedule import sparsity_at
+from .scores import ScoreInputs, get_scorer
+from .structures import UnitGroup, unit_groups, unstructured_params
+from .threshold import select_units, threshold_of
+from .unstructured import UnstructuredMasks
+from .zero_access import MissingOptimizerState, ZeroAccess
+
+logger = logging.getLogger(__name__)
+
+STATE_VERSION = 1
+
+
+class Pruner:
+    """Structured (and unstructured) pruning attached to one DeepSpeed engine."""
+
+    def __init__(self, engine, config: Bitter7Config, calibration_data=None):
+        self.engine = engine
+        self.config = config
+        self.model = engine.module
+        self.calibration_data = calibration_data
+        self.comm = Communicator(getattr(engine.optimizer, "dp_process_group", None))
+        self.kinds = [k for k in config.structures if k != StructureName.unstructured]
+        self.groups: List[UnitGroup] = unit_groups(self.model, self.kinds)
+        self.scorer = get_scorer(config.score)
+        unstructured = unstructured_params(self.model) if StructureName.unstructured in config.structures else []
+        names = {s.name for g in self.groups for s in g.slices}
+        names |= {g.out_bias for g in self.groups if g.out_bias} | {g.out_weight for g in self.groups}
+        self.access = ZeroAccess(engine, names | set(unstructured))
+        # Stage 0 replicates the whole state: every rank scores everything, nothing is reduced.
+        self.score_comm = Communicator(self.comm.group) if not self.access.replicated else _LOCAL
+        self.masks: Dict[str, torch.Tensor] = {g.key: torch.ones(g.n_units, dtype=torch.bool)
+                                               for g in self.groups}
+        self.unstructured = (UnstructuredMasks(self, unstructured) if unstructured else None)
+        self._drop: Dict[str, torch.Tensor] = {}  # fragment name -> BoolTensor[numel], True = zero it
+        self.movement: Dict[str, torch.Tensor] = {}
+        if "movement" in self.scorer.needs:
+            self.movement = {n: torch.zeros(f.numel, dtype=torch.float32)
+                             for n, f in self.access.fragments.items()}
+        # Activation statistics per unit group (bias compensation, variance-aware score).
+        needs_stats = config.bias_compensation.enabled or self.scorer.uses_activation_std
+        self.stats = ActivationStats(self, calibration_data) if needs_stats else None
+        self.step_count = 0
+        self.last_event: Optional[dict] = None
+        self.events: List[dict] = []
+        self._hooks = self.access.register_step_hooks(self._pre_step, self._post_step)
+
+    # -- public API --------------------------------------------------------------------------------
+    def unit_scores(self) -> Dict[str, torch.Tensor]:
+        """Global score of every unit, float64, identical on every rank.
+
+        Collective: every rank must call this, in the same order.
+        """
+        stats = self.stats.gather() if self.stats is not None and self.scorer.uses_activation_std else None
+        out = {}
+        for kind in self.kinds:
+            out.update(self._kind_scores(kind, stats))
+        return out
+
+    def prune_to(self, fraction: float) -> dict:
+        """One pruning event now: each structure type to ``fraction`` of its units removed.
+
+        Units already pruned stay pruned. When it returns, every rank's fp32 masters, Adam moments
+        and model parameters reflect it. Collective: every rank must call this, in the same order.
+        """
+        if not 0.0 <= fraction < 1.0:
+            raise ValueError(f"prune_to: fraction must be in [0, 1), got {fraction!r}")
+        event = self._event(fraction)
+        if self.unstructured is not None and not self.access.replicated and not self._in_step:
+            self.access.update_lp_params()  # unstructured masks are per rank: let DeepSpeed gather
+        return event
+
+    def sparsity_report(self) -> List[dict]:
+        """Per layer key: units kept / total and parameter elements kept / total."""
+        rows = []
+        for g in self.groups:
+            keep = self.masks[g.key]
+            per_unit = g.params_per_unit()
+            rows.append({"key": g.key, "kind": _name(g.kind), "units_kept": int(keep.sum()),
+                         "units_total": g.n_units, "params_kept": int(per_unit[keep].sum()),
+                         "params_total": int(per_unit.sum())})
+        if self.unstructured is not None:
+            rows.extend(self.unstructured.report())
+        return rows
+
+    def format_report(self) -> str:
+        """The sparsity report as a fixed-width table."""
+        lines = [f"{'layer':<22}{'kind':<16}{'units kept':>14}{'params kept':>20}"]
+        for r in self.sparsity_report():
+            frac = 1 - r["units_kept"] / max(1, r["units_total"])
+            lines.append(f"{r['key']:<22}{r['kind']:<16}{r['units_kept']:>7}/{r['units_total']:<6}"
+                         f"{r['params_kept']:>11}/{r['params_total']:<8} sparsity {frac:.3f}")
+        return "\n".join(lines)
+
+    # -- scores ------------------------------------------------------------------------------------
+    def _score_inputs(self, frag, start: int, numel: int) -> ScoreInputs:
+        """Score inputs over elements [start, start+numel) of a fragment's parameter."""
+        a, sub = self.access, slice(start - frag.start, start - frag.start + numel)
+        x = ScoreInputs(a.master(frag)[sub], eps=self.config.eps, exponent=self.config.exponent)
+        if "exp_avg_sq" in self.scorer.needs:
+            x.exp_avg_sq = a.state(frag)[sub]
+        if "movement" in self.scorer.needs:
+            x.movement = self.movement[frag.name][sub]
+        return x
+
+    def _local_unit_sums(self, groups: List[UnitGroup]) -> torch.Tensor:
+        total = sum(g.n_units for g in groups)
+        sums = torch.zeros(total, dtype=torch.float64)
+        offset = 0
+        for g in groups:
+            out = sums[offset:offset + g.n_units]
+            for s in g.slices:
+                frag = self.access.fragments.get(s.name)
+                if frag is None:
+                    continue
+                for start, numel in s.chunks(frag.start, frag.numel):
+                    s.add_unit_sums(out, self.scorer.fn(self._score_inputs(frag, start, numel)), start)
+            offset += g.n_units
+        return sums
+
+    def _kind_scores(self, kind: StructureName, stats: Optional[dict] = None) -> Dict[str, torch.Tensor]:
+        groups = [g for g in self.groups if g.kind == kind]
+        error = None
+        try:
+            sums = self._local_unit_sums(groups)
+        except MissingOptimizerState as e:
+            error, sums = e, None
+        self.comm.raise_if_any(error, "scoring")
+        sums = self.score_comm.all_reduce_sum(sums)  # [n_units of this kind, all layers]
+        out, offset = {}, 0
+        for g in groups:
+            out[g.key] = sums[offset:offset + g.n_units]
+            if self.scorer.uses_activation_std:
+                out[g.key] = out[g.key] * unit_std(g, stats[g.key])
+            offset += g.n_units
+        return out
+
+    # -- events ------------------------------------------------------------------------------------
+    @property
+    def _in_step(self) -> bool:
+        return getattr(self, "_stepping", False)
+
+    def _event(self, fraction: float) -> dict:
+        t0 = time.perf_counter()
+        bytes0 = self.comm.bytes_sent + self.score_comm.bytes_sent
+        event = {"step": self.step_count, "fraction": fraction, "sparsity": {}, "thresholds": {},
+                 "skipped": []}
+        stats = self.stats.gather() if self.stats is not None else None  # collective
+        masks_before = {k: v.clone() for k, v in self.masks.items()}
+        for kind in self.kinds:
+            scores = self._kind_scores(kind, stats)
+            keys = list(scores)
+            flat = torch.cat([scores[k] for k in keys])
+            if not bool(torch.isfinite(flat).all()):
+                event["skipped"].append(_name(kind))
+                log_main("bitter7 step %d: %s scores contain NaN/Inf; this event prunes nothing",
+                         self.step_count, _name(kind), level=logging.WARNING)
+                continue
+            layers = torch.cat([torch.full((scores[k].numel(),), i) for i, k in enumerate(keys)])
+            before = ~torch.cat([self.masks[k] for k in keys])
+            after = select_units(flat, layers, before, fraction, self.config.scope == Scope.per_layer,
+                                 self.config.min_units_per_layer)
+            event["thresholds"][_name(kind)] = threshold_of(flat, before, after)
+            offset = 0
+            for k in keys:
+                n = scores[k].numel()
+                self.masks[k] = ~after[offset:offset + n]
+                offset += n
+            event["sparsity"][_name(kind)] = float(after.float().mean())
+        if self.unstructured is not None:
+            self.unstructured.event(fraction, event)
+        if self.config.bias_compensation.enabled and stats is not None:
+            compensate(self, masks_before, stats, event)  # before zeroing: it reads W_next
+        self._apply_masks_now()
+        event["seconds"] = time.perf_counter() - t0
+        event["bytes"] = self.comm.bytes_sent + self.score_comm.bytes_sent - bytes0
+        self.last_event = event
+        self.events.append(event)
+        log_main("bitter7 step %d: sparsity %s thresholds %s (%.3f s, %d bytes reduced)", event["step"],
+                 {k: round(v, 4) for k, v in event["sparsity"].items()}, event["thresholds"],
+                 event["seconds"], event["bytes"])
+        return event
+
+    def _apply_masks_now(self) -> None:
+        """Rebuild the per-fragment drop masks and apply them to masters, moments and the model."""
+        self._drop = {}
+        for g in self.groups:
+            keep = self.masks[g.key]
+            if bool(keep.all()):
+                continue
+            for s in g.slices:
+                with torch.no_grad():
+                    s_param = self.model.get_parameter(s.name)
+                    s_param.data.index_fill_(s.dim, s.pruned_coords(keep), 0)
+                frag = self.access.fragments.get(s.name)
+                if frag is not None:
+                    self._drop[s.name] = ~s.keep_elements(keep, frag.start, frag.numel)
+        if self.unstructured is not None:
+            self._drop.update(self.unstructured.drop_masks())
+        self._apply_drop(range(self.access.n_groups))
+
+    def _apply_drop(self, groups) -> None:
+        groups = set(groups)
+        with torch.no_grad():
+            for name, drop in self._drop.items():
+                frag = self.access.fragments[name]
+                if frag.group not in groups:
+                    continue
+                for t in [self.access.master(frag)] + self.access.moment_views(frag):
+                    t.masked_fill_(drop, 0)
+                if name in self.movement:
+                    self.movement[name].masked_fill_(drop, 0)
+
+    # -- optimizer hooks ---------------------------------------------------------------------------
+    def _pre_step(self, groups: List[int]) -> None:
+        if not self.movement:
+            return
+        with torch.no_grad():
+            for name, acc in self.movement.items():
+                frag = self.access.fragments[name]
+                grad = self.access.grad(frag) if frag.group in groups else None
+                if grad is not None:
+                    acc.sub_(self.access.master(frag) * grad)  # movement score: -w * dL/dw
+
+    def _post_step(self, groups: List[int]) -> None:
+        self._apply_drop(groups)
+        if self.access.n_groups - 1 not in groups:
+            return  # ZeRO steps groups one by one: act once, after the last
+        self.step_count += 1
+        fraction = sparsity_at(self.config, self.step_count)
+        if fraction is not None and self.config.enabled:
+            self._stepping = True
+            try:
+                self._event(fraction)
+            finally:
+                self._stepping = False
+
+    # -- checkpoint state --------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        """Replicated pruner state (identical on every rank, independent of world size)."""
+        return {"version": STATE_VERSION, "model_type": self.model.config.model_type,
+                "structures": [_name(s) for s in self.config.structures], "score": _name(self.config.score),
+                "unit_counts": {g.key: g.n_units for g in self.groups},
+                "masks": {k: v.clone() for k, v in self.masks.items()}, "step": self.step_count,
+                "events": list(self.events)}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore masks and schedule position; errors name what does not match."""
+        problems = []
+        if state.get("version") != STATE_VERSION:
+            problems.append(f"version {state.get('version')!r} (expected {STATE_VERSION})")
+        counts = {g.key: g.n_units for g in self.groups}
+        if state.get("unit_counts") != counts:
+            problems.append(f"unit counts {state.get('unit_counts')} do not match this model's {counts}")
+        if problems:
+            raise ValueError("bitter7 pruner state does not match: " + "; ".join(problems))
+        self.masks = {k: torch.as_tensor(v, dtype=torch.bool).clone() for k, v in state["masks"].items()}
+        self.step_count = int(state["step"])
+        self.events = list(state.get("events", []))
+        self.last_event = self.events[-1] if self.events else None
+        self._apply_masks_now()
+
+
+def _name(value) -> str:
+    """The plain name of a config enum (DeepSpeed's config models store enum values)."""
+    return value.value if isinstance(value, Enum) else str(value)
+
+
+class _LocalComm(Communicator):
+    """A communicator that reduces nothing (stage 0: every rank already holds everything)."""
+
+    @property
+    def world_size(self) -> int:
+        return 1
+
+
+_LOCAL = _LocalComm()
+

@@ -1,0 +1,25 @@
+"""When events happen and how far each goes."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from .config import Bitter7Config, Shape
+
+
+def sparsity_at(config: Bitter7Config, step: int) -> Optional[float]:
+    """Target fraction for an event after optimizer step ``step``, or None if no event is due.
+
+    Events fall on ``start_step``, every ``frequency`` steps after it, and on ``end_step``; the
+    fraction is ``target * progress**3`` (cubic) or ``target * progress`` (linear), with
+    ``progress = (step - start) / (end - start)`` (1 when start == end).
+    """
+    sched = config.schedule
+    if step < sched.start_step or step > sched.end_step:
+        return None
+    if (step - sched.start_step) % sched.frequency != 0 and step != sched.end_step:
+        return None
+    span = sched.end_step - sched.start_step
+    progress = 1.0 if span == 0 else (step - sched.start_step) / span
+    power = 3 if sched.shape == Shape.cubic else 1
+    return config.target_sparsity * progress ** power

@@ -1,0 +1,70 @@
+"""Per-element importance scores: a registry of small pure functions.
+
+Each scorer maps the local values of one fragment (fp32 master weights and the optimizer state it
+names) to a per-element score, in float64. Unit scores are sums of these over a unit's elements.
+A new criterion is one function and one entry in ``SCORERS``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Dict, Optional, Tuple
+
+import torch
+
+from .config import ScoreName
+
+
+@dataclass
+class ScoreInputs:
+    """Aligned flat views over one range of a parameter (all the same length)."""
+
+    weight: torch.Tensor
+    exp_avg_sq: Optional[torch.Tensor] = None
+    movement: Optional[torch.Tensor] = None
+    eps: float = 1e-8
+    exponent: float = 0.25
+
+
+@dataclass(frozen=True)
+class Scorer:
+    needs: Tuple[str, ...]  # ScoreInputs fields that must be present
+    fn: Callable[[ScoreInputs], torch.Tensor]
+    uses_activation_std: bool = False  # unit score multiplied by the unit's activation std
+
+
+def _f64(t: torch.Tensor) -> torch.Tensor:
+    return t.to(torch.float64)
+
+
+def bitter7(x: ScoreInputs) -> torch.Tensor:
+    """``|w| * (exp_avg_sq + eps) ** exponent``: Adam's second moment approximates the Fisher."""
+    return _f64(x.weight).abs_() * (_f64(x.exp_avg_sq) + x.eps).pow_(x.exponent)
+
+
+def magnitude(x: ScoreInputs) -> torch.Tensor:
+    """``|w|``."""
+    return _f64(x.weight).abs_()
+
+
+def fisher(x: ScoreInputs) -> torch.Tensor:
+    """``w**2 * exp_avg_sq``: the diagonal-Fisher saliency (optimal brain damage)."""
+    return _f64(x.weight).square_() * _f64(x.exp_avg_sq)
+
+
+def movement(x: ScoreInputs) -> torch.Tensor:
+    """Accumulated ``-w * grad`` over optimizer steps (Sanh et al. 2020)."""
+    return _f64(x.movement)
+
+
+SCORERS: Dict[ScoreName, Scorer] = {
+    ScoreName.bitter7: Scorer(("exp_avg_sq",), bitter7),
+    ScoreName.magnitude: Scorer((), magnitude),
+    ScoreName.fisher: Scorer(("exp_avg_sq",), fisher),
+    ScoreName.movement: Scorer(("movement",), movement),
+    ScoreName.bitter7_variance: Scorer(("exp_avg_sq",), bitter7, uses_activation_std=True),
+}
+
+
+def get_scorer(name) -> Scorer:
+    return SCORERS[ScoreName(name)]

@@ -1,0 +1,268 @@
+"""Which weights form a unit: per-architecture adapters, keyed by ``model.config.model_type``.
+
+A unit group (one MLP or one attention block) is described as data: for every parameter that
+holds the group's units, the dimension that indexes units and, for each index along it, the unit
+it belongs to (``-1``: no unit). The arithmetic on flat ranges of those parameters (the local
+ZeRO fragments) lives here too, so scores and masks never need a full tensor.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Dict, Iterator, List, Optional, Tuple
+
+import torch
+from torch import nn
+
+from .config import StructureName
+
+# Row-aligned chunks of this many elements bound the temporary memory of fragment reductions.
+CHUNK_ELEMENTS = 1 << 20
+
+
+@dataclass(frozen=True)
+class ParamSlice:
+    """The part of one parameter that belongs to a group's units."""
+
+    name: str  # name in model.named_parameters()
+    shape: Tuple[int, ...]  # the parameter's full shape (1-D or 2-D)
+    dim: int  # dimension indexed by unit_ids
+    unit_ids: torch.Tensor  # LongTensor[shape[dim]]: unit of each index, -1 for none
+
+    @property
+    def row_len(self) -> int:
+        return self.shape[1] if len(self.shape) == 2 else 1
+
+    def chunks(self, start: int, numel: int) -> Iterator[Tuple[int, int]]:
+        """Split the flat range [start, start+numel) into row-aligned pieces of bounded size."""
+        step = max(self.row_len, (CHUNK_ELEMENTS // self.row_len) * self.row_len)
+        pos, end = start, start + numel
+        while pos < end:
+            nxt = min(end, (pos // step + 1) * step)
+            yield pos, nxt - pos
+            pos = nxt
+
+    def coord_sums(self, values: torch.Tensor, start: int) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Sum a flat range of per-element values per index along ``dim``.
+
+        ``values`` covers elements [start, start+len) of ``param.view(-1)``. Returns
+        (coordinates, sums) with the coordinates along ``dim`` that the range touches.
+        """
+        n = values.numel()
+        if len(self.shape) == 1:
+            return torch.arange(start, start + n), values
+        cols = self.row_len
+        r0, r1 = start // cols, (start + n - 1) // cols
+        padded = values.new_zeros((r1 - r0 + 1) * cols)
+        offset = start - r0 * cols
+        padded[offset:offset + n] = values
+        grid = padded.view(r1 - r0 + 1, cols)  # [rows touched, cols]
+        if self.dim == 0:
+            return torch.arange(r0, r1 + 1), grid.sum(1)
+        return torch.arange(cols), grid.sum(0)
+
+    def add_unit_sums(self, out: torch.Tensor, values: torch.Tensor, start: int) -> None:
+        """``out[u] += sum of values over the elements of unit u`` for a flat range."""
+        coords, sums = self.coord_sums(values, start)
+        units = self.unit_ids[coords]
+        valid = units >= 0
+        out.index_add_(0, units[valid], sums[valid].to(out.dtype))
+
+    def keep_elements(self, unit_keep: torch.Tensor, start: int, numel: int) -> torch.Tensor:
+        """BoolTensor[numel]: for a flat range, whether each element survives ``unit_keep``."""
+        units = self.unit_ids
+        coord_keep = torch.ones(units.numel(), dtype=torch.bool)
+        has_unit = units >= 0
+        coord_keep[has_unit] = unit_keep[units[has_unit]]
+        if len(self.shape) == 1:
+            return coord_keep[start:start + numel]
+        cols = self.row_len
+        r0, r1 = start // cols, (start + numel - 1) // cols
+        offset = start - r0 * cols
+        if self.dim == 0:
+            rows = coord_keep[r0:r1 + 1].repeat_interleave(cols)
+        else:
+            rows = coord_keep.repeat(r1 - r0 + 1)
+        return rows[offset:offset + numel]
+
+    def pruned_coords(self, unit_keep: torch.Tensor) -> torch.Tensor:
+        """Indices along ``dim`` that belong to a pruned unit."""
+        has_unit = self.unit_ids >= 0
+        pruned = torch.zeros_like(has_unit)
+        pruned[has_unit] = ~unit_keep[self.unit_ids[has_unit]]
+        return pruned.nonzero().flatten()
+
+
+@dataclass
+class UnitGroup:
+    """The units of one structure type in one transformer block."""
+
+    key: str  # "layers.3.mlp"
+    kind: StructureName
+    layer: int
+    n_units: int
+    slices: List[ParamSlice]
+    out_module: str  # module whose *input* carries the units' activations (c_proj, down_proj, o_proj)
+    out_weight: str  # its weight's parameter name
+    out_bias: Optional[str]  # its bias's parameter name (None: the model has none)
+    out_in_dim: int  # dimension of out_weight that indexes input features (0: Conv1D, 1: Linear)
+    feature_units: torch.Tensor  # LongTensor[n_in_features]: unit of each input feature of out_module
+
+    def params_per_unit(self) -> torch.Tensor:
+        """LongTensor[n_units]: parameter elements that exist only for each unit."""
+        counts = torch.zeros(self.n_units, dtype=torch.long)
+        for s in self.slices:
+            per_index = 1
+            for d, size in enumerate(s.shape):
+                if d != s.dim:
+                    per_index *= size
+            valid = s.unit_ids >= 0
+            counts.index_add_(0, s.unit_ids[valid], torch.full((int(valid.sum()),), per_index))
+        return counts
+
+
+@dataclass
+class Adapter:
+    """Per-architecture description: how to find blocks and their units."""
+
+    model_type: str
+    blocks_attr: Tuple[str, ...]  # candidate paths of the block ModuleList, e.g. ("transformer.h", "h")
+    mlp_units: Callable[[object, str, int, nn.Module], UnitGroup]
+    attn_units: Callable[[object, str, int, nn.Module], UnitGroup]
+    unstructured_params: Tuple[str, ...] = field(default=())  # weight suffixes inside a block
+
+    def blocks_prefix(self, model: nn.Module) -> str:
+        modules = dict(model.named_modules())
+        for path in self.blocks_attr:
+            if isinstance(modules.get(path), nn.ModuleList):
+                return path
+        raise ValueError(f"{self.model_type} model has no block list at any of {list(self.blocks_attr)}")
+
+
+def _ids(values: torch.Tensor) -> torch.Tensor:
+    return values.to(torch.long)
+
+
+def _shape(model: nn.Module, name: str) -> Tuple[int, ...]:
+    return tuple(model.get_parameter(name).shape)
+
+
+def _maybe(model: nn.Module, name: str) -> bool:
+    try:
+        model.get_parameter(name)
+        return True
+    except AttributeError:
+        return False
+
+
+# --- GPT-2 -------------------------------------------------------------------------------------
+# GPT-2's Conv1D stores weights as [in, out]: a neuron is a *column* of c_fc and a *row* of c_proj;
+# c_attn fuses q, k and v along the output dimension.
+
+
+def _gpt2_mlp(model, prefix: str, i: int, config) -> UnitGroup:
+    p = f"{prefix}.{i}.mlp"
+    n = _shape(model, f"{p}.c_fc.weight")[1]
+    ids = torch.arange(n)
+    slices = [ParamSlice(f"{p}.c_fc.weight", _shape(model, f"{p}.c_fc.weight"), 1, ids),
+              ParamSlice(f"{p}.c_fc.bias", (n,), 0, ids),
+              ParamSlice(f"{p}.c_proj.weight", _shape(model, f"{p}.c_proj.weight"), 0, ids)]
+    return UnitGroup(f"layers.{i}.mlp", StructureName.mlp_neuron, i, n, slices, f"{p}.c_proj",
+                     f"{p}.c_proj.weight", f"{p}.c_proj.bias", 0, ids)
+
+
+def _gpt2_attn(model, prefix: str, i: int, config) -> UnitGroup:
+    p = f"{prefix}.{i}.attn"
+    width = _shape(model, f"{p}.c_proj.weight")[0]  # n_head * head_dim of this layer
+    n_head = width // (config.n_embd // config.n_head)
+    head = _ids(torch.arange(width) // (width // n_head))  # [width]
+    qkv = torch.cat([head, head, head])
+    slices = [ParamSlice(f"{p}.c_attn.weight", _shape(model, f"{p}.c_attn.weight"), 1, qkv),
+              ParamSlice(f"{p}.c_attn.bias", (3 * width,), 0, qkv),
+              ParamSlice(f"{p}.c_proj.weight", _shape(model, f"{p}.c_proj.weight"), 0, head)]
+    return UnitGroup(f"layers.{i}.attn", StructureName.attention_head, i, n_head, slices,
+                     f"{p}.c_proj", f"{p}.c_proj.weight", f"{p}.c_proj.bias", 0, head)
+
+
+# --- LLaMA family (also Mistral, Qwen2): SwiGLU MLP, grouped-query attention -------------------
+
+
+def _llama_mlp(model, prefix: str, i: int, config) -> UnitGroup:
+    p = f"{prefix}.{i}.mlp"
+    n = _shape(model, f"{p}.gate_proj.weight")[0]
+    ids = torch.arange(n)
+    slices = []
+    for proj in ("gate_proj", "up_proj"):
+        slices.append(ParamSlice(f"{p}.{proj}.weight", _shape(model, f"{p}.{proj}.weight"), 0, ids))
+        if _maybe(model, f"{p}.{proj}.bias"):
+            slices.append(ParamSlice(f"{p}.{proj}.bias", (n,), 0, ids))
+    slices.append(ParamSlice(f"{p}.down_proj.weight", _shape(model, f"{p}.down_proj.weight"), 1, ids))
+    bias = f"{p}.down_proj.bias" if _maybe(model, f"{p}.down_proj.bias") else None
+    return UnitGroup(f"layers.{i}.mlp", StructureName.mlp_neuron, i, n, slices, f"{p}.down_proj",
+                     f"{p}.down_proj.weight", bias, 1, ids)
+
+
+def _llama_attn(model, prefix: str, i: int, config) -> UnitGroup:
+    p = f"{prefix}.{i}.self_attn"
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    n_q = _shape(model, f"{p}.q_proj.weight")[0] // head_dim
+    n_kv = _shape(model, f"{p}.k_proj.weight")[0] // head_dim
+    per_group = n_q // n_kv  # query heads reading each key/value group
+    q_ids = _ids(torch.arange(n_q * head_dim) // head_dim // per_group)
+    kv_ids = _ids(torch.arange(n_kv * head_dim) // head_dim)
+    slices = []
+    for proj, ids in (("q_proj", q_ids), ("k_proj", kv_ids), ("v_proj", kv_ids)):
+        slices.append(ParamSlice(f"{p}.{proj}.weight", _shape(model, f"{p}.{proj}.weight"), 0, ids))
+        if _maybe(model, f"{p}.{proj}.bias"):
+            slices.append(ParamSlice(f"{p}.{proj}.bias", (ids.numel(),), 0, ids))
+    slices.append(ParamSlice(f"{p}.o_proj.weight", _shape(model, f"{p}.o_proj.weight"), 1, q_ids))
+    bias = f"{p}.o_proj.bias" if _maybe(model, f"{p}.o_proj.bias") else None
+    return UnitGroup(f"layers.{i}.attn", StructureName.attention_head, i, n_kv, slices,
+                     f"{p}.o_proj", f"{p}.o_proj.weight", bias, 1, q_ids)
+
+
+_GPT2 = Adapter("gpt2", ("transformer.h", "h"), _gpt2_mlp, _gpt2_attn,
+                ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight"))
+_LLAMA = Adapter("llama", ("model.layers", "layers"), _llama_mlp, _llama_attn,
+                 tuple(f"self_attn.{p}.weight" for p in ("q_proj", "k_proj", "v_proj", "o_proj"))
+                 + tuple(f"mlp.{p}.weight" for p in ("gate_proj", "up_proj", "down_proj")))
+
+ADAPTERS: Dict[str, Adapter] = {"gpt2": _GPT2, "llama": _LLAMA, "mistral": _LLAMA, "qwen2": _LLAMA}
+
+
+def register_adapter(model_type: str, adapter: Adapter) -> None:
+    """Make a new ``model.config.model_type`` prunable."""
+    ADAPTERS[model_type] = adapter
+
+
+def get_adapter(model: nn.Module) -> Adapter:
+    """The adapter for ``model.config.model_type``; raises with the supported list."""
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type not in ADAPTERS:
+        raise ValueError(f"ds_bitter7 has no structure adapter for model_type={model_type!r} "
+                         f"(supported: {sorted(ADAPTERS)}); register one with "
+                         "ds_bitter7.structures.register_adapter")
+    return ADAPTERS[model_type]
+
+
+def unit_groups(model: nn.Module, kinds: List[StructureName]) -> List[UnitGroup]:
+    """Every block's unit groups for the structured kinds, in block order (mlp before attn)."""
+    adapter = get_adapter(model)
+    prefix = adapter.blocks_prefix(model)
+    n_blocks = len(model.get_submodule(prefix))
+    groups = []
+    for i in range(n_blocks):
+        if StructureName.mlp_neuron in kinds:
+            groups.append(adapter.mlp_units(model, prefix, i, model.config))
+        if StructureName.attention_head in kinds:
+            groups.append(adapter.attn_units(model, prefix, i, model.config))
+    return groups
+
+
+def unstructured_params(model: nn.Module) -> List[str]:
+    """Names of the block weight matrices that ``unstructured`` pruning ranks element by element."""
+    adapter = get_adapter(model)
+    prefix = adapter.blocks_prefix(model)
+    n_blocks = len(model.get_submodule(prefix))
+    return [f"{prefix}.{i}.{s}" for i in range(n_blocks) for s in adapter.unstructured_params
+            if _maybe(model, f"{prefix}.{i}.{s}")]

@@ -1,0 +1,120 @@
+"""Exact thresholds: which units to prune, with ties broken by a fixed rule.
+
+Structured units: every rank holds the same all-reduced scores, so selection is a local,
+deterministic sort. Unstructured weights: an exact distributed k-th value (radix select over the
+bit patterns of float32 scores, a few 256-bin histograms all-reduced), never a gather.
+
+Tie rule everywhere: among equal scores the unit (or element) that comes first is pruned first,
+in the order of the unit index (layer order, then unit), or for elements of (parameter order,
+flat index).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import List, Sequence, Tuple
+
+import torch
+
+from .comm import Communicator
+
+
+def n_to_prune(fraction: float, n: int) -> int:
+    """``floor(fraction * n)``, robust to the float error in products such as 0.29 * 100."""
+    return int(math.floor(fraction * n + 1e-9))
+
+
+def _order(scores: torch.Tensor, pruned: torch.Tensor) -> torch.Tensor:
+    """Indices in pruning order: already pruned first, then ascending score, ties by index."""
+    key = scores.clone()
+    key[pruned] = -math.inf
+    return torch.sort(key, stable=True).indices
+
+
+def select_units(scores: torch.Tensor, layers: torch.Tensor, pruned: torch.Tensor, fraction: float,
+                 per_layer: bool, min_keep: int = 0) -> torch.Tensor:
+    """New pruned mask (BoolTensor[n]) holding ``floor(fraction * n)`` units (or per layer).
+
+    ``scores``: float64[n], ``layers``: LongTensor[n] (layer of each unit), ``pruned``: units
+    already pruned, which stay pruned. With global scope each layer keeps at least ``min_keep``
+    of its best units.
+    """
+    out = pruned.clone()
+    if per_layer:
+        for layer in torch.unique(layers).tolist():
+            idx = (layers == layer).nonzero().flatten()
+            k = max(n_to_prune(fraction, idx.numel()), int(pruned[idx].sum()))
+            out[idx[_order(scores[idx], pruned[idx])[:k]]] = True
+        return out
+    candidates = torch.ones_like(pruned)
+    if min_keep > 0:
+        for layer in torch.unique(layers).tolist():
+            idx = (layers == layer).nonzero().flatten()
+            best = _order(-scores[idx], pruned[idx].new_zeros(idx.numel()))  # descending, ties by index
+            keep = [i for i in idx[best].tolist() if not pruned[i]][:min_keep]
+            candidates[keep] = False
+    idx = candidates.nonzero().flatten()
+    k = max(n_to_prune(fraction, scores.numel()), int(pruned.sum()))
+    out[idx[_order(scores[idx], pruned[idx])[:k]]] = True
+    return out
+
+
+def threshold_of(scores: torch.Tensor, before: torch.Tensor, after: torch.Tensor) -> float:
+    """The largest score among units pruned by this event (nan when none)."""
+    new = after & ~before
+    return float(scores[new].max()) if bool(new.any()) else math.nan
+
+
+# -- unstructured: exact distributed k-th smallest ------------------------------------------------
+
+def score_keys(scores: torch.Tensor, pruned: torch.Tensor) -> torch.Tensor:
+    """Order-preserving int32 keys: 0 for already pruned, else 1 + the float32 bit pattern.
+
+    Non-negative float32 values compare like their bit patterns as integers.
+    """
+    s = scores.to(torch.float32).clamp_min(0.0)
+    keys = s.view(torch.int32) + 1
+    keys[pruned] = 0
+    return keys
+
+
+def kth_keys(keys: Sequence[torch.Tensor], groups: Sequence[int], k: torch.Tensor,
+             comm: Communicator) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Exact k-th smallest key of each group over all ranks' key tensors (radix select).
+
+    ``keys[j]`` belongs to group ``groups[j]``; ``k``: LongTensor[G], 1-based ranks (k >= 1).
+    Returns (threshold key per group, how many elements equal to it are within the k smallest).
+    Collective: every rank must call this, in the same order (4 all-reduces of [G, 256] int64).
+    """
+    n_groups = k.numel()
+    prefix = torch.zeros(n_groups, dtype=torch.int64)
+    remaining = k.clone()
+    for shift in (24, 16, 8, 0):
+        hist = torch.zeros(n_groups, 256, dtype=torch.int64)
+        for t, g in zip(keys, groups):
+            t64 = t.to(torch.int64)
+            if shift < 24:
+                t64 = t64[(t64 >> (shift + 8)) == (int(prefix[g]) >> (shift + 8))]
+            hist[g] += torch.bincount((t64 >> shift) & 255, minlength=256)
+        hist = comm.all_reduce_sum(hist)
+        cum = hist.cumsum(1)  # [G, 256]
+        digit = (cum < remaining[:, None]).sum(1)  # first bin whose cumulative count reaches k
+        below = torch.where(digit > 0, cum.gather(1, (digit - 1).clamp_min(0)[:, None])[:, 0], 0)
+        remaining -= below
+        prefix |= digit << shift
+    return prefix, remaining
+
+
+def tie_quotas(tie_counts: torch.Tensor, ties_to_prune: torch.Tensor, groups: List[int]) -> torch.Tensor:
+    """How many tied elements each (item, rank) prunes, in (item, rank) order within a group.
+
+    ``tie_counts``: LongTensor[n_items, world], all-reduced; ``groups[i]``: group of item i.
+    """
+    quota = torch.zeros_like(tie_counts)
+    left = ties_to_prune.clone()
+    for i, g in enumerate(groups):
+        for r in range(tie_counts.shape[1]):
+            take = min(int(left[g]), int(tie_counts[i, r]))
+            quota[i, r] = take
+            left[g] -= take
+    return quota

@@ -1,0 +1,95 @@
+"""Unstructured pruning (the seed's original AdamWPrune form): single weights of block matrices.
+
+Masks are per element and per rank (each rank keeps a bool mask over its own fragments); the
+threshold is the exact k-th smallest score over all ranks, found by radix select.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, List
+
+import torch
+
+from .config import Scope
+from .threshold import kth_keys, n_to_prune, score_keys, tie_quotas
+from .zero_access import MissingOptimizerState
+
+
+class UnstructuredMasks:
+    """Per-element masks over the local fragments of the block weight matrices."""
+
+    def __init__(self, pruner, names: List[str]):
+        self.pruner = pruner
+        self.names = names
+        self.sizes = [pruner.model.get_parameter(n).numel() for n in names]
+        frags = pruner.access.fragments
+        self.pruned: Dict[str, torch.Tensor] = {n: torch.zeros(frags[n].numel, dtype=torch.bool)
+                                                for n in names if n in frags}
+        self.pruned_counts = torch.zeros(len(names), dtype=torch.long)  # global, after the last event
+
+    def _group_of(self) -> List[int]:
+        per_layer = self.pruner.config.scope == Scope.per_layer
+        return list(range(len(self.names))) if per_layer else [0] * len(self.names)
+
+    def _local_keys(self) -> Dict[str, torch.Tensor]:
+        keys = {}
+        for name, pruned in self.pruned.items():
+            frag = self.pruner.access.fragments[name]
+            parts = [score_keys(self.pruner.scorer.fn(self.pruner._score_inputs(frag, frag.start + s, n)),
+                                pruned[s:s + n])
+                     for s, n in _ranges(frag.numel)]
+            keys[name] = torch.cat(parts) if parts else torch.zeros(0, dtype=torch.int32)
+        return keys
+
+    def event(self, fraction: float, event: dict) -> None:
+        """Prune to ``fraction`` of the elements (globally or per matrix). Collective."""
+        comm, pcomm = self.pruner.score_comm, self.pruner.comm
+        groups = self._group_of()
+        n_groups = max(groups) + 1
+        error = None
+        try:
+            keys = self._local_keys()
+        except MissingOptimizerState as e:
+            error, keys = e, {}
+        pcomm.raise_if_any(error, "unstructured scoring")
+        totals = torch.zeros(n_groups, dtype=torch.long)
+        for g, size in zip(groups, self.sizes):
+            totals[g] += size
+        k = torch.tensor([n_to_prune(fraction, int(n)) for n in totals])
+        k = torch.maximum(k, torch.zeros_like(k).index_add_(0, torch.tensor(groups), self.pruned_counts))
+        order = [(i, n) for i, n in enumerate(self.names) if n in keys]
+        thresh, ties = kth_keys([keys[n] for _, n in order], [groups[i] for i, _ in order],
+                                k.clamp_min(1), comm)
+        world, rank = comm.world_size, comm.rank if comm.world_size > 1 else 0
+        tie_counts = torch.zeros(len(self.names), world, dtype=torch.long)
+        for i, n in order:
+            tie_counts[i, rank] = int((keys[n] == thresh[groups[i]]).sum())
+        quota = tie_quotas(comm.all_reduce_sum(tie_counts), ties, groups)
+        counts = torch.zeros(len(self.names), dtype=torch.long)
+        for i, n in order:
+            g = groups[i]
+            if int(k[g]) == 0:
+                continue
+            key = keys[n]
+            new = key < thresh[g]
+            tied = (key == thresh[g]).nonzero().flatten()[: int(quota[i, rank])]
+            new[tied] = True
+            self.pruned[n] |= new
+            counts[i] = int(self.pruned[n].sum())
+        self.pruned_counts = comm.all_reduce_sum(counts)
+        event["sparsity"]["unstructured"] = float(self.pruned_counts.sum()) / float(sum(self.sizes))
+        bits = (thresh - 1).clamp_min(0).to(torch.int32)
+        event["thresholds"]["unstructured"] = [float(v) for v in bits.view(torch.float32)]
+
+    def drop_masks(self) -> Dict[str, torch.Tensor]:
+        return {n: m for n, m in self.pruned.items() if bool(m.any())}
+
+    def report(self) -> List[dict]:
+        return [{"key": n, "kind": "unstructured", "units_kept": size - int(c), "units_total": size,
+                 "params_kept": size - int(c), "params_total": size}
+                for n, size, c in zip(self.names, self.sizes, self.pruned_counts.tolist())]
+
+
+def _ranges(numel: int, chunk: int = 1 << 20):
+    for s in range(0, numel, chunk):
+        yield s, min(chunk, numel - s)

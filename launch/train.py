@@ -1,0 +1,290 @@
+#!/usr/bin/env python
+"""Train (or fine-tune) a causal LM with DeepSpeed ZeRO and ds_bitter7 structured pruning.
+
+Works under every launcher: ``deepspeed``, ``torchrun``, ``mpirun`` (rank discovery through
+mpi4py) or plain ``python`` (one rank). Pruning follows the ``"bitter7"`` section of the DeepSpeed
+config; without that section this is plain DeepSpeed training.
+
+    torchrun --nproc_per_node 2 launch/train.py --config ds_configs/cpu_demo.json --demo
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import sys
+import time
+from typing import Any, Dict, List, Optional, Tuple
+
+import datasets
+import deepspeed
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+try:
+    import ds_bitter7
+except ImportError:  # run from a checkout without `pip install -e .`
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    import ds_bitter7
+from ds_bitter7 import data as dsdata
+from ds_bitter7 import modeling
+from ds_bitter7.config import load_ds_config
+
+logger = logging.getLogger("train")
+
+DEFAULTS = dict(model="tiny-gpt2", steps=1000, seq_len=256, eval_every=200, eval_batches=32,
+                calibration_batches=8, save_every=0)
+DEMO_DEFAULTS = dict(model="tiny-gpt2", steps=200, seq_len=64, eval_every=50, eval_batches=8,
+                     calibration_batches=4, save_every=0)
+
+
+def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--model", help="tiny-gpt2 | tiny-llama | local model dir | transformers config name")
+    p.add_argument("--model_overrides", default="{}", help="JSON dict set on the model config")
+    p.add_argument("--data", nargs="+", default=["builtin"],
+                   help="builtin | local .txt/.json/.jsonl files or dirs | hub dataset name")
+    p.add_argument("--tokenizer", help="local tokenizer dir (default: bytes, vocabulary 257)")
+    p.add_argument("--config", help="DeepSpeed JSON config (same as --deepspeed_config)")
+    p.add_argument("--steps", type=int, help="optimizer steps to train to")
+    p.add_argument("--seq_len", type=int)
+    p.add_argument("--eval_every", type=int, help="validate every N optimizer steps (0: start/end)")
+    p.add_argument("--eval_batches", type=int, help="validation batches per rank")
+    p.add_argument("--calibration_batches", type=int, help="train-split batches for calibration")
+    p.add_argument("--save_dir", help="DeepSpeed checkpoint folder (saved at the end)")
+    p.add_argument("--save_every", type=int, help="also save every N steps (0: only at the end)")
+    p.add_argument("--resume", nargs="?", const="", default=None,
+                   help="resume from the latest checkpoint in this folder (default: --save_dir)")
+    p.add_argument("--summary", help="write a JSON summary here (rank 0)")
+    p.add_argument("--seed", type=int, default=1234)
+    p.add_argument("--demo", action="store_true", help="small, fast defaults for a CPU demo")
+    p.add_argument("--local_rank", "--local-rank", type=int, default=int(os.environ.get("LOCAL_RANK", -1)),
+                   help="set by the deepspeed launcher")
+    p = deepspeed.add_config_arguments(p)
+    args = p.parse_args(argv)
+    for key, value in (DEMO_DEFAULTS if args.demo else DEFAULTS).items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    args.config = args.config or args.deepspeed_config
+    if not args.config:
+        p.error("a DeepSpeed config is required: --config or --deepspeed_config")
+    if args.resume == "":
+        args.resume = args.save_dir
+    if args.resume is not None and not args.resume:
+        p.error("--resume needs a folder or --save_dir")
+    return args
+
+
+def init_distributed() -> Tuple[int, int]:
+    """Start torch.distributed from the launcher's env, or from MPI (mpirun) via mpi4py."""
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=True,
+                               distributed_port=int(os.environ.get("MASTER_PORT", 29500)))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    return dist.get_world_size(), dist.get_rank()
+
+
+def rank0_first(fn, rank: int):
+    """Run ``fn`` on rank 0, then on the others (they reuse rank 0's caches)."""
+    if rank != 0:
+        dist.barrier()
+    out = fn()
+    if rank == 0:
+        dist.barrier()
+    return out
+
+
+def build_data(args, tokenizer, rank: int):
+    if args.data == [dsdata.BUILTIN]:  # in memory: only the corpus file cache is shared
+        train, val = rank0_first(lambda: dsdata.load_text_datasets(args.data, seed=args.seed), rank)
+        return dsdata.chunk_dataset(train, tokenizer, args.seq_len), dsdata.chunk_dataset(val, tokenizer, args.seq_len)
+    return rank0_first(lambda: dsdata.build_lm_datasets(args.data, tokenizer, args.seq_len, seed=args.seed), rank)
+
+
+@torch.no_grad()
+def evaluate(engine, loader, n_batches: int) -> Tuple[float, float]:
+    """(mean loss, perplexity) over ``n_batches`` per rank, averaged over all ranks. Collective."""
+    engine.eval()
+    total = torch.zeros(2, dtype=torch.float64, device=engine.device)  # [sum of losses, batches]
+    for i, batch in enumerate(loader):
+        if i >= n_batches:
+            break
+        ids = batch["input_ids"].to(engine.device)
+        total[0] += engine(input_ids=ids, labels=ids).loss.double()
+        total[1] += 1
+    dist.all_reduce(total)
+    engine.train()
+    loss = (total[0] / total[1].clamp(min=1)).item()
+    return loss, math.exp(min(loss, 50.0))
+
+
+def sparsity_by_kind(pruner) -> Dict[str, float]:
+    """Fraction of units removed, per structure kind, from the pruner's report."""
+    agg: Dict[str, List[int]] = {}
+    for row in pruner.sparsity_report():
+        kept_total = agg.setdefault(row["kind"], [0, 0])
+        kept_total[0] += row["units_kept"]
+        kept_total[1] += row["units_total"]
+    return {k: 1.0 - kept / max(total, 1) for k, (kept, total) in agg.items()}
+
+
+def params_kept(pruner) -> Tuple[int, int]:
+    rows = pruner.sparsity_report()
+    return sum(r["params_kept"] for r in rows), sum(r["params_total"] for r in rows)
+
+
+def write_monitor(engine, events: List[Tuple[str, float, int]]) -> None:
+    """Send events to DeepSpeed's own monitor (csv_monitor / tensorboard / wandb sections)."""
+    monitor = getattr(engine, "monitor", None)
+    if monitor is not None and monitor.enabled and events:
+        monitor.write_events(events)
+
+
+def pruning_events(pruner, seen_step: Optional[int]) -> Tuple[List[Tuple[str, float, int]], Optional[int]]:
+    """Monitor events for a pruning event not yet reported."""
+    event = pruner.last_event if pruner is not None else None
+    if not event or event["step"] == seen_step:
+        return [], seen_step
+    step = event["step"]
+    out = [(f"Bitter7/sparsity/{k}", float(v), step) for k, v in event.get("sparsity", {}).items()]
+    out += [(f"Bitter7/threshold/{k}", float(v), step) for k, v in event.get("thresholds", {}).items()]
+    out.append(("Bitter7/event_seconds", float(event.get("seconds", 0.0)), step))
+    return out, step
+
+
+def save(engine, pruner, save_dir: str, step: int, extra: Dict[str, Any]) -> None:
+    """DeepSpeed checkpoint with the pruner's replicated state in client_state. Collective."""
+    client = dict(extra, step=step)
+    if pruner is not None:
+        client["bitter7"] = pruner.state_dict()
+    engine.save_checkpoint(save_dir, tag=f"global_step{step}", client_state=client)
+
+
+def write_json_atomic(path: str, obj: Dict[str, Any]) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=2, sort_keys=True)
+    os.replace(tmp, path)
+
+
+def train(args) -> Dict[str, Any]:
+    world_size, rank = init_distributed()
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
+                        format="%(asctime)s %(name)s: %(message)s")
+    if rank != 0:
+        datasets.disable_progress_bars()
+    deepspeed.runtime.utils.set_random_seed(args.seed)
+    tokenizer = dsdata.get_tokenizer(args.tokenizer)
+    train_blocks, val_blocks = build_data(args, tokenizer, rank)
+    logger.info("data: %d train / %d validation blocks of %d tokens, %d ranks",
+                len(train_blocks), len(val_blocks), args.seq_len, world_size)
+    model = modeling.build_model(args.model, dsdata.tokenizer_vocab_size(tokenizer),
+                                 max_positions=max(args.seq_len, 256), seed=args.seed,
+                                 overrides=json.loads(args.model_overrides))
+    ds_config = load_ds_config(args.config)
+    device = deepspeed.accelerator.get_accelerator().current_device_name()
+    calib = None
+    if args.calibration_batches > 0:
+        bs = ds_config.get("train_micro_batch_size_per_gpu", 1)
+        calib = [{k: v.to(device) for k, v in b.items()}
+                 for b in dsdata.calibration_batches(train_blocks, bs, args.calibration_batches, args.seed)]
+    engine, _, _, _ = ds_bitter7.initialize(model=model, model_parameters=model.parameters(),
+                                            config=ds_config, calibration_data=calib)
+    pruner = ds_bitter7.get_pruner(engine)
+    return run_loop(args, engine, pruner, train_blocks, val_blocks, world_size, rank)
+
+
+def run_loop(args, engine, pruner, train_blocks, val_blocks, world_size: int, rank: int) -> Dict[str, Any]:
+    mb, ga = engine.train_micro_batch_size_per_gpu(), engine.gradient_accumulation_steps()
+    train_loader = dsdata.make_dataloader(train_blocks, mb, shuffle=True, seed=args.seed)
+    val_loader = dsdata.make_dataloader(val_blocks, mb, shuffle=False, drop_last=False)
+    start, ppl_start, loss_start = 0, None, None
+    if args.resume:
+        path, client = engine.load_checkpoint(args.resume)
+        if path is None:
+            raise FileNotFoundError(f"no DeepSpeed checkpoint to resume in {args.resume}")
+        client = client or {}
+        if pruner is not None and "bitter7" in client:
+            pruner.load_state_dict(client["bitter7"])
+        start, ppl_start, loss_start = client.get("step", engine.global_steps), client.get("ppl_start"), client.get("loss_start")
+        logger.info("resumed from %s at step %d", path, start)
+    if ppl_start is None:
+        loss_start, ppl_start = evaluate(engine, val_loader, args.eval_batches)
+        logger.info("step %d: validation loss %.4f, perplexity %.2f", start, loss_start, ppl_start)
+        write_monitor(engine, [("Val/ppl", ppl_start, start), ("Val/loss", loss_start, start)])
+    batches = dsdata.iterate_forever(train_loader, start_batch=start * ga)
+    bar = tqdm(total=args.steps, initial=start, disable=rank != 0, desc="train", dynamic_ncols=True)
+    t0, seen_event, step, loss = time.time(), None, start, float("nan")
+    val_loss, ppl = loss_start, ppl_start
+    extra = {"ppl_start": ppl_start, "loss_start": loss_start}
+    while step < args.steps:
+        losses = []
+        for _ in range(ga):
+            ids = next(batches)["input_ids"].to(engine.device)
+            out = engine(input_ids=ids, labels=ids)
+            engine.backward(out.loss)
+            engine.step()
+            losses.append(out.loss.item())
+        step += 1
+        loss = sum(losses) / len(losses)
+        events, seen_event = pruning_events(pruner, seen_event)
+        events.append(("Train/loss", loss, step))
+        if args.eval_every and step % args.eval_every == 0 and step < args.steps:
+            val_loss, ppl = evaluate(engine, val_loader, args.eval_batches)
+            logger.info("step %d: validation loss %.4f, perplexity %.2f", step, val_loss, ppl)
+            events += [("Val/ppl", ppl, step), ("Val/loss", val_loss, step)]
+        write_monitor(engine, events)
+        bar.update(1)
+        if rank == 0:
+            bar.set_postfix(loss=f"{loss:.3f}", **({k: f"{v:.2f}" for k, v in sparsity_by_kind(pruner).items()}
+                                                    if seen_event is not None else {}))
+        if args.save_dir and args.save_every and step % args.save_every == 0 and step < args.steps:
+            save(engine, pruner, args.save_dir, step, extra)
+    bar.close()
+    seconds = time.time() - t0
+    if step > start or val_loss is None:
+        val_loss, ppl = evaluate(engine, val_loader, args.eval_batches)
+        write_monitor(engine, [("Val/ppl", ppl, step), ("Val/loss", val_loss, step)])
+    if args.save_dir:
+        save(engine, pruner, args.save_dir, step, extra)
+    summary = {"steps": step, "start_step": start, "world_size": world_size, "seconds": seconds,
+               "ppl_start": ppl_start, "loss_start": loss_start, "ppl_final": ppl, "loss_final": val_loss,
+               "train_loss_final": loss, "model": args.model, "config": os.path.abspath(args.config),
+               "seq_len": args.seq_len, "pruning": pruner is not None, "sparsity": {},
+               "params_kept": None, "params_total": None, "layers": []}
+    if pruner is not None:
+        summary["sparsity"] = sparsity_by_kind(pruner)
+        summary["params_kept"], summary["params_total"] = params_kept(pruner)
+        summary["layers"] = pruner.sparsity_report()
+    if rank == 0:
+        report(summary, pruner)
+        if args.summary:
+            write_json_atomic(args.summary, summary)
+    dist.barrier()
+    return summary
+
+
+def report(summary: Dict[str, Any], pruner) -> None:
+    """The end-of-run report (rank 0, to stdout)."""
+    if pruner is not None:
+        print(pruner.format_report())
+    print(f"validation perplexity: {summary['ppl_start']:.2f} at step {0 if summary['start_step'] == 0 else 'resume'}"
+          f" (before pruning) -> {summary['ppl_final']:.2f} at step {summary['steps']}")
+    if summary["sparsity"]:
+        print("units removed: " + ", ".join(f"{k} {v:.1%}" for k, v in summary["sparsity"].items()))
+    sys.stdout.flush()
+
+
+def main(argv: Optional[List[str]] = None) -> None:
+    args = parse_args(argv)
+    train(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,168 @@
+"""`python -m ds_bitter7.export` on a real DeepSpeed ZeRO-2 checkpoint, and its error messages."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+import ds_bitter7.models  # noqa: F401  (registers bitter7_gpt2 / bitter7_llama)
+from ds_bitter7.export import ExportError, export_checkpoint
+
+TESTS = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(TESTS)
+
+# Builds a tiny model, zeroes a global set of units (with random compensation biases), takes one
+# ZeRO-2 step at lr 0 and saves a checkpoint whose client state holds the masks, like the pruner.
+MAKE_CHECKPOINT = textwrap.dedent("""
+    import sys, torch, deepspeed
+    from test_shrink import MODELS, random_masks, zero_units
+    name, out = sys.argv[1], sys.argv[2]
+    model = MODELS[name]()
+    masks = random_masks(model, "global")
+    zero_units(model, masks)
+    ids = torch.randint(0, model.config.vocab_size, (1, 9), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        reference = model(input_ids=ids).logits
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.0, weight_decay=0.0)
+    config = {"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1,
+              "zero_optimization": {"stage": 2}, "zero_allow_untested_optimizer": True}
+    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
+    loss = engine(input_ids=ids, labels=ids).loss
+    engine.backward(loss)
+    engine.step()
+    counts = {k: m.numel() for k, m in masks.items()}
+    state = {"version": 1, "masks": masks, "structures": ["mlp_neuron", "attention_head"],
+             "model_type": model.config.model_type, "unit_counts": counts, "step": 1}
+    engine.save_checkpoint(out, client_state={"bitter7": state})
+    if engine.global_rank == 0:
+        model.config.save_pretrained(out)
+        torch.save({"ids": ids, "logits": reference}, out + "/reference.pt")
+""")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+def _env() -> dict:
+    env = dict(os.environ, DS_ACCELERATOR="cpu", GLOO_SOCKET_IFNAME="lo", OMP_NUM_THREADS="1")
+    env["PYTHONPATH"] = os.pathsep.join([TESTS, ROOT, env.get("PYTHONPATH", "")])
+    return env
+
+
+def make_checkpoint(folder, name: str, world_size: int) -> str:
+    script = folder / "make_checkpoint.py"
+    script.write_text(MAKE_CHECKPOINT)
+    out = str(folder / "ckpt")
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={world_size}",
+           f"--master_port={_free_port()}", str(script), name, out]
+    done = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return out
+
+
+@pytest.fixture(scope="module")
+def gpt2_checkpoint(tmp_path_factory) -> str:
+    return make_checkpoint(tmp_path_factory.mktemp("gpt2"), "gpt2", world_size=2)
+
+
+@pytest.fixture(scope="module")
+def llama_checkpoint(tmp_path_factory) -> str:
+    return make_checkpoint(tmp_path_factory.mktemp("llama"), "llama_extra_bias", world_size=1)
+
+
+def assert_logits_match(export_dir: str, checkpoint: str) -> None:
+    reference = torch.load(os.path.join(checkpoint, "reference.pt"))
+    model = AutoModelForCausalLM.from_pretrained(export_dir).eval()
+    with torch.no_grad():
+        logits = model(input_ids=reference["ids"]).logits
+    rel = ((logits - reference["logits"]).norm() / reference["logits"].norm()).item()
+    assert rel <= 1e-5, rel
+
+
+def test_cli_exports_a_2_rank_zero2_checkpoint(gpt2_checkpoint, tmp_path):
+    out = tmp_path / "small"
+    cmd = [sys.executable, "-m", "ds_bitter7.export", gpt2_checkpoint, str(out)]
+    done = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert_logits_match(str(out), gpt2_checkpoint)
+    report = json.loads((out / "pruning_report.json").read_text())
+    assert report["model_type_out"] == "bitter7_gpt2" and report["tag"] == "global_step1"
+    assert report["params_after"] < report["params_before"]
+    assert len(report["layers"]) == 2 * 3
+    assert "| layer | kind |" in (out / "pruning_report.md").read_text()
+    assert (out / "model.safetensors").is_file()
+    assert not [p for p in os.listdir(tmp_path) if p.startswith(".small")]  # temp folder renamed away
+
+
+def test_llama_compensation_bias_survives_export(llama_checkpoint, tmp_path):
+    report = export_checkpoint(llama_checkpoint, str(tmp_path / "small"))
+    assert report["model_type_out"] == "bitter7_llama"
+    assert_logits_match(str(tmp_path / "small"), llama_checkpoint)
+
+
+def test_existing_output_needs_overwrite(gpt2_checkpoint, tmp_path):
+    (tmp_path / "small").mkdir()
+    with pytest.raises(ExportError, match="already exists"):
+        export_checkpoint(gpt2_checkpoint, str(tmp_path / "small"))
+    export_checkpoint(gpt2_checkpoint, str(tmp_path / "small"), overwrite=True)
+    assert (tmp_path / "small" / "config.json").is_file()
+
+
+def test_missing_checkpoint_dir(tmp_path):
+    with pytest.raises(ExportError, match="does not exist"):
+        export_checkpoint(str(tmp_path / "nope"), str(tmp_path / "out"))
+
+
+def test_missing_latest_tag(tmp_path):
+    for tag in ("global_step1", "global_step2"):
+        (tmp_path / "ckpt" / tag).mkdir(parents=True)
+    with pytest.raises(ExportError, match="no 'latest' file at .*latest"):
+        export_checkpoint(str(tmp_path / "ckpt"), str(tmp_path / "out"))
+
+
+def test_missing_pruner_state(gpt2_checkpoint, tmp_path):
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(gpt2_checkpoint, ckpt)
+    states = ckpt / "global_step1" / "mp_rank_00_model_states.pt"
+    data = torch.load(states, weights_only=False)
+    del data["bitter7"]
+    torch.save(data, states)
+    with pytest.raises(ExportError, match="mp_rank_00_model_states.pt' has no 'bitter7' client state"):
+        export_checkpoint(str(ckpt), str(tmp_path / "out"))
+
+
+def test_corrupt_pruner_state(gpt2_checkpoint, tmp_path):
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(gpt2_checkpoint, ckpt)
+    (ckpt / "bitter7_state.pt").write_bytes(b"not a torch file")
+    with pytest.raises(ExportError, match="cannot read .*bitter7_state.pt"):
+        export_checkpoint(str(ckpt), str(tmp_path / "out"))
+
+
+def test_masks_that_do_not_match_the_model(gpt2_checkpoint, tmp_path):
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(gpt2_checkpoint, ckpt)
+    masks = {"layers.0.mlp": torch.ones(10, dtype=torch.bool), "layers.7.attn": torch.ones(4, dtype=torch.bool)}
+    torch.save({"version": 1, "masks": masks}, ckpt / "bitter7_state.pt")
+    with pytest.raises(ExportError, match=r"bitter7_state.pt.*has 10 units; the model has 64.*unknown key"):
+        export_checkpoint(str(ckpt), str(tmp_path / "out"))
+
+
+def test_missing_model_config(gpt2_checkpoint, tmp_path):
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(gpt2_checkpoint, ckpt)
+    os.remove(ckpt / "config.json")
+    with pytest.raises(ExportError, match="config.json' does not exist.*--model_config"):
+        export_checkpoint(str(ckpt), str(tmp_path / "out"))

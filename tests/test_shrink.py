@@ -1,0 +1,206 @@
+"""Shrinking a masked model removes the pruned units and leaves its logits unchanged."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+import ds_bitter7.models  # noqa: F401  (registers bitter7_gpt2 / bitter7_llama)
+from ds_bitter7.shrink import shrink_model, zero_pruned_units_
+
+N_LAYER = 3
+
+
+def tiny_gpt2() -> GPT2LMHeadModel:
+    torch.manual_seed(0)
+    config = GPT2Config(n_embd=32, n_head=4, n_layer=N_LAYER, n_inner=64, vocab_size=97, n_positions=64,
+                        initializer_range=0.2, bos_token_id=0, eos_token_id=0)
+    return GPT2LMHeadModel(config).eval()
+
+
+def tiny_llama(extra_bias: bool = False) -> LlamaForCausalLM:
+    """GQA: 8 query heads in 4 key/value groups (2 query heads per unit), head_dim 8."""
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=64, num_attention_heads=8, num_key_value_heads=4, head_dim=8,
+                         intermediate_size=48, num_hidden_layers=N_LAYER, vocab_size=97,
+                         max_position_embeddings=64, initializer_range=0.2, bos_token_id=0, eos_token_id=0)
+    model = LlamaForCausalLM(config).eval()
+    if extra_bias:  # the pruner adds a compensation bias that LlamaConfig has no flag for
+        for layer in model.model.layers:
+            for proj in (layer.mlp.down_proj, layer.self_attn.o_proj):
+                proj.bias = nn.Parameter(torch.zeros(proj.out_features))
+    return model
+
+
+def blocks_and_units(model):
+    """(block, n_neurons, n_attention_units, head_dim, query heads per unit) per block."""
+    c = model.config
+    if c.model_type == "gpt2":
+        return [(b, b.mlp.c_fc.weight.shape[1], c.n_head, c.n_embd // c.n_head, 1) for b in model.transformer.h]
+    group = c.num_attention_heads // c.num_key_value_heads
+    return [(b, c.intermediate_size, c.num_key_value_heads, c.head_dim, group) for b in model.model.layers]
+
+
+@torch.no_grad()
+def zero_units(model, masks):
+    """Zero each pruned unit's elements as DESIGN.md defines them (independent of the library),
+    and give the next layers random nonzero biases, as bias compensation would."""
+    gpt2 = model.config.model_type == "gpt2"
+    for i, (block, _, _, hd, group) in enumerate(blocks_and_units(model)):
+        for n in (~masks[f"layers.{i}.mlp"]).nonzero().flatten().tolist():
+            if gpt2:
+                block.mlp.c_fc.weight[:, n] = 0
+                block.mlp.c_fc.bias[n] = 0
+                block.mlp.c_proj.weight[n, :] = 0
+            else:
+                block.mlp.gate_proj.weight[n] = 0
+                block.mlp.up_proj.weight[n] = 0
+                block.mlp.down_proj.weight[:, n] = 0
+        for u in (~masks[f"layers.{i}.attn"]).nonzero().flatten().tolist():
+            if gpt2:
+                width = block.attn.c_attn.weight.shape[1] // 3
+                for part in range(3):
+                    cols = slice(part * width + u * hd, part * width + (u + 1) * hd)
+                    block.attn.c_attn.weight[:, cols] = 0
+                    block.attn.c_attn.bias[cols] = 0
+                block.attn.c_proj.weight[u * hd:(u + 1) * hd] = 0
+            else:
+                attn = block.self_attn
+                attn.k_proj.weight[u * hd:(u + 1) * hd] = 0
+                attn.v_proj.weight[u * hd:(u + 1) * hd] = 0
+                q = slice(u * group * hd, (u + 1) * group * hd)
+                attn.q_proj.weight[q] = 0
+                attn.o_proj.weight[:, q] = 0
+        nexts = [block.mlp.c_proj, block.attn.c_proj] if gpt2 else [block.mlp.down_proj, block.self_attn.o_proj]
+        for proj in nexts:
+            if proj.bias is not None:
+                proj.bias.normal_()
+
+
+def random_masks(model, scope: str, attn: bool = True, seed: int = 1):
+    """global: a different kept count per block; per_layer: half the units in every block."""
+    gen = torch.Generator().manual_seed(seed)
+    masks = {}
+    for i, (_, n_mlp, n_attn, _, _) in enumerate(blocks_and_units(model)):
+        for kind, n in (("mlp", n_mlp), ("attn", n_attn)):
+            kept = (i % (n - 1)) + 1 if scope == "global" else n // 2
+            if kind == "attn" and not attn:
+                kept = n
+            mask = torch.zeros(n, dtype=torch.bool)
+            mask[torch.randperm(n, generator=gen)[:kept]] = True
+            masks[f"layers.{i}.{kind}"] = mask
+    return masks
+
+
+def logits(model, seed: int = 2) -> torch.Tensor:
+    ids = torch.randint(0, model.config.vocab_size, (2, 11), generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+def assert_close(actual: torch.Tensor, expected: torch.Tensor) -> None:
+    rel = ((actual - expected).norm() / expected.norm()).item()
+    assert rel <= 1e-5, rel
+
+
+MODELS = {"gpt2": tiny_gpt2, "llama_gqa": tiny_llama, "llama_extra_bias": lambda: tiny_llama(extra_bias=True)}
+
+
+@pytest.mark.parametrize("scope", ["global", "per_layer"])
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_shrunk_logits_equal_masked_logits(name, scope):
+    model = MODELS[name]()
+    masks = random_masks(model, scope)
+    zero_units(model, masks)
+    small, _ = shrink_model(model, masks)
+    assert_close(logits(small), logits(model))
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_library_zeroing_matches_unit_definitions(name):
+    model, reference = MODELS[name](), MODELS[name]()
+    masks = random_masks(model, "global")
+    zero_units(reference, masks)
+    zero_pruned_units_(model, masks)
+    for (key, got), want in zip(model.state_dict().items(), reference.state_dict().values()):
+        if key.endswith(("c_proj.bias", "down_proj.bias", "o_proj.bias")):
+            continue  # the reference also randomises the compensation biases
+        assert torch.equal(got == 0, want == 0), key
+
+
+@pytest.mark.parametrize("name,model_type", [("gpt2", "gpt2"), ("llama_gqa", "llama"), ("llama_extra_bias", "llama")])
+def test_per_layer_neuron_pruning_saves_a_standard_model(name, model_type, tmp_path):
+    model = MODELS[name]()
+    masks = random_masks(model, "per_layer", attn=False)
+    zero_units(model, masks)
+    small, _ = shrink_model(model, masks)
+    small.save_pretrained(tmp_path)
+    assert small.config.model_type == model_type
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert type(loaded).__module__.startswith("transformers.")
+    assert_close(logits(loaded), logits(model))
+
+
+@pytest.mark.parametrize("name,model_type", [("gpt2", "bitter7_gpt2"), ("llama_gqa", "bitter7_llama")])
+def test_global_widths_save_a_custom_type_that_loads_back(name, model_type, tmp_path):
+    model = MODELS[name]()
+    masks = random_masks(model, "global")
+    zero_units(model, masks)
+    small, _ = shrink_model(model, masks)
+    small.save_pretrained(tmp_path)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert loaded.config.model_type == model_type
+    assert_close(logits(loaded), logits(model))
+
+
+def test_per_layer_gqa_heads_export_to_standard_llama():
+    model = tiny_llama()
+    masks = random_masks(model, "per_layer")  # 2 of 4 groups: 4 query heads, 2 kv heads
+    zero_units(model, masks)
+    small, _ = shrink_model(model, masks)
+    assert small.config.model_type == "llama"
+    assert (small.config.num_attention_heads, small.config.num_key_value_heads) == (4, 2)
+    assert_close(logits(small), logits(model))
+
+
+@pytest.mark.parametrize("name", ["gpt2", "llama_gqa"])
+def test_mlp_parameters_fall_by_the_pruned_fraction(name):
+    model = MODELS[name]()
+    masks = random_masks(model, "global")
+    zero_units(model, masks)
+    small, report = shrink_model(model, masks)
+    for row in report:
+        if row["kind"] != "mlp":
+            continue
+        mlp = (small.transformer.h if name == "gpt2" else small.model.layers)[row["layer"]].mlp
+        after = sum(p.numel() for p in mlp.parameters())
+        assert after == row["params_after"]
+        next_bias = model.config.hidden_size if name == "gpt2" else 0  # c_proj.bias is not a unit's
+        unit_params = row["params_before"] - next_bias
+        pruned = 1 - row["units_kept"] / row["units_total"]
+        assert row["params_before"] - row["params_after"] == round(pruned * unit_params)
+
+
+def test_fully_pruned_block_keeps_one_zero_unit():
+    model = tiny_gpt2()
+    masks = random_masks(model, "global")
+    masks["layers.1.mlp"][:] = False
+    masks["layers.2.attn"][:] = False
+    zero_units(model, masks)
+    small, report = shrink_model(model, masks)
+    assert small.transformer.h[1].mlp.c_fc.weight.shape[1] == 1
+    assert small.config.num_heads_per_layer[2] == 1
+    assert [r["units_kept"] for r in report if r["layer"] == 1 and r["kind"] == "mlp"] == [0]
+    assert_close(logits(small), logits(model))
+
+
+@pytest.mark.parametrize("bad,message", [
+    ({"layers.9.mlp": torch.ones(64, dtype=torch.bool)}, "unknown key 'layers.9.mlp'"),
+    ({"layers.0.mlp": torch.ones(63, dtype=torch.bool)}, "has 63 units; the model has 64"),
+    ({"layers.0.attn": torch.ones(4)}, "1-D bool tensor"),
+])
+def test_masks_that_do_not_match_the_model_raise(bad, message):
+    with pytest.raises(ValueError, match=message):
+        shrink_model(tiny_gpt2(), bad)
