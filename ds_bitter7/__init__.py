@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 from typing import Optional
 
+from . import models as models  # noqa: F401  (registers bitter7_gpt2 / bitter7_llama with the Auto classes)
 from .config import Bitter7Config, check_deepspeed_support, load_ds_config, parse_config
 from .structures import get_adapter, register_adapter
 
@@ -50,6 +51,9 @@ def initialize(args=None, model=None, optimizer=None, model_parameters=None, tra
     if cfg.enabled:
         check_deepspeed_support(ds_config)
         get_adapter(model)
+        from .calibration import check_calibration_data
+
+        check_calibration_data(cfg, calibration_data)  # before DeepSpeed's first collective
         _prepare_model(model, cfg)
     ds_only = {k: v for k, v in copy.deepcopy(ds_config).items() if k != "bitter7"}
     if args is not None and getattr(args, "deepspeed_config", None) is not None:

@@ -140,6 +140,14 @@ class ZeroAccess:
     def has_state(self) -> bool:
         return any(frag.flat in self.base.state for frag in self.fragments.values())
 
+    def update_lp_params(self) -> None:
+        """Copy fp32 masters to the model's parameters and all-gather them (DeepSpeed's own path).
+
+        Collective: every rank must call this, in the same order.
+        """
+        if self.kind != "torch":
+            self.optimizer.update_lp_params()
+
     # -- hooks -----------------------------------------------------------------------------------
     def _stepping_groups(self, optimizer) -> List[int]:
         if self.kind == "torch":

@@ -92,6 +92,8 @@ def assert_logits_match(export_dir: str, checkpoint: str) -> None:
 
 
 def test_cli_exports_a_2_rank_zero2_checkpoint(gpt2_checkpoint, tmp_path):
+    shards = [f for f in os.listdir(os.path.join(gpt2_checkpoint, "global_step1")) if f.endswith("optim_states.pt")]
+    assert len(shards) == 2  # really partitioned: consolidation goes through zero_to_fp32
     out = tmp_path / "small"
     cmd = [sys.executable, "-m", "ds_bitter7.export", gpt2_checkpoint, str(out)]
     done = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=120)

@@ -1,0 +1,150 @@
+"""Tiny models, known optimizer state, and single-process reference answers in plain torch.
+
+The reference unit definitions are written out here from DESIGN.md, independently of
+``ds_bitter7.structures``, so the tests compare two separate readings of the contract.
+"""
+
+from __future__ import annotations
+
+import math
+import zlib
+from typing import Dict, List, Tuple
+
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+VOCAB = 64
+
+
+def tiny_model(family: str, seed: int = 0) -> torch.nn.Module:
+    """A 2-block GPT-2 (Conv1D, fused qkv) or LLaMA with grouped-query attention, fp32, no dropout."""
+    torch.manual_seed(seed)
+    if family == "gpt2":
+        cfg = GPT2Config(n_layer=2, n_embd=48, n_head=4, n_inner=96, vocab_size=VOCAB, n_positions=32,
+                         resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0)
+        return GPT2LMHeadModel(cfg)
+    cfg = LlamaConfig(hidden_size=48, intermediate_size=80, num_hidden_layers=2, num_attention_heads=6,
+                      num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=32,
+                      bos_token_id=0, eos_token_id=0, pad_token_id=0)
+    return LlamaForCausalLM(cfg)
+
+
+def ds_config(stage: int, dtype: str, bitter7: dict, **extra) -> dict:
+    cfg = {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 1,
+           "zero_optimization": {"stage": stage},
+           "optimizer": {"type": "AdamW", "params": {"lr": 1e-2, "weight_decay": 0.0, "torch_adam": True}},
+           "bitter7": bitter7, "steps_per_print": 10**9}
+    if dtype == "bf16":
+        cfg["bf16"] = {"enabled": True}
+    if dtype == "bf16_optimizer":  # bf16 with fp32 gradient accumulation: DeepSpeed's BF16_Optimizer
+        cfg["bf16"] = {"enabled": True}
+        cfg["data_types"] = {"grad_accum_dtype": "fp32"}
+    cfg.update(extra)
+    return cfg
+
+
+def known(name: str, shape, seed: int = 0) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Deterministic full (weight, exp_avg_sq) for a parameter, independent of world size."""
+    g = torch.Generator().manual_seed(zlib.crc32(name.encode()) + seed)
+    w = torch.randn(shape, generator=g)
+    v = torch.rand(shape, generator=g).pow(4) * 1e-3
+    return w, v
+
+
+def element_score(score: str, w: torch.Tensor, v: torch.Tensor, eps=1e-8, exponent=0.25) -> torch.Tensor:
+    w, v = w.double(), v.double()
+    if score == "magnitude":
+        return w.abs()
+    if score == "fisher":
+        return w.square() * v
+    return w.abs() * (v + eps) ** exponent
+
+
+def _unit_elements(family: str, model, layer: int, kind: str) -> List[Dict[str, tuple]]:
+    """For each unit, {param name: index expression} of its elements, straight from DESIGN.md."""
+    units = []
+    if family == "gpt2":
+        p = f"transformer.h.{layer}"
+        if kind == "mlp":
+            n = model.config.n_inner
+            for i in range(n):
+                units.append({f"{p}.mlp.c_fc.weight": (slice(None), i), f"{p}.mlp.c_fc.bias": (i,),
+                              f"{p}.mlp.c_proj.weight": (i, slice(None))})
+        else:
+            e, h = model.config.n_embd, model.config.n_head
+            hd = e // h
+            for j in range(h):
+                cols = torch.cat([torch.arange(j * hd, (j + 1) * hd) + o for o in (0, e, 2 * e)])
+                units.append({f"{p}.attn.c_attn.weight": (slice(None), cols), f"{p}.attn.c_attn.bias": (cols,),
+                              f"{p}.attn.c_proj.weight": (slice(j * hd, (j + 1) * hd), slice(None))})
+        return units
+    p = f"model.layers.{layer}"
+    c = model.config
+    if kind == "mlp":
+        for i in range(c.intermediate_size):
+            units.append({f"{p}.mlp.gate_proj.weight": (i, slice(None)), f"{p}.mlp.up_proj.weight": (i, slice(None)),
+                          f"{p}.mlp.down_proj.weight": (slice(None), i)})
+        return units
+    hd = c.hidden_size // c.num_attention_heads
+    per = c.num_attention_heads // c.num_key_value_heads
+    for g in range(c.num_key_value_heads):
+        q = slice(g * per * hd, (g + 1) * per * hd)
+        kv = slice(g * hd, (g + 1) * hd)
+        units.append({f"{p}.self_attn.q_proj.weight": (q, slice(None)), f"{p}.self_attn.k_proj.weight": (kv, slice(None)),
+                      f"{p}.self_attn.v_proj.weight": (kv, slice(None)), f"{p}.self_attn.o_proj.weight": (slice(None), q)})
+    return units
+
+
+def reference_unit_scores(family: str, model, kinds: List[str], score: str, seed: int = 0) -> Dict[str, torch.Tensor]:
+    """Unit scores from full known tensors: {"layers.i.mlp": float64[n], ...}."""
+    params = dict(model.named_parameters())
+    full = {n: known(n, p.shape, seed) for n, p in params.items()}
+    out = {}
+    n_layers = model.config.num_hidden_layers
+    for i in range(n_layers):
+        for kind in kinds:
+            units = _unit_elements(family, model, i, kind)
+            s = torch.zeros(len(units), dtype=torch.float64)
+            for u, elems in enumerate(units):
+                for name, idx in elems.items():
+                    w, v = full[name]
+                    s[u] += element_score(score, w[idx], v[idx]).sum()
+            out[f"layers.{i}.{kind}"] = s
+    return out
+
+
+def reference_masks(scores: Dict[str, torch.Tensor], fraction: float, per_layer: bool) -> Dict[str, torch.Tensor]:
+    """Exact selection: floor(fraction * n) lowest, ties to the lower (layer, unit) index."""
+    out = {}
+    for kind in ("mlp", "attn"):
+        keys = [k for k in scores if k.endswith(kind)]
+        if not keys:
+            continue
+        buckets = [[k] for k in keys] if per_layer else [keys]
+        for bucket in buckets:
+            flat = torch.cat([scores[k] for k in bucket])
+            k_prune = math.floor(fraction * flat.numel() + 1e-9)
+            pruned = torch.zeros(flat.numel(), dtype=torch.bool)
+            pruned[sorted(range(flat.numel()), key=lambda j: (float(flat[j]), j))[:k_prune]] = True
+            offset = 0
+            for key in bucket:
+                n = scores[key].numel()
+                out[key] = ~pruned[offset:offset + n]
+                offset += n
+    return out
+
+
+def reference_unstructured(model, names: List[str], score: str, fraction: float, seed: int = 0) -> Dict[str, torch.Tensor]:
+    """Exact per-element pruned masks (global scope): float32 scores, ties in (param, index) order."""
+    params = dict(model.named_parameters())
+    scores = [element_score(score, *known(n, params[n].shape, seed)).float().flatten() for n in names]
+    flat = torch.cat(scores)
+    k = math.floor(fraction * flat.numel() + 1e-9)
+    order = torch.sort(flat, stable=True).indices
+    pruned = torch.zeros(flat.numel(), dtype=torch.bool)
+    pruned[order[:k]] = True
+    out, offset = {}, 0
+    for n, s in zip(names, scores):
+        out[n] = pruned[offset:offset + s.numel()]
+        offset += s.numel()
+    return out

@@ -1,0 +1,185 @@
+"""Functions that run on every emulated rank (spawned by ``distributed.run_distributed``)."""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Dict, List
+
+import torch
+import torch.distributed as dist
+from reference import VOCAB, ds_config, known, tiny_model
+
+import ds_bitter7
+
+COLLECTIVES = ("all_reduce", "all_gather", "all_gather_into_tensor", "broadcast", "reduce_scatter_tensor",
+               "all_to_all_single", "gather", "scatter", "reduce", "all_gather_object", "broadcast_object_list",
+               "barrier")
+
+
+def _nbytes(obj) -> int:
+    if torch.is_tensor(obj):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, (list, tuple)):
+        return sum(_nbytes(o) for o in obj)
+    return 0
+
+
+@contextmanager
+def count_collectives():
+    """Count every torch.distributed collective call and the tensor bytes it is handed."""
+    counts = {"bytes": 0, "calls": []}
+    originals = {name: getattr(dist, name) for name in COLLECTIVES if hasattr(dist, name)}
+
+    def wrap(name, fn):
+        def wrapper(*args, **kwargs):
+            counts["calls"].append(name)
+            counts["bytes"] += _nbytes(args[:2]) if name != "all_gather" else _nbytes(args[1:2])
+            return fn(*args, **kwargs)
+        return wrapper
+
+    for name, fn in originals.items():
+        setattr(dist, name, wrap(name, fn))
+    try:
+        yield counts
+    finally:
+        for name, fn in originals.items():
+            setattr(dist, name, fn)
+
+
+def train_steps(engine, n: int, seed: int = 0) -> List[float]:
+    """``n`` optimizer steps on random tokens (different on every rank)."""
+    g = torch.Generator().manual_seed(seed * 1000 + dist.get_rank())
+    losses = []
+    for _ in range(n):
+        x = torch.randint(0, VOCAB, (2, 16), generator=g)
+        loss = engine(input_ids=x, labels=x).loss
+        engine.backward(loss)
+        engine.step()
+        losses.append(float(loss))
+    return losses
+
+
+def set_known_state(pruner, seed: int = 0) -> None:
+    """Write known fp32 weights and exp_avg_sq into this rank's fragments (any world size)."""
+    with torch.no_grad():
+        for name, frag in pruner.access.fragments.items():
+            w, v = known(name, frag.param.shape, seed)
+            sl = slice(frag.start, frag.start + frag.numel)
+            pruner.access.master(frag).copy_(w.view(-1)[sl])
+            pruner.access.state(frag).copy_(v.view(-1)[sl])
+
+
+def pruned_elements_zero(pruner) -> Dict[str, bool]:
+    """Invariant 3 on this rank: pruned units are exactly zero in masters, moments and the model."""
+    ok = {"master": True, "moments": True, "model": True}
+    for g in pruner.groups:
+        keep = pruner.masks[g.key]
+        for s in g.slices:
+            param = pruner.model.get_parameter(s.name)
+            coords = s.pruned_coords(keep)
+            if coords.numel() and bool(param.detach().index_select(s.dim, coords).ne(0).any()):
+                ok["model"] = False
+            frag = pruner.access.fragments.get(s.name)
+            if frag is None:
+                continue
+            drop = ~s.keep_elements(keep, frag.start, frag.numel)
+            if bool(pruner.access.master(frag)[drop].ne(0).any()):
+                ok["master"] = False
+            views = pruner.access.moment_views(frag)
+            if len(views) < 2 or any(bool(t[drop].ne(0).any()) for t in views):
+                ok["moments"] = False
+    return ok
+
+
+def core_case(family: str, stage: int, dtype: str, bitter7: dict, seed: int = 0) -> dict:
+    """Initialize, step once, set known state, prune to 0.5, step twice more; report everything."""
+    model = tiny_model(family)
+    cfg = ds_config(stage, dtype, {"schedule": {"start_step": 10**9, "end_step": 10**9},
+                                   "min_units_per_layer": 0, **bitter7})
+    engine, *_ = ds_bitter7.initialize(model=model, model_parameters=model.parameters(), config=cfg)
+    pruner = ds_bitter7.get_pruner(engine)
+    train_steps(engine, 1, seed)
+    set_known_state(pruner, seed)
+    scores = pruner.unit_scores()
+    with count_collectives() as counts:
+        event = pruner.prune_to(0.5)
+    train_steps(engine, 2, seed + 1)
+    unstructured = {}
+    if pruner.unstructured is not None:
+        unstructured = {n: (pruner.access.fragments[n].start, m.clone())
+                        for n, m in pruner.unstructured.pruned.items()}
+    return {"scores": scores, "masks": {k: v.clone() for k, v in pruner.masks.items()},
+            "event": {k: event[k] for k in ("sparsity", "thresholds", "bytes")},
+            "collective_bytes": counts["bytes"], "collective_calls": counts["calls"],
+            "zero": pruned_elements_zero(pruner), "kind": pruner.access.kind,
+            "unstructured": unstructured,
+            "unstructured_zero": _unstructured_zero(pruner),
+            "state_bytes": sum(f.numel * 4 for f in pruner.access.fragments.values())}
+
+
+def _unstructured_zero(pruner) -> bool:
+    if pruner.unstructured is None:
+        return True
+    for name, drop in pruner.unstructured.pruned.items():
+        frag = pruner.access.fragments[name]
+        for t in [pruner.access.master(frag)] + pruner.access.moment_views(frag):
+            if bool(t[drop].ne(0).any()):
+                return False
+        if bool(frag.param.detach().view(-1)[frag.start:frag.start + frag.numel][drop].ne(0).any()):
+            return False
+    return True
+
+
+def core_suite(family: str, cases: List[tuple]) -> List[dict]:
+    return [core_case(family, stage, dtype, bitter7) for stage, dtype, bitter7 in cases]
+
+
+def schedule_run(family: str, stage: int, bitter7: dict, steps: int) -> dict:
+    """Train through a schedule; report the events and the final masks."""
+    model = tiny_model(family)
+    cfg = ds_config(stage, "fp32", bitter7)
+    engine, *_ = ds_bitter7.initialize(model=model, model_parameters=model.parameters(), config=cfg)
+    pruner = ds_bitter7.get_pruner(engine)
+    train_steps(engine, steps)
+    return {"events": [{k: e[k] for k in ("step", "fraction", "sparsity")} for e in pruner.events],
+            "masks": pruner.masks, "zero": pruned_elements_zero(pruner), "step_count": pruner.step_count}
+
+
+def bad_config(config: dict) -> dict:
+    """initialize with a bad config: must raise before any collective."""
+    model = tiny_model("gpt2")
+    with count_collectives() as counts:
+        try:
+            ds_bitter7.initialize(model=model, model_parameters=model.parameters(), config=config)
+        except ValueError as e:
+            return {"error": str(e), "calls": counts["calls"]}
+    return {"error": None, "calls": counts["calls"]}
+
+
+def nan_event(family: str) -> dict:
+    """A NaN in one rank's optimizer state: the event prunes nothing, identically everywhere."""
+    model = tiny_model(family)
+    cfg = ds_config(2, "fp32", {"schedule": {"start_step": 10**9, "end_step": 10**9}})
+    engine, *_ = ds_bitter7.initialize(model=model, model_parameters=model.parameters(), config=cfg)
+    pruner = ds_bitter7.get_pruner(engine)
+    train_steps(engine, 1)
+    if dist.get_rank() == dist.get_world_size() - 1:
+        frag = next(iter(pruner.access.fragments.values()))
+        pruner.access.state(frag)[0] = float("nan")
+    event = pruner.prune_to(0.5)
+    return {"skipped": event["skipped"], "kept": {k: int(v.sum()) for k, v in pruner.masks.items()}}
+
+
+def client_optimizer_case(family: str, stage: int) -> dict:
+    """A client torch.optim.AdamW instead of a config optimizer."""
+    model = tiny_model(family)
+    cfg = ds_config(stage, "fp32", {"schedule": {"start_step": 10**9, "end_step": 10**9}})
+    del cfg["optimizer"]
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    engine, *_ = ds_bitter7.initialize(model=model, optimizer=opt, config=cfg)
+    pruner = ds_bitter7.get_pruner(engine)
+    train_steps(engine, 1)
+    set_known_state(pruner)
+    pruner.prune_to(0.5)
+    train_steps(engine, 1)
+    return {"masks": pruner.masks, "zero": pruned_elements_zero(pruner)}
