@@ -82,6 +82,7 @@ def attach(engine, config, calibration_data=None):
     pruner (None when disabled).
     """
     from .pruner import Pruner
+    from .state import install_checkpoint_hooks
 
     cfg = config if isinstance(config, Bitter7Config) else parse_config(config)
     if not cfg.enabled:
@@ -90,6 +91,7 @@ def attach(engine, config, calibration_data=None):
         check_deepspeed_support(load_ds_config(config))
     get_adapter(engine.module)
     pruner = Pruner(engine, cfg, calibration_data)
+    install_checkpoint_hooks(engine, pruner)
     setattr(engine, _ATTR, pruner)
     return pruner
 

@@ -22,6 +22,7 @@ from .compensation import compensate
 from .config import Bitter7Config, Scope, StructureName
 from .schedule import sparsity_at
 from .scores import ScoreInputs, get_scorer
+from .state import CheckpointError
 from .structures import UnitGroup, unit_groups, unstructured_params
 from .threshold import select_units, threshold_of
 from .unstructured import UnstructuredMasks
@@ -263,22 +264,58 @@ class Pruner:
                 "structures": [_name(s) for s in self.config.structures], "score": _name(self.config.score),
                 "unit_counts": {g.key: g.n_units for g in self.groups},
                 "masks": {k: v.clone() for k, v in self.masks.items()}, "step": self.step_count,
-                "events": list(self.events)}
+                "events": list(self.events), "world_size": self.comm.world_size}
 
-    def load_state_dict(self, state: dict) -> None:
-        """Restore masks and schedule position; errors name what does not match."""
+    def load_state_dict(self, state: dict, source: str = "the given state") -> None:
+        """Restore masks and schedule position; the error names ``source`` and every mismatch."""
         problems = []
-        if state.get("version") != STATE_VERSION:
-            problems.append(f"version {state.get('version')!r} (expected {STATE_VERSION})")
-        counts = {g.key: g.n_units for g in self.groups}
-        if state.get("unit_counts") != counts:
-            problems.append(f"unit counts {state.get('unit_counts')} do not match this model's {counts}")
+        if not isinstance(state, dict) or state.get("version") != STATE_VERSION:
+            version = state.get("version") if isinstance(state, dict) else type(state).__name__
+            raise CheckpointError(f"bitter7 pruner state in {source} has version {version!r}, "
+                                  f"expected {STATE_VERSION}")
+        expect = {"model_type": self.model.config.model_type,
+                  "structures": [_name(s) for s in self.config.structures],
+                  "unit_counts": {g.key: g.n_units for g in self.groups}}
+        for key, want in expect.items():
+            if state.get(key) != want:
+                problems.append(f"{key} is {state.get(key)!r} there but {want!r} here")
         if problems:
-            raise ValueError("bitter7 pruner state does not match: " + "; ".join(problems))
+            raise CheckpointError(f"bitter7 pruner state in {source} does not match this model/config: "
+                                  + "; ".join(problems))
         self.masks = {k: torch.as_tensor(v, dtype=torch.bool).clone() for k, v in state["masks"].items()}
         self.step_count = int(state["step"])
         self.events = list(state.get("events", []))
         self.last_event = self.events[-1] if self.events else None
+        self._apply_masks_now()
+
+    def local_state_dict(self) -> dict:
+        """This rank's own state: movement accumulators and unstructured masks over its fragments."""
+        return {"version": STATE_VERSION, "rank": self.comm.rank, "world_size": self.comm.world_size,
+                "fragments": {n: (f.start, f.numel) for n, f in self.access.fragments.items()},
+                "movement": {n: t.clone() for n, t in self.movement.items()},
+                "unstructured": ({n: m.clone() for n, m in self.unstructured.pruned.items()}
+                                 if self.unstructured is not None else {})}
+
+    def load_local_state_dict(self, local: Optional[dict]) -> None:
+        """Restore :meth:`local_state_dict`; None (world size changed) restarts movement and
+        re-derives unstructured masks from the weights that are exactly zero."""
+        if local is None:
+            for t in self.movement.values():
+                t.zero_()
+            if self.unstructured is not None:
+                self.unstructured.rederive_from_zeros()
+            self._apply_masks_now()
+            return
+        frags = {n: (f.start, f.numel) for n, f in self.access.fragments.items()}
+        if local.get("fragments") != frags:
+            raise CheckpointError("bitter7 per-rank state was saved with another ZeRO partitioning; "
+                                  "resume at the same world size or through a universal checkpoint")
+        for n, t in local.get("movement", {}).items():
+            if n in self.movement:
+                self.movement[n].copy_(t)
+        if self.unstructured is not None:
+            for n, m in local.get("unstructured", {}).items():
+                self.unstructured.pruned[n] = m.clone()
         self._apply_masks_now()
 
 

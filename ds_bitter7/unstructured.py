@@ -81,6 +81,16 @@ class UnstructuredMasks:
         bits = (thresh - 1).clamp_min(0).to(torch.int32)
         event["thresholds"]["unstructured"] = [float(v) for v in bits.view(torch.float32)]
 
+    def rederive_from_zeros(self) -> None:
+        """After a re-partitioned resume: pruned = weights that are exactly zero (collective)."""
+        counts = torch.zeros(len(self.names), dtype=torch.long)
+        for i, n in enumerate(self.names):
+            if n in self.pruned:
+                frag = self.pruner.access.fragments[n]
+                self.pruned[n] = self.pruner.access.master(frag).eq(0)
+                counts[i] = int(self.pruned[n].sum())
+        self.pruned_counts = self.pruner.score_comm.all_reduce_sum(counts)
+
     def drop_masks(self) -> Dict[str, torch.Tensor]:
         return {n: m for n, m in self.pruned.items() if bool(m.any())}
 

@@ -183,3 +183,67 @@ def client_optimizer_case(family: str, stage: int) -> dict:
     pruner.prune_to(0.5)
     train_steps(engine, 1)
     return {"masks": pruner.masks, "zero": pruned_elements_zero(pruner)}
+
+
+def _batch(step: int, rank: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(step * 7919 + rank)
+    return torch.randint(0, VOCAB, (2, 16), generator=g)
+
+
+def _steps(engine, first: int, last: int) -> List[float]:
+    """Steps first..last (1-based) on data fixed by (step, rank)."""
+    losses = []
+    for step in range(first, last + 1):
+        x = _batch(step, dist.get_rank())
+        loss = engine(input_ids=x, labels=x).loss
+        engine.backward(loss)
+        engine.step()
+        losses.append(float(loss.detach()))
+    return losses
+
+
+def resume_run(ckpt: str, phase: str, bitter7: dict, extra: dict) -> dict:
+    """'full': 6 steps, checkpoint after step 3. 'resume': load it, steps 4..6."""
+    model = tiny_model("gpt2")
+    cfg = ds_config(2, "fp32", bitter7, **extra)
+    engine, *_ = ds_bitter7.initialize(model=model, model_parameters=model.parameters(), config=cfg)
+    pruner = ds_bitter7.get_pruner(engine)
+    if phase == "full":
+        _steps(engine, 1, 3)
+        engine.save_checkpoint(ckpt)
+        losses = _steps(engine, 4, 6)
+    else:
+        engine.load_checkpoint(ckpt)
+        assert pruner.step_count == 3
+        losses = _steps(engine, 4, 6)
+    return {"losses": losses, "masks": pruner.masks, "zero": pruned_elements_zero(pruner),
+            "steps": pruner.step_count, "events": [e["step"] for e in pruner.events]}
+
+
+def load_expecting_error(ckpt: str, bitter7: dict, corrupt_rank: int = -1) -> str:
+    """Load a bad checkpoint; return the error message this rank got (or '' if none)."""
+    import os
+
+    model = tiny_model("gpt2")
+    engine, *_ = ds_bitter7.initialize(model=model, model_parameters=model.parameters(),
+                                       config=ds_config(2, "fp32", bitter7))
+    if dist.get_rank() == corrupt_rank:
+        with open(os.path.join(ckpt, "global_step3", f"bitter7_rank{corrupt_rank}.pt"), "r+b") as f:
+            f.truncate(100)
+    dist.barrier()
+    try:
+        engine.load_checkpoint(ckpt)
+    except (ValueError, RuntimeError) as e:
+        return str(e)
+    return ""
+
+
+def plain_deepspeed_checkpoint(ckpt: str) -> None:
+    import deepspeed
+
+    model = tiny_model("gpt2")
+    cfg = ds_config(2, "fp32", {})
+    del cfg["bitter7"]
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=cfg)
+    _steps(engine, 1, 3)
+    engine.save_checkpoint(ckpt)

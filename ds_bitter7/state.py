@@ -1,0 +1,124 @@
+"""Pruner state in DeepSpeed checkpoints.
+
+``attach`` wraps the engine's ``save_checkpoint``/``load_checkpoint``:
+- the replicated state (per-unit masks, schedule position, event log) goes into ``client_state``
+  under ``"bitter7"``, which DeepSpeed writes from data-parallel rank 0 and every rank reads back;
+- per-rank state (movement accumulators, unstructured masks: both over this rank's fragments)
+  goes into ``bitter7_rank{r}.pt`` beside DeepSpeed's files, written atomically. Resuming at
+  another world size (universal checkpoint) cannot reuse it: movement accumulators restart and
+  unstructured masks are re-derived from the exactly-zero weights, with a warning.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from typing import Optional
+
+import torch
+
+from .comm import log_main
+
+logger = logging.getLogger(__name__)
+
+CLIENT_KEY = "bitter7"
+TRAINER_FILE = "bitter7_state.pt"
+
+
+class CheckpointError(ValueError):
+    """A pruner state that is missing, unreadable or for another model."""
+
+
+def atomic_save(obj, path: str) -> None:
+    """torch.save to ``path`` through a temporary file in the same folder, then rename."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".pt")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def load_file(path: str) -> dict:
+    """torch.load a pruner state file, with an error naming the file when it is bad."""
+    if not os.path.isfile(path):
+        raise CheckpointError(f"bitter7 pruner state file {path} does not exist")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # truncated or not a torch file
+        raise CheckpointError(f"bitter7 pruner state file {path} is unreadable ({type(e).__name__}: {e})") from None
+    if not isinstance(state, dict):
+        raise CheckpointError(f"bitter7 pruner state file {path} does not hold a pruner state")
+    return state
+
+
+def _rank_file(folder: str, rank: int) -> str:
+    return os.path.join(folder, f"bitter7_rank{rank}.pt")
+
+
+def _resolve_tag(load_dir: str, tag: Optional[str], universal: bool) -> Optional[str]:
+    if tag is not None:
+        return tag
+    latest = os.path.join(load_dir, "latest_universal" if universal else "latest")
+    if not os.path.isfile(latest):
+        return None
+    with open(latest) as f:
+        return f.read().strip()
+
+
+def install_checkpoint_hooks(engine, pruner) -> None:
+    """Make ``engine.save_checkpoint``/``load_checkpoint`` carry the pruner's state."""
+    save, load = engine.save_checkpoint, engine.load_checkpoint
+
+    def save_checkpoint(save_dir, tag=None, client_state=None, save_latest=True, **kwargs):
+        tag = tag if tag is not None else f"global_step{engine.global_steps}"
+        client_state = dict(client_state or {})
+        client_state[CLIENT_KEY] = pruner.state_dict()
+        out = save(save_dir, tag=tag, client_state=client_state, save_latest=save_latest, **kwargs)
+        atomic_save(pruner.local_state_dict(), _rank_file(os.path.join(save_dir, str(tag)), pruner.comm.rank))
+        return out
+
+    def load_checkpoint(load_dir, tag=None, **kwargs):
+        universal = bool(engine.load_universal_checkpoint())
+        resolved = _resolve_tag(load_dir, tag, universal)
+        path, client_state = load(load_dir, tag=tag, **kwargs)
+        if path is None:
+            return path, client_state
+        state = (client_state or {}).pop(CLIENT_KEY, None)
+        if state is None:
+            raise CheckpointError(f"checkpoint {path} has no bitter7 pruner state (client_state key "
+                                  f"'{CLIENT_KEY}'): it was not saved by a ds_bitter7 engine; refusing to "
+                                  "restart the pruning schedule silently")
+        pruner.load_state_dict(state, source=path)
+        folder = os.path.join(load_dir, str(resolved))
+        error, local = None, None
+        try:
+            local = _load_local(folder, pruner, state)
+        except CheckpointError as e:
+            error = e
+        pruner.comm.raise_if_any(error, "loading the bitter7 per-rank state")
+        pruner.load_local_state_dict(local)
+        return path, client_state
+
+    engine.save_checkpoint = save_checkpoint
+    engine.load_checkpoint = load_checkpoint
+
+
+def _load_local(folder: str, pruner, state: dict) -> Optional[dict]:
+    """This rank's state file, or None where the world size changed (with a warning)."""
+    saved_world = state.get("world_size")
+    if saved_world is not None and saved_world != pruner.comm.world_size:
+        log_main("bitter7: resuming at world size %d from %d: movement accumulators restart, unstructured "
+                 "masks are re-derived from zero weights", pruner.comm.world_size, saved_world,
+                 level=logging.WARNING)
+        return None
+    path = _rank_file(folder, pruner.comm.rank)
+    return load_file(path)

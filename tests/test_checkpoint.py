@@ -1,0 +1,70 @@
+"""Pruner state through DeepSpeed checkpoints: exact resume, universal re-sharding, bad files."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import workers
+from distributed import run_distributed
+
+BITTER7 = {"structures": ["mlp_neuron", "attention_head"], "target_sparsity": 0.5, "score": "movement",
+           "schedule": {"start_step": 2, "end_step": 6, "frequency": 2}}
+
+
+@pytest.fixture(scope="module")
+def full_run(tmp_path_factory):
+    ckpt = str(tmp_path_factory.mktemp("ckpt"))
+    return ckpt, run_distributed(workers.resume_run, 2, ckpt, "full", BITTER7, {})
+
+
+def test_resume_same_world_size_matches_uninterrupted_run(full_run):
+    ckpt, full = full_run
+    assert os.path.isfile(os.path.join(ckpt, "global_step3", "bitter7_rank1.pt"))
+    resumed = run_distributed(workers.resume_run, 2, ckpt, "resume", BITTER7, {})
+    for a, b in zip(full, resumed):
+        assert b["losses"] == pytest.approx(a["losses"], rel=1e-6, abs=0)
+        assert all(b["masks"][k].equal(a["masks"][k]) for k in a["masks"])
+        assert b["events"] == a["events"] == [2, 4, 6]
+        assert b["zero"] == {"master": True, "moments": True, "model": True}
+
+
+@pytest.mark.parametrize("world_size", [1, 3])
+def test_resume_at_other_world_size_through_universal_checkpoint(full_run, world_size, tmp_path):
+    ckpt, _ = full_run
+    out = subprocess.run([sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder",
+                          os.path.join(ckpt, "global_step3"), "--output_folder",
+                          os.path.join(ckpt, "global_step3_universal"), "--inject_missing_state"],
+                         capture_output=True, text=True, timeout=180, env={**os.environ, "DS_ACCELERATOR": "cpu"})
+    assert out.returncode == 0, out.stderr[-3000:]
+    results = run_distributed(workers.resume_run, world_size, ckpt, "resume", BITTER7,
+                              {"checkpoint": {"load_universal": True}})
+    for res in results:
+        assert res["steps"] == 6 and res["events"] == [2, 4, 6]
+        assert res["zero"] == {"master": True, "moments": True, "model": True}
+        pruned = {k: int((~m).sum()) for k, m in res["masks"].items()}
+        assert sum(v for k, v in pruned.items() if k.endswith("mlp")) == 96  # floor(0.5 * 2 * 96)
+
+
+def test_checkpoint_without_pruner_state_fails_on_every_rank(tmp_path):
+    run_distributed(workers.plain_deepspeed_checkpoint, 2, str(tmp_path))
+    errors = run_distributed(workers.load_expecting_error, 2, str(tmp_path), BITTER7)
+    for err in errors:
+        assert "has no bitter7 pruner state" in err and "mp_rank_00_model_states.pt" in err
+
+
+def test_mismatched_structures_fail_on_every_rank(full_run):
+    ckpt, _ = full_run
+    errors = run_distributed(workers.load_expecting_error, 2, ckpt, {**BITTER7, "structures": ["mlp_neuron"]})
+    for err in errors:
+        assert "does not match" in err and "structures" in err and "global_step3" in err
+
+
+def test_truncated_rank_file_fails_on_every_rank(tmp_path):
+    ckpt = str(tmp_path)
+    run_distributed(workers.resume_run, 2, ckpt, "full", BITTER7, {})
+    errors = run_distributed(workers.load_expecting_error, 2, ckpt, BITTER7, 1)
+    assert "bitter7_rank1.pt is unreadable" in errors[1]
+    assert errors[0]  # rank 0's file is fine, but it must not wait forever: it fails too
