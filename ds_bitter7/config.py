@@ -121,7 +121,7 @@ class Bitter7Config(DeepSpeedConfigModel):
     @classmethod
     def _unique(cls, value: List[StructureName]) -> List[StructureName]:
         if len(set(value)) != len(value):
-            raise ValueError(f"structures must not repeat a type, got {[v.value for v in value]}")
+            raise ValueError(f"structures must not repeat a type, got {[getattr(v, 'value', v) for v in value]}")
         return value
 
 

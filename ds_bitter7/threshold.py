@@ -50,9 +50,9 @@ def select_units(scores: torch.Tensor, layers: torch.Tensor, pruned: torch.Tenso
     if min_keep > 0:
         for layer in torch.unique(layers).tolist():
             idx = (layers == layer).nonzero().flatten()
-            best = _order(-scores[idx], pruned[idx].new_zeros(idx.numel()))  # descending, ties by index
-            keep = [i for i in idx[best].tolist() if not pruned[i]][:min_keep]
-            candidates[keep] = False
+            # Protect the units this layer would prune last (the same order, read from the end).
+            last = [i for i in idx[_order(scores[idx], pruned[idx])].tolist() if not pruned[i]]
+            candidates[last[len(last) - min(min_keep, len(last)):]] = False
     idx = candidates.nonzero().flatten()
     k = max(n_to_prune(fraction, scores.numel()), int(pruned.sum()))
     out[idx[_order(scores[idx], pruned[idx])[:k]]] = True

@@ -1,0 +1,76 @@
+"""The "bitter7" config section: defaults, bounds, and one error naming every bad key."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from ds_bitter7.config import check_deepspeed_support, parse_config
+
+
+def test_defaults_and_missing_section():
+    assert parse_config({}).enabled is False
+    cfg = parse_config({"bitter7": {}})
+    assert cfg.enabled and cfg.score == "bitter7" and cfg.structures == ["mlp_neuron"]
+    assert cfg.eps == 1e-8 and cfg.exponent == 0.25 and cfg.scope == "global"
+
+
+def test_reads_json_path(tmp_path):
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps({"bitter7": {"target_sparsity": 0.7, "structures": ["attention_head"]}}))
+    cfg = parse_config(str(path))
+    assert cfg.target_sparsity == 0.7 and cfg.structures == ["attention_head"]
+
+
+def test_every_bad_key_is_named_at_once():
+    with pytest.raises(ValueError) as e:
+        parse_config({"bitter7": {"target_sparsity": 1.0, "score": "random", "structures": ["neurons"],
+                                  "scope": "local", "eps": "tiny", "typo_key": 1,
+                                  "schedule": {"frequency": 0, "shape": "square"},
+                                  "bias_compensation": {"mode": "median"}}})
+    msg = str(e.value)
+    for needle in ("bitter7.target_sparsity = 1.0", "bitter7.score = 'random'", "bitter7.structures.0 = 'neurons'",
+                   "bitter7.scope = 'local'", "bitter7.eps = 'tiny'", "bitter7.typo_key = 1: unknown key",
+                   "bitter7.schedule.frequency = 0", "bitter7.schedule.shape = 'square'",
+                   "bitter7.bias_compensation.mode = 'median'"):
+        assert needle in msg, (needle, msg)
+    assert "'bitter7', 'magnitude', 'movement', 'fisher' or 'bitter7_variance'" in msg
+
+
+@pytest.mark.parametrize("section, needle", [
+    ({"target_sparsity": -0.1}, "greater than or equal to 0"),
+    ({"schedule": {"start_step": 5, "end_step": 2}}, "end_step (2) must be >= start_step (5)"),
+    ({"structures": []}, "bitter7.structures"),
+    ({"structures": ["mlp_neuron", "mlp_neuron"]}, "must not repeat"),
+    ({"enabled": "maybe"}, "bitter7.enabled = 'maybe'"),
+])
+def test_single_problems(section, needle):
+    with pytest.raises(ValueError, match="Invalid 'bitter7' config") as e:
+        parse_config({"bitter7": section})
+    assert needle in str(e.value)
+
+
+def test_bad_json_and_missing_file(tmp_path):
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    with pytest.raises(ValueError, match="is not valid JSON"):
+        parse_config(str(bad))
+    with pytest.raises(ValueError, match="not found"):
+        parse_config(str(tmp_path / "missing.json"))
+
+
+def test_zero3_and_offload_are_refused():
+    with pytest.raises(ValueError) as e:
+        check_deepspeed_support({"zero_optimization": {"stage": 3, "offload_optimizer": {"device": "cpu"}}})
+    assert "zero_optimization.stage = 3" in str(e.value) and "offload_optimizer.device = 'cpu'" in str(e.value)
+
+
+def test_unknown_model_family_is_refused():
+    from transformers import BertConfig, BertModel
+
+    from ds_bitter7.structures import get_adapter
+
+    with pytest.raises(ValueError, match=r"model_type='bert'.*supported: \['gpt2', 'llama'"):
+        get_adapter(BertModel(BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                         intermediate_size=37)))

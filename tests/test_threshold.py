@@ -1,0 +1,63 @@
+"""Exact selection and the schedule, single process."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ds_bitter7.comm import Communicator
+from ds_bitter7.config import parse_config
+from ds_bitter7.schedule import sparsity_at
+from ds_bitter7.threshold import kth_keys, n_to_prune, score_keys, select_units
+
+
+def test_floor_is_exact_despite_float_error():
+    assert n_to_prune(0.29, 100) == 29  # 0.29 * 100 == 28.999999999999996
+    assert n_to_prune(0.5, 7) == 3 and n_to_prune(0.0, 10) == 0
+
+
+def test_ties_prune_the_lower_index_first():
+    scores = torch.ones(6, dtype=torch.float64)
+    layers = torch.tensor([0, 0, 0, 1, 1, 1])
+    pruned = select_units(scores, layers, torch.zeros(6, dtype=torch.bool), 0.5, per_layer=False)
+    assert pruned.tolist() == [True, True, True, False, False, False]
+    pruned = select_units(scores, layers, torch.zeros(6, dtype=torch.bool), 0.5, per_layer=False, min_keep=1)
+    assert pruned.tolist() == [True, True, False, True, False, False]
+
+
+def test_pruned_units_stay_pruned_even_with_high_scores():
+    scores = torch.tensor([9.0, 1.0, 2.0, 3.0], dtype=torch.float64)
+    before = torch.tensor([True, False, False, False])
+    after = select_units(scores, torch.zeros(4, dtype=torch.long), before, 0.5, per_layer=False)
+    assert after.tolist() == [True, True, False, False]
+
+
+def test_per_layer_prunes_the_same_fraction_in_each_layer():
+    scores = torch.tensor([1.0, 2.0, 3.0, 4.0, 10.0, 20.0, 30.0, 40.0], dtype=torch.float64)
+    layers = torch.tensor([0, 0, 0, 0, 1, 1, 1, 1])
+    none = torch.zeros(8, dtype=torch.bool)
+    assert select_units(scores, layers, none, 0.5, per_layer=True).tolist() == [True, True, False, False] * 2
+    assert select_units(scores, layers, none, 0.5, per_layer=False).tolist() == [True] * 4 + [False] * 4
+
+
+def test_radix_select_equals_sorting():
+    g = torch.Generator().manual_seed(0)
+    scores = [torch.rand(1000, generator=g) for _ in range(3)]
+    scores[1][:50] = scores[0][0]  # ties
+    keys = [score_keys(s, torch.zeros(s.numel(), dtype=torch.bool)) for s in scores]
+    flat = torch.cat(keys).sort().values
+    for k in (1, 17, 1500, 3000):
+        thr, ties = kth_keys(keys, [0, 0, 0], torch.tensor([k]), Communicator())
+        assert int(thr[0]) == int(flat[k - 1])
+        assert int(ties[0]) == k - int((flat < flat[k - 1]).sum())
+
+
+def test_cubic_and_linear_schedules():
+    cfg = parse_config({"bitter7": {"target_sparsity": 0.8, "schedule": {"start_step": 10, "end_step": 40,
+                                                                         "frequency": 10}}})
+    assert [sparsity_at(cfg, s) for s in (9, 10, 15, 20, 40, 41)] == pytest.approx(
+        [None, 0.0, None, 0.8 / 27, 0.8, None], nan_ok=True)
+    cfg = parse_config({"bitter7": {"target_sparsity": 0.8, "schedule": {"start_step": 0, "end_step": 25,
+                                                                         "frequency": 10, "shape": "linear"}}})
+    assert sparsity_at(cfg, 20) == pytest.approx(0.64)
+    assert sparsity_at(cfg, 25) == pytest.approx(0.8)  # the end step is always an event
