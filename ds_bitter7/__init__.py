@@ -17,6 +17,7 @@ from .structures import get_adapter, register_adapter
 __all__ = [
     "initialize",
     "attach",
+    "prepare_model",
     "get_pruner",
     "parse_config",
     "Bitter7Config",
@@ -54,7 +55,7 @@ def initialize(args=None, model=None, optimizer=None, model_parameters=None, tra
         from .calibration import check_calibration_data
 
         check_calibration_data(cfg, calibration_data)  # before DeepSpeed's first collective
-        _prepare_model(model, cfg)
+        prepare_model(model, cfg)
     ds_only = {k: v for k, v in copy.deepcopy(ds_config).items() if k != "bitter7"}
     if args is not None and getattr(args, "deepspeed_config", None) is not None:
         args = copy.copy(args)
@@ -67,9 +68,12 @@ def initialize(args=None, model=None, optimizer=None, model_parameters=None, tra
     return engine, opt, loader, sched
 
 
-def _prepare_model(model, cfg: Bitter7Config) -> None:
-    """Model changes that must happen before DeepSpeed flattens the parameters."""
-    if cfg.bias_compensation.enabled:
+def prepare_model(model, config) -> None:
+    """Model changes the pruner needs before DeepSpeed flattens the parameters: a zero output bias
+    for bias compensation in models without one (LLaMA). ``initialize`` calls it; call it yourself
+    before ``Trainer(...)`` or ``deepspeed.initialize`` when you use ``attach``."""
+    cfg = config if isinstance(config, Bitter7Config) else parse_config(config)
+    if cfg.enabled and cfg.bias_compensation.enabled:
         from .compensation import add_missing_out_biases
 
         add_missing_out_biases(model, cfg)

@@ -158,10 +158,8 @@ def pruning_events(pruner, seen_step: Optional[int]) -> Tuple[List[Tuple[str, fl
 
 
 def save(engine, pruner, save_dir: str, step: int, extra: Dict[str, Any]) -> None:
-    """DeepSpeed checkpoint with the pruner's replicated state in client_state. Collective."""
+    """DeepSpeed checkpoint (ds_bitter7 adds the pruner's state itself). Collective."""
     client = dict(extra, step=step)
-    if pruner is not None:
-        client["bitter7"] = pruner.state_dict()
     engine.save_checkpoint(save_dir, tag=f"global_step{step}", client_state=client)
 
 
@@ -210,8 +208,6 @@ def run_loop(args, engine, pruner, train_blocks, val_blocks, world_size: int, ra
         if path is None:
             raise FileNotFoundError(f"no DeepSpeed checkpoint to resume in {args.resume}")
         client = client or {}
-        if pruner is not None and "bitter7" in client:
-            pruner.load_state_dict(client["bitter7"])
         start, ppl_start, loss_start = client.get("step", engine.global_steps), client.get("ppl_start"), client.get("loss_start")
         logger.info("resumed from %s at step %d", path, start)
     if ppl_start is None:

@@ -1,0 +1,117 @@
+"""Hugging Face ``Trainer`` integration.
+
+``Trainer`` builds the DeepSpeed engine itself and calls ``engine.step()`` inside
+``accelerator.backward``, so the pruner is attached to that engine when training begins (its
+optimizer hooks then run inside every step), and its state is written beside each checkpoint
+(``Trainer`` does not keep DeepSpeed's ``client_state``)::
+
+    trainer = Trainer(model=model, args=TrainingArguments(..., deepspeed="ds_config.json"), ...)
+    trainer.add_callback(Bitter7Callback(trainer))
+    trainer.train()
+
+The ``"bitter7"`` section lives in the same DeepSpeed config; it must not contain ``"auto"``
+(accelerate rejects unresolved ``"auto"`` values).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any, Iterable, Optional
+
+from transformers import TrainerCallback
+
+from . import prepare_model  # noqa: F401  (re-exported: call it before Trainer(...))
+from .state import TRAINER_FILE as STATE_FILE
+from .state import atomic_save, load_file
+
+logger = logging.getLogger(__name__)
+
+def _is_main() -> bool:
+    import torch.distributed as dist
+
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+
+
+class Bitter7Callback(TrainerCallback):
+    """Attach ds_bitter7 to the DeepSpeed engine a ``Trainer`` builds; save/restore its state.
+
+    Args:
+        trainer: the ``Trainer`` (its engine, ``trainer.model_wrapped``, exists only once
+            training starts, and callbacks are not handed it).
+        ds_config: the DeepSpeed config (dict or path) holding the ``"bitter7"`` section;
+            default: the one given to ``TrainingArguments(deepspeed=...)``.
+        calibration_data: batches for bias compensation (dicts of model inputs); default: the
+            first batches of the training set, collated by the trainer's data collator.
+        resume_from_checkpoint: checkpoint folder to load the pruner state from; default: the
+            ``checkpoint-{global_step}`` folder when training starts at a step > 0.
+    """
+
+    def __init__(self, trainer, ds_config: Any = None, calibration_data: Optional[Iterable] = None,
+                 resume_from_checkpoint: Optional[str] = None):
+        self.trainer = trainer
+        self.ds_config = ds_config
+        self.calibration_data = calibration_data
+        self.resume_from_checkpoint = resume_from_checkpoint
+        self.pruner = None
+
+    def _config(self, args) -> Any:
+        if self.ds_config is not None:
+            return self.ds_config
+        hf_cfg = getattr(args, "hf_deepspeed_config", None)
+        if hf_cfg is not None:
+            return hf_cfg.config
+        if args.deepspeed is None:
+            raise ValueError("Bitter7Callback needs TrainingArguments(deepspeed=...) or ds_config=")
+        return args.deepspeed
+
+    def _default_calibration(self, engine, num_batches: int) -> list:
+        ds = self.trainer.train_dataset
+        bs = self.trainer.args.per_device_train_batch_size
+        rows = [ds[i] for i in range(min(len(ds), bs * num_batches))]
+        batches = []
+        for i in range(0, len(rows), bs):
+            batch = self.trainer.data_collator(rows[i:i + bs])
+            batches.append({k: v.to(engine.device) for k, v in batch.items()
+                            if k in ("input_ids", "attention_mask")})
+        return batches
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        import ds_bitter7
+
+        engine = self.trainer.model_wrapped
+        if not hasattr(engine, "optimizer") or not hasattr(engine, "save_checkpoint"):
+            raise RuntimeError("Bitter7Callback needs a DeepSpeed Trainer (TrainingArguments(deepspeed=...))")
+        config = self._config(args)
+        cfg = ds_bitter7.parse_config(config)
+        if not cfg.enabled:
+            return control
+        calib = self.calibration_data
+        source = getattr(cfg.bias_compensation.source, "value", cfg.bias_compensation.source)
+        if calib is None and cfg.bias_compensation.enabled and source == "calibration":
+            calib = self._default_calibration(engine, cfg.bias_compensation.num_batches)
+        self.pruner = ds_bitter7.attach(engine, config, calibration_data=calib)
+        self._maybe_resume(args, state)
+        return control
+
+    def _maybe_resume(self, args, state) -> None:
+        folder = self.resume_from_checkpoint
+        if folder is None and state.global_step > 0:
+            folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
+        if folder is None:
+            return
+        path = os.path.join(folder, STATE_FILE)
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"resuming at step {state.global_step} but {path} does not exist")
+        self.pruner.load_state_dict(load_file(path), source=path)
+        logger.info("bitter7 state restored from %s", path)
+
+    def on_save(self, args, state, control, **kwargs):
+        if self.pruner is None:
+            return control
+        folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
+        state_dict = self.pruner.state_dict()  # replicated on every rank
+        if _is_main():
+            os.makedirs(folder, exist_ok=True)
+            atomic_save(state_dict, os.path.join(folder, STATE_FILE))
+        return control

@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Several nodes with DeepSpeed's launcher and a hostfile (see launch/hostfile.example).
+# Run on the first node of the hostfile; it ssh-es into the others (pdsh when installed).
+#   HOSTFILE=launch/hostfile MASTER_ADDR=node-0 NCCL_SOCKET_IFNAME=eth0 \
+#       CONFIG=ds_configs/zero2_bf16_bitter7.json launch/run_multinode.sh --model gpt2 --steps 10000
+# Exports forwarded to every node (DeepSpeed also reads ~/.deepspeed_env, one VAR=value a line):
+#   MASTER_ADDR        address of the first node, reachable from all nodes
+#   NCCL_SOCKET_IFNAME network interface NCCL uses between nodes (GPU)
+#   GLOO_SOCKET_IFNAME network interface gloo uses between nodes (CPU); `lo` only for one node
+set -euo pipefail
+source "$(dirname "$0")/_common.sh"
+HOSTFILE="${HOSTFILE:-$REPO/launch/hostfile}"
+MASTER_ADDR="${MASTER_ADDR:-$(hostname -I 2>/dev/null | awk '{print $1}')}"
+# DS_LAUNCHER_ARGS: extra deepspeed-launcher flags, e.g. "--no_ssh --node_rank 1" to start each
+# node yourself (no ssh; run the same command on every node with its own rank), "--no_ssh_check",
+# "--launcher openmpi", "--include node-0:0,1@node-1:0,1".
+# shellcheck disable=SC2086
+exec deepspeed --hostfile "$HOSTFILE" --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT" \
+    ${DS_LAUNCHER_ARGS:-} "$TRAIN" --deepspeed_config "$CONFIG" "$@"

@@ -1,0 +1,9 @@
+#!/usr/bin/env bash
+# One node with torchrun.  Extra arguments go to launch/train.py.
+#   NPROC=2 launch/run_torchrun.sh --demo
+# Multi-node: NNODES=2 NODE_RANK=<0|1> MASTER_ADDR=<node-0 address> launch/run_torchrun.sh ...
+set -euo pipefail
+source "$(dirname "$0")/_common.sh"
+exec torchrun --nnodes "${NNODES:-1}" --node_rank "${NODE_RANK:-0}" --nproc_per_node "$NPROC" \
+    --master_addr "${MASTER_ADDR:-127.0.0.1}" --master_port "$MASTER_PORT" \
+    "$TRAIN" --config "$CONFIG" "$@"

@@ -1,0 +1,90 @@
+#!/usr/bin/env python
+"""Hugging Face ``Trainer`` + DeepSpeed + ds_bitter7 (through ``Bitter7Callback``).
+
+    torchrun --nproc_per_node 2 launch/train_hf_trainer.py --deepspeed ds_configs/cpu_demo.json \
+        --output_dir runs/hf --max_steps 100 --save_steps 50
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Dict, List
+
+import torch
+
+try:
+    import ds_bitter7  # noqa: F401
+except ImportError:  # run from a checkout without `pip install -e .`
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    import ds_bitter7  # noqa: F401
+from ds_bitter7 import data as dsdata
+from ds_bitter7 import modeling
+from ds_bitter7.hf_trainer import Bitter7Callback, prepare_model
+
+
+def collate(rows: List[Dict[str, torch.Tensor]]) -> Dict[str, torch.Tensor]:
+    ids = dsdata.collate_blocks(rows)["input_ids"]
+    return {"input_ids": ids, "labels": ids}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--deepspeed", required=True, help="DeepSpeed JSON config with a bitter7 section")
+    p.add_argument("--output_dir", required=True)
+    p.add_argument("--model", default="tiny-gpt2")
+    p.add_argument("--model_overrides", default="{}")
+    p.add_argument("--data", nargs="+", default=["builtin"])
+    p.add_argument("--tokenizer")
+    p.add_argument("--seq_len", type=int, default=64)
+    p.add_argument("--max_steps", type=int, default=100)
+    p.add_argument("--save_steps", type=int, default=50)
+    p.add_argument("--resume", action="store_true", help="resume from the last checkpoint in output_dir")
+    p.add_argument("--summary", help="JSON summary path (rank 0)")
+    p.add_argument("--seed", type=int, default=1234)
+    p.add_argument("--local_rank", "--local-rank", type=int, default=-1)
+    args = p.parse_args()
+
+    from transformers import Trainer, TrainingArguments
+
+    with open(args.deepspeed, encoding="utf-8") as f:
+        ds_config = json.load(f)
+    tokenizer = dsdata.get_tokenizer(args.tokenizer)
+    train, _ = dsdata.build_lm_datasets(args.data, tokenizer, args.seq_len, seed=args.seed)
+    model = modeling.build_model(args.model, dsdata.tokenizer_vocab_size(tokenizer), seed=args.seed,
+                                 max_positions=max(args.seq_len, 256),
+                                 overrides=json.loads(args.model_overrides))
+    prepare_model(model, ds_config)  # before DeepSpeed flattens the parameters
+    training_args = TrainingArguments(
+        output_dir=args.output_dir, deepspeed=ds_config, max_steps=args.max_steps,
+        save_steps=args.save_steps, save_strategy="steps", logging_steps=10, report_to=[],
+        per_device_train_batch_size=ds_config.get("train_micro_batch_size_per_gpu", 4),
+        gradient_accumulation_steps=ds_config.get("gradient_accumulation_steps", 1),
+        learning_rate=ds_config.get("optimizer", {}).get("params", {}).get("lr", 1e-3),
+        seed=args.seed, dataloader_num_workers=0, remove_unused_columns=False)
+    trainer = Trainer(model=model, args=training_args, train_dataset=train,
+                      data_collator=collate)
+    callback = Bitter7Callback(trainer)
+    trainer.add_callback(callback)
+    trainer.train(resume_from_checkpoint=True if args.resume else None)
+    # trainer.evaluate() is not called: on CPU/gloo, accelerate's gather_for_metrics fails inside
+    # DeepSpeed's comm layer ("ProcessGroupGloo::allgather: invalid output tensor list").
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    pruner = callback.pruner
+    if trainer.is_world_process_zero():
+        if pruner is not None:
+            print(pruner.format_report())
+        print(f"last logged train loss {losses[-1] if losses else float('nan'):.4f}")
+        if args.summary:
+            summary = {"steps": trainer.state.global_step, "train_loss": losses[-1] if losses else None,
+                       "pruning": pruner is not None,
+                       "layers": pruner.sparsity_report() if pruner is not None else [],
+                       "step_count": getattr(pruner, "step_count", None)}
+            with open(args.summary, "w", encoding="utf-8") as f:
+                json.dump(summary, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,69 @@
+"""Helpers for tests that start multi-rank training runs in subprocesses (CPU, gloo)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+from typing import Dict, List
+
+REPO = Path(__file__).resolve().parents[1]
+VENV_BIN = Path(sys.executable).parent
+TINY_MODEL = ["--model", "tiny-gpt2", "--model_overrides", json.dumps({"n_layer": 2, "n_embd": 32})]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def env(tmp_path: Path) -> Dict[str, str]:
+    out = dict(os.environ, DS_ACCELERATOR="cpu", GLOO_SOCKET_IFNAME="lo", TOKENIZERS_PARALLELISM="false",
+               OMP_NUM_THREADS="1", DS_BITTER7_CACHE=str(tmp_path / "cache"),
+               HF_DATASETS_CACHE=str(tmp_path / "hf_datasets"), HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1",
+               MASTER_PORT=str(free_port()), PYTHONPATH=str(REPO))
+    out["PATH"] = f"{VENV_BIN}{os.pathsep}{out.get('PATH', '')}"
+    return out
+
+
+def write_corpus(path: Path, n_docs: int = 40) -> Path:
+    """A small English JSON-lines corpus from the pydoc topics that ship with Python."""
+    from pydoc_data.topics import topics
+
+    with open(path, "w", encoding="utf-8") as f:
+        for key in sorted(topics)[:n_docs]:
+            f.write(json.dumps({"text": topics[key]}) + "\n")
+    return path
+
+
+def tiny_ds_config(path: Path, bias_compensation: bool = False) -> Path:
+    cfg = {
+        "train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": 1, "steps_per_print": 10 ** 6,
+        "optimizer": {"type": "AdamW", "params": {"lr": 2e-3, "torch_adam": True}},
+        "zero_optimization": {"stage": 2},
+        "bitter7": {"enabled": True, "structures": ["mlp_neuron"], "target_sparsity": 0.5,
+                    "schedule": {"start_step": 2, "end_step": 6, "frequency": 2},
+                    "bias_compensation": {"enabled": bias_compensation, "source": "calibration",
+                                          "num_batches": 2}},
+    }
+    path.write_text(json.dumps(cfg))
+    return path
+
+
+def run(cmd: List[str], tmp_path: Path, timeout: int = 120) -> str:
+    """Run a launcher; on timeout kill its whole process group (the ranks too), then fail."""
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, _ = proc.communicate()
+        raise AssertionError(f"{' '.join(cmd)} timed out after {timeout} s:\n{out[-6000:]}") from None
+    assert proc.returncode == 0, f"{' '.join(cmd)} failed ({proc.returncode}):\n{out[-6000:]}"
+    return out

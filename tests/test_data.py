@@ -1,0 +1,100 @@
+"""The built-in corpus, tokenization, local files through `datasets`, and the loaders."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+
+from ds_bitter7 import data
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("corpus_cache"))
+
+
+def test_corpus_is_deterministic_and_cached(cache):
+    first = data.builtin_documents(cache)
+    path = data.corpus_cache_path(cache)
+    assert os.path.exists(path)
+    mtime = os.path.getmtime(path)
+    second = data.builtin_documents(cache)
+    assert os.path.getmtime(path) == mtime  # read back, not rebuilt
+    assert first == second == data._stdlib_documents()
+    assert [d["name"] for d in first] == sorted(d["name"] for d in first)
+    assert sum(len(d["text"]) for d in first) > 1_000_000
+
+
+def test_split_is_disjoint_and_small(cache):
+    train = data.builtin_dataset("train", cache)
+    val = data.builtin_dataset("validation", cache)
+    assert not set(train["name"]) & set(val["name"])
+    assert 0.01 < len(val) / (len(train) + len(val)) < 0.12
+    assert data.split_of("stdlib/os.py") == data.split_of("stdlib/os.py")
+
+
+def test_byte_tokenizer_roundtrip():
+    tok = data.ByteTokenizer()
+    text = "Structured pruning — naïve ✓"
+    ids = tok.encode(text)
+    assert max(ids) < 256 and tok.decode(ids + [tok.eos_token_id]) == text
+    assert len(tok) == 257
+
+
+def test_blocks_have_fixed_length_and_eos():
+    import datasets
+
+    ds = datasets.Dataset.from_list([{"text": "a" * 50}, {"text": "b" * 50}])
+    blocks = data.chunk_dataset(ds, data.ByteTokenizer(), 16)
+    assert len(blocks) == 102 // 16
+    flat = torch.cat([blocks[i]["input_ids"] for i in range(len(blocks))])
+    assert flat[50].item() == 256 and flat[:50].eq(ord("a")).all()
+
+
+@pytest.mark.parametrize("kind", ["text", "jsonl"])
+def test_local_files_through_datasets(tmp_path, kind, monkeypatch):
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf"))
+    lines = [f"line number {i} of a small local corpus" for i in range(40)]
+    if kind == "text":
+        path = tmp_path / "corpus.txt"
+        path.write_text("\n".join(lines) + "\n")
+    else:
+        path = tmp_path / "corpus.jsonl"
+        path.write_text("".join(json.dumps({"text": t}) + "\n" for t in lines))
+    train, val = data.load_text_datasets(str(path), validation_fraction=0.1, seed=0)
+    assert len(train) == 36 and len(val) == 4
+    assert sorted(list(train["text"]) + list(val["text"])) == sorted(lines)
+    train2, _ = data.load_text_datasets(str(path), validation_fraction=0.1, seed=0)
+    assert list(train2["text"]) == list(train["text"])
+    blocks = data.chunk_dataset(train, data.ByteTokenizer(), 32)
+    assert blocks[0]["input_ids"].shape == (32,)
+
+
+def test_loader_shards_by_rank_and_calibration_uses_train():
+    import datasets
+
+    blocks = datasets.Dataset.from_dict({"input_ids": [[i] * 8 for i in range(20)]})
+    blocks.set_format("torch", columns=["input_ids"])
+    seen = []
+    for rank in range(2):
+        loader = data.make_dataloader(blocks, 5, seed=3, world_size=2, rank=rank)
+        seen.append(torch.cat([b["input_ids"][:, 0] for b in loader]).tolist())
+    assert not set(seen[0]) & set(seen[1]) and len(seen[0] + seen[1]) == 20
+    calib = data.calibration_batches(blocks, batch_size=3, num_batches=2)
+    assert len(calib) == 2 and calib[0]["input_ids"].shape == (3, 8)
+    assert calib[0]["input_ids"].dtype == torch.long
+
+
+def test_builtin_models_build():
+    from ds_bitter7 import modeling
+
+    llama = modeling.build_model("tiny-llama", 257, overrides={"num_hidden_layers": 1})
+    assert llama.config.num_key_value_heads == 2 and llama.config.vocab_size == 264
+    gpt2 = modeling.build_model("tiny-gpt2", 257, overrides={"n_layer": 1, "n_embd": 32})
+    again = modeling.build_model("tiny-gpt2", 257, overrides={"n_layer": 1, "n_embd": 32})
+    assert torch.equal(gpt2.transformer.wte.weight, again.transformer.wte.weight)  # seeded
+    ids = torch.randint(0, 257, (2, 16))
+    assert gpt2(input_ids=ids, labels=ids).loss.isfinite()

@@ -1,0 +1,29 @@
+"""Hugging Face Trainer + DeepSpeed + Bitter7Callback on 2 CPU ranks: prunes, saves, resumes."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+from _launch_util import TINY_MODEL, VENV_BIN, free_port, run, tiny_ds_config, write_corpus
+
+
+def test_trainer_prunes_saves_and_resumes(tmp_path):
+    corpus = write_corpus(tmp_path / "corpus.jsonl")
+    config = tiny_ds_config(tmp_path / "ds.json", bias_compensation=True)
+    out, summary = tmp_path / "out", tmp_path / "summary.json"
+    base = [str(VENV_BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", str(free_port()),
+            "launch/train_hf_trainer.py", "--deepspeed", str(config), "--output_dir", str(out),
+            "--data", str(corpus), *TINY_MODEL, "--seq_len", "32", "--save_steps", "4",
+            "--summary", str(summary)]
+    run(base + ["--max_steps", "8"], tmp_path, timeout=200)
+    first = json.loads(summary.read_text())
+    kept = [r["units_kept"] for r in first["layers"]]
+    assert first["pruning"] and sum(kept) == 128  # 2 layers x 128 neurons, half removed
+    for step in (4, 8):
+        state = torch.load(out / f"checkpoint-{step}" / "bitter7_state.pt", weights_only=False)
+        assert state  # the pruner's state dict, written by rank 0
+    run(base + ["--max_steps", "10", "--resume"], tmp_path, timeout=200)
+    resumed = json.loads(summary.read_text())
+    assert resumed["steps"] == 10
+    assert [r["units_kept"] for r in resumed["layers"]] == kept
