@@ -1,22 +1,288 @@
-"""Activation statistics per unit (placeholder until issue 4 lands)."""
+"""Activation statistics of every unit group, combined exactly across ranks.
+
+For each unit group (one MLP or one attention block) a forward pre-hook on ``group.out_module``
+(GPT-2 ``c_proj``; LLaMA ``down_proj`` / ``o_proj``) sees that module's input: one feature per
+MLP neuron (after the activation function and, for SwiGLU, after the gate product) or, for an
+attention unit, its heads' slice of the attention output. Per input feature the hook accumulates
+float64 count, sum and sum of squares (and, for least squares, the second-moment matrix
+``X^T X``). ``gather()`` packs every group's sums into one vector and all-reduces it once, so the
+result is the single-process statistic over the union of all ranks' data.
+
+Two sources (``bias_compensation.source``):
+- ``calibration``: ``gather()`` runs ``num_batches`` batches of ``calibration_data`` (every rank
+  the same number: the minimum over ranks) in eval mode under ``torch.no_grad()``.
+- ``training``: the hooks stay registered and keep the last ``window`` training forward passes
+  (train mode only, not activation-checkpoint recomputes) made since the last pruning event;
+  ``gather()`` reduces them. No extra forward pass is run.
+"""
 
 from __future__ import annotations
 
-from typing import Dict
+import collections
+import itertools
+import logging
+from dataclasses import dataclass
+from typing import Deque, Dict, List, Optional, Tuple
 
 import torch
 
+from .comm import is_main_process, log_main
+from .config import CompensationMode, StatsSource
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class UnitStats:
+    """Statistics of one group's input features (the inputs of ``group.out_module``)."""
+
+    count: int  # rows (tokens) seen, summed over ranks
+    mean: torch.Tensor  # float64[n_features]
+    var: torch.Tensor  # float64[n_features], population variance (divides by count)
+    second_moment: Optional[torch.Tensor] = None  # float64[n_features, n_features]: E[x x^T]
+
+
+class _Sums:
+    """Running float64 sums over the rows of one module input."""
+
+    def __init__(self, n_features: int, with_matrix: bool):
+        self.count = 0
+        self.sum = torch.zeros(n_features, dtype=torch.float64)
+        self.sumsq = torch.zeros(n_features, dtype=torch.float64)
+        self.xtx = torch.zeros(n_features, n_features, dtype=torch.float64) if with_matrix else None
+
+    def add_rows(self, x: torch.Tensor) -> None:
+        x = x.detach().reshape(-1, x.shape[-1]).to(torch.float64)  # [rows, n_features]
+        if self.sum.device != x.device:  # accumulate where the activations are (no sync per pass)
+            self._to(x.device)
+        self.count += x.shape[0]
+        self.sum += x.sum(0)
+        self.sumsq += x.square().sum(0)
+        if self.xtx is not None:
+            self.xtx += x.T @ x
+
+    def _to(self, device: torch.device) -> None:
+        self.sum, self.sumsq = self.sum.to(device), self.sumsq.to(device)
+        if self.xtx is not None:
+            self.xtx = self.xtx.to(device)
+
+    def add(self, other: _Sums) -> None:
+        other._to(self.sum.device)
+        self.count += other.count
+        self.sum += other.sum
+        self.sumsq += other.sumsq
+        if self.xtx is not None:
+            self.xtx += other.xtx
+
+    def pack(self) -> List[torch.Tensor]:
+        parts = [torch.tensor([float(self.count)], dtype=torch.float64), self.sum.cpu(), self.sumsq.cpu()]
+        return parts + ([self.xtx.reshape(-1).cpu()] if self.xtx is not None else [])
+
+
+def needs_stats(config) -> bool:
+    """Whether a parsed ``Bitter7Config`` needs activation statistics."""
+    from .scores import get_scorer
+
+    return bool(config.bias_compensation.enabled or get_scorer(config.score).uses_activation_std)
+
+
+def check_calibration_data(config, calibration_data) -> None:
+    """Raise ``ValueError`` when the config needs calibration data and none was given.
+
+    Local (no collective): every rank raises the same error, so none waits for the others.
+    """
+    if (needs_stats(config) and calibration_data is None
+            and StatsSource(config.bias_compensation.source) == StatsSource.calibration):
+        raise ValueError(_calibration_error(config))
+
+
+def _calibration_error(config) -> str:
+    why = ("bias_compensation.enabled" if config.bias_compensation.enabled
+           else "score 'bitter7_variance'")
+    return (f"ds_bitter7: {why} with bias_compensation.source = 'calibration' needs calibration data: "
+            "pass calibration_data=<iterable of model inputs> to ds_bitter7.initialize / attach, or set "
+            "bias_compensation.source to 'training'")
+
 
 class ActivationStats:
-    """Mean and variance of every unit's activation, gathered across ranks."""
+    """Mean and variance of every unit group's input features, gathered across ranks."""
 
     def __init__(self, pruner, calibration_data=None):
-        raise NotImplementedError("activation statistics are not implemented yet")
+        cfg = pruner.config.bias_compensation
+        self.pruner = pruner
+        self.model = pruner.model
+        self.source = StatsSource(cfg.source)
+        self.num_batches = cfg.num_batches
+        self.window = cfg.window
+        self.with_matrix = CompensationMode(cfg.mode) == CompensationMode.least_squares
+        if self.source == StatsSource.calibration and calibration_data is None:
+            raise ValueError(_calibration_error(pruner.config))  # on every rank, before any collective
+        from .compensation import check_compensation
 
-    def gather(self) -> Dict[str, object]:
-        """Collective: every rank must call this, in the same order."""
-        raise NotImplementedError
+        check_compensation(pruner.groups, pruner.config)
+        self.calibration_data = calibration_data
+        self.groups = list(pruner.groups)
+        self._n_features = {g.key: g.feature_units.numel() for g in self.groups}
+        self._current: Optional[Dict[str, _Sums]] = None  # calibration: sums of the running pass
+        # training: per group, (events so far, sums) of each of the last `window` forward passes;
+        # only passes made since the last event count, so a window restarts after every event
+        # (and ``unit_scores()`` between events consumes nothing).
+        self._recent: Dict[str, Deque[Tuple[int, _Sums]]] = {
+            g.key: collections.deque(maxlen=self.window) for g in self.groups}
+        self._handles = []
+        if self.source == StatsSource.training:
+            self._register()
+
+    # -- hooks -------------------------------------------------------------------------------------
+    def _register(self) -> None:
+        for g in self.groups:
+            module = self.model.get_submodule(g.out_module)
+            self._handles.append(module.register_forward_pre_hook(self._hook(g.key)))
+
+    def remove_hooks(self) -> None:
+        """Unregister every forward hook (the pruner is being detached)."""
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+    def _hook(self, key: str):
+        n = self._n_features[key]
+
+        def pre_hook(module, args):
+            x = args[0]
+            if x.shape[-1] != n:
+                raise RuntimeError(f"ds_bitter7: input of the out projection of {key} has "
+                                   f"{x.shape[-1]} features, expected {n}")
+            if self._current is not None:  # a calibration pass
+                self._current[key].add_rows(x)
+            elif module.training and not _in_backward():  # a training forward (not a recompute)
+                sums = _Sums(n, self.with_matrix)
+                sums.add_rows(x)
+                self._recent[key].append((self._epoch(), sums))
+        return pre_hook
+
+    # -- gathering ---------------------------------------------------------------------------------
+    def gather(self) -> Dict[str, UnitStats]:
+        """Statistics per group key, identical on every rank (the union of all ranks' data).
+
+        Collective: every rank must call this, in the same order.
+        """
+        if self.source == StatsSource.calibration:
+            local = self._run_calibration()
+        else:
+            local = {}
+            for g in self.groups:
+                local[g.key] = _Sums(self._n_features[g.key], self.with_matrix)
+                for epoch, s in self._recent[g.key]:
+                    if epoch == self._epoch():  # passes since the last event only
+                        local[g.key].add(s)
+        return self._reduce(local)
+
+    def _epoch(self) -> int:
+        """Pruning events so far: training passes are tagged with it."""
+        return len(self.pruner.events)
+
+    def _run_calibration(self) -> Dict[str, _Sums]:
+        comm = self.pruner.comm
+        batches = list(itertools.islice(iter(self.calibration_data), self.num_batches))
+        # Every rank runs the same number of batches: the minimum over ranks (no rank waits).
+        n = -int(comm.all_reduce_max(torch.tensor([-len(batches)], dtype=torch.int64)).item())
+        if n == 0:
+            raise ValueError("ds_bitter7: calibration_data yielded no batch on at least one rank")
+        if n < len(batches):
+            log_main("bitter7 calibration: some rank has only %d batch(es); every rank runs %d", n, n,
+                     level=logging.WARNING)
+        device = _model_device(self.model)
+        was_training = self.model.training
+        self._current = {g.key: _Sums(self._n_features[g.key], self.with_matrix) for g in self.groups}
+        self._register()
+        try:
+            self.model.eval()
+            with torch.no_grad():
+                for batch in _progress(batches[:n]):
+                    _forward(self.model, batch, device)
+            return self._current
+        finally:
+            self.remove_hooks()
+            self._current = None
+            self.model.train(was_training)
+
+    def _reduce(self, local: Dict[str, _Sums]) -> Dict[str, UnitStats]:
+        parts = [p for g in self.groups for p in local[g.key].pack()]
+        total = self.pruner.comm.all_reduce_sum(torch.cat(parts))  # one reduce, all groups
+        out, pos = {}, 0
+        for g in self.groups:
+            f = self._n_features[g.key]
+            count = int(total[pos].item())
+            s, sq = total[pos + 1:pos + 1 + f], total[pos + 1 + f:pos + 1 + 2 * f]
+            pos += 1 + 2 * f
+            xtx = None
+            if self.with_matrix:
+                xtx = total[pos:pos + f * f].view(f, f)
+                pos += f * f
+            if count == 0:
+                raise RuntimeError(f"ds_bitter7: no activations of {g.key} were observed on any rank "
+                                   "(source 'training' needs training forward passes before each event)")
+            mean = s / count
+            var = (sq / count - mean.square()).clamp_(min=0.0)
+            out[g.key] = UnitStats(count, mean, var, None if xtx is None else xtx / count)
+        return out
 
 
-def unit_std(group, stats) -> torch.Tensor:
-    raise NotImplementedError
+def unit_std(group, stats: UnitStats) -> torch.Tensor:
+    """float64[n_units]: each unit's activation standard deviation.
+
+    A unit with several input features (an attention head, or a key/value group under GQA) gets
+    the square root of the *mean* of its features' variances: the RMS deviation per feature,
+    which for one feature (an MLP neuron) is its plain std and does not grow with head_dim.
+    Replacing the unit by its mean costs ``sum of variances`` in squared error (seed section 2),
+    i.e. ``n_features * unit_std**2``; within one structure type every unit has the same number
+    of features, so ranking by either is the same.
+    """
+    ids = group.feature_units
+    valid = ids >= 0
+    total = torch.zeros(group.n_units, dtype=torch.float64)
+    total.index_add_(0, ids[valid], stats.var[valid].to(torch.float64))
+    n = torch.zeros(group.n_units, dtype=torch.float64)
+    n.index_add_(0, ids[valid], torch.ones(int(valid.sum()), dtype=torch.float64))
+    return (total / n.clamp(min=1)).sqrt()
+
+
+def _in_backward() -> bool:
+    """True while autograd runs a backward pass (activation-checkpoint recompute)."""
+    task = getattr(torch._C, "_current_graph_task_id", None)
+    return task is not None and task() != -1
+
+
+def _model_device(model) -> torch.device:
+    for p in model.parameters():
+        return p.device
+    return torch.device("cpu")
+
+
+def _to(value, device):
+    if torch.is_tensor(value):
+        return value.to(device)
+    if isinstance(value, dict):
+        return {k: _to(v, device) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_to(v, device) for v in value)
+    return value
+
+
+def _forward(model, batch, device) -> None:
+    batch = _to(batch, device)
+    if isinstance(batch, dict):
+        model(**batch)
+    else:
+        model(batch)
+
+
+def _progress(batches: list):
+    if not is_main_process():
+        return batches
+    try:
+        from tqdm import tqdm
+    except ImportError:  # tqdm is optional for the library
+        return batches
+    return tqdm(batches, desc="bitter7 calibration", leave=False)

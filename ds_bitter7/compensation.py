@@ -1,11 +1,134 @@
-"""Bias compensation of removed units (placeholder until issue 4 lands)."""
+"""Bias compensation: fold removed units' mean activation into the next layer's bias.
+
+For the input features ``f`` of the units removed at an event (seed section 1.2),
+``b_next += W_next[:, f] @ mu_f``, so the out projection keeps its mean output on the data the
+statistics came from. Under ZeRO each rank owns only a flat fragment of ``W_next``'s fp32 master:
+it computes the partial product over its own elements, the partial vectors of every group are
+packed and all-reduced once (out-features long, never a weight), and every rank adds the result
+to its fp32 master fragment of the bias (where it owns one) and to the model's own bias.
+"""
 
 from __future__ import annotations
 
+import logging
+import time
+from typing import Dict, List
 
-def add_missing_out_biases(model, config) -> None:
-    raise NotImplementedError("bias compensation is not implemented yet")
+import torch
+from torch import nn
+
+from .config import CompensationMode, StructureName
+from .structures import ParamSlice, UnitGroup, unit_groups
+
+logger = logging.getLogger(__name__)
 
 
-def compensate(pruner, masks_before, stats, event) -> None:
-    raise NotImplementedError("bias compensation is not implemented yet")
+def add_missing_out_biases(model: nn.Module, config) -> List[str]:
+    """Give every pruned group's out projection a bias, zero-initialised, where it has none.
+
+    LLaMA-family ``mlp.down_proj`` and ``self_attn.o_proj`` have no bias, so there is nothing to
+    fold a removed unit's mean into. Must run before DeepSpeed flattens the parameters (that is,
+    before ``deepspeed.initialize``). A zero bias leaves the model's output unchanged. Returns
+    the names of the biases added.
+    """
+    kinds = [k for k in config.structures if k != StructureName.unstructured]
+    added = []
+    for g in unit_groups(model, kinds):
+        if g.out_bias is not None:
+            continue
+        module = model.get_submodule(g.out_module)
+        weight = module.weight
+        n_out = weight.shape[1 - g.out_in_dim]
+        module.bias = nn.Parameter(torch.zeros(n_out, dtype=weight.dtype, device=weight.device),
+                                   requires_grad=weight.requires_grad)
+        added.append(f"{g.out_module}.bias")
+    if added:
+        logger.info("ds_bitter7: added %d zero biases for bias compensation (%s, ...)", len(added), added[0])
+    return added
+
+
+def check_compensation(groups: List[UnitGroup], config) -> None:
+    """Raise ``ValueError`` (locally, on every rank) when compensation cannot run on ``groups``."""
+    cfg = config.bias_compensation
+    if not cfg.enabled:
+        return
+    if CompensationMode(cfg.mode) == CompensationMode.least_squares:
+        raise ValueError("bitter7.bias_compensation.mode = 'least_squares' is not implemented yet "
+                         "(allowed now: 'mean')")
+    missing = [g.out_module for g in groups if g.out_bias is None]
+    if missing:
+        raise ValueError(f"bias compensation needs a bias on {missing[0]} (and {len(missing) - 1} more): "
+                         "use ds_bitter7.initialize, or call ds_bitter7.compensation."
+                         "add_missing_out_biases(model, config) before deepspeed.initialize")
+
+
+def removed_feature_means(group: UnitGroup, newly_pruned: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
+    """float64[n_in_features]: ``mu_f`` for the input features of newly pruned units, else 0."""
+    ids = group.feature_units
+    hit = (ids >= 0) & newly_pruned[ids.clamp(min=0)]
+    return torch.where(hit, mean.to(torch.float64), torch.zeros((), dtype=torch.float64))
+
+
+def local_delta(pruner, group: UnitGroup, coef: torch.Tensor) -> torch.Tensor:
+    """float64[n_out]: ``W_next @ coef`` over the elements of W_next this rank's master holds."""
+    weight = pruner.model.get_parameter(group.out_weight)
+    shape = tuple(weight.shape)
+    in_dim = group.out_in_dim
+    delta = torch.zeros(shape[1 - in_dim], dtype=torch.float64)
+    frag = pruner.access.fragments.get(group.out_weight)
+    if frag is None:
+        return delta
+    master = pruner.access.master(frag)
+    cols = shape[1]
+    layout = ParamSlice(group.out_weight, shape, in_dim, group.feature_units)
+    for start, numel in layout.chunks(frag.start, frag.numel):
+        values = master[start - frag.start:start - frag.start + numel].to(torch.float64)
+        r0, r1 = start // cols, (start + numel - 1) // cols
+        grid = values.new_zeros((r1 - r0 + 1) * cols)  # rows touched, zero-padded at both ends
+        offset = start - r0 * cols
+        grid[offset:offset + numel] = values
+        grid = grid.view(r1 - r0 + 1, cols)
+        if in_dim == 0:  # Conv1D [in, out]: rows are input features
+            delta += (grid * coef[r0:r1 + 1, None]).sum(0)
+        else:  # Linear [out, in]: rows are outputs
+            delta[r0:r1 + 1] += grid @ coef
+    return delta
+
+
+def _add_to_bias(pruner, name: str, delta: torch.Tensor) -> None:
+    """Add ``delta`` to the fp32 master fragment (where owned) and to the model's own bias."""
+    param = pruner.model.get_parameter(name)
+    frag = pruner.access.fragments.get(name)
+    with torch.no_grad():
+        if frag is not None:
+            master = pruner.access.master(frag)
+            master.add_(delta[frag.start:frag.start + frag.numel].to(master.dtype))
+        if frag is None or not pruner.access.replicated:  # stage 0: the fragment is the param
+            param.data.copy_(param.data.to(torch.float64) + delta.to(param.device))
+
+
+def compensate(pruner, masks_before: Dict[str, torch.Tensor], stats, event: dict) -> None:
+    """Fold the mean of every unit pruned at this event into its group's out-projection bias.
+
+    Must run before the masks zero the weights (it reads W_next's columns of those units).
+    Collective: every rank must call this, in the same order (one all-reduce, skipped at stage 0
+    where every rank holds all of W_next).
+    """
+    t0 = time.perf_counter()
+    todo, coefs, n_units = [], [], 0
+    for g in pruner.groups:
+        newly = masks_before[g.key] & ~pruner.masks[g.key]  # identical on every rank
+        if bool(newly.any()):
+            todo.append(g)
+            coefs.append(removed_feature_means(g, newly, stats[g.key].mean))
+            n_units += int(newly.sum())
+    if todo:
+        partial = torch.cat([local_delta(pruner, g, c) for g, c in zip(todo, coefs)])
+        total = pruner.score_comm.all_reduce_sum(partial)  # [sum of n_out], one reduce per event
+        offset = 0
+        for g in todo:
+            bias = pruner.model.get_parameter(g.out_bias)
+            _add_to_bias(pruner, g.out_bias, total[offset:offset + bias.numel()])
+            offset += bias.numel()
+    event["compensation"] = {"units": n_units, "groups": len(todo),
+                             "seconds": time.perf_counter() - t0}

@@ -1,0 +1,238 @@
+"""Activation statistics (issue 4): exact across ranks, both sources, and the variance-aware score.
+
+Distributed results are compared with a single-process reference computed in plain torch (hooks
+on the full data, float64), independently of ``ds_bitter7.calibration``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Dict, List
+
+import pytest
+import torch
+import torch.distributed as dist
+from distributed import run_distributed
+from reference import VOCAB, ds_config, tiny_model
+
+import ds_bitter7
+from ds_bitter7.calibration import UnitStats, unit_std
+from ds_bitter7.structures import unit_groups
+
+BOTH = ["mlp_neuron", "attention_head"]
+N_BATCHES = 6  # split evenly over 1, 2 and 3 ranks
+
+
+def batches(n: int = N_BATCHES, seed: int = 7) -> List[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, VOCAB, (2, 16), generator=g) for _ in range(n)]
+
+
+def out_module_inputs(model, data, kinds) -> Dict[str, torch.Tensor]:
+    """Reference: every group's out-projection input rows over ``data`` (eval mode), float64."""
+    rows: Dict[str, list] = {}
+    hooks = [model.get_submodule(g.out_module).register_forward_pre_hook(
+        lambda m, a, key=g.key: rows.setdefault(key, []).append(a[0].detach().reshape(-1, a[0].shape[-1])))
+        for g in unit_groups(model, kinds)]
+    model.eval()
+    with torch.no_grad():
+        for x in data:
+            model(x)
+    for h in hooks:
+        h.remove()
+    return {k: torch.cat(v).double() for k, v in rows.items()}
+
+
+def reference_stats(family: str, data) -> Dict[str, tuple]:
+    from ds_bitter7.config import StructureName
+
+    x = out_module_inputs(tiny_model(family), data, [StructureName(k) for k in BOTH])
+    return {k: (v.shape[0], v.mean(0), v.var(0, unbiased=False), v.T @ v / v.shape[0]) for k, v in x.items()}
+
+
+# -- runs on every rank ----------------------------------------------------------------------------
+# (family, ZeRO stage, batch kind) per world size; world 2 also runs the other suites (one spawn).
+STATS_CASES = {1: [("llama", 2, "dict")],
+               2: [("gpt2", 2, "dict"), ("llama", 1, "tensor"), ("gpt2", 1, "second_moment")],
+               3: [("gpt2", 0, "uneven"), ("llama", 2, "tensor")]}
+
+
+def calibration_suite(cases, extras: bool) -> dict:
+    out = {"stats": stats_suite(cases)}
+    if extras:
+        out["training"] = training_window()
+        out["variance"] = variance_score()
+    return out
+
+
+def stats_suite(cases) -> list:
+    world, rank = dist.get_world_size(), dist.get_rank()
+    out = []
+    for family, stage, kind in cases:
+        mine = batches()[rank::world]
+        if kind == "uneven" and world > 1 and rank == world - 1:
+            mine = mine + batches(1, seed=99)  # one rank has more: every rank runs the minimum
+        calib = [{"input_ids": x} for x in mine] if kind == "dict" else mine
+        model = tiny_model(family)
+        # "second_moment": the X^T X that least squares (issue 6) will use; compensation is off
+        comp = ({"enabled": False, "mode": "least_squares"} if kind == "second_moment" else {"enabled": True})
+        cfg = ds_config(stage, "fp32", {"structures": BOTH, "score": "bitter7_variance",
+                                        "bias_compensation": dict(comp, num_batches=8)})
+        engine, *_ = ds_bitter7.initialize(model=model, model_parameters=model.parameters(), config=cfg,
+                                           calibration_data=calib)
+        pruner = ds_bitter7.get_pruner(engine)
+        model.train()
+        stats = pruner.stats.gather()
+        assert model.training, "calibration must restore train mode"
+        out.append({k: (s.count, s.mean, s.var, s.second_moment) for k, s in stats.items()})
+    return out
+
+
+def training_window() -> dict:
+    """Source 'training': gather() sees exactly the last `window` training forwards of every rank."""
+    rank = dist.get_rank()
+    model = tiny_model("gpt2")
+    cfg = ds_config(2, "fp32", {"structures": BOTH, "score": "bitter7_variance",
+                                "schedule": {"start_step": 1000, "end_step": 1000},
+                                "bias_compensation": {"enabled": True, "source": "training", "window": 2}})
+    engine, *_ = ds_bitter7.initialize(model=model, model_parameters=model.parameters(), config=cfg)
+    pruner = ds_bitter7.get_pruner(engine)
+    from ds_bitter7.config import StructureName
+
+    seen: Dict[str, list] = {}
+    hooks = [model.get_submodule(g.out_module).register_forward_pre_hook(
+        lambda m, a, key=g.key: seen.setdefault(key, []).append(a[0].detach().reshape(-1, a[0].shape[-1])))
+        for g in unit_groups(model, [StructureName(k) for k in BOTH])]
+    data = batches(4, seed=10 + rank)
+    for x in data[:3]:
+        engine.backward(engine(input_ids=x, labels=x).loss)
+        engine.step()
+    model.eval()
+    with torch.no_grad():
+        model(data[3])  # eval forwards are not training statistics
+    model.train()
+    for h in hooks:
+        h.remove()
+    stats = pruner.stats.gather()
+    errors = {}
+    for key, rows in seen.items():
+        x = torch.cat(rows[1:3]).double()  # the last two training forwards of this rank
+        sums = torch.cat([torch.tensor([float(x.shape[0])], dtype=torch.float64), x.sum(0), x.square().sum(0)])
+        dist.all_reduce(sums)
+        n, f = sums[0], x.shape[1]
+        mean = sums[1:1 + f] / n
+        var = sums[1 + f:] / n - mean.square()
+        errors[key] = (int(n) == stats[key].count, float((stats[key].mean - mean).abs().max()),
+                       float((stats[key].var - var).abs().max()))
+    again = pruner.stats.gather()  # gathering between events consumes nothing
+    errors["again"] = all(torch.equal(again[k].mean, stats[k].mean) for k in stats)
+    pruner.prune_to(0.25)
+    try:  # the window restarts after an event: nothing observed since
+        pruner.stats.gather()
+        errors["reset"] = False
+    except RuntimeError:
+        errors["reset"] = True
+    return errors
+
+
+def variance_score() -> dict:
+    """bitter7_variance = bitter7 unit score x unit activation std; the event prunes the lowest."""
+    from ds_bitter7.scores import get_scorer
+
+    rank = dist.get_rank()
+    model = tiny_model("llama")
+    cfg = ds_config(2, "fp32", {"structures": BOTH, "score": "bitter7_variance",
+                                "schedule": {"start_step": 1000, "end_step": 1000}})
+    calib = batches()[rank::dist.get_world_size()]
+    engine, *_ = ds_bitter7.initialize(model=model, model_parameters=model.parameters(), config=cfg,
+                                       calibration_data=calib)
+    pruner = ds_bitter7.get_pruner(engine)
+    x = batches(1, seed=5 + rank)[0]
+    engine.backward(engine(input_ids=x, labels=x).loss)
+    engine.step()
+    scores = pruner.unit_scores()
+    stats = pruner.stats.gather()
+    variance_scorer = pruner.scorer
+    pruner.scorer = get_scorer("bitter7")
+    plain = pruner.unit_scores()
+    pruner.scorer = variance_scorer
+    event = pruner.prune_to(0.5)
+    res = {"event_keys": sorted(event)}
+    for g in pruner.groups:
+        expect = plain[g.key] * unit_std(g, stats[g.key])
+        res[g.key] = (float(((scores[g.key] - expect).abs() / expect.abs().clamp(min=1e-300)).max()),
+                      scores[g.key], pruner.masks[g.key].clone())
+    return res
+
+
+# -- tests -------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def world2():
+    return run_distributed(calibration_suite, 2, STATS_CASES[2], True, timeout=180)
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 3])
+def test_stats_equal_single_process_statistics(world_size, request):
+    cases = STATS_CASES[world_size]
+    if world_size == 2:
+        results = request.getfixturevalue("world2")
+    else:
+        results = run_distributed(calibration_suite, world_size, cases, False, timeout=180)
+    full = batches()
+    for i, (family, stage, kind) in enumerate(cases):
+        ref = reference_stats(family, full)
+        for rank, res in enumerate(r["stats"][i] for r in results):
+            case = (family, stage, kind, rank)
+            assert res.keys() == ref.keys(), case
+            for key, (count, mean, var, second) in res.items():
+                assert count == ref[key][0], case
+                assert (second is None) == (kind != "second_moment"), case
+                if second is not None:
+                    assert torch.allclose(second, ref[key][3], rtol=1e-10, atol=1e-12), (case, key)
+                assert mean.dtype == torch.float64 and var.dtype == torch.float64
+                assert torch.allclose(mean, ref[key][1], rtol=1e-10, atol=1e-12), (case, key)
+                assert torch.allclose(var, ref[key][2], rtol=1e-9, atol=1e-12), (case, key)
+
+
+def test_training_source_keeps_last_window_and_resets(world2):
+    for res in (r["training"] for r in world2):
+        res = dict(res)
+        assert res.pop("reset") is True
+        assert res.pop("again") is True
+        for key, (count_ok, dmean, dvar) in res.items():
+            assert count_ok, key
+            assert dmean < 1e-10 and dvar < 1e-9, (key, dmean, dvar)
+
+
+def test_bitter7_variance_scores_and_prunes_lowest(world2):
+    for res in (dict(r["variance"]) for r in world2):
+        assert "compensation" not in res.pop("event_keys")  # compensation is off here
+        mlp = []
+        for key, (rel, scores, keep) in res.items():
+            assert rel < 1e-12, key
+            if key.endswith("mlp"):
+                mlp.append((scores, keep))
+        scores = torch.cat([s for s, _ in mlp])
+        keep = torch.cat([k for _, k in mlp])
+        assert int((~keep).sum()) == math.floor(0.5 * keep.numel())
+        assert scores[~keep].max() <= scores[keep].min()  # global threshold on the new score
+
+
+def test_unit_std_is_root_mean_feature_variance():
+    class G:
+        n_units = 2
+        feature_units = torch.tensor([0, 0, 1, 1, -1])
+
+    stats = UnitStats(10, torch.zeros(5, dtype=torch.float64), torch.tensor([1.0, 3.0, 4.0, 4.0, 9.0], dtype=torch.float64))
+    std = unit_std(G(), stats)
+    assert std.dtype == torch.float64
+    assert torch.allclose(std, torch.tensor([math.sqrt(2.0), 2.0], dtype=torch.float64), rtol=1e-15, atol=0)
+
+
+@pytest.mark.parametrize("bitter7", [{"bias_compensation": {"enabled": True}}, {"score": "bitter7_variance"}])
+def test_missing_calibration_data_fails_before_deepspeed(bitter7):
+    model = tiny_model("gpt2")
+    with pytest.raises(ValueError, match="calibration_data"):
+        ds_bitter7.initialize(model=model, model_parameters=model.parameters(),
+                              config=ds_config(2, "fp32", bitter7))
+    assert not dist.is_initialized()  # raised before DeepSpeed started anything
