@@ -23,7 +23,7 @@ from .config import Bitter7Config, Scope, StructureName
 from .schedule import sparsity_at
 from .scores import ScoreInputs, get_scorer
 from .state import CheckpointError
-from .structures import UnitGroup, unit_groups, unstructured_params
+from .structures import CHUNK_ELEMENTS, UnitGroup, apply_zero_plan, unit_groups, unstructured_params
 from .threshold import select_units, threshold_of
 from .unstructured import UnstructuredMasks
 from .zero_access import MissingOptimizerState, ZeroAccess
@@ -49,12 +49,16 @@ class Pruner:
         names = {s.name for g in self.groups for s in g.slices}
         names |= {g.out_bias for g in self.groups if g.out_bias} | {g.out_weight for g in self.groups}
         self.access = ZeroAccess(engine, names | set(unstructured))
+        # Score chunks small enough that an event's temporaries (about 40 bytes per chunk
+        # element) stay well under the size of the local fp32 partition (4 bytes per element).
+        self._chunk = max(1 << 12, min(CHUNK_ELEMENTS, self.access.local_numel() // 16))
         # Stage 0 replicates the whole state: every rank scores everything, nothing is reduced.
         self.score_comm = Communicator(self.comm.group) if not self.access.replicated else _LOCAL
         self.masks: Dict[str, torch.Tensor] = {g.key: torch.ones(g.n_units, dtype=torch.bool)
                                                for g in self.groups}
         self.unstructured = (UnstructuredMasks(self, unstructured) if unstructured else None)
-        self._drop: Dict[str, torch.Tensor] = {}  # fragment name -> BoolTensor[numel], True = zero it
+        self._plans: Dict[str, List[tuple]] = {}  # fragment name -> zeroing plan (structured)
+        self._drop: Dict[str, torch.Tensor] = {}  # fragment name -> BoolTensor[numel] (unstructured)
         self.movement: Dict[str, torch.Tensor] = {}
         if "movement" in self.scorer.needs:
             self.movement = {n: torch.zeros(f.numel, dtype=torch.float32)
@@ -135,7 +139,7 @@ class Pruner:
                 frag = self.access.fragments.get(s.name)
                 if frag is None:
                     continue
-                for start, numel in s.chunks(frag.start, frag.numel):
+                for start, numel in s.chunks(frag.start, frag.numel, self._chunk):
                     s.add_unit_sums(out, self.scorer.fn(self._score_inputs(frag, start, numel)), start)
             offset += g.n_units
         return sums
@@ -204,34 +208,38 @@ class Pruner:
         return event
 
     def _apply_masks_now(self) -> None:
-        """Rebuild the per-fragment drop masks and apply them to masters, moments and the model."""
-        self._drop = {}
+        """Rebuild the per-fragment zeroing plans and apply them to masters, moments and the model."""
+        self._plans, self._drop = {}, {}
         for g in self.groups:
             keep = self.masks[g.key]
             if bool(keep.all()):
                 continue
             for s in g.slices:
                 with torch.no_grad():
-                    s_param = self.model.get_parameter(s.name)
-                    s_param.data.index_fill_(s.dim, s.pruned_coords(keep), 0)
+                    self.model.get_parameter(s.name).data.index_fill_(s.dim, s.pruned_coords(keep), 0)
                 frag = self.access.fragments.get(s.name)
                 if frag is not None:
-                    self._drop[s.name] = ~s.keep_elements(keep, frag.start, frag.numel)
+                    self._plans[s.name] = s.zero_plan(keep, frag.start, frag.numel)
         if self.unstructured is not None:
-            self._drop.update(self.unstructured.drop_masks())
+            self._drop = self.unstructured.drop_masks()  # per-element: boolean masks
         self._apply_drop(range(self.access.n_groups))
 
     def _apply_drop(self, groups) -> None:
+        """Zero pruned elements of the fragments in ``groups`` (runs inside every optimizer step)."""
         groups = set(groups)
         with torch.no_grad():
-            for name, drop in self._drop.items():
-                frag = self.access.fragments[name]
-                if frag.group not in groups:
+            for name, frag in self.access.fragments.items():
+                plan, drop = self._plans.get(name), self._drop.get(name)
+                if (plan is None and drop is None) or frag.group not in groups:
                     continue
-                for t in [self.access.master(frag)] + self.access.moment_views(frag):
-                    t.masked_fill_(drop, 0)
+                tensors = [self.access.master(frag)] + self.access.moment_views(frag)
                 if name in self.movement:
-                    self.movement[name].masked_fill_(drop, 0)
+                    tensors.append(self.movement[name])
+                for t in tensors:
+                    if plan:
+                        apply_zero_plan(t, plan)
+                    if drop is not None:
+                        t.masked_fill_(drop, 0)
 
     # -- optimizer hooks ---------------------------------------------------------------------------
     def _pre_step(self, groups: List[int]) -> None:

@@ -37,7 +37,7 @@ class UnstructuredMasks:
             frag = self.pruner.access.fragments[name]
             parts = [score_keys(self.pruner.scorer.fn(self.pruner._score_inputs(frag, frag.start + s, n)),
                                 pruned[s:s + n])
-                     for s, n in _ranges(frag.numel)]
+                     for s, n in _ranges(frag.numel, self.pruner._chunk)]
             keys[name] = torch.cat(parts) if parts else torch.zeros(0, dtype=torch.int32)
         return keys
 

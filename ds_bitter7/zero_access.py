@@ -106,6 +106,12 @@ class ZeroAccess:
                     raise ValueError(f"ds_bitter7 at ZeRO stage 0 needs fp32 parameters, {name} is {p.dtype}")
                 self.fragments[name] = Fragment(name, p, 0, p.numel(), g, p, 0)
 
+    def local_numel(self) -> int:
+        """Elements of this rank's fp32 master partition (all of the model at stage 0)."""
+        if self.kind == "torch":
+            return sum(p.numel() for g in self.base.param_groups for p in g["params"])
+        return sum(f.numel() for f in self._flats)
+
     @property
     def replicated(self) -> bool:
         """Stage 0: every rank holds all of the state, so scores need no all-reduce."""

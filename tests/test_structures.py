@@ -7,7 +7,7 @@ import torch
 from reference import _unit_elements, tiny_model
 
 from ds_bitter7.config import StructureName
-from ds_bitter7.structures import unit_groups
+from ds_bitter7.structures import apply_zero_plan, unit_groups
 
 KINDS = [StructureName.mlp_neuron, StructureName.attention_head]
 
@@ -55,6 +55,9 @@ def test_fragment_sums_and_masks_cover_any_split(family):
             for a, b in zip(cuts, cuts[1:]):
                 s.add_unit_sums(parts, values[a:b], a)
                 pieces.append(s.keep_elements(keep, a, b - a))
+                ones = torch.ones(b - a)
+                apply_zero_plan(ones, s.zero_plan(keep, a, b - a))
+                assert ones.bool().equal(pieces[-1])
             assert parts.allclose(whole, rtol=1e-12)
             full = s.keep_elements(keep, 0, numel)
             assert torch.cat(pieces).equal(full)
