@@ -52,9 +52,6 @@ def check_compensation(groups: List[UnitGroup], config) -> None:
     cfg = config.bias_compensation
     if not cfg.enabled:
         return
-    if CompensationMode(cfg.mode) == CompensationMode.least_squares:
-        raise ValueError("bitter7.bias_compensation.mode = 'least_squares' is not implemented yet "
-                         "(allowed now: 'mean')")
     missing = [g.out_module for g in groups if g.out_bias is None]
     if missing:
         raise ValueError(f"bias compensation needs a bias on {missing[0]} (and {len(missing) - 1} more): "
@@ -79,6 +76,7 @@ def local_delta(pruner, group: UnitGroup, coef: torch.Tensor) -> torch.Tensor:
     if frag is None:
         return delta
     master = pruner.access.master(frag)
+    coef, delta = coef.to(master.device), delta.to(master.device)  # work where the fragment lives
     cols = shape[1]
     layout = ParamSlice(group.out_weight, shape, in_dim, group.feature_units)
     for start, numel in layout.chunks(frag.start, frag.numel):
@@ -92,7 +90,7 @@ def local_delta(pruner, group: UnitGroup, coef: torch.Tensor) -> torch.Tensor:
             delta += (grid * coef[r0:r1 + 1, None]).sum(0)
         else:  # Linear [out, in]: rows are outputs
             delta[r0:r1 + 1] += grid @ coef
-    return delta
+    return delta.cpu()
 
 
 def _add_to_bias(pruner, name: str, delta: torch.Tensor) -> None:
@@ -102,7 +100,7 @@ def _add_to_bias(pruner, name: str, delta: torch.Tensor) -> None:
     with torch.no_grad():
         if frag is not None:
             master = pruner.access.master(frag)
-            master.add_(delta[frag.start:frag.start + frag.numel].to(master.dtype))
+            master.add_(delta[frag.start:frag.start + frag.numel].to(master.device, master.dtype))
         if frag is None or not pruner.access.replicated:  # stage 0: the fragment is the param
             param.data.copy_(param.data.to(torch.float64) + delta.to(param.device))
 
@@ -114,6 +112,11 @@ def compensate(pruner, masks_before: Dict[str, torch.Tensor], stats, event: dict
     Collective: every rank must call this, in the same order (one all-reduce, skipped at stage 0
     where every rank holds all of W_next).
     """
+    if CompensationMode(pruner.config.bias_compensation.mode) == CompensationMode.least_squares:
+        from .least_squares import compensate_least_squares
+
+        compensate_least_squares(pruner, masks_before, stats, event)  # refits W_next too
+        return
     t0 = time.perf_counter()
     todo, coefs, n_units = [], [], 0
     for g in pruner.groups:
@@ -130,5 +133,5 @@ def compensate(pruner, masks_before: Dict[str, torch.Tensor], stats, event: dict
             bias = pruner.model.get_parameter(g.out_bias)
             _add_to_bias(pruner, g.out_bias, total[offset:offset + bias.numel()])
             offset += bias.numel()
-    event["compensation"] = {"units": n_units, "groups": len(todo),
+    event["compensation"] = {"mode": "mean", "units": n_units, "groups": len(todo),
                              "seconds": time.perf_counter() - t0}

@@ -61,7 +61,7 @@ class Pruner:
         self._drop: Dict[str, torch.Tensor] = {}  # fragment name -> BoolTensor[numel] (unstructured)
         self.movement: Dict[str, torch.Tensor] = {}
         if "movement" in self.scorer.needs:
-            self.movement = {n: torch.zeros(f.numel, dtype=torch.float32)
+            self.movement = {n: torch.zeros(f.numel, dtype=torch.float32, device=f.flat.device)
                              for n, f in self.access.fragments.items()}
         # Activation statistics per unit group (bias compensation, variance-aware score).
         needs_stats = config.bias_compensation.enabled or self.scorer.uses_activation_std
@@ -216,10 +216,11 @@ class Pruner:
                 continue
             for s in g.slices:
                 with torch.no_grad():
-                    self.model.get_parameter(s.name).data.index_fill_(s.dim, s.pruned_coords(keep), 0)
+                    param = self.model.get_parameter(s.name)
+                    param.data.index_fill_(s.dim, s.pruned_coords(keep).to(param.device), 0)
                 frag = self.access.fragments.get(s.name)
                 if frag is not None:
-                    self._plans[s.name] = s.zero_plan(keep, frag.start, frag.numel)
+                    self._plans[s.name] = s.zero_plan(keep, frag.start, frag.numel, frag.flat.device)
         if self.unstructured is not None:
             self._drop = self.unstructured.drop_masks()  # per-element: boolean masks
         self._apply_drop(range(self.access.n_groups))

@@ -51,7 +51,7 @@ class ParamSlice:
         """
         n = values.numel()
         if len(self.shape) == 1:
-            return torch.arange(start, start + n), values
+            return torch.arange(start, start + n, device=values.device), values
         cols = self.row_len
         r0, r1 = start // cols, (start + n - 1) // cols
         padded = values.new_zeros((r1 - r0 + 1) * cols)
@@ -59,15 +59,16 @@ class ParamSlice:
         padded[offset:offset + n] = values
         grid = padded.view(r1 - r0 + 1, cols)  # [rows touched, cols]
         if self.dim == 0:
-            return torch.arange(r0, r1 + 1), grid.sum(1)
-        return torch.arange(cols), grid.sum(0)
+            return torch.arange(r0, r1 + 1, device=values.device), grid.sum(1)
+        return torch.arange(cols, device=values.device), grid.sum(0)
 
     def add_unit_sums(self, out: torch.Tensor, values: torch.Tensor, start: int) -> None:
         """``out[u] += sum of values over the elements of unit u`` for a flat range."""
         coords, sums = self.coord_sums(values, start)
-        units = self.unit_ids[coords]
+        units = self.unit_ids[coords.cpu()]
         valid = units >= 0
-        out.index_add_(0, units[valid], sums[valid].to(out.dtype))
+        # Per-coordinate sums are small (rows or columns touched): bring them to ``out``.
+        out.index_add_(0, units[valid].to(out.device), sums.to(out.device, out.dtype)[valid.to(out.device)])
 
     def keep_elements(self, unit_keep: torch.Tensor, start: int, numel: int) -> torch.Tensor:
         """BoolTensor[numel]: for a flat range, whether each element survives ``unit_keep``."""
@@ -86,7 +87,8 @@ class ParamSlice:
             rows = coord_keep.repeat(r1 - r0 + 1)
         return rows[offset:offset + numel]
 
-    def zero_plan(self, unit_keep: torch.Tensor, start: int, numel: int) -> List[tuple]:
+    def zero_plan(self, unit_keep: torch.Tensor, start: int, numel: int,
+                  device: Optional[torch.device] = None) -> List[tuple]:
         """Cheap per-step zeroing of a flat range's pruned elements (see :func:`apply_zero_plan`).
 
         A range of a 2-D parameter is a partial first row, full middle rows and a partial last
@@ -98,7 +100,7 @@ class ParamSlice:
             return []
         if len(self.shape) == 1:
             idx = coords[(coords >= start) & (coords < start + numel)] - start
-            return [("fill", 0, numel, 1, 0, idx)] if idx.numel() else []
+            return [("fill", 0, numel, 1, 0, idx.to(device))] if idx.numel() else []
         cols, plan, pos = self.row_len, [], 0
         row, col0 = divmod(start, cols)
         while pos < numel:
@@ -119,7 +121,7 @@ class ParamSlice:
                 idx = coords[(coords >= col0) & (coords < col0 + width)] - col0
                 plan.append(("fill", pos, 1, width, 1, idx))
             pos, row, col0 = pos + width, row + 1, 0
-        return [op for op in plan if op[5].numel()]
+        return [op[:5] + (op[5].to(device),) for op in plan if op[5].numel()]
 
     def pruned_coords(self, unit_keep: torch.Tensor) -> torch.Tensor:
         """Indices along ``dim`` that belong to a pruned unit."""

@@ -95,7 +95,7 @@ def kth_keys(keys: Sequence[torch.Tensor], groups: Sequence[int], k: torch.Tenso
             t64 = t.to(torch.int64)
             if shift < 24:
                 t64 = t64[(t64 >> (shift + 8)) == (int(prefix[g]) >> (shift + 8))]
-            hist[g] += torch.bincount((t64 >> shift) & 255, minlength=256)
+            hist[g] += torch.bincount((t64 >> shift) & 255, minlength=256).cpu()
         hist = comm.all_reduce_sum(hist)
         cum = hist.cumsum(1)  # [G, 256]
         digit = (cum < remaining[:, None]).sum(1)  # first bin whose cumulative count reaches k

@@ -23,7 +23,8 @@ class UnstructuredMasks:
         self.names = names
         self.sizes = [pruner.model.get_parameter(n).numel() for n in names]
         frags = pruner.access.fragments
-        self.pruned: Dict[str, torch.Tensor] = {n: torch.zeros(frags[n].numel, dtype=torch.bool)
+        self.pruned: Dict[str, torch.Tensor] = {n: torch.zeros(frags[n].numel, dtype=torch.bool,
+                                                               device=frags[n].flat.device)
                                                 for n in names if n in frags}
         self.pruned_counts = torch.zeros(len(names), dtype=torch.long)  # global, after the last event
 

@@ -152,7 +152,10 @@ def pruning_events(pruner, seen_step: Optional[int]) -> Tuple[List[Tuple[str, fl
         return [], seen_step
     step = event["step"]
     out = [(f"Bitter7/sparsity/{k}", float(v), step) for k, v in event.get("sparsity", {}).items()]
-    out += [(f"Bitter7/threshold/{k}", float(v), step) for k, v in event.get("thresholds", {}).items()]
+    for k, v in event.get("thresholds", {}).items():  # unstructured: one threshold per group
+        values = v if isinstance(v, list) else [v]
+        out += [(f"Bitter7/threshold/{k}" + (f"/{i}" if len(values) > 1 else ""), float(x), step)
+                for i, x in enumerate(values)]
     out.append(("Bitter7/event_seconds", float(event.get("seconds", 0.0)), step))
     return out, step
 
@@ -161,6 +164,8 @@ def save(engine, pruner, save_dir: str, step: int, extra: Dict[str, Any]) -> Non
     """DeepSpeed checkpoint (ds_bitter7 adds the pruner's state itself). Collective."""
     client = dict(extra, step=step)
     engine.save_checkpoint(save_dir, tag=f"global_step{step}", client_state=client)
+    if engine.global_rank == 0:  # export and one-shot read the model config beside the checkpoints
+        engine.module.config.save_pretrained(save_dir)
 
 
 def write_json_atomic(path: str, obj: Dict[str, Any]) -> None:

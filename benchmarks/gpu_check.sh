@@ -1,0 +1,135 @@
+#!/usr/bin/env bash
+# One-GPU check of ds_bitter7 (about 8 minutes at most): the machine, the overhead benchmark on
+# the GPU, and a few hundred steps of the reference workload (launch/train.py, tiny GPT-2 on the
+# built-in corpus, ZeRO-2, bf16). Every figure goes to one file, $OUT_DIR/gpu_check.txt.
+#
+#   bash benchmarks/gpu_check.sh
+#
+# Environment (all optional):
+#   OUT_DIR  where results go (default benchmarks/results; the overhead tables in $OUT_DIR/gpu/)
+#   PYTHON   a Python that already has the project installed: no venv, no pip
+#   VENV     venv to create/use otherwise (default .venv-gpu). When the system python3 already
+#            has a CUDA torch, the venv sees it (--system-site-packages): CPU torch is never installed.
+#   STEPS    training steps of the reference workload (default 300)
+#   TOTAL_LIMIT  seconds for the whole script (default 470): each section's limit is cut to what is left
+#   PIP_FIND_LINKS / PIP_NO_INDEX  pip's own variables, for an offline wheel folder
+# Network: only pip's, during the install section. Each section has its own time limit; a failed
+# section is logged and the script goes on.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+OUT_DIR=${OUT_DIR:-benchmarks/results}
+STEPS=${STEPS:-300}
+VENV=${VENV:-.venv-gpu}
+TOTAL_LIMIT=${TOTAL_LIMIT:-470}
+REPORT="$OUT_DIR/gpu_check.txt"
+rm -rf "$OUT_DIR/gpu"  # this script's own outputs of an earlier run
+mkdir -p "$OUT_DIR/gpu"
+: >"$REPORT"
+export TOKENIZERS_PARALLELISM=false
+unset DS_ACCELERATOR  # let DeepSpeed find the GPU
+
+log() { echo "$*" | tee -a "$REPORT"; }
+
+# section NAME SECONDS COMMAND...: run with a time limit (cut to what is left of TOTAL_LIMIT),
+# output into the report, never abort.
+section() {
+  local name=$1 limit=$2 start=$SECONDS rc=0 left=$((TOTAL_LIMIT - SECONDS))
+  shift 2
+  log ""
+  if [ "$left" -lt 15 ]; then
+    log "=== $name: SKIPPED (only ${left} s left of TOTAL_LIMIT=${TOTAL_LIMIT})"
+    return 0
+  fi
+  [ "$limit" -le "$left" ] || limit=$left
+  log "=== $name (limit ${limit} s) ==="
+  timeout --kill-after=15 "$limit" "$@" >>"$REPORT" 2>&1 || rc=$?
+  log "--- $name: exit code $rc after $((SECONDS - start)) s$([ "$rc" = 124 ] && echo ' (TIMED OUT)')"
+  return 0
+}
+
+install_env() {
+  if [ -n "${PYTHON:-}" ]; then
+    echo "using PYTHON=$PYTHON as is"
+    return 0
+  fi
+  local sys_py
+  sys_py=$(command -v python3)
+  if [ ! -x "$VENV/bin/python" ]; then
+    if "$sys_py" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
+      echo "system python3 has a CUDA torch: venv with --system-site-packages"
+      "$sys_py" -m venv --system-site-packages "$VENV"
+      # python3 may itself live in a venv, whose packages --system-site-packages does not reach:
+      # a .pth file puts its site-packages (torch) after the new venv's own.
+      local parent child
+      parent=$("$sys_py" -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
+      child=$("$VENV/bin/python" -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
+      [ "$parent" = "$child" ] || echo "$parent" >"$child/_gpu_check_parent_site.pth"
+    else
+      echo "no CUDA torch in the system python3: plain venv (pip installs torch's default CUDA build)"
+      "$sys_py" -m venv "$VENV"
+    fi
+  fi
+  local py="$VENV/bin/python"
+  if [ ! -x "$py" ]; then
+    echo "could not create $VENV: installing into $sys_py itself"
+    py=$sys_py
+  fi
+  "$py" -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)" 2>/dev/null || true
+  # No build isolation when setuptools is there: an isolated build of DeepSpeed's sdist could fetch torch.
+  if "$py" -c "import setuptools, wheel" 2>/dev/null; then
+    "$py" -m pip install --no-build-isolation -e . || "$py" -m pip install -e .
+  else
+    "$py" -m pip install -e .
+  fi
+  "$py" -m pip install matplotlib 2>/dev/null || echo "matplotlib not installed: no plot (figures unaffected)"
+}
+
+train_config() {  # the bf16 reference config with a schedule sized to $STEPS steps
+  "$PY" - "$OUT_DIR/gpu/zero2_bf16_short.json" "$STEPS" <<'EOF'
+import json, sys
+cfg = json.load(open("ds_configs/zero2_bf16_bitter7.json"))
+steps = int(sys.argv[2])
+cfg["scheduler"]["params"]["warmup_num_steps"] = max(1, steps // 10)
+cfg["bitter7"]["schedule"] = {"start_step": steps // 5, "end_step": 4 * steps // 5,
+                              "frequency": max(1, steps // 20), "shape": "cubic"}
+cfg["bitter7"]["structures"] = ["mlp_neuron", "attention_head"]
+json.dump(cfg, open(sys.argv[1], "w"), indent=2)
+print(json.dumps(cfg["bitter7"]))
+EOF
+}
+
+show() { [ -f "$1" ] && cat "$1" >>"$REPORT" || log "(missing: $1)"; }
+
+log "ds_bitter7 GPU check, $(date -u +%Y-%m-%dT%H:%M:%SZ), commit $(git rev-parse --short HEAD 2>/dev/null || echo '?')"
+section "machine" 30 bash -c 'nvidia-smi; echo; nproc; grep -m1 "model name" /proc/cpuinfo; free -g'
+export VENV OUT_DIR STEPS PYTHON="${PYTHON:-}"
+export -f install_env train_config
+section "install" 180 bash -c install_env
+PY=${PYTHON:-$VENV/bin/python}
+[ -x "$PY" ] || PY=$(command -v python3)
+log "python: $PY"
+section "versions" 40 "$PY" -c "import torch, deepspeed, transformers; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'available', torch.cuda.is_available()); print('deepspeed', deepspeed.__version__, 'accelerator', deepspeed.get_accelerator().device_name()); print('transformers', transformers.__version__)"
+
+section "overhead, 1 rank, NCCL" 120 "$PY" benchmarks/overhead.py --world-sizes 1 --widths 768,1536 \
+  --layers 4 --repeats 10 --backend nccl --out "$OUT_DIR/gpu/nccl1"
+show "$OUT_DIR/gpu/nccl1/overhead.md"
+export PY
+section "reference workload config" 30 bash -c train_config
+section "reference workload: $STEPS steps, tiny GPT-2, ZeRO-2 bf16, 1 GPU" 150 "$PY" -m torch.distributed.run \
+  --standalone --nproc_per_node 1 launch/train.py --config "$OUT_DIR/gpu/zero2_bf16_short.json" \
+  --model tiny-gpt2 --steps "$STEPS" --seq_len 256 --eval_every "$((STEPS / 3))" --eval_batches 16 \
+  --summary "$OUT_DIR/gpu/train_summary.json"
+show "$OUT_DIR/gpu/train_summary.json"
+
+section "overhead, 2 ranks sharing the GPU, NCCL" 60 "$PY" benchmarks/overhead.py --world-sizes 2 \
+  --widths 768 --layers 4 --repeats 5 --backend nccl --timeout 50 --out "$OUT_DIR/gpu/nccl2"
+if [ -f "$OUT_DIR/gpu/nccl2/overhead.md" ]; then
+  show "$OUT_DIR/gpu/nccl2/overhead.md"
+else
+  section "overhead, 2 ranks sharing the GPU, gloo" 60 "$PY" benchmarks/overhead.py --world-sizes 2 \
+    --widths 768 --layers 4 --repeats 5 --backend gloo --timeout 50 --out "$OUT_DIR/gpu/gloo2"
+  show "$OUT_DIR/gpu/gloo2/overhead.md"
+fi
+
+log ""
+log "report: $REPORT"

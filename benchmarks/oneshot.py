@@ -1,0 +1,335 @@
+#!/usr/bin/env python
+"""One-shot pruning quality: scores x compensation on a dense GPT-2 trained with ZeRO-2 on 2 ranks.
+
+Per seed, the reference workload (tiny GPT-2 from scratch on the built-in corpus, ZeRO-2, 2 ranks,
+``launch/train.py --save_dir``) is trained dense once. Then one ``torchrun`` job of 2 ranks loads
+that checkpoint WITH its optimizer state again for every cell of the matrix (the loading, data
+and perplexity code of ``ds_bitter7.oneshot``), prunes the MLP neurons in ONE event
+(``pruner.prune_to``) with each score, each compensation (none, mean, least squares) and each
+sparsity (50%, 75%), and measures validation perplexity. Calibration uses the TRAIN split only
+(``--num_batches`` batches per rank); perplexity the validation split.
+
+Scores: magnitude, bitter7, fisher, bitter7_variance (the library's scorers) and FLAP's
+fluctuation (An et al. 2024): per neuron ``Var(x_i) * ||W_next[i, :]||^2``, the variance of the
+next layer's input feature times the squared norm of its weights. It needs activation statistics
+and the next layer's weights, not per-element optimizer state, so it does not fit the per-element
+scorer registry; the benchmark computes it from the pruner's gathered statistics and the
+(replicated) model weights and hands the pruner these unit scores for the event, so selection,
+compensation and masking are the library's own. FLAP's own bias compensation is the ``mean`` mode.
+FLAP standardises scores per layer before its global selection; here every score uses the same
+raw global threshold.
+
+Writes ``benchmarks/results/oneshot[_quick].{json,md,png}``.
+
+    python benchmarks/oneshot.py --quick     # 1 seed, 800 training steps (about 5 min on 2 CPU cores)
+    python benchmarks/oneshot.py             # 3 seeds, 800 training steps
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import shlex
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Dict, List, Optional
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RESULTS = os.path.join(ROOT, "benchmarks", "results")
+SCORES = ["magnitude", "bitter7", "fisher", "bitter7_variance", "flap"]
+COMPENSATIONS = ["none", "mean", "least_squares"]
+SPARSITIES = [0.5, 0.75]
+QUICK = {"steps": 800, "seeds": [1]}
+FULL = {"steps": 800, "seeds": [1, 2, 3]}
+
+
+def _env() -> dict:
+    return dict(os.environ, DS_ACCELERATOR="cpu", GLOO_SOCKET_IFNAME="lo", OMP_NUM_THREADS="1",
+                TOKENIZERS_PARALLELISM="false", PYTHONWARNINGS="ignore")
+
+
+def _run(cmd: List[str], log: str, timeout: int) -> None:
+    with open(log, "w", encoding="utf-8") as f:
+        proc = subprocess.run(cmd, env=_env(), cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, timeout=timeout)
+    if proc.returncode != 0:
+        with open(log, encoding="utf-8") as f:
+            raise RuntimeError(f"{' '.join(cmd[:6])} ... failed (exit {proc.returncode}):\n{f.read()[-4000:]}")
+
+
+def dense_config(args) -> dict:
+    lr = args.lr
+    return {"train_micro_batch_size_per_gpu": args.micro_batch, "gradient_accumulation_steps": 1,
+            "gradient_clipping": 1.0, "steps_per_print": 10**9,
+            "optimizer": {"type": "AdamW", "params": {"lr": lr, "betas": [0.9, 0.95], "eps": 1e-8,
+                                                      "weight_decay": 0.01, "torch_adam": True}},
+            "scheduler": {"type": "WarmupLR", "params": {"warmup_min_lr": 0.0, "warmup_max_lr": lr,
+                                                         "warmup_num_steps": max(2, args.steps // 10),
+                                                         "warmup_type": "linear"}},
+            "zero_optimization": {"stage": 2, "overlap_comm": False, "contiguous_gradients": True}}
+
+
+def train_dense(seed: int, args, workdir: str) -> str:
+    """Train once per seed with launch/train.py; returns the checkpoint folder (with config.json)."""
+    folder = os.path.join(workdir, f"dense_{seed}")
+    cfg = os.path.join(workdir, f"dense_{seed}.json")
+    with open(cfg, "w", encoding="utf-8") as f:
+        json.dump(dense_config(args), f)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(args.port),
+           os.path.join(ROOT, "launch", "train.py"), "--config", cfg, "--model", "tiny-gpt2",
+           "--steps", str(args.steps), "--seq_len", str(args.seq_len), "--eval_every", "0",
+           "--eval_batches", "2", "--calibration_batches", "0", "--seed", str(seed), "--save_dir", folder]
+    _run(cmd, folder + "_train.log", args.run_timeout)
+    # launch/train.py builds tiny-gpt2 this way (byte tokenizer, 257 ids); one-shot needs its config.json
+    sys.path.insert(0, ROOT)
+    from ds_bitter7 import data, modeling
+
+    modeling.build_config("tiny-gpt2", data.tokenizer_vocab_size(data.get_tokenizer(None)),
+                          max_positions=max(args.seq_len, 256)).save_pretrained(folder)
+    return folder
+
+
+def prune_matrix(checkpoint: str, seed: int, args, workdir: str) -> List[Dict]:
+    """Every (score, compensation, sparsity) cell on 2 ranks; returns the rows rank 0 wrote."""
+    out = os.path.join(workdir, f"cells_{seed}.json")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(args.port),
+           os.path.abspath(__file__), "--worker", checkpoint, out, "--seq_len", str(args.seq_len),
+           "--micro_batch", str(args.micro_batch), "--num_batches", str(args.num_batches),
+           "--eval_batches", str(args.eval_batches), "--seed", str(seed), "--ridge", str(args.ridge)]
+    _run(cmd, os.path.join(workdir, f"cells_{seed}.log"), args.run_timeout)
+    with open(out, encoding="utf-8") as f:
+        return json.load(f)
+
+
+# --------------------------------------------------------------------------- the worker (2 ranks)
+def flap_scores(pruner, stats) -> Dict[str, object]:
+    """FLAP fluctuation per unit: sum over its features of Var(x_f) * ||W_next[f, :]||^2."""
+    import torch
+
+    out = {}
+    for g in pruner.groups:
+        w = pruner.model.get_parameter(g.out_weight).detach().double()  # replicated under ZeRO 1/2
+        sq = w.square().sum(1 if g.out_in_dim == 0 else 0)  # [n_features]
+        ids = g.feature_units
+        valid = ids >= 0
+        score = torch.zeros(g.n_units, dtype=torch.float64)
+        score.index_add_(0, ids[valid], (stats[g.key].var * sq)[valid])
+        out[g.key] = score
+    return out
+
+
+def worker(argv: List[str]) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    import ds_bitter7
+    from ds_bitter7 import data as dsdata
+    from ds_bitter7 import oneshot
+    from ds_bitter7.calibration import ActivationStats
+    from ds_bitter7.comm import Communicator
+    from ds_bitter7.config import parse_config
+    from ds_bitter7.export import load_config
+
+    p = argparse.ArgumentParser()
+    for name, typ in (("--seq_len", int), ("--micro_batch", int), ("--num_batches", int), ("--eval_batches", int),
+                      ("--seed", int), ("--ridge", float)):
+        p.add_argument(name, type=typ)
+    p.add_argument("checkpoint")
+    p.add_argument("out")
+    a = p.parse_args(argv)
+    oneshot.init_distributed()
+    comm = Communicator()
+    torch.set_num_threads(1)
+    info = oneshot.inspect_checkpoint(a.checkpoint, None)
+    config, _ = load_config(a.checkpoint)
+    tok = dsdata.get_tokenizer(None)
+    base = argparse.Namespace(checkpoint_dir=a.checkpoint, output_dir=a.out + ".tmp", ds_config=None,
+                              batch_size=a.micro_batch, calibration=["builtin"], validation=["builtin"],
+                              seq_len=a.seq_len, num_batches=a.num_batches, seed=a.seed, structures=["mlp_neuron"],
+                              scope="global", ridge=a.ridge)
+    calib = oneshot.calibration_data(base, tok, torch.device("cpu"))  # TRAIN split
+    val = oneshot.validation_loader(base, tok)
+    rows, dense = [], None
+    for sparsity in SPARSITIES:
+        for score in SCORES:
+            for comp in COMPENSATIONS:
+                t0 = time.perf_counter()
+                args = argparse.Namespace(**vars(base), sparsity=sparsity, compensation=comp,
+                                          score="magnitude" if score == "flap" else score)
+                cfg = parse_config({"bitter7": oneshot.bitter7_section(args)})
+                torch.manual_seed(a.seed)
+                model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+                engine = oneshot.build_engine(args, info, model, comm)
+                if dense is None:
+                    dense = oneshot.perplexity(engine.module, val, a.eval_batches, comm)
+                pruner = ds_bitter7.attach(engine, cfg, calib)
+                if score == "flap":
+                    stats = ActivationStats(pruner, calib).gather()  # collective
+                    flap = flap_scores(pruner, stats)
+                    pruner._kind_scores = lambda kind, _stats=None, flap=flap: dict(flap)
+                event = pruner.prune_to(sparsity)
+                ppl = oneshot.perplexity(engine.module, val, a.eval_batches, comm)
+                rows.append({"seed": a.seed, "score": score, "compensation": comp, "sparsity": sparsity,
+                             "ppl": ppl, "dense_ppl": dense, "event_seconds": event["seconds"],
+                             "event_bytes": event["bytes"], "compensation_info": event.get("compensation"),
+                             "seconds": time.perf_counter() - t0})
+                if comm.rank == 0:
+                    print(f"{score:>16} {comp:>13} {sparsity:.2f}: ppl {ppl:.3f} (dense {dense:.3f})", flush=True)
+                del engine, pruner, model
+                gc.collect()
+    if comm.rank == 0:
+        with open(a.out, "w", encoding="utf-8") as f:
+            json.dump(rows, f, indent=2)
+    comm.any(False)  # rank 0 has written the file
+
+
+# --------------------------------------------------------------------------- report
+def summarise(cells: List[Dict]) -> List[Dict]:
+    rows = []
+    dense = [c["dense_ppl"] for c in {c["seed"]: c for c in cells}.values()]
+    for sparsity in SPARSITIES:
+        for score in SCORES:
+            for comp in COMPENSATIONS:
+                v = [c["ppl"] for c in cells if (c["score"], c["compensation"], c["sparsity"]) == (score, comp, sparsity)]
+                if not v:
+                    continue
+                rows.append({"sparsity": sparsity, "score": score, "compensation": comp,
+                             "mean": statistics.fmean(v), "std": statistics.stdev(v) if len(v) > 1 else 0.0,
+                             "min": min(v), "max": max(v), "n": len(v),
+                             "vs_dense": statistics.fmean(v) / statistics.fmean(dense)})
+    return rows
+
+
+def _cell(rows, sparsity, score, comp) -> Optional[float]:
+    return next((r["mean"] for r in rows if (r["sparsity"], r["score"], r["compensation"]) == (sparsity, score, comp)), None)
+
+
+def targets(rows: List[Dict], dense: float) -> List[Dict]:
+    s = 0.75
+    out = []
+    b7, mag = _cell(rows, s, "bitter7", "none"), _cell(rows, s, "magnitude", "none")
+    out.append({"target": "75%: bitter7 (no comp.) >= 20% lower ppl than magnitude (no comp.)",
+                "value": f"{1 - b7 / mag:+.1%} lower", "met": 1 - b7 / mag >= 0.20})
+    for score in SCORES:
+        ls, mean = _cell(rows, s, score, "least_squares"), _cell(rows, s, score, "mean")
+        out.append({"target": f"75%: {score}: least squares >= 15% lower ppl than mean",
+                    "value": f"{1 - ls / mean:+.1%} lower", "met": 1 - ls / mean >= 0.15})
+    best = min((r for r in rows if r["sparsity"] == s), key=lambda r: r["mean"])
+    out.append({"target": "75%: best cell within 15% of dense",
+                "value": f"{best['score']} + {best['compensation']}: {best['mean'] / dense - 1:+.1%} vs dense",
+                "met": best["mean"] <= 1.15 * dense})
+    return out
+
+
+def markdown(rows: List[Dict], checks: List[Dict], info: Dict) -> str:
+    lines = ["# One-shot pruning: score x compensation", "",
+             f"Command: `{info['command']}`  ", f"Dense validation perplexity: **{info['dense']:.3f}** "
+             f"(mean of {len(info['seeds'])} seed(s); tiny GPT-2 trained {info['steps']} steps, ZeRO-2, 2 ranks). "
+             f"MLP neurons pruned in one event; calibration: {info['num_batches']} train-split batches per rank; "
+             f"wall time {info['seconds'] / 60:.1f} min on {info['nproc']} CPU cores.", ""]
+    for s in SPARSITIES:
+        lines += [f"## {s:.0%} of MLP neurons removed", "",
+                  "| score | none | mean | least squares |", "|---|---:|---:|---:|"]
+        for score in SCORES:
+            cells = []
+            for comp in COMPENSATIONS:
+                r = next(r for r in rows if (r["sparsity"], r["score"], r["compensation"]) == (s, score, comp))
+                spread = f" ± {r['std']:.2f}" if r["n"] > 1 else ""
+                cells.append(f"{r['mean']:.2f}{spread} ({r['vs_dense']:.2f}x)")
+            lines.append(f"| {score} | " + " | ".join(cells) + " |")
+        lines.append("")
+    lines += ["Cells: validation perplexity (ratio to dense).", "", "## Targets", "", "| target | value | met |",
+              "|---|---|---|"]
+    lines += [f"| {c['target']} | {c['value']} | {'yes' if c['met'] else 'NO'} |" for c in checks]
+    return "\n".join(lines) + "\n"
+
+
+def plot(rows: List[Dict], dense: float, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(SPARSITIES), figsize=(12, 4), sharey=False)
+    width = 0.25
+    for ax, s in zip(axes, SPARSITIES):
+        for j, comp in enumerate(COMPENSATIONS):
+            vals = [_cell(rows, s, score, comp) for score in SCORES]
+            ax.bar([i + (j - 1) * width for i in range(len(SCORES))], vals, width, label=comp)
+        ax.axhline(dense, color="k", linestyle="--", label="dense")
+        ax.set_xticks(range(len(SCORES)), SCORES, rotation=20)
+        low = min([v for score in SCORES for comp in COMPENSATIONS
+                   if (v := _cell(rows, s, score, comp)) is not None] + [dense])
+        ax.set_ylim(bottom=0.98 * low)  # linear: the differences are small next to the perplexity
+        ax.set_title(f"{s:.0%} of MLP neurons, one shot")
+        ax.set_ylabel("validation perplexity")
+    axes[0].legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--quick", action="store_true", help=f"{QUICK['steps']} steps, seeds {QUICK['seeds']}")
+    p.add_argument("--steps", type=int)
+    p.add_argument("--seeds", type=int, nargs="+")
+    p.add_argument("--seq_len", type=int, default=64)
+    p.add_argument("--micro_batch", type=int, default=8)
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--num_batches", type=int, default=8, help="calibration batches per rank (train split)")
+    p.add_argument("--eval_batches", type=int, default=16, help="validation batches per rank")
+    p.add_argument("--ridge", type=float, default=1e-3)
+    p.add_argument("--port", type=int, default=29741)
+    p.add_argument("--run_timeout", type=int, default=3600)
+    p.add_argument("--workdir", help="keep checkpoints and logs here (default: a temp dir, removed)")
+    p.add_argument("--out", help="output name under benchmarks/results (default: oneshot or oneshot_quick)")
+    args = p.parse_args(argv)
+    for key, value in (QUICK if args.quick else FULL).items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    args.out = args.out or ("oneshot_quick" if args.quick else "oneshot")
+    return args
+
+
+def main(argv: Optional[List[str]] = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "--worker":
+        worker(argv[1:])
+        return
+    args = parse_args(argv)
+    t0 = time.time()
+    tmp = None if args.workdir else tempfile.TemporaryDirectory(prefix="oneshot_bench_")
+    workdir = args.workdir or tmp.name
+    os.makedirs(workdir, exist_ok=True)
+    cells: List[Dict] = []
+    for seed in args.seeds:
+        ckpt = train_dense(seed, args, workdir)
+        print(f"seed {seed}: trained {ckpt} ({time.time() - t0:.0f} s)", flush=True)
+        cells += prune_matrix(ckpt, seed, args, workdir)
+        print(f"seed {seed}: pruned {len(SCORES) * len(COMPENSATIONS) * len(SPARSITIES)} cells "
+              f"({time.time() - t0:.0f} s)", flush=True)
+    rows = summarise(cells)
+    dense = statistics.fmean(c["dense_ppl"] for c in {c["seed"]: c for c in cells}.values())
+    checks = targets(rows, dense)
+    info = {"command": "python benchmarks/oneshot.py " + " ".join(shlex.quote(a) for a in argv),
+            "seeds": args.seeds, "steps": args.steps, "seq_len": args.seq_len, "micro_batch": args.micro_batch,
+            "num_batches": args.num_batches, "eval_batches": args.eval_batches, "ridge": args.ridge,
+            "dense": dense, "seconds": time.time() - t0, "nproc": len(os.sched_getaffinity(0))}
+    os.makedirs(RESULTS, exist_ok=True)
+    base = os.path.join(RESULTS, args.out)
+    with open(base + ".json", "w", encoding="utf-8") as f:
+        json.dump({"info": info, "rows": rows, "targets": checks, "cells": cells}, f, indent=2)
+    with open(base + ".md", "w", encoding="utf-8") as f:
+        f.write(markdown(rows, checks, info))
+    plot(rows, dense, base + ".png")
+    print(markdown(rows, checks, info))
+    if tmp is not None:
+        tmp.cleanup()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,413 @@
+"""One-shot pruning of a trained DeepSpeed checkpoint: score, calibrate, prune once, compensate, export.
+
+    python -m ds_bitter7.oneshot CHECKPOINT_DIR OUTPUT_DIR --sparsity 0.5 [--score bitter7]
+        [--structures mlp_neuron ...] [--compensation none|mean|least_squares]
+        [--calibration builtin|FILES] [--validation builtin|FILES] [--tag TAG] [--model_config DIR]
+
+Runs on any number of ranks (``torchrun``, ``deepspeed``, ``mpirun``; plain ``python -m`` is one
+rank). The checkpoint is loaded WITH its optimizer state (the scores read Adam's ``exp_avg_sq``):
+ZeRO 0/1/2 at its own world size directly, a ZeRO-1/2 checkpoint at another world size through
+DeepSpeed's universal checkpoint conversion (run automatically into ``OUTPUT_DIR.universal_tmp``,
+which must be on a file system every rank sees). Calibration statistics are gathered across ranks,
+the pruner removes ``--sparsity`` of each structure type in ONE event (``pruner.prune_to``),
+compensates the next layers, reports validation perplexity before and after, and rank 0 exports
+the smaller Hugging Face model (``export_model``) with ``pruning_report.{json,md}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import logging
+import math
+import os
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
+from typing import Any, Dict, List, Optional, Sequence
+
+import torch
+
+from . import data as dsdata
+
+logger = logging.getLogger(__name__)
+
+SCORES = ("bitter7", "magnitude", "fisher", "bitter7_variance")  # movement needs training steps
+NEEDS_OPTIMIZER = {"bitter7", "fisher", "bitter7_variance"}
+MODEL_STATES = "mp_rank_00_model_states.pt"
+# Keys of the training config that shape how the checkpoint loads; everything else is dropped.
+KEEP_DS_KEYS = ("optimizer", "zero_optimization", "bf16", "fp16", "data_types", "gradient_clipping")
+
+
+class OneShotError(ValueError):
+    """A bad argument or checkpoint, raised identically on every rank before any collective."""
+
+
+@dataclass
+class CheckpointInfo:
+    """What a DeepSpeed checkpoint folder holds, read from its files (no collective)."""
+
+    tag: str
+    folder: str  # CHECKPOINT_DIR/TAG
+    zero_files: List[str]  # *optim_states.pt, one per data-parallel rank (ZeRO 1/2, BF16_Optimizer)
+    has_optimizer_state: bool
+    ds_config: Dict[str, Any]  # the config saved with the checkpoint (may be empty)
+    module_keys: List[str]
+    client_bitter7: Optional[dict]  # pruner state of a ds_bitter7 checkpoint
+
+
+# --------------------------------------------------------------------------- arguments and checks
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m ds_bitter7.oneshot", description=__doc__.split("\n\n")[0])
+    p.add_argument("checkpoint_dir", help="folder given to engine.save_checkpoint (holds 'latest')")
+    p.add_argument("output_dir", help="where to write the smaller Hugging Face model")
+    p.add_argument("--sparsity", type=float, required=True, help="fraction of units of each type removed, [0, 1)")
+    p.add_argument("--structures", nargs="+", default=["mlp_neuron"], choices=["mlp_neuron", "attention_head"])
+    p.add_argument("--score", default="bitter7", choices=SCORES)
+    p.add_argument("--scope", default="global", choices=["global", "per_layer"])
+    p.add_argument("--compensation", default="mean", choices=["none", "mean", "least_squares"])
+    p.add_argument("--ridge", type=float, default=1e-3, help="least-squares ridge, relative to mean variance")
+    p.add_argument("--calibration", nargs="+", default=["builtin"],
+                   help="builtin (its TRAIN split) | local .txt/.json/.jsonl files or folders")
+    p.add_argument("--validation", nargs="+", default=None,
+                   help="builtin (its validation split) | local files; omit to skip perplexity")
+    p.add_argument("--num_batches", type=int, default=8, help="calibration batches per rank")
+    p.add_argument("--eval_batches", type=int, default=32, help="validation batches per rank")
+    p.add_argument("--batch_size", type=int, default=8)
+    p.add_argument("--seq_len", type=int, default=256)
+    p.add_argument("--tokenizer", default=None, help="local tokenizer dir (default: bytes, as launch/train.py)")
+    p.add_argument("--tag", default=None, help="checkpoint tag (default: the 'latest' file)")
+    p.add_argument("--model_config", default=None, help="folder with config.json (default: CHECKPOINT_DIR)")
+    p.add_argument("--ds_config", default=None, help="DeepSpeed JSON to load with (default: the one saved "
+                   "in the checkpoint, else fp32 AdamW at the checkpoint's ZeRO stage)")
+    p.add_argument("--seed", type=int, default=1234)
+    p.add_argument("--overwrite", action="store_true", help="replace OUTPUT_DIR if it exists")
+    p.add_argument("--report", default=None, help="also write the one-shot summary JSON here (rank 0)")
+    p.add_argument("--local_rank", "--local-rank", type=int, default=-1, help="set by the deepspeed launcher")
+    return p.parse_args(argv)
+
+
+def check_data_spec(spec: Optional[Sequence[str]], what: str) -> List[str]:
+    """Problems with a DATA argument: 'builtin' or existing local files/folders."""
+    if spec is None or list(spec) == [dsdata.BUILTIN]:
+        return []
+    missing = [s for s in spec if s == dsdata.BUILTIN or not os.path.exists(s)]
+    if missing:
+        return [f"--{what} {missing}: not found (give 'builtin' alone, or existing local "
+                ".txt/.md/.json/.jsonl files or folders)"]
+    return []
+
+
+def inspect_checkpoint(checkpoint_dir: str, tag: Optional[str]) -> CheckpointInfo:
+    """Read what the checkpoint holds; raises ``OneShotError`` naming the file at fault."""
+    from .export import ExportError, resolve_tag
+
+    try:
+        tag = resolve_tag(checkpoint_dir, tag)
+    except ExportError as err:
+        raise OneShotError(str(err)) from None
+    folder = os.path.join(checkpoint_dir, tag)
+    states = os.path.join(folder, MODEL_STATES)
+    if not os.path.isfile(states):
+        raise OneShotError(f"{states!r} does not exist: not a DeepSpeed checkpoint folder")
+    try:
+        sd = torch.load(states, map_location="cpu", weights_only=False, mmap=True)
+    except Exception as err:
+        raise OneShotError(f"cannot read {states!r}: {type(err).__name__}: {err}") from None
+    zero_files = sorted(glob.glob(os.path.join(folder, "*optim_states.pt")))
+    has_state = bool(zero_files) or _has_torch_state(sd.get("optimizer"))
+    module = sd.get("module") or {}
+    saved = sd.get("ds_config")
+    return CheckpointInfo(tag, folder, zero_files, has_state, saved if isinstance(saved, dict) else {},
+                          list(module), sd.get("bitter7"))
+
+
+def _has_torch_state(opt) -> bool:
+    return isinstance(opt, dict) and bool(opt.get("state"))
+
+
+def check_args(args: argparse.Namespace, info: Optional[CheckpointInfo]) -> None:
+    """Raise one ``OneShotError`` listing every problem (same on every rank: local checks only)."""
+    problems = []
+    if not 0.0 <= args.sparsity < 1.0:
+        problems.append(f"--sparsity must be in [0, 1), got {args.sparsity}")
+    problems += check_data_spec(args.calibration, "calibration") + check_data_spec(args.validation, "validation")
+    if info is not None and not info.has_optimizer_state and args.score in NEEDS_OPTIMIZER:
+        problems.append(f"checkpoint {info.folder!r} has no optimizer state (no *optim_states.pt and no "
+                        f"'optimizer' in {MODEL_STATES}): score {args.score!r} needs Adam's exp_avg_sq; "
+                        "--score magnitude works without it")
+    if args.num_batches < 1 or args.batch_size < 1 or args.eval_batches < 0:
+        problems.append("--num_batches and --batch_size must be >= 1, --eval_batches >= 0")
+    if problems:
+        raise OneShotError("; ".join(problems))
+
+
+def bitter7_section(args: argparse.Namespace) -> dict:
+    """The pruner config of a one-shot run (no schedule: one ``prune_to`` event)."""
+    comp = args.compensation
+    return {"enabled": True, "score": args.score, "structures": list(args.structures),
+            "target_sparsity": args.sparsity, "scope": args.scope,
+            "schedule": {"start_step": 10**9, "end_step": 10**9},
+            "bias_compensation": {"enabled": comp != "none", "source": "calibration",
+                                  "mode": "mean" if comp == "none" else comp,
+                                  "num_batches": args.num_batches, "ridge": args.ridge}}
+
+
+def loading_config(args: argparse.Namespace, info: CheckpointInfo) -> dict:
+    """The DeepSpeed config to load with: the saved (or given) one, reduced to what loading needs."""
+    if args.ds_config:
+        from .config import load_ds_config
+
+        base = load_ds_config(args.ds_config)
+    else:
+        base = info.ds_config
+    cfg = {k: base[k] for k in KEEP_DS_KEYS if k in base}
+    if "optimizer" not in cfg:
+        cfg["optimizer"] = {"type": "AdamW", "params": {"lr": 0.0, "torch_adam": True}}
+    if "zero_optimization" not in cfg:
+        cfg["zero_optimization"] = {"stage": 1 if info.zero_files else 0}
+    cfg.update({"train_micro_batch_size_per_gpu": args.batch_size, "gradient_accumulation_steps": 1,
+                "steps_per_print": 10**9})
+    return cfg
+
+
+# --------------------------------------------------------------------------- data
+def _texts(spec: Sequence[str], split: str, seed: int):
+    """A text dataset: the builtin corpus' ``split``, or every row of the local files."""
+    if list(spec) == [dsdata.BUILTIN]:
+        return dsdata.builtin_dataset(split)
+    import datasets
+
+    files = []
+    for item in spec:
+        if os.path.isdir(item):
+            files += sorted(os.path.join(item, f) for f in os.listdir(item)
+                            if f.endswith(dsdata.TEXT_SUFFIXES + dsdata.JSON_SUFFIXES))
+        else:
+            files.append(item)
+    if not files:
+        raise OneShotError(f"no .txt/.md/.json/.jsonl files in {list(spec)}")
+    kinds = {"json" if f.endswith(dsdata.JSON_SUFFIXES) else "text" for f in files}
+    if len(kinds) > 1:
+        raise OneShotError(f"mix of text and JSON files is not supported: {files}")
+    return datasets.load_dataset(kinds.pop(), data_files=files, split="train")
+
+
+def calibration_data(args, tokenizer, device) -> List[Dict[str, torch.Tensor]]:
+    """``num_batches`` batches per rank (different blocks on each rank) from the calibration data."""
+    blocks = dsdata.chunk_dataset(_texts(args.calibration, "train", args.seed), tokenizer, args.seq_len)
+    return [{k: v.to(device) for k, v in b.items()}
+            for b in dsdata.calibration_batches(blocks, args.batch_size, args.num_batches, args.seed)]
+
+
+def validation_loader(args, tokenizer):
+    blocks = dsdata.chunk_dataset(_texts(args.validation, "validation", args.seed), tokenizer, args.seq_len)
+    return dsdata.make_dataloader(blocks, args.batch_size, shuffle=False, drop_last=False)
+
+
+@torch.no_grad()
+def perplexity(model, loader, n_batches: int, comm) -> float:
+    """Token-weighted validation perplexity over every rank's share. Collective."""
+    was = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    total = torch.zeros(2, dtype=torch.float64)  # [sum of token losses, tokens]
+    for i, batch in enumerate(loader):
+        if i >= n_batches:
+            break
+        ids = batch["input_ids"].to(device)
+        n = ids.shape[0] * (ids.shape[1] - 1)
+        total[0] += float(model(input_ids=ids, labels=ids).loss.double()) * n
+        total[1] += n
+    total = comm.all_reduce_sum(total)
+    model.train(was)
+    return math.exp(min(float(total[0] / total[1].clamp(min=1)), 50.0))
+
+
+# --------------------------------------------------------------------------- loading
+def init_distributed() -> None:
+    """torch.distributed from the launcher's env, MPI (mpi4py), or a one-rank group."""
+    import deepspeed
+
+    launched = all(k in os.environ for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"))
+    mpi = any(k in os.environ for k in ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK"))
+    if not launched and not mpi:  # plain `python -m`: one rank
+        os.environ.update({"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1"})
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=mpi, verbose=False)
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def to_universal(info: CheckpointInfo, work_dir: str, comm) -> str:
+    """Convert a ZeRO-1/2 checkpoint to DeepSpeed's universal format (rank 0); returns the folder
+    to load from with ``load_universal``. Collective: every rank must call this."""
+    error = None
+    out = os.path.join(work_dir, info.tag)
+    if comm.rank == 0:
+        try:
+            shutil.rmtree(work_dir, ignore_errors=True)
+            os.makedirs(work_dir)
+            cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", info.folder,
+                   "--output_folder", out, "--inject_missing_state", "--num_extract_workers", "1",
+                   "--num_merge_workers", "1"]
+            run = subprocess.run(cmd, capture_output=True, text=True)
+            if run.returncode != 0:
+                raise OneShotError(f"universal checkpoint conversion failed ({' '.join(cmd)}):\n{run.stderr[-2000:]}")
+            with open(os.path.join(work_dir, "latest_universal"), "w") as f:
+                f.write(info.tag)
+        except Exception as err:  # reported on every rank below
+            error = err
+    comm.raise_if_any(error, "universal checkpoint conversion")
+    return work_dir
+
+
+def build_engine(args, info: CheckpointInfo, model, comm):
+    """A DeepSpeed engine holding the checkpoint's weights and (when it has it) optimizer state."""
+    import deepspeed
+
+    cfg = loading_config(args, info)
+    world = comm.world_size
+    universal = info.zero_files and len(info.zero_files) != world and \
+        int(cfg["zero_optimization"].get("stage", 0)) in (1, 2)
+    load_dir, tag = args.checkpoint_dir, info.tag
+    if universal:
+        load_dir = to_universal(info, os.path.abspath(args.output_dir) + ".universal_tmp", comm)
+        cfg["checkpoint"] = {"load_universal": True}
+    if not info.has_optimizer_state:  # magnitude only: the module weights are all it needs
+        model.load_state_dict(_module_weights(info), strict=True)
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=cfg)
+    if info.has_optimizer_state:
+        path, client = engine.load_checkpoint(load_dir, tag=tag, load_optimizer_states=True,
+                                              load_lr_scheduler_states=False)
+        if path is None:
+            raise OneShotError(f"DeepSpeed could not load {info.folder!r}")
+    if universal:
+        comm.any(False)  # every rank has read the converted files before rank 0 removes them
+        if comm.rank == 0:
+            shutil.rmtree(load_dir, ignore_errors=True)
+    return engine
+
+
+def _module_weights(info: CheckpointInfo) -> Dict[str, torch.Tensor]:
+    sd = torch.load(os.path.join(info.folder, MODEL_STATES), map_location="cpu", weights_only=False)
+    module = sd["module"]
+    if module and all(k.startswith("module.") for k in module):
+        module = {k[len("module."):]: v for k, v in module.items()}
+    return {k: v.float() for k, v in module.items()}
+
+
+def fit_biases(model, cfg, info: CheckpointInfo) -> None:
+    """Give out projections without a bias (LLaMA) the compensation bias a ds_bitter7 checkpoint
+    carries; compensation on a checkpoint without them is an error (its optimizer state has no room)."""
+    from .compensation import add_missing_out_biases
+
+    added = add_missing_out_biases(model, cfg)
+    missing = [n for n in added if n not in info.module_keys and f"module.{n}" not in info.module_keys]
+    if missing and not cfg.bias_compensation.enabled:
+        for name in added:  # the checkpoint has none: keep the model as it was trained
+            model.get_submodule(name.rsplit(".", 1)[0]).bias = None
+        return
+    if missing:
+        raise OneShotError(f"bias compensation needs a bias on {missing[0]} (and {len(missing) - 1} more), "
+                           f"which checkpoint {info.folder!r} does not have (its optimizer state has no room "
+                           "for it): use --compensation none, or train with ds_bitter7 bias compensation on")
+
+
+# --------------------------------------------------------------------------- the run
+def run(args: argparse.Namespace) -> Dict[str, Any]:
+    """The one-shot pipeline on every rank; returns the summary (identical on every rank)."""
+    from transformers import AutoModelForCausalLM
+
+    import ds_bitter7
+
+    from .calibration import needs_stats
+    from .comm import Communicator
+    from .config import parse_config
+    from .export import ExportError, export_model, load_config
+
+    check_args(args, None)  # argument errors first, whatever the checkpoint
+    info = inspect_checkpoint(args.checkpoint_dir, args.tag)
+    check_args(args, info)
+    try:
+        config, config_dir = load_config(args.checkpoint_dir, args.model_config)
+    except ExportError as err:
+        raise OneShotError(str(err)) from None
+    cfg = parse_config({"bitter7": bitter7_section(args)})
+    init_distributed()
+    comm = Communicator()
+    torch.manual_seed(args.seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    fit_biases(model, cfg, info)
+    tokenizer = dsdata.get_tokenizer(args.tokenizer)
+    engine = build_engine(args, info, model, comm)
+    device = next(engine.module.parameters()).device
+    calib = calibration_data(args, tokenizer, device) if needs_stats(cfg) else None
+    pruner = ds_bitter7.attach(engine, cfg, calib)
+    if info.client_bitter7 is not None:  # a ds_bitter7 checkpoint: units pruned in training stay pruned
+        pruner.load_state_dict(info.client_bitter7, source=info.folder)
+    val = validation_loader(args, tokenizer) if args.validation else None
+    summary: Dict[str, Any] = {"checkpoint": os.path.abspath(args.checkpoint_dir), "tag": info.tag,
+                               "world_size": comm.world_size, "score": args.score,
+                               "structures": list(args.structures), "sparsity": args.sparsity,
+                               "compensation": args.compensation, "scope": args.scope}
+    if val is not None:
+        summary["ppl_before"] = perplexity(engine.module, val, args.eval_batches, comm)
+    event = pruner.prune_to(args.sparsity)
+    summary["event"] = {k: v for k, v in event.items() if k in ("sparsity", "thresholds", "compensation",
+                                                                "seconds", "bytes")}
+    if val is not None:
+        summary["ppl_after"] = perplexity(engine.module, val, args.eval_batches, comm)
+    error = None
+    if comm.rank == 0:
+        try:
+            report = export_model(engine.module, pruner.masks, args.output_dir, overwrite=args.overwrite,
+                                  source=os.path.abspath(args.checkpoint_dir), extra={"oneshot": summary},
+                                  copy_from=config_dir)
+            summary["params_before"], summary["params_after"] = report["params_before"], report["params_after"]
+            if args.report:
+                with open(args.report, "w") as f:
+                    json.dump(summary, f, indent=2, default=str)
+        except Exception as err:  # every rank fails, not only rank 0
+            error = err
+    comm.raise_if_any(error, "export")
+    return summary
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = parse_args(argv)
+    rank = int(os.environ.get("RANK", os.environ.get("OMPI_COMM_WORLD_RANK", 0)))
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    try:
+        summary = run(args)
+    except OneShotError as err:
+        print(f"error (rank {rank}): {err}", file=sys.stderr)
+        return 2
+    finally:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+    if rank == 0:
+        before = summary.get("ppl_before")
+        ppl = (f"; validation perplexity {before:.3f} -> {summary['ppl_after']:.3f}" if before is not None else "")
+        print(f"wrote {args.output_dir}: pruned {args.sparsity:.0%} of {', '.join(args.structures)} "
+              f"({args.score}, compensation {args.compensation}), parameters "
+              f"{summary.get('params_before', 0):,} -> {summary.get('params_after', 0):,}{ppl}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

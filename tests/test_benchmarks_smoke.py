@@ -1,0 +1,31 @@
+"""Smoke run of benchmarks/overhead.py at the smallest settings: it runs and writes its fields."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_overhead_benchmark_smoke(tmp_path):
+    env = dict(os.environ, DS_ACCELERATOR="cpu", GLOO_SOCKET_IFNAME="lo")
+    cmd = [sys.executable, os.path.join(ROOT, "benchmarks", "overhead.py"), "--world-sizes", "2",
+           "--widths", "64", "--layers", "1", "--repeats", "2", "--vocab", "64", "--timeout", "150",
+           "--out", str(tmp_path)]
+    proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    doc = json.loads((tmp_path / "overhead.json").read_text())
+    assert {"command", "machine", "gpt2_124m", "rows", "verdicts"} <= set(doc)
+    assert set(doc["verdicts"]) == {"event_over_step", "masks_over_step", "peak_over_partition",
+                                    "gather_over_event_bytes_124m"}
+    (row,) = doc["rows"]
+    for key in ("step_s", "event_s", "event_over_step", "hook_s", "masks_over_step", "event_bytes",
+                "full_gather_bytes", "gather_over_event_bytes", "peak_extra_bytes", "partition_bytes"):
+        assert row[key] is not None and row[key] >= 0, key
+    # One float64 per unit and one int32 error flag per kind, every event (DESIGN: never a full tensor).
+    assert row["event_bytes"] == row["event_bytes_formula"] == 8 * (256 + 1) + 8
+    assert doc["gpt2_124m"]["ratio_scored"] > 1000
+    assert (tmp_path / "overhead.md").exists() and (tmp_path / "overhead_scaling.png").exists()

@@ -1,0 +1,190 @@
+"""Least-squares compensation (issue 6): the solver, and the distributed update against a reference.
+
+- Solver: when the removed features are exact linear combinations (plus a constant) of the kept
+  ones, the refitted layer reproduces the unpruned output on every row; with ridge 0 the update is
+  the ordinary least-squares fit of ``[X_K, 1]`` to the unpruned output.
+- Distributed (ZeRO 0/1/2, GPT-2 Conv1D and LLaMA Linear, 1/2/3 ranks): after ``prune_to`` the
+  out projection's weight and bias on every rank equal a single-process ``torch.linalg.lstsq``
+  reference computed from the full calibration inputs (the union of all ranks' batches).
+- A neuron that duplicates another is removed with no change to the logits.
+"""
+
+from __future__ import annotations
+
+from typing import Dict
+
+import pytest
+import torch
+import torch.distributed as dist
+from distributed import run_distributed
+from reference import VOCAB, ds_config
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+import ds_bitter7
+from ds_bitter7.least_squares import solve_update
+
+
+def _stats(x: torch.Tensor):
+    mean = x.mean(0)
+    return x.T @ x / x.shape[0] - torch.outer(mean, mean), mean
+
+
+def test_solver_keeps_output_for_linearly_dependent_features():
+    g = torch.Generator().manual_seed(0)
+    n, k, r, out = 200, 6, 3, 5
+    xk = torch.randn(n, k, generator=g, dtype=torch.float64)
+    xr = xk @ torch.randn(k, r, generator=g, dtype=torch.float64) + torch.randn(r, generator=g, dtype=torch.float64)
+    x = torch.cat([xk, xr], 1)
+    w = torch.randn(k + r, out, generator=g, dtype=torch.float64)
+    b = torch.randn(out, generator=g, dtype=torch.float64)
+    cov, mean = _stats(x)
+    keep, removed = torch.arange(k), torch.arange(k, k + r)
+    delta, bias = solve_update(cov, mean, keep, removed, w[removed], ridge=0.0)
+    refit = xk @ (w[keep] + delta) + b + bias
+    assert torch.allclose(refit, x @ w + b, atol=1e-9, rtol=0)
+
+
+def test_solver_equals_ordinary_least_squares():
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(300, 10, generator=g, dtype=torch.float64).exp()  # skewed, non-zero means
+    w = torch.randn(10, 4, generator=g, dtype=torch.float64)
+    b = torch.randn(4, generator=g, dtype=torch.float64)
+    keep, removed = torch.tensor([0, 2, 3, 5, 7, 9]), torch.tensor([1, 4, 6, 8])
+    cov, mean = _stats(x)
+    delta, bias = solve_update(cov, mean, keep, removed, w[removed], ridge=0.0)
+    design = torch.cat([x[:, keep], torch.ones(300, 1, dtype=torch.float64)], 1)
+    theta = torch.linalg.lstsq(design, x @ w + b).solution
+    assert torch.allclose(w[keep] + delta, theta[:-1], atol=1e-9)
+    assert torch.allclose(b + bias, theta[-1], atol=1e-9)
+
+
+def test_ridge_shrinks_the_update():
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(100, 8, generator=g, dtype=torch.float64)
+    w = torch.randn(8, 3, generator=g, dtype=torch.float64)
+    cov, mean = _stats(x)
+    keep, removed = torch.arange(5), torch.arange(5, 8)
+    small, _ = solve_update(cov, mean, keep, removed, w[removed], ridge=0.0)
+    big, _ = solve_update(cov, mean, keep, removed, w[removed], ridge=10.0)
+    assert big.norm() < small.norm()
+
+
+# -- distributed --------------------------------------------------------------------------------------
+def model_of(family: str):
+    torch.manual_seed(0)
+    if family == "gpt2":
+        return GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=4, n_inner=64, vocab_size=VOCAB,
+                                          n_positions=32, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+                                          initializer_range=0.1, bos_token_id=0, eos_token_id=0))
+    return LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2, vocab_size=VOCAB,
+                                        max_position_embeddings=32, initializer_range=0.1,
+                                        bos_token_id=0, eos_token_id=0, pad_token_id=0))
+
+
+def calibration(rank: int, world: int):
+    g = torch.Generator().manual_seed(3)
+    data = [torch.randint(0, VOCAB, (2, 16), generator=g) for _ in range(6)]
+    return data[rank::world]
+
+
+def _out_params(model, group):
+    w = model.get_parameter(group.out_weight).detach().double().clone()
+    return (w if group.out_in_dim == 0 else w.T.contiguous()), model.get_parameter(group.out_bias).detach().double().clone()
+
+
+def ls_case(family: str, stage: int) -> Dict[str, dict]:
+    """Prune half the neurons with least squares; return what the test compares per group."""
+    world, rank = dist.get_world_size(), dist.get_rank()
+    model = model_of(family)
+    bitter7 = {"structures": ["mlp_neuron"], "score": "magnitude", "schedule": {"start_step": 1000, "end_step": 1000},
+               "bias_compensation": {"enabled": True, "mode": "least_squares", "ridge": 0.0}}
+    engine, *_ = ds_bitter7.initialize(model=model, model_parameters=model.parameters(),
+                                       config=ds_config(stage, "fp32", bitter7), calibration_data=calibration(rank, world))
+    pruner = ds_bitter7.get_pruner(engine)
+    inputs = {g.key: [] for g in pruner.groups}
+    hooks = [model.get_submodule(g.out_module).register_forward_pre_hook(
+        lambda m, a, k=g.key: inputs[k].append(a[0].detach().double().reshape(-1, a[0].shape[-1])))
+        for g in pruner.groups]
+    model.eval()
+    with torch.no_grad():
+        for x in calibration(0, 1):  # every rank: the union of all ranks' calibration data
+            model(x)
+    for h in hooks:
+        h.remove()
+    before = {g.key: _out_params(model, g) for g in pruner.groups}
+    event = pruner.prune_to(0.5)
+    out = {}
+    for g in pruner.groups:
+        w, b = _out_params(model, g)
+        out[g.key] = {"x": torch.cat(inputs[g.key]), "w0": before[g.key][0], "b0": before[g.key][1],
+                      "w": w, "b": b, "keep": pruner.masks[g.key].clone(), "ids": g.feature_units.clone()}
+    out["_event"] = event["compensation"]
+    return out
+
+
+def ls_suite(cases) -> list:
+    return [ls_case(*c) for c in cases]
+
+
+def _reference(case: dict):
+    """Single-process least squares of [X_K, 1] onto the unpruned output, from full tensors."""
+    x, w0, b0 = case["x"], case["w0"], case["b0"]
+    ids = case["ids"]
+    keep = (ids < 0) | case["keep"][ids.clamp(min=0)]
+    design = torch.cat([x[:, keep], torch.ones(x.shape[0], 1, dtype=torch.float64)], 1)
+    theta = torch.linalg.lstsq(design, x @ w0 + b0).solution
+    w = torch.zeros_like(w0)
+    w[keep] = theta[:-1]
+    return w, theta[-1]
+
+
+CASES = {1: [("gpt2", 2), ("llama", 0)], 2: [("gpt2", 2), ("llama", 1), ("gpt2", 0)], 3: [("gpt2", 1), ("llama", 2)]}
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 3])
+def test_distributed_update_equals_single_process_reference(world_size):
+    results = run_distributed(ls_suite, world_size, CASES[world_size], timeout=120)
+    for c, case in enumerate(CASES[world_size]):
+        for rank_out in results:
+            got = rank_out[c]
+            event = got.pop("_event")
+            assert event["mode"] == "least_squares" and event["units"] > 0
+            assert event["covariance_bytes"] == sum(v["x"].shape[1] ** 2 * 8 for v in got.values())
+            for key, v in got.items():
+                w, b = _reference(v)
+                scale = v["w0"].abs().max()
+                assert torch.allclose(v["w"], w, atol=1e-4 * scale, rtol=0), (case, key)
+                assert torch.allclose(v["b"], b, atol=1e-4 * scale, rtol=0), (case, key)
+
+
+def duplicate_neuron_case(stage: int) -> float:
+    """Neuron 7 of block 1 copies neuron 3 (same c_fc column and bias) with small out weights, so
+    it is pruned first; least squares moves its weights onto neuron 3: the logits do not change."""
+    world, rank = dist.get_world_size(), dist.get_rank()
+    model = model_of("gpt2")
+    mlp = model.transformer.h[1].mlp
+    with torch.no_grad():
+        mlp.c_fc.weight[:, 7] = mlp.c_fc.weight[:, 3]
+        mlp.c_fc.bias[7] = mlp.c_fc.bias[3]
+        mlp.c_proj.weight[7, :] *= 0.01
+    data = calibration(rank, world)
+    model.eval()
+    with torch.no_grad():
+        before = torch.cat([model(x).logits.double() for x in data])
+    bitter7 = {"structures": ["mlp_neuron"], "score": "magnitude", "schedule": {"start_step": 1000, "end_step": 1000},
+               "bias_compensation": {"enabled": True, "mode": "least_squares", "ridge": 0.0}}
+    engine, *_ = ds_bitter7.initialize(model=model, model_parameters=model.parameters(),
+                                       config=ds_config(stage, "fp32", bitter7), calibration_data=data)
+    pruner = ds_bitter7.get_pruner(engine)
+    pruner.prune_to(1.5 / sum(g.n_units for g in pruner.groups))
+    assert (~pruner.masks["layers.1.mlp"]).nonzero().flatten().tolist() == [7]
+    model.eval()
+    with torch.no_grad():
+        after = torch.cat([model(x).logits.double() for x in data])
+    return float((after - before).abs().max() / before.abs().max())
+
+
+def test_duplicate_neuron_is_removed_without_changing_logits():
+    errors = run_distributed(duplicate_neuron_case, 2, 2, timeout=90)
+    assert max(errors) <= 1e-5, errors

@@ -1,0 +1,127 @@
+"""One-shot pruning of a plain DeepSpeed checkpoint (issue 6), on emulated ranks.
+
+- A ZeRO-2 checkpoint written by plain DeepSpeed at 2 ranks is pruned at 2 ranks (same world
+  size) and at 1 rank (universal checkpoint conversion): the same units go, the perplexity before
+  and after is reported, and the exported model is smaller and loads with transformers.
+- Bad arguments fail on every rank with one message: sparsity outside [0, 1), unknown data paths,
+  and a checkpoint without optimizer state for a score that needs it (naming magnitude).
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+from distributed import run_distributed
+from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
+
+from ds_bitter7 import oneshot
+
+TEXT = "\n".join(f"line {i}: the quick brown fox jumps over the lazy dog {i * 7 % 13}." for i in range(400))
+
+
+def _model():
+    torch.manual_seed(0)
+    return GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=4, n_inner=64, vocab_size=264, n_positions=64,
+                                      resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=256,
+                                      eos_token_id=256))
+
+
+def make_checkpoint(folder: str) -> None:
+    """Plain DeepSpeed ZeRO-2 training for 3 steps, then save (no ds_bitter7 involved)."""
+    import deepspeed
+
+    model = _model()
+    cfg = {"train_micro_batch_size_per_gpu": 2, "zero_optimization": {"stage": 2}, "steps_per_print": 10**9,
+           "optimizer": {"type": "AdamW", "params": {"lr": 1e-2, "torch_adam": True}}}
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=cfg)
+    g = torch.Generator().manual_seed(dist.get_rank())
+    for _ in range(3):
+        ids = torch.randint(0, 257, (2, 32), generator=g)
+        engine.backward(engine(input_ids=ids, labels=ids).loss)
+        engine.step()
+    engine.save_checkpoint(folder, tag="global_step3")
+    if dist.get_rank() == 0:
+        model.config.save_pretrained(folder)
+
+
+def run_oneshot(argv):
+    try:
+        return oneshot.run(oneshot.parse_args(argv))
+    except oneshot.OneShotError as err:
+        return f"OneShotError: {err}"
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    root = tmp_path_factory.mktemp("oneshot")
+    ckpt = str(root / "ckpt")
+    run_distributed(make_checkpoint, 2, ckpt, timeout=120)
+    text = root / "corpus.txt"
+    text.write_text(TEXT)
+    return root, ckpt, str(text)
+
+
+def _argv(root, ckpt, text, out, *extra):
+    return [ckpt, str(root / out), "--sparsity", "0.5", "--calibration", text, "--validation", text,
+            "--seq_len", "32", "--batch_size", "2", "--num_batches", "2", "--eval_batches", "2", *extra]
+
+
+def test_two_ranks_prune_compensate_and_export(checkpoint):
+    root, ckpt, text = checkpoint
+    out = run_distributed(run_oneshot, 2, _argv(root, ckpt, text, "out2", "--compensation", "least_squares"),
+                          timeout=150)
+    assert out[0]["event"]["thresholds"] == out[1]["event"]["thresholds"]
+    s = out[0]
+    assert s["event"]["sparsity"] == {"mlp_neuron": 0.5}
+    assert s["event"]["compensation"]["mode"] == "least_squares"
+    assert s["ppl_before"] > 1 and torch.isfinite(torch.tensor(s["ppl_after"]))
+    assert s["params_after"] < s["params_before"]
+    small = AutoModelForCausalLM.from_pretrained(str(root / "out2"))
+    assert sum(p.numel() for p in small.parameters()) == s["params_after"]
+
+
+def test_other_world_size_goes_through_universal_checkpoint(checkpoint):
+    root, ckpt, text = checkpoint
+    one = run_distributed(run_oneshot, 1, _argv(root, ckpt, text, "out1", "--compensation", "none"), timeout=150)[0]
+    two = run_distributed(run_oneshot, 2, _argv(root, ckpt, text, "out2b", "--compensation", "none"), timeout=150)[0]
+    assert isinstance(one, dict), one
+    assert one["world_size"] == 1 and two["world_size"] == 2
+    assert one["event"]["thresholds"]["mlp_neuron"] == pytest.approx(two["event"]["thresholds"]["mlp_neuron"], rel=1e-9)
+    assert one["ppl_before"] == pytest.approx(two["ppl_before"], rel=0.2)  # different shares of the data
+    assert not os.path.exists(str(root / "out1") + ".universal_tmp")
+
+
+def test_bad_arguments_fail_on_every_rank(checkpoint):
+    root, ckpt, text = checkpoint
+    argv = [ckpt, str(root / "bad"), "--sparsity", "1.0", "--calibration", str(root / "nope.txt")]
+    out = run_distributed(run_oneshot, 2, argv, timeout=60)
+    for msg in out:
+        assert msg.startswith("OneShotError") and "--sparsity must be in [0, 1)" in msg and "nope.txt" in msg
+
+
+def _weights_only_checkpoint(folder) -> None:
+    tag = folder / "global_step1"
+    tag.mkdir()
+    (folder / "latest").write_text("global_step1")
+    model = _model()
+    torch.save({"module": model.state_dict(), "optimizer": None}, tag / oneshot.MODEL_STATES)
+    model.config.save_pretrained(str(folder))
+
+
+def test_checkpoint_without_optimizer_state_names_magnitude(tmp_path):
+    _weights_only_checkpoint(tmp_path)
+    with pytest.raises(oneshot.OneShotError, match="no optimizer state.*--score magnitude"):
+        oneshot.run(oneshot.parse_args([str(tmp_path), str(tmp_path / "out"), "--sparsity", "0.5"]))
+    assert oneshot.main([str(tmp_path), str(tmp_path / "out"), "--sparsity", "0.5", "--score", "fisher"]) == 2
+
+
+def test_magnitude_works_without_optimizer_state(tmp_path, checkpoint):
+    root, _, text = checkpoint
+    _weights_only_checkpoint(tmp_path)
+    out = run_distributed(run_oneshot, 1, _argv(tmp_path, str(tmp_path), text, "out", "--score", "magnitude"),
+                          timeout=90)[0]
+    assert isinstance(out, dict), out
+    assert out["event"]["sparsity"] == {"mlp_neuron": 0.5} and out["params_after"] < out["params_before"]
