@@ -77,19 +77,15 @@ def local_delta(pruner, group: UnitGroup, coef: torch.Tensor) -> torch.Tensor:
         return delta
     master = pruner.access.master(frag)
     coef, delta = coef.to(master.device), delta.to(master.device)  # work where the fragment lives
-    cols = shape[1]
     layout = ParamSlice(group.out_weight, shape, in_dim, group.feature_units)
     for start, numel in layout.chunks(frag.start, frag.numel):
         values = master[start - frag.start:start - frag.start + numel].to(torch.float64)
-        r0, r1 = start // cols, (start + numel - 1) // cols
-        grid = values.new_zeros((r1 - r0 + 1) * cols)  # rows touched, zero-padded at both ends
-        offset = start - r0 * cols
-        grid[offset:offset + numel] = values
-        grid = grid.view(r1 - r0 + 1, cols)
+        r0, grid = layout.row_grid(values, start)  # [rows touched, cols]
+        r1 = r0 + grid.shape[0]
         if in_dim == 0:  # Conv1D [in, out]: rows are input features
-            delta += (grid * coef[r0:r1 + 1, None]).sum(0)
+            delta += (grid * coef[r0:r1, None]).sum(0)
         else:  # Linear [out, in]: rows are outputs
-            delta[r0:r1 + 1] += grid @ coef
+            delta[r0:r1] += grid @ coef
     return delta.cpu()
 
 

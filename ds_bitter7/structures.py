@@ -49,18 +49,22 @@ class ParamSlice:
         ``values`` covers elements [start, start+len) of ``param.view(-1)``. Returns
         (coordinates, sums) with the coordinates along ``dim`` that the range touches.
         """
-        n = values.numel()
         if len(self.shape) == 1:
-            return torch.arange(start, start + n, device=values.device), values
-        cols = self.row_len
+            return torch.arange(start, start + values.numel(), device=values.device), values
+        r0, grid = self.row_grid(values, start)
+        if self.dim == 0:
+            return torch.arange(r0, r0 + grid.shape[0], device=values.device), grid.sum(1)
+        return torch.arange(self.row_len, device=values.device), grid.sum(0)
+
+    def row_grid(self, values: torch.Tensor, start: int) -> Tuple[int, torch.Tensor]:
+        """The rows a flat range of a 2-D parameter touches: (first row, [rows, cols] grid),
+        zero-padded where the range starts or ends inside a row."""
+        n, cols = values.numel(), self.row_len
         r0, r1 = start // cols, (start + n - 1) // cols
         padded = values.new_zeros((r1 - r0 + 1) * cols)
         offset = start - r0 * cols
         padded[offset:offset + n] = values
-        grid = padded.view(r1 - r0 + 1, cols)  # [rows touched, cols]
-        if self.dim == 0:
-            return torch.arange(r0, r1 + 1, device=values.device), grid.sum(1)
-        return torch.arange(cols, device=values.device), grid.sum(0)
+        return r0, padded.view(r1 - r0 + 1, cols)
 
     def add_unit_sums(self, out: torch.Tensor, values: torch.Tensor, start: int) -> None:
         """``out[u] += sum of values over the elements of unit u`` for a flat range."""

@@ -29,6 +29,19 @@ def tiny_model(family: str, seed: int = 0) -> torch.nn.Module:
     return LlamaForCausalLM(cfg)
 
 
+def small_model(family: str, mlp_bias: bool = False, seed: int = 0) -> torch.nn.Module:
+    """Tiny fp32 models with initializer_range 0.1, so weight magnitudes dwarf a shrunken unit."""
+    torch.manual_seed(seed)
+    if family == "gpt2":
+        return GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=4, n_inner=64, vocab_size=VOCAB,
+                                          n_positions=32, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+                                          initializer_range=0.1, bos_token_id=0, eos_token_id=0))
+    return LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2, vocab_size=VOCAB,
+                                        max_position_embeddings=32, initializer_range=0.1, mlp_bias=mlp_bias,
+                                        bos_token_id=0, eos_token_id=0, pad_token_id=0))
+
+
 def ds_config(stage: int, dtype: str, bitter7: dict, **extra) -> dict:
     cfg = {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 1,
            "zero_optimization": {"stage": stage},

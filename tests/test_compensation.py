@@ -17,8 +17,7 @@ import pytest
 import torch
 import torch.distributed as dist
 from distributed import run_distributed
-from reference import VOCAB, ds_config
-from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+from reference import VOCAB, ds_config, small_model
 
 import ds_bitter7
 from ds_bitter7.compensation import add_missing_out_biases, local_delta
@@ -27,19 +26,6 @@ from ds_bitter7.config import parse_config
 BOTH = ["mlp_neuron", "attention_head"]
 FP32_TOL = 1e-6
 BF16_TOL = 1e-2  # bf16 weights, activations and bias rounding (8 mantissa bits); measured <= 2e-3
-
-
-def model_of(family: str, mlp_bias: bool = False, seed: int = 0):
-    """Tiny fp32 models; initializer_range 0.1 so that weight magnitudes dwarf a shrunken unit."""
-    torch.manual_seed(seed)
-    if family == "gpt2":
-        return GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=4, n_inner=64, vocab_size=VOCAB,
-                                          n_positions=32, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
-                                          initializer_range=0.1, bos_token_id=0, eos_token_id=0))
-    return LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                                        num_attention_heads=4, num_key_value_heads=2, vocab_size=VOCAB,
-                                        max_position_embeddings=32, initializer_range=0.1, mlp_bias=mlp_bias,
-                                        bos_token_id=0, eos_token_id=0, pad_token_id=0))
 
 
 def calibration(rank: int, world: int):
@@ -105,7 +91,7 @@ def block_sums(model, pruner, data, inputs=None):
 # -- runs on every rank ------------------------------------------------------------------------------
 def constant_case(family: str, stage: int, compensate: bool) -> float:
     world, rank = dist.get_world_size(), dist.get_rank()
-    model = model_of(family, mlp_bias=family == "llama")
+    model = small_model(family, mlp_bias=family == "llama")
     make_constant_neuron(model, family, 1, 5)
     data = calibration(rank, world)
     before = logits_of(model, data)
@@ -127,7 +113,7 @@ def constant_case(family: str, stage: int, compensate: bool) -> float:
 
 def mean_case(family: str, stage: int, dtype: str, compensate: bool) -> Dict[str, float]:
     world, rank = dist.get_world_size(), dist.get_rank()
-    model = model_of(family)
+    model = small_model(family)
     data = calibration(rank, world)
     bitter7 = {"structures": BOTH, "score": "magnitude", "schedule": {"start_step": 1000, "end_step": 1000},
                "bias_compensation": {"enabled": compensate}}
@@ -188,7 +174,7 @@ def test_compensation_keeps_outputs(world_size):
 
 # -- single process ------------------------------------------------------------------------------------
 def test_missing_out_biases_are_added_as_zeros():
-    model = model_of("llama")
+    model = small_model("llama")
     x = torch.randint(0, VOCAB, (2, 8))
     before = logits_of(model, [x])
     cfg = parse_config({"bitter7": {"structures": BOTH, "bias_compensation": {"enabled": True}}})
@@ -203,7 +189,7 @@ def test_missing_out_biases_are_added_as_zeros():
     from ds_bitter7.structures import unit_groups
 
     assert all(g.out_bias in added for g in unit_groups(model, [StructureName(s) for s in BOTH]))
-    assert add_missing_out_biases(model_of("gpt2"), cfg) == []  # GPT-2 has its biases
+    assert add_missing_out_biases(small_model("gpt2"), cfg) == []  # GPT-2 has its biases
 
 
 @pytest.mark.parametrize("in_dim", [0, 1])

@@ -17,8 +17,7 @@ import pytest
 import torch
 import torch.distributed as dist
 from distributed import run_distributed
-from reference import VOCAB, ds_config
-from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+from reference import VOCAB, ds_config, small_model
 
 import ds_bitter7
 from ds_bitter7.least_squares import solve_update
@@ -70,18 +69,6 @@ def test_ridge_shrinks_the_update():
 
 
 # -- distributed --------------------------------------------------------------------------------------
-def model_of(family: str):
-    torch.manual_seed(0)
-    if family == "gpt2":
-        return GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=4, n_inner=64, vocab_size=VOCAB,
-                                          n_positions=32, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
-                                          initializer_range=0.1, bos_token_id=0, eos_token_id=0))
-    return LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                                        num_attention_heads=4, num_key_value_heads=2, vocab_size=VOCAB,
-                                        max_position_embeddings=32, initializer_range=0.1,
-                                        bos_token_id=0, eos_token_id=0, pad_token_id=0))
-
-
 def calibration(rank: int, world: int):
     g = torch.Generator().manual_seed(3)
     data = [torch.randint(0, VOCAB, (2, 16), generator=g) for _ in range(6)]
@@ -96,7 +83,7 @@ def _out_params(model, group):
 def ls_case(family: str, stage: int) -> Dict[str, dict]:
     """Prune half the neurons with least squares; return what the test compares per group."""
     world, rank = dist.get_world_size(), dist.get_rank()
-    model = model_of(family)
+    model = small_model(family)
     bitter7 = {"structures": ["mlp_neuron"], "score": "magnitude", "schedule": {"start_step": 1000, "end_step": 1000},
                "bias_compensation": {"enabled": True, "mode": "least_squares", "ridge": 0.0}}
     engine, *_ = ds_bitter7.initialize(model=model, model_parameters=model.parameters(),
@@ -162,7 +149,7 @@ def duplicate_neuron_case(stage: int) -> float:
     """Neuron 7 of block 1 copies neuron 3 (same c_fc column and bias) with small out weights, so
     it is pruned first; least squares moves its weights onto neuron 3: the logits do not change."""
     world, rank = dist.get_world_size(), dist.get_rank()
-    model = model_of("gpt2")
+    model = small_model("gpt2")
     mlp = model.transformer.h[1].mlp
     with torch.no_grad():
         mlp.c_fc.weight[:, 7] = mlp.c_fc.weight[:, 3]
