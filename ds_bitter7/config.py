@@ -52,6 +52,11 @@ class CompensationMode(str, Enum):
     least_squares = "least_squares"
 
 
+class MaskUpkeep(str, Enum):
+    gradient = "gradient"
+    state = "state"
+
+
 class ScheduleConfig(DeepSpeedConfigModel):
     """When pruning events happen and how far each one goes."""
 
@@ -112,6 +117,11 @@ class Bitter7Config(DeepSpeedConfigModel):
     """Pruning schedule."""
     bias_compensation: BiasCompensationConfig = Field(default_factory=BiasCompensationConfig)
     """Bias compensation of removed units."""
+    mask_upkeep: MaskUpkeep = MaskUpkeep.gradient
+    """How pruned elements stay zero between events: ``gradient`` zeroes their fp32 gradient before
+    every optimizer step (one tensor; exact for Adam/AdamW, whose update of a zero weight with zero
+    moments and zero gradient is zero); ``state`` re-zeroes the fp32 masters and every moment after
+    every step (three tensors; for optimizers that move a weight whose gradient is zero)."""
     eps: float = Field(1e-8, gt=0.0)
     """Added to ``exp_avg_sq`` before the power."""
     exponent: float = Field(0.25, gt=0.0)

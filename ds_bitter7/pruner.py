@@ -19,7 +19,7 @@ import torch
 from .calibration import ActivationStats, unit_std
 from .comm import Communicator, log_main
 from .compensation import compensate
-from .config import Bitter7Config, Scope, StructureName
+from .config import Bitter7Config, MaskUpkeep, Scope, StructureName
 from .schedule import sparsity_at
 from .scores import ScoreInputs, get_scorer
 from .state import CheckpointError
@@ -225,17 +225,22 @@ class Pruner:
             self._drop = self.unstructured.drop_masks()  # per-element: boolean masks
         self._apply_drop(range(self.access.n_groups))
 
-    def _apply_drop(self, groups) -> None:
-        """Zero pruned elements of the fragments in ``groups`` (runs inside every optimizer step)."""
+    def _apply_drop(self, groups, gradients_only: bool = False) -> None:
+        """Zero pruned elements of the fragments in ``groups``: masters, moments and movement
+        accumulators, or with ``gradients_only`` just the fp32 gradients (inside every step)."""
         groups = set(groups)
         with torch.no_grad():
             for name, frag in self.access.fragments.items():
                 plan, drop = self._plans.get(name), self._drop.get(name)
                 if (plan is None and drop is None) or frag.group not in groups:
                     continue
-                tensors = [self.access.master(frag)] + self.access.moment_views(frag)
-                if name in self.movement:
-                    tensors.append(self.movement[name])
+                if gradients_only:
+                    grad = self.access.grad(frag)
+                    tensors = [] if grad is None else [grad]
+                else:
+                    tensors = [self.access.master(frag)] + self.access.moment_views(frag)
+                    if name in self.movement:
+                        tensors.append(self.movement[name])
                 for t in tensors:
                     if plan:
                         apply_zero_plan(t, plan)
@@ -244,6 +249,10 @@ class Pruner:
 
     # -- optimizer hooks ---------------------------------------------------------------------------
     def _pre_step(self, groups: List[int]) -> None:
+        if self.config.mask_upkeep == MaskUpkeep.gradient:
+            # A pruned element with zero weight, zero moments and zero gradient stays exactly zero
+            # under Adam/AdamW: zeroing one tensor here keeps all three at zero.
+            self._apply_drop(groups, gradients_only=True)
         if not self.movement:
             return
         with torch.no_grad():
@@ -254,7 +263,8 @@ class Pruner:
                     acc.sub_(self.access.master(frag) * grad)  # movement score: -w * dL/dw
 
     def _post_step(self, groups: List[int]) -> None:
-        self._apply_drop(groups)
+        if self.config.mask_upkeep == MaskUpkeep.state:
+            self._apply_drop(groups)
         if self.access.n_groups - 1 not in groups:
             return  # ZeRO steps groups one by one: act once, after the last
         self.step_count += 1

@@ -19,7 +19,8 @@ BOTH = {"structures": ["mlp_neuron", "attention_head"]}
 CASES = [(0, "fp32", BOTH), (1, "fp32", BOTH), (2, "fp32", BOTH),
          (1, "bf16_optimizer", BOTH), (1, "bf16", BOTH), (2, "bf16", BOTH),
          (2, "fp32", {**BOTH, "scope": "per_layer", "score": "fisher"}),
-         (1, "fp32", {**BOTH, "score": "magnitude"})]
+         (1, "fp32", {**BOTH, "score": "magnitude"}),
+         (2, "bf16", {**BOTH, "mask_upkeep": "state"})]
 
 
 def _kinds(bitter7):
