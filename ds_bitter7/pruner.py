@@ -131,7 +131,9 @@ class Pruner:
 
     def _local_unit_sums(self, groups: List[UnitGroup]) -> torch.Tensor:
         total = sum(g.n_units for g in groups)
-        sums = torch.zeros(total, dtype=torch.float64)
+        # Accumulate where the fragments live (one copy to the host at the end, no per-chunk sync).
+        device = next((f.flat.device for f in self.access.fragments.values()), torch.device("cpu"))
+        sums = torch.zeros(total, dtype=torch.float64, device=device)
         offset = 0
         for g in groups:
             out = sums[offset:offset + g.n_units]
@@ -142,7 +144,7 @@ class Pruner:
                 for start, numel in s.chunks(frag.start, frag.numel, self._chunk):
                     s.add_unit_sums(out, self.scorer.fn(self._score_inputs(frag, start, numel)), start)
             offset += g.n_units
-        return sums
+        return sums.cpu()
 
     def _kind_scores(self, kind: StructureName, stats: Optional[dict] = None) -> Dict[str, torch.Tensor]:
         groups = [g for g in self.groups if g.kind == kind]

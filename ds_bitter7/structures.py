@@ -29,6 +29,14 @@ class ParamSlice:
     shape: Tuple[int, ...]  # the parameter's full shape (1-D or 2-D)
     dim: int  # dimension indexed by unit_ids
     unit_ids: torch.Tensor  # LongTensor[shape[dim]]: unit of each index, -1 for none
+    _ids_on: Dict[str, torch.Tensor] = field(default_factory=dict, compare=False, repr=False)
+
+    def ids_on(self, device: torch.device) -> torch.Tensor:
+        """``unit_ids`` on ``device`` (cached: no host-device copy, hence no sync, per chunk)."""
+        key = str(device)
+        if key not in self._ids_on:
+            self._ids_on[key] = self.unit_ids.to(device)
+        return self._ids_on[key]
 
     @property
     def row_len(self) -> int:
@@ -68,11 +76,13 @@ class ParamSlice:
 
     def add_unit_sums(self, out: torch.Tensor, values: torch.Tensor, start: int) -> None:
         """``out[u] += sum of values over the elements of unit u`` for a flat range."""
-        coords, sums = self.coord_sums(values, start)
-        units = self.unit_ids[coords.cpu()]
-        valid = units >= 0
-        # Per-coordinate sums are small (rows or columns touched): bring them to ``out``.
-        out.index_add_(0, units[valid].to(out.device), sums.to(out.device, out.dtype)[valid.to(out.device)])
+        coords, sums = self.coord_sums(values, start)  # on the device of ``values``
+        units = self.ids_on(out.device)[coords.to(out.device)]
+        # Coordinates outside any unit go to a dump slot past the end: no boolean indexing (which
+        # would synchronise a GPU) on the path that runs once per chunk.
+        dump = torch.cat([out, out.new_zeros(1)])
+        dump.index_add_(0, torch.where(units >= 0, units, out.numel()), sums.to(out.device, out.dtype))
+        out.copy_(dump[:-1])
 
     def keep_elements(self, unit_keep: torch.Tensor, start: int, numel: int) -> torch.Tensor:
         """BoolTensor[numel]: for a flat range, whether each element survives ``unit_keep``."""
