@@ -18,7 +18,7 @@ from .config import StructureName
 
 # Row-aligned chunks of at most this many elements bound the temporary memory of fragment
 # reductions (float64 scores: about 40 bytes of temporaries per chunk element).
-CHUNK_ELEMENTS = 1 << 18
+CHUNK_ELEMENTS = 1 << 22
 
 
 @dataclass(frozen=True)
