@@ -191,7 +191,7 @@ class ActivationStats:
             raise ValueError("ds_bitter7: calibration_data yielded no batch on at least one rank")
         if n < len(batches):
             log_main("bitter7 calibration: some rank has only %d batch(es); every rank runs %d", n, n,
-                     level=logging.WARNING)
+                     level=logging.WARNING, log=logger)
         device = _model_device(self.model)
         was_training = self.model.training
         self._current = {g.key: _Sums(self._n_features[g.key], self.with_matrix) for g in self.groups}

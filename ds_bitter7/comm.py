@@ -29,10 +29,11 @@ def is_main_process() -> bool:
     return world_size_and_rank()[1] == 0
 
 
-def log_main(msg: str, *args, level: int = logging.INFO) -> None:
-    """Log on rank 0 only: the one door for rank-0-only side effects of the library."""
+def log_main(msg: str, *args, level: int = logging.INFO, log: Optional[logging.Logger] = None) -> None:
+    """Log on rank 0 only (to ``log``, the caller's module logger): the one door for rank-0-only
+    side effects of the library."""
     if is_main_process():
-        logger.log(level, msg, *args)
+        (log or logger).log(level, msg, *args)
 
 
 @dataclass

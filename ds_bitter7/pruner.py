@@ -182,7 +182,7 @@ class Pruner:
             if not bool(torch.isfinite(flat).all()):
                 event["skipped"].append(_name(kind))
                 log_main("bitter7 step %d: %s scores contain NaN/Inf; this event prunes nothing",
-                         self.step_count, _name(kind), level=logging.WARNING)
+                         self.step_count, _name(kind), level=logging.WARNING, log=logger)
                 continue
             layers = torch.cat([torch.full((scores[k].numel(),), i) for i, k in enumerate(keys)])
             before = ~torch.cat([self.masks[k] for k in keys])
@@ -206,7 +206,7 @@ class Pruner:
         self.events.append(event)
         log_main("bitter7 step %d: sparsity %s thresholds %s (%.3f s, %d bytes reduced)", event["step"],
                  {k: round(v, 4) for k, v in event["sparsity"].items()}, event["thresholds"],
-                 event["seconds"], event["bytes"])
+                 event["seconds"], event["bytes"], log=logger)
         return event
 
     def _apply_masks_now(self) -> None:

@@ -118,7 +118,7 @@ def _load_local(folder: str, pruner, state: dict) -> Optional[dict]:
     if saved_world is not None and saved_world != pruner.comm.world_size:
         log_main("bitter7: resuming at world size %d from %d: movement accumulators restart, unstructured "
                  "masks are re-derived from zero weights", pruner.comm.world_size, saved_world,
-                 level=logging.WARNING)
+                 level=logging.WARNING, log=logger)
         return None
     path = _rank_file(folder, pruner.comm.rank)
     return load_file(path)
