@@ -40,7 +40,6 @@ class Pruner:
         self.engine = engine
         self.config = config
         self.model = engine.module
-        self.calibration_data = calibration_data
         self.comm = Communicator(getattr(engine.optimizer, "dp_process_group", None))
         self.kinds = [k for k in config.structures if k != StructureName.unstructured]
         self.groups: List[UnitGroup] = unit_groups(self.model, self.kinds)
@@ -69,6 +68,7 @@ class Pruner:
         self.step_count = 0
         self.last_event: Optional[dict] = None
         self.events: List[dict] = []
+        self._stepping = False  # True while an event runs inside the optimizer step
         self._hooks = self.access.register_step_hooks(self._pre_step, self._post_step)
 
     # -- public API --------------------------------------------------------------------------------
@@ -92,7 +92,7 @@ class Pruner:
         if not 0.0 <= fraction < 1.0:
             raise ValueError(f"prune_to: fraction must be in [0, 1), got {fraction!r}")
         event = self._event(fraction)
-        if self.unstructured is not None and not self.access.replicated and not self._in_step:
+        if self.unstructured is not None and not self.access.replicated and not self._stepping:
             self.access.update_lp_params()  # unstructured masks are per rank: let DeepSpeed gather
         return event
 
@@ -164,10 +164,6 @@ class Pruner:
         return out
 
     # -- events ------------------------------------------------------------------------------------
-    @property
-    def _in_step(self) -> bool:
-        return getattr(self, "_stepping", False)
-
     def _event(self, fraction: float) -> dict:
         t0 = time.perf_counter()
         bytes0 = self.comm.bytes_sent + self.score_comm.bytes_sent
@@ -232,10 +228,11 @@ class Pruner:
         accumulators, or with ``gradients_only`` just the fp32 gradients (inside every step)."""
         groups = set(groups)
         with torch.no_grad():
-            for name, frag in self.access.fragments.items():
-                plan, drop = self._plans.get(name), self._drop.get(name)
-                if (plan is None and drop is None) or frag.group not in groups:
+            for name in self._plans.keys() | self._drop.keys():  # only fragments with pruned elements
+                frag = self.access.fragments[name]
+                if frag.group not in groups:
                     continue
+                plan, drop = self._plans.get(name), self._drop.get(name)
                 if gradients_only:
                     grad = self.access.grad(frag)
                     tensors = [] if grad is None else [grad]

@@ -143,9 +143,6 @@ class ZeroAccess:
         g = frag.flat.grad
         return None if g is None else frag.narrow(g)
 
-    def has_state(self) -> bool:
-        return any(frag.flat in self.base.state for frag in self.fragments.values())
-
     def update_lp_params(self) -> None:
         """Copy fp32 masters to the model's parameters and all-gather them (DeepSpeed's own path).
 
