@@ -343,6 +343,14 @@ def footer(info: Dict) -> str:
             f"torch_pruning {m['torch_pruning']}")
 
 
+def _save(plt, fig, info: Dict, which: str, bottom: float) -> None:
+    """Footer (command and machine), layout, PNG, close."""
+    fig.text(0.01, 0.005, footer(info), fontsize=6.5, va="bottom")
+    fig.tight_layout(rect=(0, bottom, 1, 1))
+    fig.savefig(info["plots"][which], dpi=120)
+    plt.close(fig)
+
+
 def plot(runs: List[Dict], rows: List[Dict], info: Dict) -> None:
     import matplotlib
     matplotlib.use("Agg")
@@ -365,10 +373,7 @@ def plot(runs: List[Dict], rows: List[Dict], info: Dict) -> None:
         ax.set_xlabel("optimizer step")
         ax.set_ylabel("validation perplexity")
         ax.legend(fontsize=7)
-    fig.text(0.01, 0.005, footer(info), fontsize=6.5, va="bottom")
-    fig.tight_layout(rect=(0, 0.06, 1, 1))
-    fig.savefig(info["plots"]["curves"], dpi=120)
-    plt.close(fig)
+    _save(plt, fig, info, "curves", bottom=0.06)
 
     fig, ax = plt.subplots(figsize=(6.5, 4.6))
     dense = next((r for r in rows if r["method"] == "dense"), None)
@@ -387,10 +392,7 @@ def plot(runs: List[Dict], rows: List[Dict], info: Dict) -> None:
     ax.set_ylabel("final validation perplexity (mean, bars: min..max)")
     ax.set_title("Final perplexity against MLP sparsity (0 = dense)")
     ax.legend(fontsize=7)
-    fig.text(0.01, 0.005, footer(info), fontsize=6.5, va="bottom")
-    fig.tight_layout(rect=(0, 0.1, 1, 1))
-    fig.savefig(info["plots"]["sparsity"], dpi=120)
-    plt.close(fig)
+    _save(plt, fig, info, "sparsity", bottom=0.1)
 
 
 def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
