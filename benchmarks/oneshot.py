@@ -9,20 +9,22 @@ and perplexity code of ``ds_bitter7.oneshot``), prunes the MLP neurons in ONE ev
 sparsity (50%, 75%), and measures validation perplexity. Calibration uses the TRAIN split only
 (``--num_batches`` batches per rank); perplexity the validation split.
 
-Scores: magnitude, bitter7, fisher, bitter7_variance (the library's scorers) and FLAP's
-fluctuation (An et al. 2024): per neuron ``Var(x_i) * ||W_next[i, :]||^2``, the variance of the
-next layer's input feature times the squared norm of its weights. It needs activation statistics
-and the next layer's weights, not per-element optimizer state, so it does not fit the per-element
-scorer registry; the benchmark computes it from the pruner's gathered statistics and the
-(replicated) model weights and hands the pruner these unit scores for the event, so selection,
-compensation and masking are the library's own. FLAP's own bias compensation is the ``mean`` mode.
-FLAP standardises scores per layer before its global selection; here every score uses the same
-raw global threshold.
+Scores (rows): magnitude, bitter7, fisher, bitter7_variance (the library's scorers, one raw
+global threshold: ``scope: global``), bitter7 with ``scope: standardized`` (per-layer z-scores,
+then one global threshold), and FLAP's fluctuation (An et al. 2024): per neuron
+``Var(x_i) * ||W_next[i, :]||^2``, the variance of the next layer's input feature times the squared
+norm of its weights, with FLAP's per-layer standardisation (``scope: standardized``, the library's)
+and, for comparison, raw. The fluctuation needs activation statistics and the next layer's
+weights, not per-element optimizer state, so it does not fit the per-element scorer registry; the
+benchmark computes it from the pruner's gathered statistics and the (replicated) model weights and
+hands the pruner these unit scores for the event, so standardisation, selection, compensation and
+masking are the library's own. FLAP's own bias compensation is the ``mean`` mode.
 
 Writes ``benchmarks/results/oneshot[_quick].{json,md,png}``.
 
     python benchmarks/oneshot.py --quick     # 1 seed, 800 training steps (about 5 min on 2 CPU cores)
     python benchmarks/oneshot.py             # 3 seeds, 800 training steps
+    python benchmarks/oneshot.py --workdir /tmp/oneshot   # keep (and reuse) the dense checkpoints
 """
 
 from __future__ import annotations
@@ -41,7 +43,12 @@ from typing import Dict, List, Optional
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS = os.path.join(ROOT, "benchmarks", "results")
-SCORES = ["magnitude", "bitter7", "fisher", "bitter7_variance", "flap"]
+# row name -> (score, scope); "flap" is computed here (flap_scores), the others are the library's
+ROWS = {"magnitude": ("magnitude", "global"), "bitter7": ("bitter7", "global"),
+        "bitter7 standardized": ("bitter7", "standardized"), "fisher": ("fisher", "global"),
+        "bitter7_variance": ("bitter7_variance", "global"), "flap": ("flap", "standardized"),
+        "flap raw": ("flap", "global")}
+SCORES = list(ROWS)
 COMPENSATIONS = ["none", "mean", "least_squares"]
 SPARSITIES = [0.5, 0.75]
 QUICK = {"steps": 800, "seeds": [1]}
@@ -74,8 +81,13 @@ def dense_config(args) -> dict:
 
 
 def train_dense(seed: int, args, workdir: str) -> str:
-    """Train once per seed with launch/train.py; returns the checkpoint folder (with config.json)."""
+    """Train once per seed with launch/train.py; returns the checkpoint folder (with config.json).
+
+    A finished checkpoint already in ``workdir`` (``--workdir``, same arguments) is reused.
+    """
     folder = os.path.join(workdir, f"dense_{seed}")
+    if os.path.exists(os.path.join(folder, "latest")) and os.path.exists(os.path.join(folder, "config.json")):
+        return folder
     cfg = os.path.join(workdir, f"dense_{seed}.json")
     with open(cfg, "w", encoding="utf-8") as f:
         json.dump(dense_config(args), f)
@@ -155,10 +167,10 @@ def worker(argv: List[str]) -> None:
     val = oneshot.validation_loader(base, tok)
     rows, dense = [], None
     for sparsity in SPARSITIES:
-        for score in SCORES:
+        for row, (score, scope) in ROWS.items():
             for comp in COMPENSATIONS:
                 t0 = time.perf_counter()
-                args = argparse.Namespace(**vars(base), sparsity=sparsity, compensation=comp,
+                args = argparse.Namespace(**{**vars(base), "scope": scope}, sparsity=sparsity, compensation=comp,
                                           score="magnitude" if score == "flap" else score)
                 cfg = parse_config({"bitter7": oneshot.bitter7_section(args)})
                 torch.manual_seed(a.seed)
@@ -173,12 +185,12 @@ def worker(argv: List[str]) -> None:
                     pruner._kind_scores = lambda kind, _stats=None, flap=flap: dict(flap)
                 event = pruner.prune_to(sparsity)
                 ppl = oneshot.perplexity(engine.module, val, a.eval_batches, comm)
-                rows.append({"seed": a.seed, "score": score, "compensation": comp, "sparsity": sparsity,
+                rows.append({"seed": a.seed, "score": row, "scope": scope, "compensation": comp, "sparsity": sparsity,
                              "ppl": ppl, "dense_ppl": dense, "event_seconds": event["seconds"],
                              "event_bytes": event["bytes"], "compensation_info": event.get("compensation"),
                              "seconds": time.perf_counter() - t0})
                 if comm.rank == 0:
-                    print(f"{score:>16} {comp:>13} {sparsity:.2f}: ppl {ppl:.3f} (dense {dense:.3f})", flush=True)
+                    print(f"{row:>20} {comp:>13} {sparsity:.2f}: ppl {ppl:.3f} (dense {dense:.3f})", flush=True)
                 del engine, pruner, model
                 gc.collect()
     if comm.rank == 0:
@@ -216,8 +228,11 @@ def targets(rows: List[Dict], dense: float) -> List[Dict]:
                 "value": f"{1 - b7 / mag:+.1%} lower", "met": 1 - b7 / mag >= 0.20})
     for score in SCORES:
         ls, mean = _cell(rows, s, score, "least_squares"), _cell(rows, s, score, "mean")
+        value = f"{1 - ls / mean:+.1%} lower"
+        if 0.85 * mean < dense:  # the target asks for a perplexity below the dense model's
+            value += f" (15% below mean is {0.85 * mean:.2f}, under dense {dense:.2f})"
         out.append({"target": f"75%: {score}: least squares >= 15% lower ppl than mean",
-                    "value": f"{1 - ls / mean:+.1%} lower", "met": 1 - ls / mean >= 0.15})
+                    "value": value, "met": 1 - ls / mean >= 0.15})
     best = min((r for r in rows if r["sparsity"] == s), key=lambda r: r["mean"])
     out.append({"target": "75%: best cell within 15% of dense",
                 "value": f"{best['score']} + {best['compensation']}: {best['mean'] / dense - 1:+.1%} vs dense",

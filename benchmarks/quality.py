@@ -16,7 +16,7 @@ under ``benchmarks/results/quality_runs/<workload key>/``, so an interrupted mat
 larger matrix at the same workload reuses the runs of ``--quick``.
 
     python benchmarks/quality.py --quick     # reduced matrix, see QUICK below
-    python benchmarks/quality.py             # full matrix: 8 methods x 3 settings x 3 seeds
+    python benchmarks/quality.py             # full matrix: 8 methods x 3 settings x 3 seeds, 300 steps
 """
 
 from __future__ import annotations
@@ -417,7 +417,7 @@ def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
     p.add_argument("--cache", help="finished-run cache folder (default: benchmarks/results/quality_runs/<workload>;"
                                    " --quick and larger matrices at the same workload share runs)")
     args = p.parse_args(argv)
-    base = QUICK if args.quick else {"steps": 400, "seeds": [1, 2, 3], "methods": list(METHODS),
+    base = QUICK if args.quick else {"steps": 300, "seeds": [1, 2, 3], "methods": list(METHODS),
                                      "settings": list(SETTINGS)}
     for key, value in base.items():
         if getattr(args, key) is None:

@@ -32,9 +32,15 @@ class StructureName(str, Enum):
     unstructured = "unstructured"
 
 
+def enum_name(value) -> str:
+    """The plain name of a config enum (DeepSpeed's config models store enum values)."""
+    return value.value if isinstance(value, Enum) else str(value)
+
+
 class Scope(str, Enum):
     global_ = "global"
     per_layer = "per_layer"
+    standardized = "standardized"
 
 
 class Shape(str, Enum):
@@ -109,7 +115,9 @@ class Bitter7Config(DeepSpeedConfigModel):
     """Fraction of units of each type removed at the end of the schedule, in [0, 1)."""
     scope: Scope = Scope.global_
     """``global``: one threshold per type over all layers; ``per_layer``: the same fraction in
-    every layer (exports to a standard architecture)."""
+    every layer (exports to a standard architecture); ``standardized``: one global threshold over
+    scores standardised per layer (FLAP's adaptive structure search: each layer's unpruned units
+    are scaled to mean 0, std 1, so layers whose scores differ in scale compete on rank)."""
     min_units_per_layer: int = Field(1, ge=0)
     """With global scope, the units each layer keeps whatever their scores (a layer with no
     attention head left cannot be exported as a standard model)."""
@@ -133,6 +141,13 @@ class Bitter7Config(DeepSpeedConfigModel):
         if len(set(value)) != len(value):
             raise ValueError(f"structures must not repeat a type, got {[getattr(v, 'value', v) for v in value]}")
         return value
+
+    @model_validator(mode="after")
+    def _standardized_needs_units(self) -> Bitter7Config:
+        if enum_name(self.scope) == "standardized" and any(enum_name(s) == "unstructured" for s in self.structures):
+            raise ValueError("scope 'standardized' ranks whole units per layer; it does not apply to "
+                             "'unstructured' (use 'global' or 'per_layer')")
+        return self
 
 
 def _describe(error: dict) -> str:

@@ -66,7 +66,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--sparsity", type=float, required=True, help="fraction of units of each type removed, [0, 1)")
     p.add_argument("--structures", nargs="+", default=["mlp_neuron"], choices=["mlp_neuron", "attention_head"])
     p.add_argument("--score", default="bitter7", choices=SCORES)
-    p.add_argument("--scope", default="global", choices=["global", "per_layer"])
+    p.add_argument("--scope", default="global", choices=["global", "per_layer", "standardized"],
+                   help="global threshold, same fraction per layer, or global over per-layer z-scores (FLAP)")
     p.add_argument("--compensation", default="mean", choices=["none", "mean", "least_squares"])
     p.add_argument("--ridge", type=float, default=1e-3, help="least-squares ridge, relative to mean variance")
     p.add_argument("--calibration", nargs="+", default=["builtin"],

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import time
-from enum import Enum
 from typing import Dict, List, Optional
 
 import torch
@@ -19,12 +18,12 @@ import torch
 from .calibration import ActivationStats, unit_std
 from .comm import Communicator, log_main
 from .compensation import compensate
-from .config import Bitter7Config, MaskUpkeep, Scope, StructureName
+from .config import Bitter7Config, MaskUpkeep, Scope, StructureName, enum_name
 from .schedule import sparsity_at
 from .scores import ScoreInputs, get_scorer
 from .state import CheckpointError
 from .structures import CHUNK_ELEMENTS, UnitGroup, apply_zero_plan, unit_groups, unstructured_params
-from .threshold import select_units, threshold_of
+from .threshold import select_units, standardize, threshold_of
 from .unstructured import UnstructuredMasks
 from .zero_access import MissingOptimizerState, ZeroAccess
 
@@ -102,7 +101,7 @@ class Pruner:
         for g in self.groups:
             keep = self.masks[g.key]
             per_unit = g.params_per_unit()
-            rows.append({"key": g.key, "kind": _name(g.kind), "units_kept": int(keep.sum()),
+            rows.append({"key": g.key, "kind": enum_name(g.kind), "units_kept": int(keep.sum()),
                          "units_total": g.n_units, "params_kept": int(per_unit[keep].sum()),
                          "params_total": int(per_unit.sum())})
         if self.unstructured is not None:
@@ -176,21 +175,23 @@ class Pruner:
             keys = list(scores)
             flat = torch.cat([scores[k] for k in keys])
             if not bool(torch.isfinite(flat).all()):
-                event["skipped"].append(_name(kind))
+                event["skipped"].append(enum_name(kind))
                 log_main("bitter7 step %d: %s scores contain NaN/Inf; this event prunes nothing",
-                         self.step_count, _name(kind), level=logging.WARNING, log=logger)
+                         self.step_count, enum_name(kind), level=logging.WARNING, log=logger)
                 continue
             layers = torch.cat([torch.full((scores[k].numel(),), i) for i, k in enumerate(keys)])
             before = ~torch.cat([self.masks[k] for k in keys])
+            if self.config.scope == Scope.standardized:
+                flat = standardize(flat, layers, before)  # thresholds are then in z units
             after = select_units(flat, layers, before, fraction, self.config.scope == Scope.per_layer,
                                  self.config.min_units_per_layer)
-            event["thresholds"][_name(kind)] = threshold_of(flat, before, after)
+            event["thresholds"][enum_name(kind)] = threshold_of(flat, before, after)
             offset = 0
             for k in keys:
                 n = scores[k].numel()
                 self.masks[k] = ~after[offset:offset + n]
                 offset += n
-            event["sparsity"][_name(kind)] = float(after.float().mean())
+            event["sparsity"][enum_name(kind)] = float(after.float().mean())
         if self.unstructured is not None:
             self.unstructured.event(fraction, event)
         if self.config.bias_compensation.enabled and stats is not None:
@@ -279,7 +280,7 @@ class Pruner:
     def state_dict(self) -> dict:
         """Replicated pruner state (identical on every rank, independent of world size)."""
         return {"version": STATE_VERSION, "model_type": self.model.config.model_type,
-                "structures": [_name(s) for s in self.config.structures], "score": _name(self.config.score),
+                "structures": [enum_name(s) for s in self.config.structures], "score": enum_name(self.config.score),
                 "unit_counts": {g.key: g.n_units for g in self.groups},
                 "masks": {k: v.clone() for k, v in self.masks.items()}, "step": self.step_count,
                 "events": list(self.events), "world_size": self.comm.world_size}
@@ -292,7 +293,7 @@ class Pruner:
             raise CheckpointError(f"bitter7 pruner state in {source} has version {version!r}, "
                                   f"expected {STATE_VERSION}")
         expect = {"model_type": self.model.config.model_type,
-                  "structures": [_name(s) for s in self.config.structures],
+                  "structures": [enum_name(s) for s in self.config.structures],
                   "unit_counts": {g.key: g.n_units for g in self.groups}}
         for key, want in expect.items():
             if state.get(key) != want:
@@ -335,11 +336,6 @@ class Pruner:
             for n, m in local.get("unstructured", {}).items():
                 self.unstructured.pruned[n] = m.clone()
         self._apply_masks_now()
-
-
-def _name(value) -> str:
-    """The plain name of a config enum (DeepSpeed's config models store enum values)."""
-    return value.value if isinstance(value, Enum) else str(value)
 
 
 class _LocalComm(Communicator):

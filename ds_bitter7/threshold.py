@@ -59,6 +59,26 @@ def select_units(scores: torch.Tensor, layers: torch.Tensor, pruned: torch.Tenso
     return out
 
 
+def standardize(scores: torch.Tensor, layers: torch.Tensor, pruned: torch.Tensor) -> torch.Tensor:
+    """Scores z-scored per layer over its unpruned units (FLAP's adaptive structure search).
+
+    Every unpruned unit gets ``(s - mean) / std`` of its layer's unpruned scores (sample std; a
+    layer whose unpruned scores are all equal, or that has one left, gets ``s - mean``). Pruned
+    units keep their raw score: ``select_units`` keeps them pruned whatever it is. Local and
+    deterministic, so every rank holding the same all-reduced scores gets the same result.
+    """
+    out = scores.to(torch.float64).clone()
+    for layer in torch.unique(layers).tolist():
+        idx = ((layers == layer) & ~pruned).nonzero().flatten()
+        if idx.numel() == 0:
+            continue
+        s = out[idx]
+        centered = s - s.mean()
+        std = float(s.std()) if idx.numel() > 1 else 0.0
+        out[idx] = centered / std if std > 0 else centered
+    return out
+
+
 def threshold_of(scores: torch.Tensor, before: torch.Tensor, after: torch.Tensor) -> float:
     """The largest score among units pruned by this event (nan when none)."""
     new = after & ~before

@@ -126,14 +126,24 @@ def reference_unit_scores(family: str, model, kinds: List[str], score: str, seed
     return out
 
 
-def reference_masks(scores: Dict[str, torch.Tensor], fraction: float, per_layer: bool) -> Dict[str, torch.Tensor]:
-    """Exact selection: floor(fraction * n) lowest, ties to the lower (layer, unit) index."""
+def standardized(scores: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """Each layer's unit scores z-scored on their own (nothing pruned yet): FLAP's per-layer scaling."""
+    return {k: (s - s.mean()) / s.std() for k, s in scores.items()}
+
+
+def reference_masks(scores: Dict[str, torch.Tensor], fraction: float, scope: str = "global") -> Dict[str, torch.Tensor]:
+    """Exact selection: floor(fraction * n) lowest, ties to the lower (layer, unit) index.
+
+    ``scope``: global, per_layer, or standardized (global over per-layer z-scores).
+    """
+    if scope == "standardized":
+        scores = standardized(scores)
     out = {}
     for kind in ("mlp", "attn"):
         keys = [k for k in scores if k.endswith(kind)]
         if not keys:
             continue
-        buckets = [[k] for k in keys] if per_layer else [keys]
+        buckets = [[k] for k in keys] if scope == "per_layer" else [keys]
         for bucket in buckets:
             flat = torch.cat([scores[k] for k in bucket])
             k_prune = math.floor(fraction * flat.numel() + 1e-9)

@@ -74,3 +74,9 @@ def test_unknown_model_family_is_refused():
     with pytest.raises(ValueError, match=r"model_type='bert'.*supported: \['gpt2', 'llama'"):
         get_adapter(BertModel(BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
                                          intermediate_size=37)))
+
+
+def test_standardized_scope_is_for_units_only():
+    assert parse_config({"bitter7": {"scope": "standardized"}}).scope == "standardized"
+    with pytest.raises(ValueError, match="'standardized'.*unstructured"):
+        parse_config({"bitter7": {"scope": "standardized", "structures": ["unstructured"]}})

@@ -11,7 +11,7 @@ import math
 import pytest
 import workers
 from distributed import run_distributed
-from reference import reference_masks, reference_unit_scores, reference_unstructured, tiny_model
+from reference import reference_masks, reference_unit_scores, reference_unstructured, standardized, tiny_model
 
 from ds_bitter7.structures import unstructured_params
 
@@ -19,6 +19,7 @@ BOTH = {"structures": ["mlp_neuron", "attention_head"]}
 CASES = [(0, "fp32", BOTH), (1, "fp32", BOTH), (2, "fp32", BOTH),
          (1, "bf16_optimizer", BOTH), (1, "bf16", BOTH), (2, "bf16", BOTH),
          (2, "fp32", {**BOTH, "scope": "per_layer", "score": "fisher"}),
+         (2, "fp32", {**BOTH, "scope": "standardized"}),
          (1, "fp32", {**BOTH, "score": "magnitude"}),
          (2, "bf16", {**BOTH, "mask_upkeep": "state"})]
 
@@ -36,7 +37,9 @@ def test_masks_scores_and_zeros_match_reference(family, world_size):
         case = f"{family} stage {stage} {dtype} {bitter7}"
         score = bitter7.get("score", "bitter7")
         ref_scores = reference_unit_scores(family, model, _kinds(bitter7), score)
-        ref_masks = reference_masks(ref_scores, 0.5, bitter7.get("scope") == "per_layer")
+        scope = bitter7.get("scope", "global")
+        ref_masks = reference_masks(ref_scores, 0.5, scope)
+        thr_scores = standardized(ref_scores) if scope == "standardized" else ref_scores  # thresholds in z units
         for rank, res in enumerate(r[i] for r in results):
             # Invariant 1: identical scores and masks on every rank, equal to the reference.
             assert res["scores"].keys() == ref_scores.keys(), case
@@ -49,11 +52,11 @@ def test_masks_scores_and_zeros_match_reference(family, world_size):
                 keys = [k for k in ref_masks if k.endswith(kind)]
                 pruned = sum(int((~res["masks"][k]).sum()) for k in keys)
                 total = sum(ref_masks[k].numel() for k in keys)
-                if bitter7.get("scope") == "per_layer":
+                if scope == "per_layer":
                     assert pruned == sum(math.floor(0.5 * ref_masks[k].numel()) for k in keys)
                 else:
                     assert pruned == math.floor(0.5 * total), case
-                    ref_thr = max(float(ref_scores[k][~ref_masks[k]].max()) for k in keys)
+                    ref_thr = max(float(thr_scores[k][~ref_masks[k]].max()) for k in keys)
                     assert res["event"]["thresholds"][name] == pytest.approx(ref_thr, rel=1e-10)
             # Invariant 3: pruned units are exactly zero after two more steps.
             assert res["zero"] == {"master": True, "moments": True, "model": True}, (case, rank, res["zero"])
@@ -120,7 +123,7 @@ def test_nan_scores_prune_nothing_on_every_rank():
 def test_client_torch_adamw(stage):
     results = run_distributed(workers.client_optimizer_case, 2, "llama", stage)
     model = tiny_model("llama")
-    ref = reference_masks(reference_unit_scores("llama", model, ["mlp"], "bitter7"), 0.5, False)
+    ref = reference_masks(reference_unit_scores("llama", model, ["mlp"], "bitter7"), 0.5)
     for res in results:
         assert res["zero"] == {"master": True, "moments": True, "model": True}
         for key, mask in ref.items():

@@ -1,4 +1,5 @@
-"""launch/train.py under torchrun, the deepspeed launcher and mpirun: 2 CPU ranks, a few steps."""
+"""launch/train.py and ``python -m ds_bitter7.oneshot`` under torchrun, the deepspeed launcher and
+mpirun: 2 CPU ranks, a few steps."""
 
 from __future__ import annotations
 
@@ -28,12 +29,23 @@ def check_summary(path, steps=STEPS):
     return summary
 
 
-def test_torchrun_with_checkpoint_and_resume(tmp_path):
-    summary, ckpt = tmp_path / "summary.json", tmp_path / "ckpt"
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A checkpoint of launch/train.py under torchrun (2 ranks, pruned 50% during training)."""
+    root = tmp_path_factory.mktemp("trained")
+    summary, ckpt = root / "summary.json", root / "ckpt"
     run([str(VENV_BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", str(free_port()),
-         *train_args(tmp_path, summary, ["--save_dir", str(ckpt)])], tmp_path)
-    first = check_summary(summary)
-    assert (ckpt / "latest").read_text().strip() == f"global_step{STEPS}"
+         *train_args(root, summary, ["--save_dir", str(ckpt)])], root)
+    return root, summary, ckpt
+
+
+def test_torchrun_with_checkpoint_and_resume(trained, tmp_path):
+    _, first_summary, original = trained
+    first = check_summary(first_summary)
+    assert (original / "latest").read_text().strip() == f"global_step{STEPS}"
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(original, ckpt)  # the other tests read the original
+    summary = tmp_path / "summary.json"
     run([str(VENV_BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", str(free_port()),
          *train_args(tmp_path, summary, ["--save_dir", str(ckpt), "--resume", "--steps", str(STEPS + 2)])],
         tmp_path)
@@ -51,16 +63,58 @@ def test_deepspeed_launcher(tmp_path):
     check_summary(summary)
 
 
-@pytest.mark.skipif(shutil.which("mpirun", path=str(VENV_BIN)) is None and shutil.which("mpirun") is None,
-                    reason="no mpirun")
+MPIRUN = shutil.which("mpirun", path=str(VENV_BIN)) or shutil.which("mpirun")
+needs_mpirun = pytest.mark.skipif(MPIRUN is None, reason="no mpirun")
+
+
+def mpirun(n: int):
+    return [MPIRUN, "--allow-run-as-root", "--oversubscribe", "-np", str(n),
+            "-x", "DS_ACCELERATOR", "-x", "GLOO_SOCKET_IFNAME", "-x", "MASTER_PORT", "-x", "PYTHONPATH",
+            "-x", "DS_BITTER7_CACHE", "-x", "HF_DATASETS_CACHE", "-x", "PATH"]
+
+
+@needs_mpirun
 def test_mpirun(tmp_path):
     summary = tmp_path / "summary.json"
-    mpirun = shutil.which("mpirun", path=str(VENV_BIN)) or shutil.which("mpirun")
-    run([mpirun, "--allow-run-as-root", "--oversubscribe", "-np", "2",
-         "-x", "DS_ACCELERATOR", "-x", "GLOO_SOCKET_IFNAME", "-x", "MASTER_PORT", "-x", "PYTHONPATH",
-         "-x", "DS_BITTER7_CACHE", "-x", "HF_DATASETS_CACHE", "-x", "PATH",
-         str(VENV_BIN / "python"), *train_args(tmp_path, summary)], tmp_path)
+    run([*mpirun(2), str(VENV_BIN / "python"), *train_args(tmp_path, summary)], tmp_path)
     check_summary(summary)
+
+
+def oneshot_args(trained, tmp_path):
+    root, _, ckpt = trained
+    corpus = str(root / "corpus.jsonl")
+    return ["-m", "ds_bitter7.oneshot", str(ckpt), str(tmp_path / "small"), "--sparsity", "0.75",
+            "--score", "bitter7", "--scope", "standardized", "--compensation", "least_squares",
+            "--calibration", corpus, "--validation", corpus, "--seq_len", "32", "--batch_size", "2",
+            "--num_batches", "2", "--eval_batches", "2", "--report", str(tmp_path / "report.json")]
+
+
+def check_oneshot(tmp_path):
+    """Two ranks loaded the checkpoint (its 50% stays pruned) and removed 75% in one event."""
+    from transformers import AutoModelForCausalLM
+
+    import ds_bitter7  # noqa: F401  registers bitter7_gpt2 (layers of different widths)
+
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["world_size"] == 2 and report["scope"] == "standardized"
+    assert report["event"]["sparsity"] == {"mlp_neuron": pytest.approx(0.75)}
+    assert report["event"]["compensation"]["mode"] == "least_squares"
+    assert report["ppl_after"] > 1 and report["params_after"] < report["params_before"]
+    small = AutoModelForCausalLM.from_pretrained(str(tmp_path / "small"))
+    assert sum(p.numel() for p in small.parameters()) == report["params_after"]
+
+
+def test_oneshot_under_deepspeed_launcher(trained, tmp_path):
+    oneshot = oneshot_args(trained, tmp_path)
+    run([str(VENV_BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()), "--module",
+         *oneshot[1:]], tmp_path)
+    check_oneshot(tmp_path)
+
+
+@needs_mpirun
+def test_oneshot_under_mpirun(trained, tmp_path):
+    run([*mpirun(2), str(VENV_BIN / "python"), *oneshot_args(trained, tmp_path)], tmp_path)
+    check_oneshot(tmp_path)
 
 
 def test_shell_launchers_are_executable():

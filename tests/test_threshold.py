@@ -8,7 +8,7 @@ import torch
 from ds_bitter7.comm import Communicator
 from ds_bitter7.config import parse_config
 from ds_bitter7.schedule import sparsity_at
-from ds_bitter7.threshold import kth_keys, n_to_prune, score_keys, select_units
+from ds_bitter7.threshold import kth_keys, n_to_prune, score_keys, select_units, standardize
 
 
 def test_floor_is_exact_despite_float_error():
@@ -38,6 +38,28 @@ def test_per_layer_prunes_the_same_fraction_in_each_layer():
     none = torch.zeros(8, dtype=torch.bool)
     assert select_units(scores, layers, none, 0.5, per_layer=True).tolist() == [True, True, False, False] * 2
     assert select_units(scores, layers, none, 0.5, per_layer=False).tolist() == [True] * 4 + [False] * 4
+
+
+def test_standardized_scores_let_layers_of_different_scale_compete():
+    base = torch.tensor([1.0, 2.0, 3.0, 4.0], dtype=torch.float64)
+    scores = torch.cat([base, 1000 * base + 5])  # the same ranking in layer 1, at another scale
+    layers = torch.tensor([0, 0, 0, 0, 1, 1, 1, 1])
+    none = torch.zeros(8, dtype=torch.bool)
+    z = standardize(scores, layers, none)
+    assert z[:4].allclose(z[4:]) and z[:4].mean().abs() < 1e-12 and float(z[:4].std()) == pytest.approx(1.0)
+    # raw global selection empties layer 0; standardised, each layer loses its two lowest (ties: lower index)
+    assert select_units(scores, layers, none, 0.5, per_layer=False).tolist() == [True] * 4 + [False] * 4
+    assert select_units(z, layers, none, 0.5, per_layer=False).tolist() == [True, True, False, False] * 2
+
+
+def test_standardize_ignores_pruned_units_and_constant_layers():
+    scores = torch.tensor([0.0, 10.0, 20.0, 7.0, 7.0], dtype=torch.float64)
+    layers = torch.tensor([0, 0, 0, 1, 1])
+    pruned = torch.tensor([True, False, False, False, False])
+    z = standardize(scores, layers, pruned)
+    assert z[0] == 0.0  # raw: pruned units stay as they were
+    assert z[1:3].tolist() == pytest.approx([-2 ** -0.5, 2 ** -0.5])  # mean 15, sample std 7.07
+    assert z[3:].tolist() == [0.0, 0.0]  # std 0: centered only
 
 
 def test_radix_select_equals_sorting():
