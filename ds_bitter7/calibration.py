@@ -6,7 +6,9 @@ MLP neuron (after the activation function and, for SwiGLU, after the gate produc
 attention unit, its heads' slice of the attention output. Per input feature the hook accumulates
 float64 count, sum and sum of squares (and, for least squares, the second-moment matrix
 ``X^T X``). ``gather()`` packs every group's sums into one vector and all-reduces it once, so the
-result is the single-process statistic over the union of all ranks' data.
+result is the single-process statistic over the union of all ranks' data. Padding does not count:
+when the model is called with an ``attention_mask`` keyword (``[batch, seq]``), the rows of
+masked-out positions are dropped (a forward pre-hook on the model reads the mask).
 
 Two sources (``bias_compensation.source``):
 - ``calibration``: ``gather()`` runs ``num_batches`` batches of ``calibration_data`` (every rank
@@ -130,6 +132,7 @@ class ActivationStats:
         self._recent: Dict[str, Deque[Tuple[int, _Sums]]] = {
             g.key: collections.deque(maxlen=self.window) for g in self.groups}
         self._handles = []
+        self._row_mask: Optional[torch.Tensor] = None  # kept rows of the running forward (padding)
         if self.source == StatsSource.training:
             self._register()
 
@@ -138,6 +141,12 @@ class ActivationStats:
         for g in self.groups:
             module = self.model.get_submodule(g.out_module)
             self._handles.append(module.register_forward_pre_hook(self._hook(g.key)))
+        self._handles.append(self.model.register_forward_pre_hook(self._capture_mask, with_kwargs=True))
+
+    def _capture_mask(self, module, args, kwargs) -> None:
+        """Remember which token positions of this forward are real (``attention_mask`` != 0)."""
+        mask = kwargs.get("attention_mask")
+        self._row_mask = mask.reshape(-1) != 0 if torch.is_tensor(mask) and mask.dim() == 2 else None
 
     def remove_hooks(self) -> None:
         """Unregister every forward hook (the pruner is being detached)."""
@@ -153,6 +162,10 @@ class ActivationStats:
             if x.shape[-1] != n:
                 raise RuntimeError(f"ds_bitter7: input of the out projection of {key} has "
                                    f"{x.shape[-1]} features, expected {n}")
+            x = x.detach().reshape(-1, n)
+            keep = self._row_mask
+            if keep is not None and keep.numel() == x.shape[0]:  # drop padded positions
+                x = x[keep.to(x.device)]
             if self._current is not None:  # a calibration pass
                 self._current[key].add_rows(x)
             elif module.training and not _in_backward():  # a training forward (not a recompute)

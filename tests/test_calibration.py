@@ -23,6 +23,15 @@ BOTH = ["mlp_neuron", "attention_head"]
 N_BATCHES = 6  # split evenly over 1, 2 and 3 ranks
 
 
+PAD = torch.zeros(2, 16, dtype=torch.bool)
+PAD[1, 10:] = True  # right padding of the second row
+
+
+def unpadded(data: List[torch.Tensor]) -> List[torch.Tensor]:
+    """Each padded batch as its real tokens only: row 0 whole, row 1's first 10 tokens."""
+    return [part for x in data for part in (x[:1], x[1:, :10])]
+
+
 def batches(n: int = N_BATCHES, seed: int = 7) -> List[torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     return [torch.randint(0, VOCAB, (2, 16), generator=g) for _ in range(n)]
@@ -53,7 +62,8 @@ def reference_stats(family: str, data) -> Dict[str, tuple]:
 # -- runs on every rank ----------------------------------------------------------------------------
 # (family, ZeRO stage, batch kind) per world size; world 2 also runs the other suites (one spawn).
 STATS_CASES = {1: [("llama", 2, "dict")],
-               2: [("gpt2", 2, "dict"), ("llama", 1, "tensor"), ("gpt2", 1, "second_moment")],
+               2: [("gpt2", 2, "dict"), ("llama", 1, "tensor"), ("gpt2", 1, "second_moment"),
+                   ("llama", 2, "padded")],
                3: [("gpt2", 0, "uneven"), ("llama", 2, "tensor")]}
 
 
@@ -73,6 +83,8 @@ def stats_suite(cases) -> list:
         if kind == "uneven" and world > 1 and rank == world - 1:
             mine = mine + batches(1, seed=99)  # one rank has more: every rank runs the minimum
         calib = [{"input_ids": x} for x in mine] if kind == "dict" else mine
+        if kind == "padded":  # 6 pad positions in each second row: they must not count
+            calib = [{"input_ids": x.masked_fill(PAD, 0), "attention_mask": (~PAD).long()} for x in mine]
         model = tiny_model(family)
         # "second_moment": the X^T X that least squares (issue 6) will use; compensation is off
         comp = ({"enabled": False, "mode": "least_squares"} if kind == "second_moment" else {"enabled": True})
@@ -180,7 +192,8 @@ def test_stats_equal_single_process_statistics(world_size, request):
         results = run_distributed(calibration_suite, world_size, cases, False, timeout=180)
     full = batches()
     for i, (family, stage, kind) in enumerate(cases):
-        ref = reference_stats(family, full)
+        ref = reference_stats(family, unpadded(full) if kind == "padded" else full)
+        tol = 1e-5 if kind == "padded" else 1e-10  # other kernels on shorter rows: float32 rounding
         for rank, res in enumerate(r["stats"][i] for r in results):
             case = (family, stage, kind, rank)
             assert res.keys() == ref.keys(), case
@@ -190,8 +203,8 @@ def test_stats_equal_single_process_statistics(world_size, request):
                 if second is not None:
                     assert torch.allclose(second, ref[key][3], rtol=1e-10, atol=1e-12), (case, key)
                 assert mean.dtype == torch.float64 and var.dtype == torch.float64
-                assert torch.allclose(mean, ref[key][1], rtol=1e-10, atol=1e-12), (case, key)
-                assert torch.allclose(var, ref[key][2], rtol=1e-9, atol=1e-12), (case, key)
+                assert torch.allclose(mean, ref[key][1], rtol=tol, atol=tol * 1e-2), (case, key)
+                assert torch.allclose(var, ref[key][2], rtol=10 * tol, atol=tol * 1e-2), (case, key)
 
 
 def test_training_source_keeps_last_window_and_resets(world2):
