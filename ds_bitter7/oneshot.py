@@ -26,7 +26,7 @@ import shutil
 import subprocess
 import sys
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -54,7 +54,7 @@ class CheckpointInfo:
     zero_files: List[str]  # *optim_states.pt, one per data-parallel rank (ZeRO 1/2, BF16_Optimizer)
     has_optimizer_state: bool
     ds_config: Dict[str, Any]  # the config saved with the checkpoint (may be empty)
-    module_keys: List[str]
+    module_shapes: Dict[str, Tuple[int, ...]]  # the saved model's tensors ("module." prefix removed)
     client_bitter7: Optional[dict]  # pruner state of a ds_bitter7 checkpoint
 
 
@@ -120,9 +120,11 @@ def inspect_checkpoint(checkpoint_dir: str, tag: Optional[str]) -> CheckpointInf
     zero_files = sorted(glob.glob(os.path.join(folder, "*optim_states.pt")))
     has_state = bool(zero_files) or _has_torch_state(sd.get("optimizer"))
     module = sd.get("module") or {}
+    shapes = {k[len("module."):] if k.startswith("module.") else k: tuple(getattr(v, "shape", ()))
+              for k, v in module.items()}
     saved = sd.get("ds_config")
     return CheckpointInfo(tag, folder, zero_files, has_state, saved if isinstance(saved, dict) else {},
-                          list(module), sd.get("bitter7"))
+                          shapes, sd.get("bitter7"))
 
 
 def _has_torch_state(opt) -> bool:
@@ -315,7 +317,7 @@ def fit_biases(model, cfg, info: CheckpointInfo) -> None:
     from .compensation import add_missing_out_biases
 
     added = add_missing_out_biases(model, cfg)
-    missing = [n for n in added if n not in info.module_keys and f"module.{n}" not in info.module_keys]
+    missing = [n for n in added if n not in info.module_shapes]
     if missing and not cfg.bias_compensation.enabled:
         for name in added:  # the checkpoint has none: keep the model as it was trained
             model.get_submodule(name.rsplit(".", 1)[0]).bias = None
@@ -324,6 +326,21 @@ def fit_biases(model, cfg, info: CheckpointInfo) -> None:
         raise OneShotError(f"bias compensation needs a bias on {missing[0]} (and {len(missing) - 1} more), "
                            f"which checkpoint {info.folder!r} does not have (its optimizer state has no room "
                            "for it): use --compensation none, or train with ds_bitter7 bias compensation on")
+
+
+def check_model_matches(model, info: CheckpointInfo, config_dir: str) -> None:
+    """Raise ``OneShotError`` when the model built from ``config.json`` does not fit the checkpoint."""
+    wrong = []
+    for name, param in model.named_parameters():
+        saved = info.module_shapes.get(name)
+        if saved != tuple(param.shape):
+            wrong.append(f"{name}: {'missing' if saved is None else list(saved)} in the checkpoint, "
+                         f"{list(param.shape)} in the model")
+    if wrong:
+        more = f" (and {len(wrong) - 3} more)" if len(wrong) > 3 else ""
+        raise OneShotError(f"the model of {os.path.join(config_dir, 'config.json')!r} does not match checkpoint "
+                           f"{info.folder!r}: {'; '.join(wrong[:3])}{more}; pass the training run's config with "
+                           "--model_config")
 
 
 # --------------------------------------------------------------------------- the run
@@ -348,9 +365,13 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
     cfg = parse_config({"bitter7": bitter7_section(args)})
     init_distributed()
     comm = Communicator()
+    # rank 0 writes OUTPUT_DIR: it decides, before any work, and every rank fails alike
+    if comm.any(comm.rank == 0 and os.path.exists(args.output_dir) and not args.overwrite):
+        raise OneShotError(f"output directory {args.output_dir!r} already exists (pass --overwrite)")
     torch.manual_seed(args.seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     fit_biases(model, cfg, info)
+    check_model_matches(model, info, config_dir)
     tokenizer = dsdata.get_tokenizer(args.tokenizer)
     engine = build_engine(args, info, model, comm)
     device = next(engine.module.parameters()).device

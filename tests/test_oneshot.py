@@ -102,6 +102,25 @@ def test_bad_arguments_fail_on_every_rank(checkpoint):
         assert msg.startswith("OneShotError") and "--sparsity must be in [0, 1)" in msg and "nope.txt" in msg
 
 
+def test_existing_output_dir_fails_before_any_work(checkpoint, tmp_path):
+    root, ckpt, text = checkpoint
+    (tmp_path / "out").mkdir()
+    out = run_distributed(run_oneshot, 2, _argv(tmp_path, ckpt, text, "out"), timeout=60)
+    for msg in out:
+        assert msg.startswith("OneShotError") and "already exists (pass --overwrite)" in msg
+
+
+def test_model_config_that_does_not_fit_the_checkpoint_is_named(checkpoint, tmp_path):
+    root, ckpt, text = checkpoint
+    config = _model().config
+    config.n_inner = 32  # the checkpoint's MLPs have 64 neurons
+    config.save_pretrained(str(tmp_path / "cfg"))
+    argv = _argv(tmp_path, ckpt, text, "out", "--model_config", str(tmp_path / "cfg"))
+    msg = run_distributed(run_oneshot, 1, argv, timeout=60)[0]
+    assert msg.startswith("OneShotError") and "does not match checkpoint" in msg, msg
+    assert "transformer.h.0.mlp.c_fc.weight: [32, 64] in the checkpoint, [32, 32] in the model" in msg
+
+
 def _weights_only_checkpoint(folder) -> None:
     tag = folder / "global_step1"
     tag.mkdir()
