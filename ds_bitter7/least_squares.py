@@ -13,12 +13,15 @@ and ``S`` the *centered* covariance (``E[x x^T] - mu mu^T``):
 ``mu_K W_K + mu_R W_R - mu_K W_K'``, which the bias absorbs). ``lam = ridge * mean(diag(S_KK))``.
 With ``R`` empty ``D = 0``; with ``K`` empty it is mean compensation.
 
-Under ZeRO each rank owns a flat fragment of ``W``'s fp32 master. ``W_R`` (``|R| x out``) is
-assembled by summing every rank's owned part of it (one all-reduce for all groups of the event);
-every rank then solves the same float64 system, adds its own elements of ``D`` to its fp32 master
-fragment (and, ZeRO 1/2, the whole ``D`` to the model's replicated parameter) and ``b' - b`` to
-the bias. The covariance itself was all-reduced by ``ActivationStats`` (``F^2`` numbers per group:
-DESIGN invariant 5's documented exception).
+Under ZeRO each rank owns a flat fragment of ``W``'s fp32 master. The solve needs only
+``S_KR W_R`` and ``mu_R W_R``, both linear in ``W_R``, so each group takes the smaller of two
+all-reduces (one for all groups of the event): the removed rows ``W_R`` (``|R| x out``), summed
+from every rank's owned part, or, when ``|K| + 1 < |R|`` (deep one-shot pruning), each rank's
+products ``S_KR W_R^(r)`` and ``mu_R W_R^(r)`` with its owned elements ``W_R^(r)``
+(``(|K| + 1) x out``). Every rank then solves the same float64 system, adds its own elements of
+``D`` to its fp32 master fragment (and, ZeRO 1/2, the whole ``D`` to the model's replicated
+parameter) and ``b' - b`` to the bias. The covariance itself was all-reduced by
+``ActivationStats`` (``F^2`` numbers per group: DESIGN invariant 5's documented exception).
 """
 
 from __future__ import annotations
@@ -39,11 +42,18 @@ def solve_update(cov: torch.Tensor, mean: torch.Tensor, keep: torch.Tensor, remo
     indices (LongTensor); ``w_removed``: the rows of ``W`` (``[F, out]`` layout) of ``removed``.
     """
     cov, mean, w_r = cov.to(torch.float64), mean.to(torch.float64), w_removed.to(torch.float64)
-    bias = mean[removed] @ w_r  # [out]: the removed features' mean contribution
-    if keep.numel() == 0 or removed.numel() == 0:
-        return w_r.new_zeros(keep.numel(), w_r.shape[1]), bias
+    return solve_products(cov, mean, keep, cov[keep][:, removed] @ w_r, mean[removed] @ w_r, ridge)
+
+
+def solve_products(cov: torch.Tensor, mean: torch.Tensor, keep: torch.Tensor, rhs: torch.Tensor,
+                   bias: torch.Tensor, ridge: float) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``solve_update`` from the products it needs: ``rhs = S_KR W_R`` ``[|K|, out]`` and
+    ``bias = mu_R W_R`` ``[out]`` (the removed features' mean contribution); float64."""
+    cov, mean = cov.to(torch.float64), mean.to(torch.float64)
+    rhs, bias = rhs.to(torch.float64), bias.to(torch.float64)
+    if keep.numel() == 0 or not bool(rhs.any()):  # nothing to refit (no kept or no removed feature)
+        return rhs.new_zeros(keep.numel(), bias.numel()), bias
     s_kk = cov[keep][:, keep]
-    rhs = cov[keep][:, removed] @ w_r  # [|K|, out]
     lam = ridge * float(s_kk.diagonal().mean().clamp(min=0.0))
     a = s_kk + lam * torch.eye(keep.numel(), dtype=torch.float64)
     delta, info = torch.linalg.solve_ex(a, rhs)
@@ -111,19 +121,32 @@ def compensate_least_squares(pruner, masks_before: Dict[str, torch.Tensor], stat
         keep, removed = _features(g, masks_before[g.key], pruner.masks[g.key])
         if removed.numel():
             todo.append((g, keep, removed))
-    parts = [_rows(_owned(pruner, g.out_weight), g.out_in_dim, removed).reshape(-1) for g, _, removed in todo]
+    covs = {g.key: stats[g.key].second_moment - torch.outer(stats[g.key].mean, stats[g.key].mean)
+            for g, _, _ in todo}  # centered, [F, F]
+    # per group the smaller message: W_R ([|R|, out]) or this rank's products ([|K| + 1, out])
+    products = [keep.numel() + 1 < removed.numel() for _, keep, removed in todo]
+    parts = []
+    for (g, keep, removed), by_products in zip(todo, products):
+        w_own = _rows(_owned(pruner, g.out_weight), g.out_in_dim, removed)  # [|R|, out], 0 where not owned
+        if by_products:
+            w_own = torch.cat([covs[g.key][keep][:, removed] @ w_own, (stats[g.key].mean[removed] @ w_own)[None]])
+        parts.append(w_own.reshape(-1))
     gathered = pruner.score_comm.all_reduce_sum(torch.cat(parts)) if parts else torch.zeros(0)
     offset, cov_bytes, units = 0, 0, 0
-    for (g, keep, removed), part in zip(todo, parts):
-        w_r = gathered[offset:offset + part.numel()].view(removed.numel(), -1)  # [|R|, out]
+    for (g, keep, removed), part, by_products in zip(todo, parts, products):
+        rows = keep.numel() + 1 if by_products else removed.numel()
+        summed = gathered[offset:offset + part.numel()].view(rows, -1)
         offset += part.numel()
         st = stats[g.key]
-        cov = st.second_moment - torch.outer(st.mean, st.mean)  # centered, [F, F]
-        delta, bias_delta = solve_update(cov, st.mean, keep, removed, w_r, ridge)
+        if by_products:
+            delta, bias_delta = solve_products(covs[g.key], st.mean, keep, summed[:-1], summed[-1], ridge)
+        else:
+            delta, bias_delta = solve_update(covs[g.key], st.mean, keep, removed, summed, ridge)
         _add_to_weight(pruner, g, keep, delta)
         _add_to_bias(pruner, g.out_bias, bias_delta)
-        cov_bytes += cov.numel() * 8
+        cov_bytes += covs[g.key].numel() * 8
         units += int((masks_before[g.key] & ~pruner.masks[g.key]).sum())
     event["compensation"] = {"mode": "least_squares", "units": units, "groups": len(todo),
+                             "groups_by_products": sum(products),
                              "covariance_bytes": cov_bytes, "gathered_bytes": int(gathered.numel()) * 8,
                              "ridge": ridge, "seconds": time.perf_counter() - t0}

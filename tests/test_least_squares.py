@@ -3,9 +3,10 @@
 - Solver: when the removed features are exact linear combinations (plus a constant) of the kept
   ones, the refitted layer reproduces the unpruned output on every row; with ridge 0 the update is
   the ordinary least-squares fit of ``[X_K, 1]`` to the unpruned output.
-- Distributed (ZeRO 0/1/2, GPT-2 Conv1D and LLaMA Linear, 1/2/3 ranks): after ``prune_to`` the
-  out projection's weight and bias on every rank equal a single-process ``torch.linalg.lstsq``
-  reference computed from the full calibration inputs (the union of all ranks' batches).
+- Distributed (ZeRO 0/1/2, GPT-2 Conv1D and LLaMA Linear, 1/2/3 ranks, 50% and 75%): after
+  ``prune_to`` the out projection's weight and bias on every rank equal a single-process
+  ``torch.linalg.lstsq`` reference computed from the full calibration inputs (the union of all
+  ranks' batches), whichever message each layer sent (``W_R`` or the products).
 - A neuron that duplicates another is removed with no change to the logits.
 """
 
@@ -80,8 +81,8 @@ def _out_params(model, group):
     return (w if group.out_in_dim == 0 else w.T.contiguous()), model.get_parameter(group.out_bias).detach().double().clone()
 
 
-def ls_case(family: str, stage: int) -> Dict[str, dict]:
-    """Prune half the neurons with least squares; return what the test compares per group."""
+def ls_case(family: str, stage: int, fraction: float) -> Dict[str, dict]:
+    """Prune ``fraction`` of the neurons with least squares; return what the test compares per group."""
     world, rank = dist.get_world_size(), dist.get_rank()
     model = small_model(family)
     bitter7 = {"structures": ["mlp_neuron"], "score": "magnitude", "schedule": {"start_step": 1000, "end_step": 1000},
@@ -100,7 +101,7 @@ def ls_case(family: str, stage: int) -> Dict[str, dict]:
     for h in hooks:
         h.remove()
     before = {g.key: _out_params(model, g) for g in pruner.groups}
-    event = pruner.prune_to(0.5)
+    event = pruner.prune_to(fraction)
     out = {}
     for g in pruner.groups:
         w, b = _out_params(model, g)
@@ -126,23 +127,37 @@ def _reference(case: dict):
     return w, theta[-1]
 
 
-CASES = {1: [("gpt2", 2), ("llama", 0)], 2: [("gpt2", 2), ("llama", 1), ("gpt2", 0)], 3: [("gpt2", 1), ("llama", 2)]}
+# (family, stage, fraction): at 0.75 most layers send S_KR W_R and mu_R W_R ((|K|+1) rows), at 0.5 W_R
+CASES = {1: [("gpt2", 2, 0.5), ("llama", 0, 0.75)], 2: [("gpt2", 2, 0.5), ("llama", 1, 0.75), ("gpt2", 0, 0.75)],
+         3: [("gpt2", 1, 0.75), ("llama", 2, 0.5)]}
 
 
 @pytest.mark.parametrize("world_size", [1, 2, 3])
 def test_distributed_update_equals_single_process_reference(world_size):
     results = run_distributed(ls_suite, world_size, CASES[world_size], timeout=120)
+    by_products = groups = 0
     for c, case in enumerate(CASES[world_size]):
         for rank_out in results:
             got = rank_out[c]
             event = got.pop("_event")
             assert event["mode"] == "least_squares" and event["units"] > 0
             assert event["covariance_bytes"] == sum(v["x"].shape[1] ** 2 * 8 for v in got.values())
+            # each group moved the smaller of W_R and the products; nothing at stage 0
+            rows = []
+            for v in got.values():
+                kept = int(((v["ids"] < 0) | v["keep"][v["ids"].clamp(min=0)]).sum())
+                removed = v["x"].shape[1] - kept
+                rows.append((min(removed, kept + 1) * v["w0"].shape[1], kept + 1 < removed))
+            assert event["groups_by_products"] == sum(by for _, by in rows)
+            assert event["gathered_bytes"] == sum(n for n, _ in rows) * 8
+            by_products += event["groups_by_products"]
+            groups += event["groups"]
             for key, v in got.items():
                 w, b = _reference(v)
                 scale = v["w0"].abs().max()
                 assert torch.allclose(v["w"], w, atol=1e-4 * scale, rtol=0), (case, key)
                 assert torch.allclose(v["b"], b, atol=1e-4 * scale, rtol=0), (case, key)
+    assert 0 < by_products < groups  # both messages were exercised
 
 
 def duplicate_neuron_case(stage: int) -> float:
