@@ -137,14 +137,13 @@ def compensate_least_squares(pruner, masks_before: Dict[str, torch.Tensor], stat
         rows = keep.numel() + 1 if by_products else removed.numel()
         summed = gathered[offset:offset + part.numel()].view(rows, -1)
         offset += part.numel()
-        st = stats[g.key]
-        if by_products:
-            delta, bias_delta = solve_products(covs[g.key], st.mean, keep, summed[:-1], summed[-1], ridge)
-        else:
-            delta, bias_delta = solve_update(covs[g.key], st.mean, keep, removed, summed, ridge)
+        cov, mean = covs[g.key], stats[g.key].mean
+        if not by_products:  # summed is W_R: form the products here
+            summed = torch.cat([cov[keep][:, removed] @ summed, (mean[removed] @ summed)[None]])
+        delta, bias_delta = solve_products(cov, mean, keep, summed[:-1], summed[-1], ridge)
         _add_to_weight(pruner, g, keep, delta)
         _add_to_bias(pruner, g.out_bias, bias_delta)
-        cov_bytes += covs[g.key].numel() * 8
+        cov_bytes += cov.numel() * 8
         units += int((masks_before[g.key] & ~pruner.masks[g.key]).sum())
     event["compensation"] = {"mode": "least_squares", "units": units, "groups": len(todo),
                              "groups_by_products": sum(products),
