@@ -255,9 +255,10 @@ def _config_dict(config) -> dict:
     return data
 
 
-def build_config(config, counts: Mapping[str, int], extra_flags: Optional[Dict[str, bool]] = None):
+def build_config(config, counts: Mapping[str, int], extra_flags: Optional[Dict[str, bool]] = None,
+                 standard: bool = True):
     """The config of the shrunk model: standard when every block has the same widths (and the
-    standard class can say so), else `bitter7_gpt2` / `bitter7_llama`."""
+    standard class can say so; ``standard=False`` skips it), else `bitter7_gpt2` / `bitter7_llama`."""
     family = family_of(config)
     n = config.num_hidden_layers
     mlp = [counts[f"layers.{i}.mlp"] for i in range(n)]
@@ -270,18 +271,22 @@ def build_config(config, counts: Mapping[str, int], extra_flags: Optional[Dict[s
         if _uniform(mlp) and attn == [config.n_head] * n and config.model_type == "gpt2":
             return type(config)(**{**data, "n_inner": mlp[0]})
         return Bitter7GPT2Config(**data, intermediate_sizes=mlp, num_heads_per_layer=attn)
-    if _uniform(mlp) and _uniform(attn) and config.model_type != "bitter7_llama":
+    if standard and _uniform(mlp) and _uniform(attn) and config.model_type != "bitter7_llama":
         uniform = {"intermediate_size": mlp[0], "num_attention_heads": attn[0] * q_per_unit,
                    "num_key_value_heads": attn[0], "head_dim": head_dim}
         try:
             return type(config)(**{**data, **uniform})
         except (ValueError, TypeError) as err:  # e.g. hidden_size not a multiple of the heads
             logger.info("standard %s config cannot express the shape (%s); using bitter7_llama", config.model_type, err)
-    if config.model_type not in ("llama", "bitter7_llama"):
+    window = _binding_sliding_window(config)
+    if window is not None:
         raise NotImplementedError(
-            f"blocks of different widths are exported only for llama and gpt2; {config.model_type} "
-            "needs scope: per_layer"
+            f"{config.model_type} with a sliding attention window ({window} tokens, under its "
+            f"{config.max_position_embeddings} positions) exports with different widths per block only "
+            "through bitter7_llama, which has no window; prune with scope: per_layer for a standard model"
         )
+    for key in ("sliding_window", "use_sliding_window", "max_window_layers", "layer_types"):
+        data.pop(key, None)  # Mistral / Qwen2 keys: no window binds, so the LLaMA blocks compute the same
     data["head_dim"] = head_dim
     return Bitter7LlamaConfig(
         **data,
@@ -289,6 +294,17 @@ def build_config(config, counts: Mapping[str, int], extra_flags: Optional[Dict[s
         num_heads_per_layer=[a * q_per_unit for a in attn],
         num_kv_heads_per_layer=attn,
     )
+
+
+def _binding_sliding_window(config) -> Optional[int]:
+    """The attention window of a Mistral / Qwen2 config when it can change the output, else None."""
+    window = getattr(config, "sliding_window", None)
+    if config.model_type == "qwen2":
+        sliding = "sliding_attention" in (getattr(config, "layer_types", None) or [])
+        window = window if sliding or getattr(config, "use_sliding_window", False) else None
+    if window is None or window >= config.max_position_embeddings:
+        return None
+    return window
 
 
 def _param_counts(state_dict: Mapping[str, torch.Tensor], prefix: str, kind: str) -> int:
@@ -327,15 +343,32 @@ def shrink_model(model: PreTrainedModel, masks: Masks) -> Tuple[PreTrainedModel,
     before = model.state_dict()
     counts = unit_counts(before, config)
     after, new_counts = shrink_state_dict(before, config, masks)
-    flags = _add_zero_biases(after, config, family)
-    new_config = build_config(config, new_counts, flags)
+    new_config = build_config(config, new_counts)
+    if _misfit(new_config, after):  # compensation biases the config has no flag for
+        flags = _add_zero_biases(after, config, family)
+        new_config = build_config(config, new_counts, flags)
+        if _misfit(new_config, after):  # a standard Mistral / Qwen2 cannot say "bias on o_proj"
+            new_config = build_config(config, new_counts, flags, standard=False)
     dtype = next(model.parameters()).dtype
     small = AutoModelForCausalLM.from_config(new_config, dtype=dtype)
-    missing, unexpected = small.load_state_dict(after, strict=False)
-    tied = set(getattr(small, "all_tied_weights_keys", {}) or {})
-    missing = [k for k in missing if k not in tied]
+    missing, unexpected = _key_mismatch(small, after)
     if missing or unexpected:
         raise RuntimeError(f"shrunk weights do not fit the new model: missing {missing}, unexpected {unexpected}")
+    small.load_state_dict(after, strict=False)
     small.tie_weights()
     small.eval()
     return small, layer_report(before, after, config, masks, counts)
+
+
+def _key_mismatch(model: nn.Module, state_dict: Mapping[str, torch.Tensor]) -> Tuple[List[str], List[str]]:
+    """(missing, unexpected) parameter names of ``state_dict`` for ``model`` (tied weights may be missing)."""
+    have = set(model.state_dict())
+    tied = set(getattr(model, "all_tied_weights_keys", {}) or {})
+    return sorted(have - set(state_dict) - tied), sorted(set(state_dict) - have)
+
+
+def _misfit(config, state_dict: Mapping[str, torch.Tensor]) -> bool:
+    """Whether a model of ``config`` lacks or has extra parameters for ``state_dict`` (built on meta)."""
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    return any(_key_mismatch(model, state_dict))

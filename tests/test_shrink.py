@@ -34,6 +34,24 @@ def tiny_llama(extra_bias: bool = False) -> LlamaForCausalLM:
     return model
 
 
+def tiny_llama_like(model_type: str, extra_bias: bool = False):
+    """Mistral (no window binds: 64 tokens, window 64) or Qwen2 (q/k/v biases), shaped as tiny_llama."""
+    from transformers import MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(0)
+    config_cls, model_cls = {"mistral": (MistralConfig, MistralForCausalLM), "qwen2": (Qwen2Config, Qwen2ForCausalLM)}[
+        model_type]
+    config = config_cls(hidden_size=64, num_attention_heads=8, num_key_value_heads=4, head_dim=8, intermediate_size=48,
+                        num_hidden_layers=N_LAYER, vocab_size=97, max_position_embeddings=64, initializer_range=0.2,
+                        bos_token_id=0, eos_token_id=0, **({"sliding_window": 64} if model_type == "mistral" else {}))
+    model = model_cls(config).eval()
+    if extra_bias:  # compensation biases on down_proj and o_proj, which Qwen2 has no flag for
+        for layer in model.model.layers:
+            for proj in (layer.mlp.down_proj, layer.self_attn.o_proj):
+                proj.bias = nn.Parameter(torch.zeros(proj.out_features))
+    return model
+
+
 def blocks_and_units(model):
     """(block, n_neurons, n_attention_units, head_dim, query heads per unit) per block."""
     c = model.config
@@ -105,7 +123,9 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor) -> None:
     assert rel <= 1e-5, rel
 
 
-MODELS = {"gpt2": tiny_gpt2, "llama_gqa": tiny_llama, "llama_extra_bias": lambda: tiny_llama(extra_bias=True)}
+MODELS = {"gpt2": tiny_gpt2, "llama_gqa": tiny_llama, "llama_extra_bias": lambda: tiny_llama(extra_bias=True),
+          "mistral": lambda: tiny_llama_like("mistral"), "qwen2": lambda: tiny_llama_like("qwen2"),
+          "qwen2_extra_bias": lambda: tiny_llama_like("qwen2", True)}
 
 
 @pytest.mark.parametrize("scope", ["global", "per_layer"])
@@ -130,7 +150,8 @@ def test_library_zeroing_matches_unit_definitions(name):
         assert torch.equal(got == 0, want == 0), key
 
 
-@pytest.mark.parametrize("name,model_type", [("gpt2", "gpt2"), ("llama_gqa", "llama"), ("llama_extra_bias", "llama")])
+@pytest.mark.parametrize("name,model_type", [("gpt2", "gpt2"), ("llama_gqa", "llama"), ("llama_extra_bias", "llama"),
+                                             ("mistral", "mistral"), ("qwen2", "qwen2")])
 def test_per_layer_neuron_pruning_saves_a_standard_model(name, model_type, tmp_path):
     model = MODELS[name]()
     masks = random_masks(model, "per_layer", attn=False)
@@ -143,7 +164,8 @@ def test_per_layer_neuron_pruning_saves_a_standard_model(name, model_type, tmp_p
     assert_close(logits(loaded), logits(model))
 
 
-@pytest.mark.parametrize("name,model_type", [("gpt2", "bitter7_gpt2"), ("llama_gqa", "bitter7_llama")])
+@pytest.mark.parametrize("name,model_type", [("gpt2", "bitter7_gpt2"), ("llama_gqa", "bitter7_llama"),
+                                             ("mistral", "bitter7_llama"), ("qwen2_extra_bias", "bitter7_llama")])
 def test_global_widths_save_a_custom_type_that_loads_back(name, model_type, tmp_path):
     model = MODELS[name]()
     masks = random_masks(model, "global")
@@ -204,3 +226,24 @@ def test_fully_pruned_block_keeps_one_zero_unit():
 def test_masks_that_do_not_match_the_model_raise(bad, message):
     with pytest.raises(ValueError, match=message):
         shrink_model(tiny_gpt2(), bad)
+
+
+def test_qwen2_with_compensation_biases_exports_as_bitter7_llama(tmp_path):
+    """Qwen2 has no flag for a bias on o_proj / down_proj: even uniform widths need bitter7_llama."""
+    model = MODELS["qwen2_extra_bias"]()
+    masks = random_masks(model, "per_layer", attn=False)
+    zero_units(model, masks)
+    small, _ = shrink_model(model, masks)
+    small.save_pretrained(tmp_path)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert loaded.config.model_type == "bitter7_llama"
+    assert_close(logits(loaded), logits(model))
+
+
+def test_binding_sliding_window_is_refused_for_different_widths():
+    model = tiny_llama_like("mistral")
+    model.config.sliding_window = 16  # under its 64 positions: LLaMA blocks would attend further
+    masks = random_masks(model, "global")
+    zero_units(model, masks)
+    with pytest.raises(NotImplementedError, match="sliding attention window \\(16 tokens.*scope: per_layer"):
+        shrink_model(model, masks)
