@@ -387,8 +387,7 @@ def plot(runs: List[Dict], rows: List[Dict], info: Dict) -> None:
         ax.errorbar(xs, [p["ppl_mean"] for p in pts],
                     yerr=[[p["ppl_mean"] - p["ppl_min"] for p in pts], [p["ppl_max"] - p["ppl_mean"] for p in pts]],
                     color=colors[method], marker="o", capsize=3, label=method)
-    ax.set_yscale("log")
-    ax.set_xlabel("MLP neurons removed (fraction)")
+    ax.set_xlabel("MLP neurons removed (fraction)")  # linear y: the final perplexities are close
     ax.set_ylabel("final validation perplexity (mean, bars: min..max)")
     ax.set_title("Final perplexity against MLP sparsity (0 = dense)")
     ax.legend(fontsize=7)
