@@ -253,7 +253,10 @@ def markdown(rows: List[Dict], checks: List[Dict], info: Dict) -> str:
              f"Command: `{info['command']}`  ", f"Dense validation perplexity: **{info['dense']:.3f}** "
              f"(mean of {len(info['seeds'])} seed(s); tiny GPT-2 trained {info['steps']} steps, ZeRO-2, 2 ranks). "
              f"MLP neurons pruned in one event; calibration: {info['num_batches']} train-split batches per rank; "
-             f"wall time {info['seconds'] / 60:.1f} min on {info['nproc']} CPU cores.", ""]
+             f"wall time {info['seconds'] / 60:.1f} min on {info['nproc']} CPU cores"
+             + (f" (dense checkpoints of seeds {info['reused_seeds']} reused from `--workdir`, trained by an "
+                "earlier invocation with the same arguments: the time is pruning only)." if info.get("reused_seeds")
+                else "."), ""]
     for s in SPARSITIES:
         lines += [f"## {s:.0%} of MLP neurons removed", "",
                   "| score | none | mean | least squares |", "|---|---:|---:|---:|"]
@@ -271,27 +274,28 @@ def markdown(rows: List[Dict], checks: List[Dict], info: Dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot(rows: List[Dict], dense: float, path: str) -> None:
+def plot(rows: List[Dict], dense: float, path: str, command: str, nproc: int) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(SPARSITIES), figsize=(12, 4), sharey=False)
+    fig, axes = plt.subplots(1, len(SPARSITIES), figsize=(12, 4.8), sharey=False)
     width = 0.25
     for ax, s in zip(axes, SPARSITIES):
         for j, comp in enumerate(COMPENSATIONS):
             vals = [_cell(rows, s, score, comp) for score in present(rows)]
             ax.bar([i + (j - 1) * width for i in range(len(vals))], vals, width, label=comp)
         ax.axhline(dense, color="k", linestyle="--", label="dense")
-        ax.set_xticks(range(len(present(rows))), present(rows), rotation=20)
+        ax.set_xticks(range(len(present(rows))), present(rows), rotation=30, ha="right")
         low = min([v for score in present(rows) for comp in COMPENSATIONS
                    if (v := _cell(rows, s, score, comp)) is not None] + [dense])
         ax.set_ylim(bottom=0.98 * low)  # linear: the differences are small next to the perplexity
         ax.set_title(f"{s:.0%} of MLP neurons, one shot")
         ax.set_ylabel("validation perplexity")
     axes[0].legend()
-    fig.tight_layout()
+    fig.text(0.01, 0.005, f"{command}; {nproc} CPU cores", fontsize=6.5, va="bottom")
+    fig.tight_layout(rect=(0, 0.04, 1, 1))
     fig.savefig(path, dpi=110)
 
 
@@ -335,6 +339,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     workdir = args.workdir or tmp.name
     os.makedirs(workdir, exist_ok=True)
     cells: List[Dict] = []
+    reused = [s for s in args.seeds if os.path.exists(os.path.join(workdir, f"dense_{s}", "latest"))]
     for seed in args.seeds:
         ckpt = train_dense(seed, args, workdir)
         print(f"seed {seed}: trained {ckpt} ({time.time() - t0:.0f} s)", flush=True)
@@ -344,7 +349,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     info = {"command": "python benchmarks/oneshot.py " + " ".join(shlex.quote(a) for a in argv),
             "seeds": args.seeds, "steps": args.steps, "seq_len": args.seq_len, "micro_batch": args.micro_batch,
             "num_batches": args.num_batches, "eval_batches": args.eval_batches, "ridge": args.ridge,
-            "seconds": time.time() - t0, "nproc": len(os.sched_getaffinity(0))}
+            "seconds": time.time() - t0, "nproc": len(os.sched_getaffinity(0)), "reused_seeds": reused}
     report(cells, info, args)
     if tmp is not None:
         tmp.cleanup()
@@ -362,7 +367,7 @@ def report(cells: List[Dict], info: Dict, args) -> None:
         json.dump({"info": info, "rows": rows, "targets": checks, "cells": cells}, f, indent=2)
     with open(base + ".md", "w", encoding="utf-8") as f:
         f.write(markdown(rows, checks, info))
-    plot(rows, dense, base + ".png")
+    plot(rows, dense, base + ".png", info["command"], info["nproc"])
     print(markdown(rows, checks, info))
 
 
