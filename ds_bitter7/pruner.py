@@ -18,7 +18,7 @@ import torch
 from .calibration import ActivationStats, unit_std
 from .comm import Communicator, log_main
 from .compensation import compensate
-from .config import Bitter7Config, MaskUpkeep, Scope, StructureName, enum_name
+from .config import Bitter7Config, MaskUpkeep, Scope, StatsSource, StructureName, enum_name
 from .schedule import sparsity_at
 from .scores import ScoreInputs, get_scorer
 from .state import CheckpointError
@@ -68,7 +68,9 @@ class Pruner:
         self.last_event: Optional[dict] = None
         self.events: List[dict] = []
         self._stepping = False  # True while an event runs inside the optimizer step
+        self._pending: Optional[float] = None  # an event due at this step, run when engine.step returns
         self._hooks = self.access.register_step_hooks(self._pre_step, self._post_step)
+        self._wrap_engine_step()
 
     # -- public API --------------------------------------------------------------------------------
     def unit_scores(self) -> Dict[str, torch.Tensor]:
@@ -269,12 +271,37 @@ class Pruner:
             return  # ZeRO steps groups one by one: act once, after the last
         self.step_count += 1
         fraction = sparsity_at(self.config, self.step_count)
-        if fraction is not None and self.config.enabled:
-            self._stepping = True
-            try:
-                self._event(fraction)
-            finally:
-                self._stepping = False
+        if fraction is None or not self.config.enabled:
+            return
+        if self._calibrates_on_model():
+            self._pending = fraction  # the model's parameters are one step old until engine.step returns
+            return
+        self._stepping = True
+        try:
+            self._event(fraction)
+        finally:
+            self._stepping = False
+
+    def _calibrates_on_model(self) -> bool:
+        """Whether an event runs calibration forwards while, inside the step, the model's
+        parameters still hold the previous step's weights (ZeRO 1/2 and BF16_Optimizer copy the
+        fp32 masters into them after the base optimizer's step)."""
+        return (self.stats is not None and self.stats.source == StatsSource.calibration
+                and not self.access.replicated)
+
+    def _wrap_engine_step(self) -> None:
+        """Run an event deferred by ``_post_step`` as soon as ``engine.step()`` has updated the
+        model: then it calibrates on the weights it scores, exactly as ``prune_to`` would."""
+        step = self.engine.step
+
+        def engine_step(*args, **kwargs):
+            out = step(*args, **kwargs)
+            if self._pending is not None:
+                fraction, self._pending = self._pending, None
+                self.prune_to(fraction)
+            return out
+
+        self.engine.step = engine_step
 
     # -- checkpoint state --------------------------------------------------------------------------
     def state_dict(self) -> dict:
