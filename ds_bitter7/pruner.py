@@ -4,7 +4,11 @@ Data flow of one event (every rank, in lockstep):
 local fragments -> per-element scores -> per-unit partial sums (float64) -> one all-reduce per
 structure type -> identical unit scores everywhere -> exact selection -> masks written to this
 rank's fp32 master fragments and Adam moments (and, being replicated, to the model's own
-parameters). Between events a step post-hook keeps pruned elements at exactly zero.
+parameters). Between events a step pre-hook (or post-hook) keeps pruned elements at exactly zero.
+
+Scheduled events run in the base optimizer's step post-hook, except those that calibrate on the
+model under ZeRO 1/2: the model's parameters are updated only after that hook, so these run as
+``engine.step()`` returns (the engine's ``step`` is wrapped).
 """
 
 from __future__ import annotations
