@@ -142,7 +142,7 @@ def worker(argv: List[str]) -> None:
     from ds_bitter7 import data as dsdata
     from ds_bitter7 import oneshot
     from ds_bitter7.calibration import ActivationStats
-    from ds_bitter7.comm import Communicator
+    from ds_bitter7.comm import Communicator, init_distributed
     from ds_bitter7.config import parse_config
     from ds_bitter7.export import load_config
 
@@ -153,7 +153,7 @@ def worker(argv: List[str]) -> None:
     p.add_argument("checkpoint")
     p.add_argument("out")
     a = p.parse_args(argv)
-    oneshot.init_distributed()
+    init_distributed()
     comm = Communicator()
     torch.set_num_threads(1)
     info = oneshot.inspect_checkpoint(a.checkpoint, None)

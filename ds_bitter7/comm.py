@@ -8,6 +8,8 @@ serves 1 and N ranks. Bytes handed to collectives are counted (DESIGN invariant 
 from __future__ import annotations
 
 import logging
+import os
+import socket
 from dataclasses import dataclass, field
 from typing import Dict, Optional, Tuple
 
@@ -22,6 +24,33 @@ def world_size_and_rank(group=None) -> Tuple[int, int]:
     if dist.is_available() and dist.is_initialized():
         return dist.get_world_size(group), dist.get_rank(group)
     return 1, 0
+
+
+def free_port() -> int:
+    """A TCP port free on this host now (for a one-rank group or a local launcher)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_distributed() -> Tuple[int, int]:
+    """Start torch.distributed: from the launcher's env (torchrun, the deepspeed launcher), from
+    MPI (mpirun, through mpi4py), or as a one-rank group for a plain ``python``. Returns
+    (world size, rank)."""
+    import deepspeed
+
+    launched = all(k in os.environ for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"))
+    mpi = any(k in os.environ for k in ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK"))
+    if not launched and not mpi:
+        os.environ.update({"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1"})
+        os.environ.setdefault("MASTER_PORT", str(free_port()))
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    # under mpirun DeepSpeed sets MASTER_PORT from distributed_port: keep the one the user exported
+    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=mpi, verbose=False,
+                               distributed_port=int(os.environ.get("MASTER_PORT", 29500)))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    return dist.get_world_size(), dist.get_rank()
 
 
 def is_main_process() -> bool:

@@ -230,29 +230,6 @@ def perplexity(model, loader, n_batches: int, comm) -> float:
 
 
 # --------------------------------------------------------------------------- loading
-def init_distributed() -> None:
-    """torch.distributed from the launcher's env, MPI (mpi4py), or a one-rank group."""
-    import deepspeed
-
-    launched = all(k in os.environ for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"))
-    mpi = any(k in os.environ for k in ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK"))
-    if not launched and not mpi:  # plain `python -m`: one rank
-        os.environ.update({"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1"})
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
-    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=mpi, verbose=False)
-    if torch.cuda.is_available():
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def to_universal(info: CheckpointInfo, work_dir: str, comm) -> str:
     """Convert a ZeRO-1/2 checkpoint to DeepSpeed's universal format (rank 0); returns the folder
     to load from with ``load_universal``. Collective: every rank must call this."""
@@ -351,7 +328,7 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
     import ds_bitter7
 
     from .calibration import needs_stats
-    from .comm import Communicator
+    from .comm import Communicator, init_distributed
     from .config import parse_config
     from .export import ExportError, export_model, load_config
 

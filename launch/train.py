@@ -32,6 +32,7 @@ except ImportError:  # run from a checkout without `pip install -e .`
     import ds_bitter7
 from ds_bitter7 import data as dsdata
 from ds_bitter7 import modeling
+from ds_bitter7.comm import init_distributed
 from ds_bitter7.config import load_ds_config
 
 logger = logging.getLogger("train")
@@ -77,16 +78,6 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     if args.resume is not None and not args.resume:
         p.error("--resume needs a folder or --save_dir")
     return args
-
-
-def init_distributed() -> Tuple[int, int]:
-    """Start torch.distributed from the launcher's env, or from MPI (mpirun) via mpi4py."""
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
-    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=True,
-                               distributed_port=int(os.environ.get("MASTER_PORT", 29500)))
-    if torch.cuda.is_available():
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-    return dist.get_world_size(), dist.get_rank()
 
 
 def rank0_first(fn, rank: int):

@@ -5,21 +5,16 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
 from typing import Dict, List
 
+from ds_bitter7.comm import free_port
+
 REPO = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent
 TINY_MODEL = ["--model", "tiny-gpt2", "--model_overrides", json.dumps({"n_layer": 2, "n_embd": 32})]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def env(tmp_path: Path) -> Dict[str, str]:

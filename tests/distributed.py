@@ -8,19 +8,14 @@ from __future__ import annotations
 
 import os
 import pickle
-import socket
 import traceback
 from typing import Any, Callable, List
 
 import torch.multiprocessing as mp
 
+from ds_bitter7.comm import free_port
+
 DEFAULT_TIMEOUT = 240
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _worker(fn, rank: int, world_size: int, port: int, args, queue) -> None:
@@ -65,7 +60,7 @@ def run_distributed(fn: Callable, world_size: int, *args: Any, timeout: float = 
     """Run ``fn(*args)`` on ``world_size`` spawned ranks; return their results in rank order."""
     ctx = _context()
     queue = ctx.SimpleQueue()
-    port = _free_port()
+    port = free_port()
     procs = [ctx.Process(target=_worker, args=(fn, r, world_size, port, args, queue), daemon=True)
              for r in range(world_size)]
     for p in procs:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import textwrap
@@ -15,6 +14,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import ds_bitter7.models  # noqa: F401  (registers bitter7_gpt2 / bitter7_llama)
+from ds_bitter7.comm import free_port
 from ds_bitter7.export import ExportError, export_checkpoint
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
@@ -49,12 +49,6 @@ MAKE_CHECKPOINT = textwrap.dedent("""
 """)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("localhost", 0))
-        return s.getsockname()[1]
-
-
 def _env() -> dict:
     env = dict(os.environ, DS_ACCELERATOR="cpu", GLOO_SOCKET_IFNAME="lo", OMP_NUM_THREADS="1")
     env["PYTHONPATH"] = os.pathsep.join([TESTS, ROOT, env.get("PYTHONPATH", "")])
@@ -66,7 +60,7 @@ def make_checkpoint(folder, name: str, world_size: int) -> str:
     script.write_text(MAKE_CHECKPOINT)
     out = str(folder / "ckpt")
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={world_size}",
-           f"--master_port={_free_port()}", str(script), name, out]
+           f"--master_port={free_port()}", str(script), name, out]
     done = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     return out
