@@ -89,16 +89,19 @@ def local_delta(pruner, group: UnitGroup, coef: torch.Tensor) -> torch.Tensor:
     return delta.cpu()
 
 
-def _add_to_bias(pruner, name: str, delta: torch.Tensor) -> None:
-    """Add ``delta`` to the fp32 master fragment (where owned) and to the model's own bias."""
+def add_to_param(pruner, name: str, delta: torch.Tensor) -> None:
+    """Add ``delta`` (float64, the parameter's shape) to the fp32 master fragment this rank owns
+    and to the model's own, replicated parameter; both sums are formed in float64."""
     param = pruner.model.get_parameter(name)
     frag = pruner.access.fragments.get(name)
     with torch.no_grad():
         if frag is not None:
             master = pruner.access.master(frag)
-            master.add_(delta[frag.start:frag.start + frag.numel].to(master.device, master.dtype))
+            part = delta.reshape(-1)[frag.start:frag.start + frag.numel].to(master.device)
+            master.copy_((master.to(torch.float64) + part).to(master.dtype))
         if frag is None or not pruner.access.replicated:  # stage 0: the fragment is the param
-            param.data.copy_(param.data.to(torch.float64) + delta.to(param.device))
+            update = param.data.to(torch.float64) + delta.view(param.shape).to(param.device)
+            param.data.copy_(update.to(param.dtype))
 
 
 def compensate(pruner, masks_before: Dict[str, torch.Tensor], stats, event: dict) -> None:
@@ -127,7 +130,7 @@ def compensate(pruner, masks_before: Dict[str, torch.Tensor], stats, event: dict
         offset = 0
         for g in todo:
             bias = pruner.model.get_parameter(g.out_bias)
-            _add_to_bias(pruner, g.out_bias, total[offset:offset + bias.numel()])
+            add_to_param(pruner, g.out_bias, total[offset:offset + bias.numel()])
             offset += bias.numel()
     event["compensation"] = {"mode": "mean", "units": n_units, "groups": len(todo),
                              "seconds": time.perf_counter() - t0}

@@ -22,15 +22,12 @@ from typing import Any, Iterable, Optional
 from transformers import TrainerCallback
 
 from . import prepare_model  # noqa: F401  (re-exported: call it before Trainer(...))
+from .comm import is_main_process
+from .config import enum_name
 from .state import TRAINER_FILE as STATE_FILE
 from .state import atomic_save, load_file
 
 logger = logging.getLogger(__name__)
-
-def _is_main() -> bool:
-    import torch.distributed as dist
-
-    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
 
 
 class Bitter7Callback(TrainerCallback):
@@ -87,7 +84,7 @@ class Bitter7Callback(TrainerCallback):
         if not cfg.enabled:
             return control
         calib = self.calibration_data
-        source = getattr(cfg.bias_compensation.source, "value", cfg.bias_compensation.source)
+        source = enum_name(cfg.bias_compensation.source)
         if calib is None and cfg.bias_compensation.enabled and source == "calibration":
             calib = self._default_calibration(engine, cfg.bias_compensation.num_batches)
         self.pruner = ds_bitter7.attach(engine, config, calibration_data=calib)
@@ -111,7 +108,7 @@ class Bitter7Callback(TrainerCallback):
             return control
         folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
         state_dict = self.pruner.state_dict()  # replicated on every rank
-        if _is_main():
+        if is_main_process():
             os.makedirs(folder, exist_ok=True)
             atomic_save(state_dict, os.path.join(folder, STATE_FILE))
         return control

@@ -31,6 +31,7 @@ from typing import Dict, List, Tuple
 
 import torch
 
+from .compensation import add_to_param
 from .structures import UnitGroup
 
 
@@ -87,23 +88,14 @@ def _rows(w: torch.Tensor, in_dim: int, idx: torch.Tensor) -> torch.Tensor:
     return w.index_select(0, idx) if in_dim == 0 else w.index_select(1, idx).T
 
 
-def _add_to_weight(pruner, group: UnitGroup, keep: torch.Tensor, delta: torch.Tensor) -> None:
-    """Add ``delta`` (``[|K|, out]``) to W's kept rows: master fragment and model parameter."""
-    name = group.out_weight
-    param = pruner.model.get_parameter(name)
-    full = torch.zeros(tuple(param.shape), dtype=torch.float64)
+def _weight_update(group: UnitGroup, shape, keep: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+    """``delta`` (``[|K|, out]``) placed on W's kept rows: float64, W's own shape and layout."""
+    full = torch.zeros(tuple(shape), dtype=torch.float64)
     if group.out_in_dim == 0:
         full.index_copy_(0, keep, delta)
     else:
         full.index_copy_(1, keep, delta.T.contiguous())
-    frag = pruner.access.fragments.get(name)
-    with torch.no_grad():
-        if frag is not None:
-            master = pruner.access.master(frag)
-            part = full.view(-1)[frag.start:frag.start + frag.numel]
-            master.copy_((master.to(torch.float64) + part.to(master.device)).to(master.dtype))
-        if frag is None or not pruner.access.replicated:  # stage 0: the fragment is the param
-            param.data.copy_((param.data.to(torch.float64) + full.to(param.device)).to(param.dtype))
+    return full
 
 
 def compensate_least_squares(pruner, masks_before: Dict[str, torch.Tensor], stats, event: dict) -> None:
@@ -112,8 +104,6 @@ def compensate_least_squares(pruner, masks_before: Dict[str, torch.Tensor], stat
     Must run before the masks zero the weights. Collective: every rank must call this, in the
     same order (one all-reduce of the removed rows of every W_next, skipped at stage 0).
     """
-    from .compensation import _add_to_bias  # the bias update is shared with mean compensation
-
     t0 = time.perf_counter()
     ridge = float(pruner.config.bias_compensation.ridge)
     todo: List[Tuple[UnitGroup, torch.Tensor, torch.Tensor]] = []
@@ -141,8 +131,9 @@ def compensate_least_squares(pruner, masks_before: Dict[str, torch.Tensor], stat
         if not by_products:  # summed is W_R: form the products here
             summed = torch.cat([cov[keep][:, removed] @ summed, (mean[removed] @ summed)[None]])
         delta, bias_delta = solve_products(cov, mean, keep, summed[:-1], summed[-1], ridge)
-        _add_to_weight(pruner, g, keep, delta)
-        _add_to_bias(pruner, g.out_bias, bias_delta)
+        shape = pruner.model.get_parameter(g.out_weight).shape
+        add_to_param(pruner, g.out_weight, _weight_update(g, shape, keep, delta))
+        add_to_param(pruner, g.out_bias, bias_delta)
         cov_bytes += cov.numel() * 8
         units += int((masks_before[g.key] & ~pruner.masks[g.key]).sum())
     event["compensation"] = {"mode": "least_squares", "units": units, "groups": len(todo),
