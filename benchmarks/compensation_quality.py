@@ -31,7 +31,8 @@ import tempfile
 import time
 from typing import Dict, List, Optional
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from _common import ROOT, cpu_env
+
 RESULTS = os.path.join(ROOT, "benchmarks", "results")
 
 METHODS = {
@@ -75,10 +76,8 @@ def run_one(method: str, sparsity: float, seed: int, args, workdir: str) -> Dict
            "--seq_len", str(args.seq_len), "--eval_every", "0", "--eval_batches", str(args.eval_batches),
            "--calibration_batches", str(args.calibration_batches), "--seed", str(seed),
            "--summary", summary]
-    env = dict(os.environ, DS_ACCELERATOR="cpu", GLOO_SOCKET_IFNAME="lo", OMP_NUM_THREADS="1",
-               TOKENIZERS_PARALLELISM="false")
     t0 = time.time()
-    proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=args.run_timeout)
+    proc = subprocess.run(cmd, env=cpu_env(), cwd=ROOT, capture_output=True, text=True, timeout=args.run_timeout)
     if proc.returncode != 0:
         raise RuntimeError(f"{method} sparsity {sparsity} seed {seed} failed:\n{proc.stderr[-4000:]}")
     with open(summary, encoding="utf-8") as f:
@@ -184,8 +183,7 @@ def run_oneshot(args) -> None:
                        "--micro_batch", str(args.micro_batch), "--model", args.model,
                        "--calibration_batches", str(args.calibration_batches),
                        "--sparsities", *[str(x) for x in args.sparsities]]
-                env = dict(os.environ, DS_ACCELERATOR="cpu", GLOO_SOCKET_IFNAME="lo", OMP_NUM_THREADS="1")
-                proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True,
+                proc = subprocess.run(cmd, env=cpu_env(), cwd=ROOT, capture_output=True, text=True,
                                       timeout=args.run_timeout)
                 if proc.returncode != 0:
                     raise RuntimeError(f"one-shot {method} seed {seed} failed:\n{proc.stderr[-4000:]}")

@@ -35,13 +35,13 @@ import json
 import os
 import shlex
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from typing import Dict, List, Optional
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from _common import ROOT, reference_ds_config, run_logged
+
 RESULTS = os.path.join(ROOT, "benchmarks", "results")
 # row name -> (score, scope); "flap" is computed here (flap_scores), the others are the library's
 ROWS = {"magnitude": ("magnitude", "global"), "bitter7": ("bitter7", "global"),
@@ -55,31 +55,6 @@ QUICK = {"steps": 800, "seeds": [1]}
 FULL = {"steps": 800, "seeds": [1, 2, 3]}
 
 
-def _env() -> dict:
-    return dict(os.environ, DS_ACCELERATOR="cpu", GLOO_SOCKET_IFNAME="lo", OMP_NUM_THREADS="1",
-                TOKENIZERS_PARALLELISM="false", PYTHONWARNINGS="ignore")
-
-
-def _run(cmd: List[str], log: str, timeout: int) -> None:
-    with open(log, "w", encoding="utf-8") as f:
-        proc = subprocess.run(cmd, env=_env(), cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, timeout=timeout)
-    if proc.returncode != 0:
-        with open(log, encoding="utf-8") as f:
-            raise RuntimeError(f"{' '.join(cmd[:6])} ... failed (exit {proc.returncode}):\n{f.read()[-4000:]}")
-
-
-def dense_config(args) -> dict:
-    lr = args.lr
-    return {"train_micro_batch_size_per_gpu": args.micro_batch, "gradient_accumulation_steps": 1,
-            "gradient_clipping": 1.0, "steps_per_print": 10**9,
-            "optimizer": {"type": "AdamW", "params": {"lr": lr, "betas": [0.9, 0.95], "eps": 1e-8,
-                                                      "weight_decay": 0.01, "torch_adam": True}},
-            "scheduler": {"type": "WarmupLR", "params": {"warmup_min_lr": 0.0, "warmup_max_lr": lr,
-                                                         "warmup_num_steps": max(2, args.steps // 10),
-                                                         "warmup_type": "linear"}},
-            "zero_optimization": {"stage": 2, "overlap_comm": False, "contiguous_gradients": True}}
-
-
 def train_dense(seed: int, args, workdir: str) -> str:
     """Train once per seed with launch/train.py; returns the checkpoint folder (with config.json).
 
@@ -90,19 +65,13 @@ def train_dense(seed: int, args, workdir: str) -> str:
         return folder
     cfg = os.path.join(workdir, f"dense_{seed}.json")
     with open(cfg, "w", encoding="utf-8") as f:
-        json.dump(dense_config(args), f)
+        json.dump(reference_ds_config(args.steps, args.lr, args.micro_batch), f)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(args.port),
            os.path.join(ROOT, "launch", "train.py"), "--config", cfg, "--model", "tiny-gpt2",
            "--steps", str(args.steps), "--seq_len", str(args.seq_len), "--eval_every", "0",
            "--eval_batches", "2", "--calibration_batches", "0", "--seed", str(seed), "--save_dir", folder]
-    _run(cmd, folder + "_train.log", args.run_timeout)
-    # launch/train.py builds tiny-gpt2 this way (byte tokenizer, 257 ids); one-shot needs its config.json
-    sys.path.insert(0, ROOT)
-    from ds_bitter7 import data, modeling
-
-    modeling.build_config("tiny-gpt2", data.tokenizer_vocab_size(data.get_tokenizer(None)),
-                          max_positions=max(args.seq_len, 256)).save_pretrained(folder)
-    return folder
+    run_logged(cmd, folder + "_train.log", args.run_timeout, f"dense training, seed {seed}")
+    return folder  # launch/train.py saved config.json beside the checkpoint
 
 
 def prune_matrix(checkpoint: str, seed: int, args, workdir: str) -> List[Dict]:
@@ -112,7 +81,7 @@ def prune_matrix(checkpoint: str, seed: int, args, workdir: str) -> List[Dict]:
            os.path.abspath(__file__), "--worker", checkpoint, out, "--seq_len", str(args.seq_len),
            "--micro_batch", str(args.micro_batch), "--num_batches", str(args.num_batches),
            "--eval_batches", str(args.eval_batches), "--seed", str(seed), "--ridge", str(args.ridge)]
-    _run(cmd, os.path.join(workdir, f"cells_{seed}.log"), args.run_timeout)
+    run_logged(cmd, os.path.join(workdir, f"cells_{seed}.log"), args.run_timeout, f"one-shot cells, seed {seed}")
     with open(out, encoding="utf-8") as f:
         return json.load(f)
 

@@ -35,7 +35,8 @@ import textwrap
 import time
 from typing import Dict, List, Optional
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from _common import ROOT, reference_ds_config, run_logged, warmup
+
 RESULTS = os.path.join(ROOT, "benchmarks", "results")
 PEER = "torch_pruning"
 
@@ -68,19 +69,9 @@ def schedule(steps: int) -> dict:
 
 
 def ds_config(method: str, setting: str, args, monitor_dir: str) -> dict:
-    lr = args.lr
-    cfg = {
-        "train_micro_batch_size_per_gpu": args.micro_batch, "gradient_accumulation_steps": 1,
-        "gradient_clipping": 1.0, "steps_per_print": 10**9,
-        "optimizer": {"type": "AdamW", "params": {"lr": lr, "betas": [0.9, 0.95], "eps": 1e-8,
-                                                  "weight_decay": 0.01, "torch_adam": True}},
-        "scheduler": {"type": "WarmupLR", "params": {"warmup_min_lr": 0.0, "warmup_max_lr": lr,
-                                                     "warmup_num_steps": warmup(args.steps),
-                                                     "warmup_type": "linear"}},
-        "zero_optimization": {"stage": 2, "overlap_comm": False, "contiguous_gradients": True},
-        # launch/train.py sends Val/ppl to DeepSpeed's monitor: one CSV per metric
-        "csv_monitor": {"enabled": True, "output_path": monitor_dir, "job_name": "run"},
-    }
+    cfg = reference_ds_config(args.steps, args.lr, args.micro_batch)
+    # launch/train.py sends Val/ppl to DeepSpeed's monitor: one CSV per metric
+    cfg["csv_monitor"] = {"enabled": True, "output_path": monitor_dir, "job_name": "run"}
     if METHODS[method] is not None:
         structures, sparsity = SETTINGS[setting]
         section = {"enabled": True, "structures": structures, "target_sparsity": sparsity, "scope": "global",
@@ -90,15 +81,6 @@ def ds_config(method: str, setting: str, args, monitor_dir: str) -> dict:
             section["bias_compensation"]["num_batches"] = args.calibration_batches
         cfg["bitter7"] = section
     return cfg
-
-
-def warmup(steps: int) -> int:
-    return max(2, steps // 10)
-
-
-def _env() -> dict:
-    return dict(os.environ, DS_ACCELERATOR="cpu", GLOO_SOCKET_IFNAME="lo", OMP_NUM_THREADS="1",
-                TOKENIZERS_PARALLELISM="false", PYTHONWARNINGS="ignore")
 
 
 def read_curve(path: str) -> List[List[float]]:
@@ -155,13 +137,7 @@ def eval_every(steps: int) -> int:
 
 
 def _run(cmd: List[str], name: str, timeout: int, workdir: str) -> None:
-    log = os.path.join(workdir, name + ".log")
-    with open(log, "w", encoding="utf-8") as f:
-        proc = subprocess.run(cmd, env=_env(), cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, timeout=timeout)
-    if proc.returncode != 0:
-        with open(log, encoding="utf-8") as f:
-            tail = f.read()[-4000:]
-        raise RuntimeError(f"{name} failed (exit {proc.returncode}):\n{tail}")
+    run_logged(cmd, os.path.join(workdir, name + ".log"), timeout, name)
 
 
 def run_one(method: str, setting: str, seed: int, args, workdir: str) -> Dict:
