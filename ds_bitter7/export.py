@@ -25,12 +25,12 @@ import torch
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
-from .shrink import shrink_model, unit_counts, validate_masks, zero_pruned_units_
+from .shrink import key_mismatch, shrink_model, unit_counts, validate_masks, zero_pruned_units_
+from .state import CLIENT_KEY as STATE_KEY
+from .state import TRAINER_FILE as TRAINER_STATE_FILE
 
 logger = logging.getLogger(__name__)
 
-STATE_KEY = "bitter7"
-TRAINER_STATE_FILE = "bitter7_state.pt"
 MODEL_STATES_FILE = "mp_rank_00_model_states.pt"
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
                     "merges.txt", "tokenizer.model", "generation_config.json")
@@ -61,7 +61,8 @@ def resolve_tag(checkpoint_dir: str, tag: Optional[str] = None) -> str:
     return tag
 
 
-def _torch_load(path: str):
+def read_torch_file(path: str):
+    """torch.load (memory-mapped, on the CPU), with an ``ExportError`` naming a bad file."""
     try:
         return torch.load(path, map_location="cpu", weights_only=False, mmap=True)
     except Exception as err:  # a truncated or foreign file: say which one
@@ -74,10 +75,10 @@ def load_pruner_state(checkpoint_dir: str, tag: str) -> Tuple[dict, str]:
     trainer_file = os.path.join(checkpoint_dir, TRAINER_STATE_FILE)
     model_file = os.path.join(checkpoint_dir, tag, MODEL_STATES_FILE)
     if os.path.isfile(trainer_file):
-        state, source = _torch_load(trainer_file), trainer_file
+        state, source = read_torch_file(trainer_file), trainer_file
     elif os.path.isfile(model_file):
         source = model_file
-        state = _torch_load(model_file)
+        state = read_torch_file(model_file)
         if not isinstance(state, dict) or STATE_KEY not in state:
             raise ExportError(f"no pruner state: {model_file!r} has no {STATE_KEY!r} client state and "
                               f"{trainer_file!r} does not exist")
@@ -100,7 +101,7 @@ def consolidate(checkpoint_dir: str, tag: str) -> Dict[str, torch.Tensor]:
     if glob.glob(os.path.join(tag_dir, "*optim_states.pt")):
         try:
             state = get_fp32_state_dict_from_zero_checkpoint(checkpoint_dir, tag=tag)
-            return _strip_prefix(state)
+            return strip_module_prefix(state)
         except ValueError as err:
             if "is not a zero checkpoint" not in str(err):
                 raise ExportError(f"cannot consolidate {tag_dir!r}: {err}") from err
@@ -108,13 +109,13 @@ def consolidate(checkpoint_dir: str, tag: str) -> Dict[str, torch.Tensor]:
     model_file = os.path.join(tag_dir, MODEL_STATES_FILE)
     if not os.path.isfile(model_file):
         raise ExportError(f"no weights: {tag_dir!r} has neither *optim_states.pt nor {MODEL_STATES_FILE}")
-    module = _torch_load(model_file).get("module")
+    module = read_torch_file(model_file).get("module")
     if not isinstance(module, Mapping):
         raise ExportError(f"{model_file!r} has no 'module' state dict")
-    return _strip_prefix({k: v.float() for k, v in module.items()})
+    return strip_module_prefix({k: v.float() for k, v in module.items()})
 
 
-def _strip_prefix(state: Mapping[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+def strip_module_prefix(state: Mapping[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
     # A model wrapped before deepspeed.initialize (DDP-style) names its params "module.*".
     if state and all(k.startswith("module.") for k in state):
         return {k[len("module."):]: v for k, v in state.items()}
@@ -148,12 +149,11 @@ def build_model(config, state_dict: Mapping[str, torch.Tensor], source: str) -> 
     """A model of `config` holding the consolidated weights (fp32); raises naming `source`."""
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     add_missing_biases_(model, state_dict)
-    missing, unexpected = model.load_state_dict(state_dict, strict=False)
-    tied = set(getattr(model, "all_tied_weights_keys", {}) or {})
-    missing = [k for k in missing if k not in tied]
+    missing, unexpected = key_mismatch(model, state_dict)
     if missing or unexpected:
         raise ExportError(f"weights in {source!r} do not fit the {config.model_type} config: "
                           f"missing {missing[:8]}, unexpected {unexpected[:8]}")
+    model.load_state_dict(state_dict, strict=False)
     model.tie_weights()
     return model.eval()
 

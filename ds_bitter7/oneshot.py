@@ -31,12 +31,13 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import torch
 
 from . import data as dsdata
+from .export import MODEL_STATES_FILE as MODEL_STATES
+from .export import ExportError, consolidate, read_torch_file, resolve_tag, strip_module_prefix
 
 logger = logging.getLogger(__name__)
 
 SCORES = ("bitter7", "magnitude", "fisher", "bitter7_variance")  # movement needs training steps
 NEEDS_OPTIMIZER = {"bitter7", "fisher", "bitter7_variance"}
-MODEL_STATES = "mp_rank_00_model_states.pt"
 # Keys of the training config that shape how the checkpoint loads; everything else is dropped.
 KEEP_DS_KEYS = ("optimizer", "zero_optimization", "bf16", "fp16", "data_types", "gradient_clipping")
 
@@ -103,8 +104,6 @@ def check_data_spec(spec: Optional[Sequence[str]], what: str) -> List[str]:
 
 def inspect_checkpoint(checkpoint_dir: str, tag: Optional[str]) -> CheckpointInfo:
     """Read what the checkpoint holds; raises ``OneShotError`` naming the file at fault."""
-    from .export import ExportError, resolve_tag
-
     try:
         tag = resolve_tag(checkpoint_dir, tag)
     except ExportError as err:
@@ -114,14 +113,13 @@ def inspect_checkpoint(checkpoint_dir: str, tag: Optional[str]) -> CheckpointInf
     if not os.path.isfile(states):
         raise OneShotError(f"{states!r} does not exist: not a DeepSpeed checkpoint folder")
     try:
-        sd = torch.load(states, map_location="cpu", weights_only=False, mmap=True)
-    except Exception as err:
-        raise OneShotError(f"cannot read {states!r}: {type(err).__name__}: {err}") from None
+        sd = read_torch_file(states)
+    except ExportError as err:
+        raise OneShotError(str(err)) from None
     zero_files = sorted(glob.glob(os.path.join(folder, "*optim_states.pt")))
     has_state = bool(zero_files) or _has_torch_state(sd.get("optimizer"))
-    module = sd.get("module") or {}
-    shapes = {k[len("module."):] if k.startswith("module.") else k: tuple(getattr(v, "shape", ()))
-              for k, v in module.items()}
+    module = strip_module_prefix(sd.get("module") or {})
+    shapes = {k: tuple(getattr(v, "shape", ())) for k, v in module.items()}
     saved = sd.get("ds_config")
     return CheckpointInfo(tag, folder, zero_files, has_state, saved if isinstance(saved, dict) else {},
                           shapes, sd.get("bitter7"))
@@ -266,7 +264,7 @@ def build_engine(args, info: CheckpointInfo, model, comm):
         load_dir = to_universal(info, os.path.abspath(args.output_dir) + ".universal_tmp", comm)
         cfg["checkpoint"] = {"load_universal": True}
     if not info.has_optimizer_state:  # magnitude only: the module weights are all it needs
-        model.load_state_dict(_module_weights(info), strict=True)
+        model.load_state_dict(consolidate(args.checkpoint_dir, info.tag), strict=True)
     engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=cfg)
     if info.has_optimizer_state:
         path, client = engine.load_checkpoint(load_dir, tag=tag, load_optimizer_states=True,
@@ -278,14 +276,6 @@ def build_engine(args, info: CheckpointInfo, model, comm):
         if comm.rank == 0:
             shutil.rmtree(load_dir, ignore_errors=True)
     return engine
-
-
-def _module_weights(info: CheckpointInfo) -> Dict[str, torch.Tensor]:
-    sd = torch.load(os.path.join(info.folder, MODEL_STATES), map_location="cpu", weights_only=False)
-    module = sd["module"]
-    if module and all(k.startswith("module.") for k in module):
-        module = {k[len("module."):]: v for k, v in module.items()}
-    return {k: v.float() for k, v in module.items()}
 
 
 def fit_biases(model, cfg, info: CheckpointInfo) -> None:
@@ -330,7 +320,7 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
     from .calibration import needs_stats
     from .comm import Communicator, init_distributed
     from .config import parse_config
-    from .export import ExportError, export_model, load_config
+    from .export import export_model, load_config
 
     check_args(args, None)  # argument errors first, whatever the checkpoint
     info = inspect_checkpoint(args.checkpoint_dir, args.tag)

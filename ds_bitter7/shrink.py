@@ -351,7 +351,7 @@ def shrink_model(model: PreTrainedModel, masks: Masks) -> Tuple[PreTrainedModel,
             new_config = build_config(config, new_counts, flags, standard=False)
     dtype = next(model.parameters()).dtype
     small = AutoModelForCausalLM.from_config(new_config, dtype=dtype)
-    missing, unexpected = _key_mismatch(small, after)
+    missing, unexpected = key_mismatch(small, after)
     if missing or unexpected:
         raise RuntimeError(f"shrunk weights do not fit the new model: missing {missing}, unexpected {unexpected}")
     small.load_state_dict(after, strict=False)
@@ -360,7 +360,7 @@ def shrink_model(model: PreTrainedModel, masks: Masks) -> Tuple[PreTrainedModel,
     return small, layer_report(before, after, config, masks, counts)
 
 
-def _key_mismatch(model: nn.Module, state_dict: Mapping[str, torch.Tensor]) -> Tuple[List[str], List[str]]:
+def key_mismatch(model: nn.Module, state_dict: Mapping[str, torch.Tensor]) -> Tuple[List[str], List[str]]:
     """(missing, unexpected) parameter names of ``state_dict`` for ``model`` (tied weights may be missing)."""
     have = set(model.state_dict())
     tied = set(getattr(model, "all_tied_weights_keys", {}) or {})
@@ -371,4 +371,4 @@ def _misfit(config, state_dict: Mapping[str, torch.Tensor]) -> bool:
     """Whether a model of ``config`` lacks or has extra parameters for ``state_dict`` (built on meta)."""
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
-    return any(_key_mismatch(model, state_dict))
+    return any(key_mismatch(model, state_dict))
