@@ -40,6 +40,7 @@ SCORES = ("bitter7", "magnitude", "fisher", "bitter7_variance")  # movement need
 NEEDS_OPTIMIZER = {"bitter7", "fisher", "bitter7_variance"}
 # Keys of the training config that shape how the checkpoint loads; everything else is dropped.
 KEEP_DS_KEYS = ("optimizer", "zero_optimization", "bf16", "fp16", "data_types", "gradient_clipping")
+DEFAULT_SEQ_LEN = 256
 
 
 class OneShotError(ValueError):
@@ -57,6 +58,7 @@ class CheckpointInfo:
     ds_config: Dict[str, Any]  # the config saved with the checkpoint (may be empty)
     module_shapes: Dict[str, Tuple[int, ...]]  # the saved model's tensors ("module." prefix removed)
     client_bitter7: Optional[dict]  # pruner state of a ds_bitter7 checkpoint
+    seq_len: Optional[int] = None  # block length of the training run (launch/train.py records it)
 
 
 # --------------------------------------------------------------------------- arguments and checks
@@ -78,7 +80,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--num_batches", type=int, default=8, help="calibration batches per rank")
     p.add_argument("--eval_batches", type=int, default=32, help="validation batches per rank")
     p.add_argument("--batch_size", type=int, default=8)
-    p.add_argument("--seq_len", type=int, default=256)
+    p.add_argument("--seq_len", type=int, default=None,
+                   help="tokens per block (default: the training run's, which launch/train.py records in the "
+                   f"checkpoint, else {DEFAULT_SEQ_LEN} or the model's maximum positions if fewer)")
     p.add_argument("--tokenizer", default=None, help="local tokenizer dir (default: bytes, as launch/train.py)")
     p.add_argument("--tag", default=None, help="checkpoint tag (default: the 'latest' file)")
     p.add_argument("--model_config", default=None, help="folder with config.json (default: CHECKPOINT_DIR)")
@@ -121,8 +125,9 @@ def inspect_checkpoint(checkpoint_dir: str, tag: Optional[str]) -> CheckpointInf
     module = strip_module_prefix(sd.get("module") or {})
     shapes = {k: tuple(getattr(v, "shape", ())) for k, v in module.items()}
     saved = sd.get("ds_config")
+    seq_len = sd.get("seq_len")
     return CheckpointInfo(tag, folder, zero_files, has_state, saved if isinstance(saved, dict) else {},
-                          shapes, sd.get("bitter7"))
+                          shapes, sd.get("bitter7"), seq_len if isinstance(seq_len, int) else None)
 
 
 def _has_torch_state(opt) -> bool:
@@ -139,10 +144,26 @@ def check_args(args: argparse.Namespace, info: Optional[CheckpointInfo]) -> None
         problems.append(f"checkpoint {info.folder!r} has no optimizer state (no *optim_states.pt and no "
                         f"'optimizer' in {MODEL_STATES}): score {args.score!r} needs Adam's exp_avg_sq; "
                         "--score magnitude works without it")
+    if args.seq_len is not None and args.seq_len < 2:
+        problems.append(f"--seq_len must be >= 2, got {args.seq_len}")
     if args.num_batches < 1 or args.batch_size < 1 or args.eval_batches < 0:
         problems.append("--num_batches and --batch_size must be >= 1, --eval_batches >= 0")
     if problems:
         raise OneShotError("; ".join(problems))
+
+
+def resolve_seq_len(args: argparse.Namespace, info: CheckpointInfo, config) -> int:
+    """``--seq_len``, else the training run's, else ``DEFAULT_SEQ_LEN`` capped at the model's positions.
+
+    Blocks longer than the position table fail inside the model (GPT-2) or run on positions the
+    model never trained on, whose activations would corrupt calibration: refused here instead.
+    """
+    limit = getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None)
+    seq_len = args.seq_len or info.seq_len or (min(DEFAULT_SEQ_LEN, limit) if limit else DEFAULT_SEQ_LEN)
+    if limit and seq_len > limit:
+        raise OneShotError(f"--seq_len {seq_len} is longer than the model's {limit} positions "
+                           f"(config.json of {args.model_config or args.checkpoint_dir!r}): pass --seq_len <= {limit}")
+    return seq_len
 
 
 def bitter7_section(args: argparse.Namespace) -> dict:
@@ -329,6 +350,7 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
         config, config_dir = load_config(args.checkpoint_dir, args.model_config)
     except ExportError as err:
         raise OneShotError(str(err)) from None
+    args.seq_len = resolve_seq_len(args, info, config)
     cfg = parse_config({"bitter7": bitter7_section(args)})
     init_distributed()
     comm = Communicator()
@@ -350,7 +372,7 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
     summary: Dict[str, Any] = {"checkpoint": os.path.abspath(args.checkpoint_dir), "tag": info.tag,
                                "world_size": comm.world_size, "score": args.score,
                                "structures": list(args.structures), "sparsity": args.sparsity,
-                               "compensation": args.compensation, "scope": args.scope}
+                               "compensation": args.compensation, "scope": args.scope, "seq_len": args.seq_len}
     if val is not None:
         summary["ppl_before"] = perplexity(engine.module, val, args.eval_batches, comm)
     event = pruner.prune_to(args.sparsity)

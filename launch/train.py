@@ -214,7 +214,7 @@ def run_loop(args, engine, pruner, train_blocks, val_blocks, world_size: int, ra
     bar = tqdm(total=args.steps, initial=start, disable=rank != 0, desc="train", dynamic_ncols=True)
     t0, seen_event, step, loss = time.time(), None, start, float("nan")
     val_loss, ppl = loss_start, ppl_start
-    extra = {"ppl_start": ppl_start, "loss_start": loss_start}
+    extra = {"ppl_start": ppl_start, "loss_start": loss_start, "seq_len": args.seq_len}  # one-shot reads seq_len
     while step < args.steps:
         losses = []
         for _ in range(ga):

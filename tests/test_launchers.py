@@ -85,18 +85,20 @@ def oneshot_args(trained, tmp_path):
     corpus = str(root / "corpus.jsonl")
     return ["-m", "ds_bitter7.oneshot", str(ckpt), str(tmp_path / "small"), "--sparsity", "0.75",
             "--score", "bitter7", "--scope", "standardized", "--compensation", "least_squares",
-            "--calibration", corpus, "--validation", corpus, "--seq_len", "32", "--batch_size", "2",
+            "--calibration", corpus, "--validation", corpus, "--batch_size", "2",
             "--num_batches", "2", "--eval_batches", "2", "--report", str(tmp_path / "report.json")]
 
 
 def check_oneshot(tmp_path):
-    """Two ranks loaded the checkpoint (its 50% stays pruned) and removed 75% in one event."""
+    """Two ranks loaded the checkpoint (its 50% stays pruned) at the training run's block length
+    and removed 75% in one event."""
     from transformers import AutoModelForCausalLM
 
     import ds_bitter7  # noqa: F401  registers bitter7_gpt2 (layers of different widths)
 
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["world_size"] == 2 and report["scope"] == "standardized"
+    assert report["seq_len"] == 32  # no --seq_len: the one launch/train.py recorded in the checkpoint
     assert report["event"]["sparsity"] == {"mlp_neuron": pytest.approx(0.75)}
     assert report["event"]["compensation"]["mode"] == "least_squares"
     assert report["ppl_after"] > 1 and report["params_after"] < report["params_before"]

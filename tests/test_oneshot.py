@@ -144,3 +144,17 @@ def test_magnitude_works_without_optimizer_state(tmp_path, checkpoint):
                           timeout=90)[0]
     assert isinstance(out, dict), out
     assert out["event"]["sparsity"] == {"mlp_neuron": 0.5} and out["params_after"] < out["params_before"]
+
+
+def test_seq_len_defaults_to_the_training_run_and_never_exceeds_the_positions(tmp_path):
+    config = _model().config  # 64 positions
+    info = oneshot.CheckpointInfo("t", str(tmp_path), [], True, {}, {}, None, seq_len=None)
+    args = oneshot.parse_args([str(tmp_path), str(tmp_path / "out"), "--sparsity", "0.5"])
+    assert oneshot.resolve_seq_len(args, info, config) == 64  # 256 capped at the position table
+    info.seq_len = 32  # recorded by launch/train.py
+    assert oneshot.resolve_seq_len(args, info, config) == 32
+    args.seq_len = 128
+    with pytest.raises(oneshot.OneShotError, match="--seq_len 128 is longer than the model's 64 positions"):
+        oneshot.resolve_seq_len(args, info, config)
+    with pytest.raises(oneshot.OneShotError, match="--seq_len must be >= 2"):
+        oneshot.check_args(oneshot.parse_args([str(tmp_path), "o", "--sparsity", "0.5", "--seq_len", "1"]), None)
