@@ -71,7 +71,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--score", default="bitter7", choices=SCORES)
     p.add_argument("--scope", default="global", choices=["global", "per_layer", "standardized"],
                    help="global threshold, same fraction per layer, or global over per-layer z-scores (FLAP)")
-    p.add_argument("--compensation", default="mean", choices=["none", "mean", "least_squares"])
+    p.add_argument("--compensation", default="least_squares", choices=["none", "mean", "least_squares"],
+                   help="refit the next layers (default: least squares, the best one-shot column of "
+                   "benchmarks/results/oneshot.md; mean compensation raised perplexity there)")
     p.add_argument("--ridge", type=float, default=1e-3, help="least-squares ridge, relative to mean variance")
     p.add_argument("--calibration", nargs="+", default=["builtin"],
                    help="builtin (its TRAIN split) | local .txt/.json/.jsonl files or folders")
