@@ -26,6 +26,8 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
 
+from .state import umask_mode
+
 logger = logging.getLogger(__name__)
 
 BUILTIN = "builtin"
@@ -136,7 +138,7 @@ def _atomic_write_jsonl(path: str, rows: List[Dict[str, str]]) -> None:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             for row in rows:
                 f.write(json.dumps(row, ensure_ascii=False, sort_keys=True) + "\n")
-        os.chmod(tmp, 0o644)
+        os.chmod(tmp, umask_mode(0o666))
         os.replace(tmp, path)  # atomic: concurrent ranks see the old file or the full new one
     except BaseException:
         if os.path.exists(tmp):
@@ -309,8 +311,12 @@ def calibration_batches(train_blocks, batch_size: int, num_batches: int, seed: i
     order = torch.randperm(len(train_blocks), generator=g).tolist()
     mine = order[rank::world_size]
     need = batch_size * num_batches
-    if not mine:
-        raise ValueError("not enough training blocks for calibration")
+    if len(train_blocks) < world_size:  # the same decision on every rank
+        raise ValueError(f"{len(train_blocks)} block(s) of text for calibration on {world_size} rank(s): "
+                         "every rank needs at least one (more text, or a shorter sequence length)")
+    if len(mine) < need:
+        logger.warning("calibration: %d distinct block(s) per rank for %d rows: blocks are repeated",
+                       len(mine), need)
     picks = [mine[i % len(mine)] for i in range(need)]
     return [collate_blocks([train_blocks[j] for j in picks[i:i + batch_size]])
             for i in range(0, need, batch_size)]

@@ -19,7 +19,7 @@ import os
 import shutil
 import sys
 import tempfile
-from typing import Dict, Mapping, Optional, Tuple
+from typing import Dict, Mapping, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -28,12 +28,15 @@ from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 from .shrink import key_mismatch, shrink_model, unit_counts, validate_masks, zero_pruned_units_
 from .state import CLIENT_KEY as STATE_KEY
 from .state import TRAINER_FILE as TRAINER_STATE_FILE
+from .state import umask_mode
 
 logger = logging.getLogger(__name__)
 
 MODEL_STATES_FILE = "mp_rank_00_model_states.pt"
-_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
-                    "merges.txt", "tokenizer.model", "generation_config.json")
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+                    "vocab.json", "merges.txt", "tokenizer.model", "chat_template.jinja", "chat_template.json",
+                    "generation_config.json")
+REPORT_FILE = "pruning_report.json"  # marks a folder as an export (``--overwrite`` replaces only those)
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -50,6 +53,8 @@ def resolve_tag(checkpoint_dir: str, tag: Optional[str] = None) -> str:
         if os.path.isfile(latest):
             with open(latest) as f:
                 tag = f.read().strip()
+            if not tag:
+                raise ExportError(f"{latest!r} is empty (it should name a tag folder); pass --tag")
         else:
             steps = sorted(os.path.basename(p) for p in glob.glob(os.path.join(checkpoint_dir, "global_step*")))
             if len(steps) != 1:
@@ -86,6 +91,10 @@ def load_pruner_state(checkpoint_dir: str, tag: str) -> Tuple[dict, str]:
     else:
         raise ExportError(f"no pruner state: neither {trainer_file!r} nor {model_file!r} exists")
     masks = state.get("masks") if isinstance(state, dict) else None
+    if isinstance(masks, dict) and not masks and state.get("structures") == ["unstructured"]:
+        raise ExportError(f"pruner state in {source!r} has no structured units (structures: ['unstructured']): "
+                          "unstructured pruning zeroes weights in place and removes nothing, so there is no "
+                          "smaller model to export; the checkpoint's own weights are the pruned model")
     if not isinstance(masks, dict) or not masks:
         raise ExportError(f"pruner state in {source!r} is corrupt: expected a dict with a non-empty 'masks' "
                           f"dict, got {type(state).__name__} with keys {list(state)[:8] if isinstance(state, dict) else '-'}")
@@ -102,9 +111,10 @@ def consolidate(checkpoint_dir: str, tag: str) -> Dict[str, torch.Tensor]:
         try:
             state = get_fp32_state_dict_from_zero_checkpoint(checkpoint_dir, tag=tag)
             return strip_module_prefix(state)
-        except ValueError as err:
-            if "is not a zero checkpoint" not in str(err):
-                raise ExportError(f"cannot consolidate {tag_dir!r}: {err}") from err
+        except Exception as err:  # a truncated shard, a missing rank's file, ...: name the folder
+            if not (isinstance(err, ValueError) and "is not a zero checkpoint" in str(err)):
+                raise ExportError(f"cannot consolidate {tag_dir!r} with DeepSpeed's zero_to_fp32: "
+                                  f"{type(err).__name__}: {err}") from err
             logger.warning("%s: not a ZeRO checkpoint; using the module weights of %s", tag_dir, MODEL_STATES_FILE)
     model_file = os.path.join(tag_dir, MODEL_STATES_FILE)
     if not os.path.isfile(model_file):
@@ -163,7 +173,7 @@ def _count(model: nn.Module) -> int:
 
 
 def _write_reports(folder: str, report: dict) -> None:
-    with open(os.path.join(folder, "pruning_report.json"), "w") as f:
+    with open(os.path.join(folder, REPORT_FILE), "w") as f:
         json.dump(report, f, indent=2)
     lines = [
         "# Pruning report", "",
@@ -181,12 +191,36 @@ def _write_reports(folder: str, report: dict) -> None:
         f.write("\n".join(lines) + "\n")
 
 
-def _publish(tmp: str, output_dir: str, overwrite: bool) -> None:
-    """Rename the finished temporary folder to output_dir (replacing it only with overwrite)."""
+def check_output_dir(output_dir: str, overwrite: bool, keep: Sequence[Optional[str]] = ()) -> None:
+    """Raise ``ExportError`` unless ``output_dir`` may be written: it does not exist, or, with
+    ``overwrite``, it is an empty folder or a previous export (holds ``pruning_report.json``) and
+    holds none of the ``keep`` paths (the checkpoint and config being read). Nothing else is ever
+    deleted."""
+    if not os.path.lexists(output_dir):
+        return
+    if not overwrite:
+        raise ExportError(f"output directory {output_dir!r} already exists (pass --overwrite)")
+    real = os.path.realpath(output_dir)
+    for path in filter(None, keep):
+        inner = os.path.realpath(path)
+        if inner == real or inner.startswith(real.rstrip(os.sep) + os.sep):
+            raise ExportError(f"--overwrite would delete {path!r}, which is being read: it is inside output "
+                              f"directory {output_dir!r}; choose another OUTPUT_DIR")
+    if not os.path.isdir(output_dir) or os.path.islink(output_dir):
+        raise ExportError(f"output path {output_dir!r} exists and is not a folder: choose another OUTPUT_DIR")
+    entries = os.listdir(output_dir)
+    if entries and REPORT_FILE not in entries:
+        raise ExportError(f"--overwrite replaces only an empty folder or a previous export (one holding "
+                          f"{REPORT_FILE}); {output_dir!r} holds other files ({', '.join(sorted(entries)[:3])}"
+                          f"{', ...' if len(entries) > 3 else ''}): choose another OUTPUT_DIR")
+
+
+def _publish(tmp: str, output_dir: str, overwrite: bool, keep: Sequence[Optional[str]]) -> None:
+    """Rename the finished temporary folder to output_dir (replacing only what ``check_output_dir``
+    allows)."""
+    check_output_dir(output_dir, overwrite, keep)
     old = None
     if os.path.exists(output_dir):
-        if not overwrite:
-            raise ExportError(f"output directory {output_dir!r} already exists (pass --overwrite)")
         old = tempfile.mkdtemp(dir=os.path.dirname(output_dir), prefix=f".{os.path.basename(output_dir)}.old-")
         os.rmdir(old)
         os.rename(output_dir, old)
@@ -213,14 +247,16 @@ def export_model(model: PreTrainedModel, masks: Mapping[str, torch.Tensor], outp
     output_dir = os.path.abspath(output_dir)
     parent = os.path.dirname(output_dir)
     os.makedirs(parent, exist_ok=True)
+    check_output_dir(output_dir, overwrite, (source, copy_from))  # before the work, and again at the rename
     tmp = tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(output_dir)}.tmp-")
+    os.chmod(tmp, umask_mode(0o777))  # mkdtemp makes it private to the owner
     try:
         small.save_pretrained(tmp)
         for name in _TOKENIZER_FILES if copy_from else ():
             if os.path.isfile(os.path.join(copy_from, name)):
                 shutil.copy2(os.path.join(copy_from, name), tmp)
         _write_reports(tmp, report)
-        _publish(tmp, output_dir, overwrite)
+        _publish(tmp, output_dir, overwrite, (source, copy_from))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     logger.info("exported %s: %d -> %d parameters", output_dir, report["params_before"], report["params_after"])
@@ -230,6 +266,7 @@ def export_model(model: PreTrainedModel, masks: Mapping[str, torch.Tensor], outp
 def export_checkpoint(checkpoint_dir: str, output_dir: str, *, tag: Optional[str] = None,
                       model_config: Optional[str] = None, dtype: str = "float32", overwrite: bool = False) -> dict:
     """Consolidate a DeepSpeed/Trainer checkpoint, shrink it with its pruner masks, and write it."""
+    check_output_dir(os.path.abspath(output_dir), overwrite, (checkpoint_dir, model_config))
     tag = resolve_tag(checkpoint_dir, tag)
     state, state_file = load_pruner_state(checkpoint_dir, tag)
     config, config_dir = load_config(checkpoint_dir, model_config)

@@ -59,6 +59,7 @@ class CheckpointInfo:
     module_shapes: Dict[str, Tuple[int, ...]]  # the saved model's tensors ("module." prefix removed)
     client_bitter7: Optional[dict]  # pruner state of a ds_bitter7 checkpoint
     seq_len: Optional[int] = None  # block length of the training run (launch/train.py records it)
+    param_groups: Optional[List[List[str]]] = None  # parameter names of each optimizer group, in order
 
 
 # --------------------------------------------------------------------------- arguments and checks
@@ -128,8 +129,11 @@ def inspect_checkpoint(checkpoint_dir: str, tag: Optional[str]) -> CheckpointInf
     shapes = {k: tuple(getattr(v, "shape", ())) for k, v in module.items()}
     saved = sd.get("ds_config")
     seq_len = sd.get("seq_len")
+    groups = sd.get("param_shapes")
+    groups = ([list(strip_module_prefix(dict(g))) for g in groups]
+              if isinstance(groups, list) and all(isinstance(g, dict) for g in groups) else None)
     return CheckpointInfo(tag, folder, zero_files, has_state, saved if isinstance(saved, dict) else {},
-                          shapes, sd.get("bitter7"), seq_len if isinstance(seq_len, int) else None)
+                          shapes, sd.get("bitter7"), seq_len if isinstance(seq_len, int) else None, groups)
 
 
 def _has_torch_state(opt) -> bool:
@@ -146,12 +150,29 @@ def check_args(args: argparse.Namespace, info: Optional[CheckpointInfo]) -> None
         problems.append(f"checkpoint {info.folder!r} has no optimizer state (no *optim_states.pt and no "
                         f"'optimizer' in {MODEL_STATES}): score {args.score!r} needs Adam's exp_avg_sq; "
                         "--score magnitude works without it")
+    saved = (info.client_bitter7 or {}).get("structures") if info is not None else None
+    trained = [k for k in saved or () if k != "unstructured"]
+    if [k for k in trained if k not in args.structures]:
+        problems.append(f"checkpoint {info.folder!r} was pruned in training with structures {saved}: those "
+                        f"units stay pruned, so --structures must include {trained} "
+                        f"(pass --structures {' '.join(dict.fromkeys(trained + list(args.structures)))})")
     if args.seq_len is not None and args.seq_len < 2:
         problems.append(f"--seq_len must be >= 2, got {args.seq_len}")
     if args.num_batches < 1 or args.batch_size < 1 or args.eval_batches < 0:
         problems.append("--num_batches and --batch_size must be >= 1, --eval_batches >= 0")
     if problems:
         raise OneShotError("; ".join(problems))
+
+
+def output_dir_problem(args: argparse.Namespace, config_dir: str) -> Optional[str]:
+    """Why OUTPUT_DIR cannot be written (``export.check_output_dir``), or None."""
+    from .export import check_output_dir
+
+    try:
+        check_output_dir(os.path.abspath(args.output_dir), args.overwrite, (args.checkpoint_dir, config_dir))
+    except ExportError as err:
+        return str(err)
+    return None
 
 
 def resolve_seq_len(args: argparse.Namespace, info: CheckpointInfo, config) -> int:
@@ -188,6 +209,9 @@ def loading_config(args: argparse.Namespace, info: CheckpointInfo) -> dict:
     else:
         base = info.ds_config
     cfg = {k: base[k] for k in KEEP_DS_KEYS if k in base}
+    if isinstance(cfg.get("zero_optimization"), dict):  # no step is taken: offload only gets in the way
+        cfg["zero_optimization"] = {k: v for k, v in cfg["zero_optimization"].items()
+                                    if k not in ("offload_optimizer", "offload_param")}
     if "optimizer" not in cfg:
         cfg["optimizer"] = {"type": "AdamW", "params": {"lr": 0.0, "torch_adam": True}}
     if "zero_optimization" not in cfg:
@@ -224,6 +248,40 @@ def calibration_data(args, tokenizer, device) -> List[Dict[str, torch.Tensor]]:
     blocks = dsdata.chunk_dataset(_texts(args.calibration, "train", args.seed), tokenizer, args.seq_len)
     return [{k: v.to(device) for k, v in b.items()}
             for b in dsdata.calibration_batches(blocks, args.batch_size, args.num_batches, args.seed)]
+
+
+def read_data(args, tokenizer, calibrate: bool, comm):
+    """(calibration batches or None, validation loader or None), read before the checkpoint loads;
+    a problem on any rank (unreadable file, too little text) fails every rank. Collective."""
+    calib = val = error = None
+    try:
+        calib = calibration_data(args, tokenizer, torch.device("cpu")) if calibrate else None
+        val = validation_loader(args, tokenizer) if args.validation else None
+    except Exception as err:  # datasets' own errors do not always name the file
+        what = f"--calibration {args.calibration}" if calib is None and calibrate else f"--validation {args.validation}"
+        error = OneShotError(f"cannot read {what}: {type(err).__name__}: {err}")
+    if comm.any(error is not None):
+        raise error or OneShotError("another rank could not read the calibration or validation data "
+                                    "(see its error)")
+    return calib, val
+
+
+def restore_training_masks(pruner, saved: dict, source: str) -> None:
+    """Units pruned in training stay pruned: the saved masks of the structure types both runs prune
+    (``check_args`` made sure the run prunes every saved type); a type only this run prunes starts
+    fully kept. Unstructured zeros are in the weights already, and one-shot takes no step."""
+    from .config import enum_name
+
+    state = dict(saved)
+    counts = {g.key: g.n_units for g in pruner.groups}
+    state["structures"] = [enum_name(s) for s in pruner.config.structures]
+    state["unit_counts"] = {**counts, **{k: v for k, v in (saved.get("unit_counts") or {}).items() if k in counts}}
+    state["masks"] = {**{k: torch.ones(n, dtype=torch.bool) for k, n in counts.items()},
+                      **{k: v for k, v in (saved.get("masks") or {}).items() if k in counts}}
+    try:
+        pruner.load_state_dict(state, source=source)
+    except ValueError as err:
+        raise OneShotError(str(err)) from None
 
 
 def validation_loader(args, tokenizer):
@@ -288,7 +346,7 @@ def build_engine(args, info: CheckpointInfo, model, comm):
         cfg["checkpoint"] = {"load_universal": True}
     if not info.has_optimizer_state:  # magnitude only: the module weights are all it needs
         model.load_state_dict(consolidate(args.checkpoint_dir, info.tag), strict=True)
-    engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=cfg)
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=saved_param_groups(model, info), config=cfg)
     if info.has_optimizer_state:
         path, client = engine.load_checkpoint(load_dir, tag=tag, load_optimizer_states=True,
                                               load_lr_scheduler_states=False)
@@ -301,21 +359,29 @@ def build_engine(args, info: CheckpointInfo, model, comm):
     return engine
 
 
-def fit_biases(model, cfg, info: CheckpointInfo) -> None:
-    """Give out projections without a bias (LLaMA) the compensation bias a ds_bitter7 checkpoint
-    carries; compensation on a checkpoint without them is an error (its optimizer state has no room)."""
+def saved_param_groups(model, info: CheckpointInfo):
+    """The model's parameters grouped as the checkpoint's optimizer had them (a ZeRO partition is
+    laid out per group: weight-decay / no-decay groups must be rebuilt to load it)."""
+    named = dict(model.named_parameters())
+    if not info.param_groups or len(info.param_groups) < 2:
+        return [p for p in named.values() if p.requires_grad]
+    return [{"params": [named[n] for n in names if n in named]} for names in info.param_groups]
+
+
+def fit_checkpoint_biases(model, info: CheckpointInfo) -> None:
+    """Give out projections without a bias (LLaMA) the compensation biases a ds_bitter7 checkpoint
+    carries, so that it loads."""
+    from .export import add_missing_biases_
+
+    add_missing_biases_(model, {k: torch.zeros(s) for k, s in info.module_shapes.items() if k.endswith(".bias")})
+
+
+def add_compensation_biases(model, cfg) -> List[str]:
+    """Zero biases for the out projections that still have none, added after loading: one-shot takes no
+    optimizer step, so they need no optimizer state (compensation writes them on every rank)."""
     from .compensation import add_missing_out_biases
 
-    added = add_missing_out_biases(model, cfg)
-    missing = [n for n in added if n not in info.module_shapes]
-    if missing and not cfg.bias_compensation.enabled:
-        for name in added:  # the checkpoint has none: keep the model as it was trained
-            model.get_submodule(name.rsplit(".", 1)[0]).bias = None
-        return
-    if missing:
-        raise OneShotError(f"bias compensation needs a bias on {missing[0]} (and {len(missing) - 1} more), "
-                           f"which checkpoint {info.folder!r} does not have (its optimizer state has no room "
-                           "for it): use --compensation none, or train with ds_bitter7 bias compensation on")
+    return add_missing_out_biases(model, cfg) if cfg.bias_compensation.enabled else []
 
 
 def check_model_matches(model, info: CheckpointInfo, config_dir: str) -> None:
@@ -326,6 +392,9 @@ def check_model_matches(model, info: CheckpointInfo, config_dir: str) -> None:
         if saved != tuple(param.shape):
             wrong.append(f"{name}: {'missing' if saved is None else list(saved)} in the checkpoint, "
                          f"{list(param.shape)} in the model")
+    known = set(model.state_dict())  # tied weights (lm_head) are saved under both names
+    wrong += [f"{name}: {list(shape)} in the checkpoint, missing in the model"
+              for name, shape in info.module_shapes.items() if name not in known]
     if wrong:
         more = f" (and {len(wrong) - 3} more)" if len(wrong) > 3 else ""
         raise OneShotError(f"the model of {os.path.join(config_dir, 'config.json')!r} does not match checkpoint "
@@ -353,34 +422,39 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
     except ExportError as err:
         raise OneShotError(str(err)) from None
     args.seq_len = resolve_seq_len(args, info, config)
-    cfg = parse_config({"bitter7": bitter7_section(args)})
+    try:
+        cfg = parse_config({"bitter7": bitter7_section(args)})
+    except ValueError as err:
+        raise OneShotError(str(err)) from None
     init_distributed()
     comm = Communicator()
-    # rank 0 writes OUTPUT_DIR: it decides, before any work, and every rank fails alike
-    if comm.any(comm.rank == 0 and os.path.exists(args.output_dir) and not args.overwrite):
-        raise OneShotError(f"output directory {args.output_dir!r} already exists (pass --overwrite)")
+    # rank 0 writes OUTPUT_DIR: checked before any work (on every rank that sees it), every rank fails alike
+    problem = output_dir_problem(args, config_dir)
+    if comm.any(problem is not None):
+        raise OneShotError(problem or "another rank cannot write the output directory (see its error)")
+    tokenizer = dsdata.get_tokenizer(args.tokenizer)
+    calib, val = read_data(args, tokenizer, needs_stats(cfg), comm)  # before the (long) checkpoint load
     torch.manual_seed(args.seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    fit_biases(model, cfg, info)
+    fit_checkpoint_biases(model, info)
     check_model_matches(model, info, config_dir)
-    tokenizer = dsdata.get_tokenizer(args.tokenizer)
     engine = build_engine(args, info, model, comm)
+    add_compensation_biases(engine.module, cfg)
     device = next(engine.module.parameters()).device
-    calib = calibration_data(args, tokenizer, device) if needs_stats(cfg) else None
+    calib = [{k: v.to(device) for k, v in b.items()} for b in calib] if calib is not None else None
     pruner = ds_bitter7.attach(engine, cfg, calib)
     if info.client_bitter7 is not None:  # a ds_bitter7 checkpoint: units pruned in training stay pruned
-        pruner.load_state_dict(info.client_bitter7, source=info.folder)
-    val = validation_loader(args, tokenizer) if args.validation else None
+        restore_training_masks(pruner, info.client_bitter7, info.folder)
     summary: Dict[str, Any] = {"checkpoint": os.path.abspath(args.checkpoint_dir), "tag": info.tag,
                                "world_size": comm.world_size, "score": args.score,
                                "structures": list(args.structures), "sparsity": args.sparsity,
                                "compensation": args.compensation, "scope": args.scope, "seq_len": args.seq_len}
-    if val is not None:
+    if val is not None and args.eval_batches > 0:
         summary["ppl_before"] = perplexity(engine.module, val, args.eval_batches, comm)
     event = pruner.prune_to(args.sparsity)
     summary["event"] = {k: v for k, v in event.items() if k in ("sparsity", "thresholds", "compensation",
                                                                 "seconds", "bytes")}
-    if val is not None:
+    if "ppl_before" in summary:
         summary["ppl_after"] = perplexity(engine.module, val, args.eval_batches, comm)
     error = None
     if comm.rank == 0:

@@ -30,8 +30,17 @@ class CheckpointError(ValueError):
     """A pruner state that is missing, unreadable or for another model."""
 
 
+def umask_mode(mode: int) -> int:
+    """``mode`` less the process umask: what ``open``/``mkdir`` would give, for files made with
+    ``tempfile`` (which makes them private to the owner)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return mode & ~mask
+
+
 def atomic_save(obj, path: str) -> None:
-    """torch.save to ``path`` through a temporary file in the same folder, then rename."""
+    """torch.save to ``path`` through a temporary file in the same folder, then rename (the file
+    gets the umask's usual permissions, like DeepSpeed's own checkpoint files)."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".pt")
@@ -40,6 +49,7 @@ def atomic_save(obj, path: str) -> None:
             torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, umask_mode(0o666))
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import stat
 import subprocess
 import sys
 import textwrap
@@ -112,8 +113,45 @@ def test_existing_output_needs_overwrite(gpt2_checkpoint, tmp_path):
     (tmp_path / "small").mkdir()
     with pytest.raises(ExportError, match="already exists"):
         export_checkpoint(gpt2_checkpoint, str(tmp_path / "small"))
-    export_checkpoint(gpt2_checkpoint, str(tmp_path / "small"), overwrite=True)
+    export_checkpoint(gpt2_checkpoint, str(tmp_path / "small"), overwrite=True)  # an empty folder
+    export_checkpoint(gpt2_checkpoint, str(tmp_path / "small"), overwrite=True)  # a previous export
     assert (tmp_path / "small" / "config.json").is_file()
+    mask = os.umask(0)
+    os.umask(mask)  # the export is readable as the umask allows, not private to its owner
+    assert stat.S_IMODE(os.stat(tmp_path / "small").st_mode) == 0o777 & ~mask
+
+
+def test_overwrite_never_deletes_what_is_not_an_export(gpt2_checkpoint, tmp_path):
+    runs = tmp_path / "runs"
+    shutil.copytree(gpt2_checkpoint, runs / "ckpt")
+    (runs / "notes.txt").write_text("important")
+    with pytest.raises(ExportError, match="would delete .*ckpt.*inside output directory"):
+        export_checkpoint(str(runs / "ckpt"), str(runs), overwrite=True)  # the checkpoint's parent
+    with pytest.raises(ExportError, match="would delete"):
+        export_checkpoint(str(runs / "ckpt"), str(runs / "ckpt"), overwrite=True)  # the checkpoint itself
+    (runs / "other").mkdir()
+    (runs / "other" / "notes.txt").write_text("important")
+    with pytest.raises(ExportError, match="replaces only an empty folder or a previous export.*notes.txt"):
+        export_checkpoint(str(runs / "ckpt"), str(runs / "other"), overwrite=True)
+    assert (runs / "notes.txt").read_text() == "important" and (runs / "other" / "notes.txt").is_file()
+    assert (runs / "ckpt" / "latest").is_file()
+
+
+def test_empty_latest_file_is_named(gpt2_checkpoint, tmp_path):
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(gpt2_checkpoint, ckpt)
+    (ckpt / "latest").write_text("")
+    with pytest.raises(ExportError, match="latest' is empty"):
+        export_checkpoint(str(ckpt), str(tmp_path / "out"))
+
+
+def test_truncated_optimizer_shard_is_named(gpt2_checkpoint, tmp_path):
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(gpt2_checkpoint, ckpt)
+    shard = ckpt / "global_step1" / "zero_pp_rank_1_mp_rank_00_optim_states.pt"
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+    with pytest.raises(ExportError, match="cannot consolidate .*global_step1.*zero_to_fp32"):
+        export_checkpoint(str(ckpt), str(tmp_path / "out"))
 
 
 def test_missing_checkpoint_dir(tmp_path):

@@ -15,7 +15,7 @@ import pytest
 import torch
 import torch.distributed as dist
 from distributed import run_distributed
-from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
+from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
 from ds_bitter7 import oneshot
 
@@ -29,14 +29,27 @@ def _model():
                                       eos_token_id=256))
 
 
-def make_checkpoint(folder: str) -> None:
-    """Plain DeepSpeed ZeRO-2 training for 3 steps, then save (no ds_bitter7 involved)."""
+def _llama():
+    torch.manual_seed(0)
+    return LlamaForCausalLM(LlamaConfig(num_hidden_layers=2, hidden_size=32, num_attention_heads=4,
+                                        num_key_value_heads=2, intermediate_size=64, vocab_size=264,
+                                        max_position_embeddings=64, bos_token_id=256, eos_token_id=256))
+
+
+def make_checkpoint(folder: str, llama: bool = False) -> None:
+    """Plain DeepSpeed ZeRO-2 training for 3 steps, then save (no ds_bitter7 involved). The LLaMA
+    one (no biases) has weight-decay and no-decay parameter groups, as HF Trainer makes them."""
     import deepspeed
 
-    model = _model()
+    model = _llama() if llama else _model()
+    params = list(model.parameters())
+    if llama:
+        decay = [p for n, p in model.named_parameters() if p.dim() > 1]
+        params = [{"params": decay, "weight_decay": 0.1},
+                  {"params": [p for p in model.parameters() if p.dim() <= 1], "weight_decay": 0.0}]
     cfg = {"train_micro_batch_size_per_gpu": 2, "zero_optimization": {"stage": 2}, "steps_per_print": 10**9,
            "optimizer": {"type": "AdamW", "params": {"lr": 1e-2, "torch_adam": True}}}
-    engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=cfg)
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=params, config=cfg)
     g = torch.Generator().manual_seed(dist.get_rank())
     for _ in range(3):
         ids = torch.randint(0, 257, (2, 32), generator=g)
@@ -92,6 +105,52 @@ def test_other_world_size_goes_through_universal_checkpoint(checkpoint):
     assert one["event"]["thresholds"]["mlp_neuron"] == pytest.approx(two["event"]["thresholds"]["mlp_neuron"], rel=1e-9)
     assert one["ppl_before"] == pytest.approx(two["ppl_before"], rel=0.2)  # different shares of the data
     assert not os.path.exists(str(root / "out1") + ".universal_tmp")
+
+
+def test_plain_llama_with_parameter_groups_gets_least_squares_by_default(checkpoint, tmp_path):
+    """No bias on down_proj (added after loading: no step, no optimizer state) and two optimizer
+    groups (rebuilt from the checkpoint, or ZeRO-2's partitions would not load at the same world size)."""
+    import ds_bitter7  # noqa: F401  registers bitter7_llama
+
+    root, _, text = checkpoint
+    ckpt = str(tmp_path / "llama")
+    run_distributed(make_checkpoint, 2, ckpt, True, timeout=120)
+    out = run_distributed(run_oneshot, 2, _argv(tmp_path, ckpt, text, "small"), timeout=150)[0]
+    assert isinstance(out, dict), out
+    assert out["compensation"] == "least_squares" and out["event"]["compensation"]["mode"] == "least_squares"
+    small = AutoModelForCausalLM.from_pretrained(str(tmp_path / "small"))
+    assert small.model.layers[0].mlp.down_proj.bias is not None  # the refit intercept
+    assert sum(p.numel() for p in small.parameters()) == out["params_after"]
+
+
+def test_overwrite_refuses_a_folder_holding_the_checkpoint(checkpoint, tmp_path):
+    root, ckpt, text = checkpoint
+    import shutil
+
+    shutil.copytree(ckpt, tmp_path / "ckpt")
+    argv = _argv(tmp_path, str(tmp_path / "ckpt"), text, ".", "--overwrite")
+    msg = run_distributed(run_oneshot, 1, argv, timeout=60)[0]
+    assert msg.startswith("OneShotError") and "would delete" in msg, msg
+    assert (tmp_path / "ckpt" / "latest").is_file()
+
+
+def test_unreadable_or_short_data_fails_every_rank(checkpoint, tmp_path):
+    root, ckpt, text = checkpoint
+    (tmp_path / "empty.txt").write_text("")
+    (tmp_path / "short.txt").write_text("just a few words, one block of 32 bytes at most")
+    for data, expect in (("empty.txt", "cannot read --calibration"), ("short.txt", "cannot read --calibration")):
+        argv = [ckpt, str(tmp_path / "out"), "--sparsity", "0.5", "--calibration", str(tmp_path / data),
+                "--seq_len", "32", "--batch_size", "2", "--num_batches", "2"]
+        out = run_distributed(run_oneshot, 2, argv, timeout=90)
+        assert out[0].startswith("OneShotError") and expect in out[0], out[0]
+        assert out[1].startswith("OneShotError"), out[1]
+
+
+def test_structures_must_include_those_pruned_in_training(tmp_path):
+    info = oneshot.CheckpointInfo("t", str(tmp_path), [], True, {}, {}, {"structures": ["mlp_neuron"]})
+    args = oneshot.parse_args([str(tmp_path), "o", "--sparsity", "0.5", "--structures", "attention_head"])
+    with pytest.raises(oneshot.OneShotError, match="pass --structures mlp_neuron attention_head"):
+        oneshot.check_args(args, info)
 
 
 def test_bad_arguments_fail_on_every_rank(checkpoint):
