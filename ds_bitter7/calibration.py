@@ -15,7 +15,8 @@ Two sources (``bias_compensation.source``):
   the same number: the minimum over ranks) in eval mode under ``torch.no_grad()``.
 - ``training``: the hooks stay registered and keep the last ``window`` training forward passes
   (train mode only, not activation-checkpoint recomputes) made since the last pruning event;
-  ``gather()`` reduces them. No extra forward pass is run.
+  ``gather()`` reduces them. No extra forward pass is run. Least squares (a float64 F x F matrix
+  per pass) records only in the ``window`` optimizer steps before each scheduled event.
 """
 
 from __future__ import annotations
@@ -168,7 +169,7 @@ class ActivationStats:
                 x = x[keep.to(x.device)]
             if self._current is not None:  # a calibration pass
                 self._current[key].add_rows(x)
-            elif module.training and not _in_backward():  # a training forward (not a recompute)
+            elif module.training and not _in_backward() and self._event_is_near():  # a training forward
                 sums = _Sums(n, self.with_matrix)
                 sums.add_rows(x)
                 self._recent[key].append((self._epoch(), sums))
@@ -190,6 +191,17 @@ class ActivationStats:
                     if epoch == self._epoch():  # passes since the last event only
                         local[g.key].add(s)
         return self._reduce(local)
+
+    def _event_is_near(self) -> bool:
+        """Whether a training forward can be among the last ``window`` before the next scheduled
+        event. Least squares keeps a float64 F x F matrix per forward: only then, not every step
+        (mean and variance sums are cheap and always kept)."""
+        if not self.with_matrix:
+            return True
+        from .schedule import next_event_step
+
+        nxt = next_event_step(self.pruner.config, self.pruner.step_count)
+        return nxt is not None and nxt - self.pruner.step_count <= self.window  # >= 1 forward per step
 
     def _epoch(self) -> int:
         """Pruning events so far: training passes are tagged with it."""
@@ -235,7 +247,9 @@ class ActivationStats:
                 pos += f * f
             if count == 0:
                 raise RuntimeError(f"ds_bitter7: no activations of {g.key} were observed on any rank "
-                                   "(source 'training' needs training forward passes before each event)")
+                                   "(source 'training' needs training forward passes before each event; with "
+                                   "least squares only those of the `window` steps before a scheduled event "
+                                   "are kept: for an event at another time use source 'calibration')")
             mean = s / count
             var = (sq / count - mean.square()).clamp_(min=0.0)
             out[g.key] = UnitStats(count, mean, var, None if xtx is None else xtx / count)

@@ -149,6 +149,18 @@ class Bitter7Config(DeepSpeedConfigModel):
                              "'unstructured' (use 'global' or 'per_layer')")
         return self
 
+    @model_validator(mode="after")
+    def _activations_need_units(self) -> Bitter7Config:
+        if any(enum_name(s) != "unstructured" for s in self.structures):
+            return self
+        if self.bias_compensation.enabled:
+            raise ValueError("bias_compensation folds removed units into the next layer; structures "
+                             "['unstructured'] removes no units (disable it, or add mlp_neuron / attention_head)")
+        if enum_name(self.score) == "bitter7_variance":
+            raise ValueError("score 'bitter7_variance' weighs whole units by their activation std; it does "
+                             "not apply to structures ['unstructured'] (use 'bitter7')")
+        return self
+
 
 def _describe(error: dict) -> str:
     loc = ".".join(str(p) for p in error["loc"]) or "<section>"

@@ -23,3 +23,13 @@ def sparsity_at(config: Bitter7Config, step: int) -> Optional[float]:
     progress = 1.0 if span == 0 else (step - sched.start_step) / span
     power = 3 if sched.shape == Shape.cubic else 1
     return config.target_sparsity * progress ** power
+
+
+def next_event_step(config: Bitter7Config, step: int) -> Optional[int]:
+    """The first step after ``step`` with an event (``sparsity_at`` not None), or None."""
+    sched = config.schedule
+    nxt = max(step + 1, sched.start_step)
+    if nxt > sched.end_step:
+        return None
+    k = -(-(nxt - sched.start_step) // sched.frequency)  # ceil
+    return min(sched.start_step + k * sched.frequency, sched.end_step)

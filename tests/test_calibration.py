@@ -71,6 +71,7 @@ def calibration_suite(cases, extras: bool) -> dict:
     out = {"stats": stats_suite(cases)}
     if extras:
         out["training"] = training_window()
+        out["ls_window"] = least_squares_window()
         out["variance"] = variance_score()
     return out
 
@@ -147,6 +148,24 @@ def training_window() -> dict:
     return errors
 
 
+def least_squares_window() -> list:
+    """Source 'training' with least squares keeps the F x F sums only in the `window` steps before a
+    scheduled event (event at step 4, window 2: the forwards of steps 3 and 4), not on every step."""
+    model = tiny_model("gpt2")
+    cfg = ds_config(2, "fp32", {"structures": ["mlp_neuron"], "target_sparsity": 0.5,
+                                "schedule": {"start_step": 4, "end_step": 4},
+                                "bias_compensation": {"enabled": True, "source": "training", "window": 2,
+                                                      "mode": "least_squares"}})
+    engine, *_ = ds_bitter7.initialize(model=model, model_parameters=model.parameters(), config=cfg)
+    pruner = ds_bitter7.get_pruner(engine)
+    kept = []
+    for x in batches(4, seed=20 + dist.get_rank()):
+        kept.append(max(len(d) for d in pruner.stats._recent.values()))
+        engine.backward(engine(input_ids=x, labels=x).loss)
+        engine.step()
+    return kept + [pruner.last_event["compensation"]["mode"], pruner.last_event["step"]]
+
+
 def variance_score() -> dict:
     """bitter7_variance = bitter7 unit score x unit activation std; the event prunes the lowest."""
     from ds_bitter7.scores import get_scorer
@@ -215,6 +234,11 @@ def test_training_source_keeps_last_window_and_resets(world2):
         for key, (count_ok, dmean, dvar) in res.items():
             assert count_ok, key
             assert dmean < 1e-10 and dvar < 1e-9, (key, dmean, dvar)
+
+
+def test_least_squares_training_source_records_only_before_an_event(world2):
+    for res in world2:  # passes kept before steps 1..4, then the event of step 4 used them
+        assert res["ls_window"] == [0, 0, 0, 1, "least_squares", 4], res["ls_window"]
 
 
 def test_bitter7_variance_scores_and_prunes_lowest(world2):

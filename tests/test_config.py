@@ -44,6 +44,8 @@ def test_every_bad_key_is_named_at_once():
     ({"structures": []}, "bitter7.structures"),
     ({"structures": ["mlp_neuron", "mlp_neuron"]}, "must not repeat"),
     ({"enabled": "maybe"}, "bitter7.enabled = 'maybe'"),
+    ({"structures": ["unstructured"], "bias_compensation": {"enabled": True}}, "removes no units"),
+    ({"structures": ["unstructured"], "score": "bitter7_variance"}, "does not apply to structures ['unstructured']"),
 ])
 def test_single_problems(section, needle):
     with pytest.raises(ValueError, match="Invalid 'bitter7' config") as e:
