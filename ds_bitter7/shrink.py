@@ -271,19 +271,23 @@ def build_config(config, counts: Mapping[str, int], extra_flags: Optional[Dict[s
         if _uniform(mlp) and attn == [config.n_head] * n and config.model_type == "gpt2":
             return type(config)(**{**data, "n_inner": mlp[0]})
         return Bitter7GPT2Config(**data, intermediate_sizes=mlp, num_heads_per_layer=attn)
-    if standard and _uniform(mlp) and _uniform(attn) and config.model_type != "bitter7_llama":
+    why = "its blocks have different widths (prune with scope: per_layer for a standard model)"
+    if not standard:
+        why = f"it carries compensation biases the standard {config.model_type} class cannot hold"
+    elif _uniform(mlp) and _uniform(attn) and config.model_type != "bitter7_llama":
         uniform = {"intermediate_size": mlp[0], "num_attention_heads": attn[0] * q_per_unit,
                    "num_key_value_heads": attn[0], "head_dim": head_dim}
         try:
             return type(config)(**{**data, **uniform})
-        except (ValueError, TypeError) as err:  # e.g. hidden_size not a multiple of the heads
+        except Exception as err:  # ValueError, or huggingface_hub's strict-dataclass validation error
+            why = f"the standard {config.model_type} config refuses the shape ({err})"
             logger.info("standard %s config cannot express the shape (%s); using bitter7_llama", config.model_type, err)
     window = _binding_sliding_window(config)
     if window is not None:
         raise NotImplementedError(
             f"{config.model_type} with a sliding attention window ({window} tokens, under its "
-            f"{config.max_position_embeddings} positions) exports with different widths per block only "
-            "through bitter7_llama, which has no window; prune with scope: per_layer for a standard model"
+            f"{config.max_position_embeddings} positions) cannot be exported: {why}, so it needs "
+            "bitter7_llama, which has no sliding window"
         )
     for key in ("sliding_window", "use_sliding_window", "max_window_layers", "layer_types"):
         data.pop(key, None)  # Mistral / Qwen2 keys: no window binds, so the LLaMA blocks compute the same

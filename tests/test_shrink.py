@@ -240,6 +240,22 @@ def test_qwen2_with_compensation_biases_exports_as_bitter7_llama(tmp_path):
     assert_close(logits(loaded), logits(model))
 
 
+def test_uniform_heads_the_standard_config_refuses_export_as_bitter7_llama(tmp_path):
+    """3 of 4 key/value groups in every block: 6 query heads do not divide hidden_size 64, which
+    LlamaConfig's strict validation refuses; the export falls back to bitter7_llama."""
+    model = tiny_llama()
+    masks = random_masks(model, "per_layer")
+    for key in masks:
+        if key.endswith(".attn"):
+            masks[key] = torch.tensor([True, True, False, True])
+    zero_units(model, masks)
+    small, _ = shrink_model(model, masks)
+    small.save_pretrained(tmp_path)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert loaded.config.model_type == "bitter7_llama"
+    assert_close(logits(loaded), logits(model))
+
+
 def test_binding_sliding_window_is_refused_for_different_widths():
     model = tiny_llama_like("mistral")
     model.config.sliding_window = 16  # under its 64 positions: LLaMA blocks would attend further
