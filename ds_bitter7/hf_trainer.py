@@ -25,7 +25,7 @@ from . import prepare_model  # noqa: F401  (re-exported: call it before Trainer(
 from .comm import is_main_process
 from .config import enum_name
 from .state import TRAINER_FILE as STATE_FILE
-from .state import atomic_save, load_file
+from .state import CheckpointError, atomic_save, load_file, restore_local
 
 logger = logging.getLogger(__name__)
 
@@ -92,6 +92,8 @@ class Bitter7Callback(TrainerCallback):
         return control
 
     def _maybe_resume(self, args, state) -> None:
+        """Restore the pruner's replicated state and each rank's own (movement, unstructured masks)
+        from the checkpoint the Trainer resumed from (DeepSpeed loaded it before the hooks existed)."""
         folder = self.resume_from_checkpoint
         if folder is None and state.global_step > 0:
             folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
@@ -99,8 +101,23 @@ class Bitter7Callback(TrainerCallback):
             return
         path = os.path.join(folder, STATE_FILE)
         if not os.path.exists(path):
-            raise FileNotFoundError(f"resuming at step {state.global_step} but {path} does not exist")
-        self.pruner.load_state_dict(load_file(path), source=path)
+            raise FileNotFoundError(
+                f"resuming at step {state.global_step} but {path} does not exist"
+                + ("" if self.resume_from_checkpoint else
+                   "; when resuming from a checkpoint outside output_dir, pass it to the callback too: "
+                   "Bitter7Callback(..., resume_from_checkpoint=PATH)"))
+        saved = load_file(path)
+        if saved.get("step") is not None and int(saved["step"]) != state.global_step:
+            raise CheckpointError(f"{path} is the pruner state of step {saved['step']}, but the Trainer resumed "
+                                  f"at step {state.global_step}: pass the checkpoint it resumed from as "
+                                  "Bitter7Callback(..., resume_from_checkpoint=PATH)")
+        self.pruner.load_state_dict(saved, source=path)
+        tag = os.path.join(folder, "latest")
+        if os.path.isfile(tag):
+            with open(tag) as f:
+                restore_local(self.pruner, os.path.join(folder, f.read().strip()), saved)
+        else:
+            self.pruner.load_local_state_dict(None)  # re-derive from the weights that are exactly zero
         logger.info("bitter7 state restored from %s", path)
 
     def on_save(self, args, state, control, **kwargs):

@@ -366,6 +366,7 @@ class Pruner:
         if self.unstructured is not None:
             for n, m in local.get("unstructured", {}).items():
                 self.unstructured.pruned[n] = m.clone()
+            self.unstructured.recount()  # the next event keeps at least these (collective)
         self._apply_masks_now()
 
 

@@ -108,27 +108,35 @@ def install_checkpoint_hooks(engine, pruner) -> None:
                                   f"'{CLIENT_KEY}'): it was not saved by a ds_bitter7 engine; refusing to "
                                   "restart the pruning schedule silently")
         pruner.load_state_dict(state, source=path)
-        folder = os.path.join(load_dir, str(resolved))
-        error, local = None, None
-        try:
-            local = _load_local(folder, pruner, state)
-        except CheckpointError as e:
-            error = e
-        pruner.comm.raise_if_any(error, "loading the bitter7 per-rank state")
-        pruner.load_local_state_dict(local)
+        restore_local(pruner, os.path.join(load_dir, str(resolved)), state, universal)
         return path, client_state
 
     engine.save_checkpoint = save_checkpoint
     engine.load_checkpoint = load_checkpoint
 
 
-def _load_local(folder: str, pruner, state: dict) -> Optional[dict]:
-    """This rank's state file, or None where the world size changed (with a warning)."""
+def restore_local(pruner, folder: str, state: dict, universal: bool = False) -> None:
+    """Restore this rank's state (movement, unstructured masks) from ``folder`` (a tag folder).
+
+    Collective: a missing or bad file on any rank fails every rank.
+    """
+    error, local = None, None
+    try:
+        local = _load_local(folder, pruner, state, universal)
+    except CheckpointError as e:
+        error = e
+    pruner.comm.raise_if_any(error, "loading the bitter7 per-rank state")
+    pruner.load_local_state_dict(local)
+
+
+def _load_local(folder: str, pruner, state: dict, universal: bool = False) -> Optional[dict]:
+    """This rank's state file, or None (with a warning) where the world size changed or the
+    checkpoint is a universal one (``ds_to_universal`` does not carry the rank files)."""
     saved_world = state.get("world_size")
-    if saved_world is not None and saved_world != pruner.comm.world_size:
-        log_main("bitter7: resuming at world size %d from %d: movement accumulators restart, unstructured "
-                 "masks are re-derived from zero weights", pruner.comm.world_size, saved_world,
-                 level=logging.WARNING, log=logger)
+    if universal or (saved_world is not None and saved_world != pruner.comm.world_size):
+        why = "a universal checkpoint" if universal else f"world size {pruner.comm.world_size} from {saved_world}"
+        log_main("bitter7: resuming through %s: movement accumulators restart, unstructured masks are "
+                 "re-derived from zero weights", why, level=logging.WARNING, log=logger)
         return None
     path = _rank_file(folder, pruner.comm.rank)
     return load_file(path)

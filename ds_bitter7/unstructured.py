@@ -84,11 +84,16 @@ class UnstructuredMasks:
 
     def rederive_from_zeros(self) -> None:
         """After a re-partitioned resume: pruned = weights that are exactly zero (collective)."""
+        for n in self.names:
+            if n in self.pruned:
+                self.pruned[n] = self.pruner.access.master(self.pruner.access.fragments[n]).eq(0)
+        self.recount()
+
+    def recount(self) -> None:
+        """Global pruned counts from every rank's masks, after they were restored (collective)."""
         counts = torch.zeros(len(self.names), dtype=torch.long)
         for i, n in enumerate(self.names):
             if n in self.pruned:
-                frag = self.pruner.access.fragments[n]
-                self.pruned[n] = self.pruner.access.master(frag).eq(0)
                 counts[i] = int(self.pruned[n].sum())
         self.pruned_counts = self.pruner.score_comm.all_reduce_sum(counts)
 

@@ -208,16 +208,22 @@ def resume_run(ckpt: str, phase: str, bitter7: dict, extra: dict) -> dict:
     cfg = ds_config(2, "fp32", bitter7, **extra)
     engine, *_ = ds_bitter7.initialize(model=model, model_parameters=model.parameters(), config=cfg)
     pruner = ds_bitter7.get_pruner(engine)
+    def counts():
+        return pruner.unstructured.pruned_counts.tolist() if pruner.unstructured is not None else None
+
     if phase == "full":
         _steps(engine, 1, 3)
         engine.save_checkpoint(ckpt)
+        at_step3 = counts()
         losses = _steps(engine, 4, 6)
     else:
         engine.load_checkpoint(ckpt)
         assert pruner.step_count == 3
+        at_step3 = counts()
         losses = _steps(engine, 4, 6)
     return {"losses": losses, "masks": pruner.masks, "zero": pruned_elements_zero(pruner),
-            "steps": pruner.step_count, "events": [e["step"] for e in pruner.events]}
+            "steps": pruner.step_count, "events": [e["step"] for e in pruner.events],
+            "unstructured": (at_step3, counts())}
 
 
 def load_expecting_error(ckpt: str, bitter7: dict, corrupt_rank: int = -1) -> str:
