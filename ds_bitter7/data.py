@@ -177,12 +177,49 @@ def builtin_dataset(split: str = "train", directory: Optional[str] = None):
 
 # --------------------------------------------------------------------------- text datasets
 def _text_column(ds) -> str:
+    """``text``, else (hub datasets only) the one string column, named in a warning."""
     if "text" in ds.column_names:
         return "text"
-    for name, feature in ds.features.items():
-        if getattr(feature, "dtype", None) == "string":
-            return name
-    raise ValueError(f"no text column in dataset with columns {ds.column_names}")
+    strings = [name for name, f in ds.features.items() if getattr(f, "dtype", None) == "string"]
+    if len(strings) != 1:
+        raise ValueError(f"no 'text' column in dataset with columns {ds.column_names} (and not exactly one "
+                         "string column to use instead)")
+    logger.warning("dataset has no 'text' column; using its only string column %r", strings[0])
+    return strings[0]
+
+
+def read_local_files(files: Sequence[str]):
+    """A ``datasets.Dataset`` of documents from local files, each row with a ``text`` field.
+
+    JSON / JSON lines: one document per record, from its ``"text"`` field (required). Text files
+    (.txt/.md/...): one document per paragraph (blank lines separate documents; the newlines inside
+    one are kept). Empty documents are dropped. Raises ``ValueError`` naming the files at fault.
+    """
+    import datasets
+
+    files = list(files)
+    if not files:
+        raise ValueError("no .txt/.md/.json/.jsonl files given")
+    empty = [f for f in files if os.path.getsize(f) == 0]
+    if empty:
+        raise ValueError(f"empty data file(s): {empty}")
+    kinds = {"json" if f.endswith(JSON_SUFFIXES) else "text" for f in files}
+    if len(kinds) > 1:
+        raise ValueError(f"mix of text and JSON files is not supported: {files}")
+    kind = kinds.pop()
+    try:
+        extra = {"sample_by": "paragraph"} if kind == "text" else {}
+        ds = datasets.load_dataset(kind, data_files=files, split="train", **extra)
+    except Exception as err:  # e.g. not UTF-8, or malformed JSON: datasets does not always name the file
+        raise ValueError(f"cannot read {files} as {kind}: {type(err).__name__}: {err}") from err
+    if "text" not in ds.column_names:
+        raise ValueError(f"{files}: every JSON record needs a 'text' field; the records have {ds.column_names}")
+    ds = ds.filter(lambda row: isinstance(row["text"], str) and bool(row["text"].strip()))
+    if kind == "text":
+        ds = ds.map(lambda row: {"text": row["text"].strip("\n")})  # blank lines separate, they are not text
+    if len(ds) == 0:
+        raise ValueError(f"no text in {files} (only whitespace)")
+    return ds
 
 
 def _split_train(ds, validation_fraction: float, seed: int) -> Tuple[Any, Any]:
@@ -192,7 +229,8 @@ def _split_train(ds, validation_fraction: float, seed: int) -> Tuple[Any, Any]:
     return parts["train"], parts["test"]
 
 
-def _local_files(spec: Sequence[str]) -> Optional[List[str]]:
+def local_files(spec: Sequence[str]) -> Optional[List[str]]:
+    """The data files of ``spec`` (files, and the data files in folders), or None if a path is missing."""
     files = []
     for item in spec:
         if os.path.isdir(item):
@@ -209,23 +247,23 @@ def load_text_datasets(data: Union[str, Sequence[str]], validation_fraction: flo
                        seed: int = 0, hub_config: Optional[str] = None) -> Tuple[Any, Any]:
     """(train, validation) ``datasets.Dataset`` objects with a text column.
 
-    ``data`` is ``"builtin"``, local file(s)/directories (text or JSON lines with a ``text``
-    field; split deterministically with ``seed``), or a hub dataset name (its ``validation``
-    split when it has one).
+    ``data`` is ``"builtin"``, local file(s)/directories (``read_local_files``: text files with
+    documents separated by blank lines, or JSON lines with a ``text`` field; split by document,
+    deterministically with ``seed``), or a hub dataset name (its ``validation`` split when it has one).
     """
     import datasets
 
     spec = [data] if isinstance(data, str) else list(data)
     if spec == [BUILTIN]:
         return builtin_dataset("train"), builtin_dataset("validation")
-    files = _local_files(spec)
+    files = local_files(spec)
     if files is not None:
         if not files:
             raise ValueError(f"no .txt/.md/.json/.jsonl files in {spec}")
-        kinds = {"json" if f.endswith(JSON_SUFFIXES) else "text" for f in files}
-        if len(kinds) > 1:
-            raise ValueError(f"mix of text and JSON files is not supported: {files}")
-        ds = datasets.load_dataset(kinds.pop(), data_files=files, split="train")
+        ds = read_local_files(files)
+        if len(ds) < 2:
+            raise ValueError(f"{files} hold one document: a validation split needs at least 2 (separate "
+                             "documents in text files with blank lines, or use JSON lines)")
         return _split_train(ds, validation_fraction, seed)
     if len(spec) != 1:
         raise ValueError(f"data paths do not exist: {[s for s in spec if not os.path.exists(s)]}")

@@ -226,21 +226,13 @@ def _texts(spec: Sequence[str], split: str, seed: int):
     """A text dataset: the builtin corpus' ``split``, or every row of the local files."""
     if list(spec) == [dsdata.BUILTIN]:
         return dsdata.builtin_dataset(split)
-    import datasets
-
-    files = []
-    for item in spec:
-        if os.path.isdir(item):
-            files += sorted(os.path.join(item, f) for f in os.listdir(item)
-                            if f.endswith(dsdata.TEXT_SUFFIXES + dsdata.JSON_SUFFIXES))
-        else:
-            files.append(item)
-    if not files:
-        raise OneShotError(f"no .txt/.md/.json/.jsonl files in {list(spec)}")
-    kinds = {"json" if f.endswith(dsdata.JSON_SUFFIXES) else "text" for f in files}
-    if len(kinds) > 1:
-        raise OneShotError(f"mix of text and JSON files is not supported: {files}")
-    return datasets.load_dataset(kinds.pop(), data_files=files, split="train")
+    files = dsdata.local_files(spec)
+    if files is None:  # check_data_spec ran first; a path removed since
+        raise OneShotError(f"data paths do not exist: {[s for s in spec if not os.path.exists(s)]}")
+    try:
+        return dsdata.read_local_files(files)
+    except ValueError as err:
+        raise OneShotError(str(err)) from None
 
 
 def calibration_data(args, tokenizer, device) -> List[Dict[str, torch.Tensor]]:

@@ -57,10 +57,10 @@ def test_blocks_have_fixed_length_and_eos():
 @pytest.mark.parametrize("kind", ["text", "jsonl"])
 def test_local_files_through_datasets(tmp_path, kind, monkeypatch):
     monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf"))
-    lines = [f"line number {i} of a small local corpus" for i in range(40)]
-    if kind == "text":
+    lines = [f"document {i} of a small local corpus\nwith a second line" for i in range(40)]
+    if kind == "text":  # documents separated by blank lines; the newline inside each is kept
         path = tmp_path / "corpus.txt"
-        path.write_text("\n".join(lines) + "\n")
+        path.write_text("\n\n".join(lines) + "\n")
     else:
         path = tmp_path / "corpus.jsonl"
         path.write_text("".join(json.dumps({"text": t}) + "\n" for t in lines))
@@ -71,6 +71,19 @@ def test_local_files_through_datasets(tmp_path, kind, monkeypatch):
     assert list(train2["text"]) == list(train["text"])
     blocks = data.chunk_dataset(train, data.ByteTokenizer(), 32)
     assert blocks[0]["input_ids"].shape == (32,)
+
+
+def test_bad_local_files_are_named(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf"))
+    (tmp_path / "empty.txt").write_text("")
+    (tmp_path / "blank.txt").write_text("  \n\n \n")
+    (tmp_path / "other.jsonl").write_text(json.dumps({"id": "doc-1", "content": "words"}) + "\n")
+    (tmp_path / "one.txt").write_text("one document\nof two lines\n")
+    for name, message in (("empty.txt", "empty data file"), ("blank.txt", "only whitespace"),
+                          ("other.jsonl", "needs a 'text' field; the records have \\['id', 'content'\\]"),
+                          ("one.txt", "hold one document")):
+        with pytest.raises(ValueError, match=message):
+            data.load_text_datasets(str(tmp_path / name))
 
 
 def test_loader_shards_by_rank_and_calibration_uses_train():
