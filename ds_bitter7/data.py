@@ -78,7 +78,7 @@ def _encode_batch(tokenizer, texts: List[str]) -> List[List[int]]:
     return tokenizer(texts, add_special_tokens=False)["input_ids"]
 
 
-def _eos_id(tokenizer) -> Optional[int]:
+def eos_id(tokenizer) -> Optional[int]:
     eos = getattr(tokenizer, "eos_token_id", None)
     return eos if eos is not None else getattr(tokenizer, "sep_token_id", None)
 
@@ -280,7 +280,7 @@ def chunk_dataset(ds, tokenizer, seq_len: int, num_proc: Optional[int] = None):
     partial block of each map batch is dropped.
     """
     column = _text_column(ds)
-    eos = _eos_id(tokenizer)
+    eos = eos_id(tokenizer)
 
     def to_blocks(batch: Dict[str, List[Any]]) -> Dict[str, List[List[int]]]:
         flat: List[int] = []

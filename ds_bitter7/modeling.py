@@ -52,17 +52,17 @@ def _has_weights(path: str) -> bool:
 
 
 def build_config(name_or_path: str, vocab_size: Optional[int] = None, max_positions: int = 256,
-                 overrides: Optional[Dict[str, Any]] = None):
+                 overrides: Optional[Dict[str, Any]] = None, eos_token_id: Optional[int] = None):
     """The ``PretrainedConfig`` for a built-in name, a local directory or a transformers name.
 
     ``vocab_size`` (rounded up to a multiple of 8) sets the built-ins' vocabulary; for other
-    configs it must not exceed theirs. ``overrides`` are set on the config.
+    configs it must not exceed theirs. ``overrides`` are set on the config. ``eos_token_id``:
+    the tokenizer's end-of-document id (built-ins; default the last id, 256 for bytes).
     """
     overrides = dict(overrides or {})
     if name_or_path in BUILTIN_MODELS:
         vocab = _round_up(vocab_size or 257)
-        # the last real id is the tokenizer's end-of-document id (256 for bytes)
-        eos = (vocab_size or 257) - 1
+        eos = eos_token_id if eos_token_id is not None else (vocab_size or 257) - 1
         overrides = {"bos_token_id": eos, "eos_token_id": eos, **overrides}
         return BUILTIN_MODELS[name_or_path](vocab, max_positions, **overrides)
     from transformers import AutoConfig
@@ -78,15 +78,16 @@ def build_config(name_or_path: str, vocab_size: Optional[int] = None, max_positi
 
 def build_model(name_or_path: str, vocab_size: Optional[int] = None, max_positions: int = 256,
                 seed: int = 0, overrides: Optional[Dict[str, Any]] = None,
-                dtype: Optional[torch.dtype] = None):
+                dtype: Optional[torch.dtype] = None, eos_token_id: Optional[int] = None):
     """A causal LM: ``from_pretrained`` for a local directory holding weights, else a seeded
-    random init from :func:`build_config` (built-in names: ``tiny-gpt2``, ``tiny-llama``)."""
+    random init from :func:`build_config` (built-in names: ``tiny-gpt2``, ``tiny-llama``). Either
+    way the config is checked against the tokenizer's ``vocab_size`` and gets the ``overrides``."""
     from transformers import AutoModelForCausalLM
 
+    config = build_config(name_or_path, vocab_size, max_positions, overrides, eos_token_id)
     if os.path.isdir(name_or_path) and _has_weights(name_or_path):
         logger.info("loading weights from %s", name_or_path)
-        return AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype)
-    config = build_config(name_or_path, vocab_size, max_positions, overrides)
+        return AutoModelForCausalLM.from_pretrained(name_or_path, config=config, dtype=dtype)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config)
     if dtype is not None:

@@ -180,7 +180,7 @@ def train(args) -> Dict[str, Any]:
                 len(train_blocks), len(val_blocks), args.seq_len, world_size)
     model = modeling.build_model(args.model, dsdata.tokenizer_vocab_size(tokenizer),
                                  max_positions=max(args.seq_len, 256), seed=args.seed,
-                                 overrides=json.loads(args.model_overrides))
+                                 overrides=json.loads(args.model_overrides), eos_token_id=dsdata.eos_id(tokenizer))
     ds_config = load_ds_config(args.config)
     device = deepspeed.accelerator.get_accelerator().current_device_name()
     calib = None

@@ -55,7 +55,7 @@ def main() -> None:
     train, _ = dsdata.build_lm_datasets(args.data, tokenizer, args.seq_len, seed=args.seed)
     model = modeling.build_model(args.model, dsdata.tokenizer_vocab_size(tokenizer), seed=args.seed,
                                  max_positions=max(args.seq_len, 256),
-                                 overrides=json.loads(args.model_overrides))
+                                 overrides=json.loads(args.model_overrides), eos_token_id=dsdata.eos_id(tokenizer))
     prepare_model(model, ds_config)  # before DeepSpeed flattens the parameters
     training_args = TrainingArguments(
         output_dir=args.output_dir, deepspeed=ds_config, max_steps=args.max_steps,

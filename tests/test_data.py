@@ -111,3 +111,14 @@ def test_builtin_models_build():
     assert torch.equal(gpt2.transformer.wte.weight, again.transformer.wte.weight)  # seeded
     ids = torch.randint(0, 257, (2, 16))
     assert gpt2(input_ids=ids, labels=ids).loss.isfinite()
+
+
+def test_local_model_with_weights_is_checked_and_overridden(tmp_path):
+    from ds_bitter7 import modeling
+
+    modeling.build_model("tiny-gpt2", 257, 64, overrides={"n_layer": 1, "n_embd": 32}).save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="tokenizer has 50000 ids but model"):
+        modeling.build_model(str(tmp_path), vocab_size=50000)
+    loaded = modeling.build_model(str(tmp_path), vocab_size=257, overrides={"resid_pdrop": 0.3})
+    assert loaded.config.resid_pdrop == 0.3
+    assert modeling.build_config("tiny-llama", vocab_size=32000, eos_token_id=2).eos_token_id == 2
