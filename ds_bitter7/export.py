@@ -15,6 +15,7 @@ import argparse
 import glob
 import json
 import logging
+import math
 import os
 import shutil
 import sys
@@ -172,9 +173,21 @@ def _count(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+def json_safe(obj):
+    """``obj`` with non-finite floats (an event that pruned nothing has a nan threshold) as None:
+    strict JSON has no NaN."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    return obj
+
+
 def _write_reports(folder: str, report: dict) -> None:
     with open(os.path.join(folder, REPORT_FILE), "w") as f:
-        json.dump(report, f, indent=2)
+        json.dump(json_safe(report), f, indent=2, allow_nan=False, default=str)
     lines = [
         "# Pruning report", "",
         f"- source: `{report.get('source') or '-'}` (step {report.get('step', '-')})",

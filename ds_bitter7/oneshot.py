@@ -32,7 +32,7 @@ import torch
 
 from . import data as dsdata
 from .export import MODEL_STATES_FILE as MODEL_STATES
-from .export import ExportError, consolidate, read_torch_file, resolve_tag, strip_module_prefix
+from .export import ExportError, consolidate, json_safe, read_torch_file, resolve_tag, strip_module_prefix
 
 logger = logging.getLogger(__name__)
 
@@ -336,17 +336,20 @@ def build_engine(args, info: CheckpointInfo, model, comm):
     if universal:
         load_dir = to_universal(info, os.path.abspath(args.output_dir) + ".universal_tmp", comm)
         cfg["checkpoint"] = {"load_universal": True}
-    if not info.has_optimizer_state:  # magnitude only: the module weights are all it needs
-        model.load_state_dict(consolidate(args.checkpoint_dir, info.tag), strict=True)
-    engine, *_ = deepspeed.initialize(model=model, model_parameters=saved_param_groups(model, info), config=cfg)
-    if info.has_optimizer_state:
-        path, client = engine.load_checkpoint(load_dir, tag=tag, load_optimizer_states=True,
-                                              load_lr_scheduler_states=False)
-        if path is None:
-            raise OneShotError(f"DeepSpeed could not load {info.folder!r}")
-    if universal:
-        comm.any(False)  # every rank has read the converted files before rank 0 removes them
-        if comm.rank == 0:
+    try:
+        if not info.has_optimizer_state:  # magnitude only: the module weights are all it needs
+            model.load_state_dict(consolidate(args.checkpoint_dir, info.tag), strict=True)
+        engine, *_ = deepspeed.initialize(model=model, model_parameters=saved_param_groups(model, info),
+                                          config=cfg)
+        if info.has_optimizer_state:
+            path, client = engine.load_checkpoint(load_dir, tag=tag, load_optimizer_states=True,
+                                                  load_lr_scheduler_states=False)
+            if path is None:
+                raise OneShotError(f"DeepSpeed could not load {info.folder!r}")
+        if universal:
+            comm.any(False)  # every rank has read the converted files before rank 0 removes them
+    finally:  # the converted copy (a full fp32 checkpoint) never outlives the run, even a failed one
+        if universal and comm.rank == 0:
             shutil.rmtree(load_dir, ignore_errors=True)
     return engine
 
@@ -457,7 +460,7 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
             summary["params_before"], summary["params_after"] = report["params_before"], report["params_after"]
             if args.report:
                 with open(args.report, "w") as f:
-                    json.dump(summary, f, indent=2, default=str)
+                    json.dump(json_safe(summary), f, indent=2, default=str, allow_nan=False)
         except Exception as err:  # every rank fails, not only rank 0
             error = err
     comm.raise_if_any(error, "export")

@@ -219,7 +219,7 @@ def shrink_state_dict(
         for suffix, dim, index in _LAYOUTS[family][kind]:
             name = prefix + suffix
             if name in out:
-                out[name] = out[name].index_select(dim, index(kept, geo)).contiguous()
+                out[name] = out[name].index_select(dim, index(kept, geo).to(out[name].device)).contiguous()
     return out, new_counts
 
 

@@ -243,7 +243,7 @@ def run_loop(args, engine, pruner, train_blocks, val_blocks, world_size: int, ra
     if step > start or val_loss is None:
         val_loss, ppl = evaluate(engine, val_loader, args.eval_batches)
         write_monitor(engine, [("Val/ppl", ppl, step), ("Val/loss", val_loss, step)])
-    if args.save_dir:
+    if args.save_dir and (step > start or start == 0):  # a resume that took no step keeps its checkpoint
         save(engine, pruner, args.save_dir, step, extra)
     summary = {"steps": step, "start_step": start, "world_size": world_size, "seconds": seconds,
                "ppl_start": ppl_start, "loss_start": loss_start, "ppl_final": ppl, "loss_final": val_loss,

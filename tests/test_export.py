@@ -200,3 +200,12 @@ def test_missing_model_config(gpt2_checkpoint, tmp_path):
     os.remove(ckpt / "config.json")
     with pytest.raises(ExportError, match="config.json' does not exist.*--model_config"):
         export_checkpoint(str(ckpt), str(tmp_path / "out"))
+
+
+def test_reports_are_strict_json():
+    """An event that pruned nothing has a nan threshold: the JSON report says null, not NaN."""
+    from ds_bitter7.export import json_safe
+
+    report = json_safe({"thresholds": {"mlp_neuron": float("nan")}, "x": [float("inf"), 1.5], "n": 3})
+    assert json.loads(json.dumps(report, allow_nan=False)) == {"thresholds": {"mlp_neuron": None},
+                                                               "x": [None, 1.5], "n": 3}
