@@ -86,7 +86,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--seq_len", type=int, default=None,
                    help="tokens per block (default: the training run's, which launch/train.py records in the "
                    f"checkpoint, else {DEFAULT_SEQ_LEN} or the model's maximum positions if fewer)")
-    p.add_argument("--tokenizer", default=None, help="local tokenizer dir (default: bytes, as launch/train.py)")
+    p.add_argument("--tokenizer", default=None, help="local tokenizer dir (default: the tokenizer files beside "
+                   "config.json if any, else bytes, as launch/train.py)")
     p.add_argument("--tag", default=None, help="checkpoint tag (default: the 'latest' file)")
     p.add_argument("--model_config", default=None, help="folder with config.json (default: CHECKPOINT_DIR)")
     p.add_argument("--ds_config", default=None, help="DeepSpeed JSON to load with (default: the one saved "
@@ -240,6 +241,23 @@ def calibration_data(args, tokenizer, device) -> List[Dict[str, torch.Tensor]]:
     blocks = dsdata.chunk_dataset(_texts(args.calibration, "train", args.seed), tokenizer, args.seq_len)
     return [{k: v.to(device) for k, v in b.items()}
             for b in dsdata.calibration_batches(blocks, args.batch_size, args.num_batches, args.seed)]
+
+
+def load_tokenizer(args, config, config_dir: str):
+    """``--tokenizer``, else the one saved beside ``config.json``, else bytes; its ids must fit the model."""
+    path = args.tokenizer
+    if path is None and any(os.path.isfile(os.path.join(config_dir, f))
+                            for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
+        path = config_dir
+    try:
+        tokenizer = dsdata.get_tokenizer(path)
+    except Exception as err:
+        raise OneShotError(f"cannot load the tokenizer of {path!r}: {type(err).__name__}: {err}") from None
+    n = dsdata.tokenizer_vocab_size(tokenizer)
+    if n > config.vocab_size:
+        raise OneShotError(f"the tokenizer ({path or 'bytes'}) has {n} ids but the model only {config.vocab_size}: "
+                           "pass the training run's tokenizer with --tokenizer DIR")
+    return tokenizer
 
 
 def read_data(args, tokenizer, calibrate: bool, comm):
@@ -427,7 +445,7 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
     problem = output_dir_problem(args, config_dir)
     if comm.any(problem is not None):
         raise OneShotError(problem or "another rank cannot write the output directory (see its error)")
-    tokenizer = dsdata.get_tokenizer(args.tokenizer)
+    tokenizer = load_tokenizer(args, config, config_dir)
     calib, val = read_data(args, tokenizer, needs_stats(cfg), comm)  # before the (long) checkpoint load
     torch.manual_seed(args.seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
@@ -469,7 +487,8 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
-    rank = int(os.environ.get("RANK", os.environ.get("OMPI_COMM_WORLD_RANK", 0)))
+    rank = int(next((os.environ[k] for k in ("RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK")
+                      if k in os.environ), 0))
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     try:

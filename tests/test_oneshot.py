@@ -217,3 +217,17 @@ def test_seq_len_defaults_to_the_training_run_and_never_exceeds_the_positions(tm
         oneshot.resolve_seq_len(args, info, config)
     with pytest.raises(oneshot.OneShotError, match="--seq_len must be >= 2"):
         oneshot.check_args(oneshot.parse_args([str(tmp_path), "o", "--sparsity", "0.5", "--seq_len", "1"]), None)
+
+
+def test_tokenizer_beside_the_config_is_used_and_must_fit(tmp_path):
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {f"w{i}": i for i in range(300)}  # more ids than the model's 264
+    PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token="w0"))).save_pretrained(
+        str(tmp_path))
+    args = oneshot.parse_args([str(tmp_path), "o", "--sparsity", "0.5"])
+    with pytest.raises(oneshot.OneShotError, match=r"tokenizer \(.*\) has 300 ids but the model only 264"):
+        oneshot.load_tokenizer(args, _model().config, str(tmp_path))
+    args.tokenizer = None
+    assert oneshot.load_tokenizer(args, _model().config, str(tmp_path / "none")).__class__.__name__ == "ByteTokenizer"
