@@ -4,7 +4,7 @@ Pure torch on a state dict: each unit's weights are picked out with `index_selec
 dimension the unit owns (the unit definitions of DESIGN.md), the next layer's bias (which holds
 the bias compensation) is kept as is, and a model of the new shape is built from a config that
 says the new widths: a standard config where one is able to (same width in every block), else the
-`bitter7_gpt2` / `bitter7_llama` types of `ds_bitter7.models`.
+`bitter7_gpt2` / `bitter7_llama` / `bitter7_mistral` types of `ds_bitter7.models`.
 
 A block whose every unit of a kind was pruned keeps one (all-zero) unit, because transformers'
 layers cannot be zero wide; a pruned unit contributes exactly nothing, so the output is unchanged.
@@ -21,7 +21,7 @@ import torch
 from torch import nn
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
-from .models import Bitter7GPT2Config, Bitter7LlamaConfig
+from .models import Bitter7GPT2Config, Bitter7LlamaConfig, Bitter7MistralConfig
 
 logger = logging.getLogger(__name__)
 
@@ -106,6 +106,7 @@ _FAMILY = {
     "llama": "llama",
     "bitter7_llama": "llama",
     "mistral": "llama",
+    "bitter7_mistral": "llama",
     "qwen2": "llama",
 }
 _BLOCK_PREFIX = {"gpt2": "transformer.h.{i}.", "llama": "model.layers.{i}."}
@@ -258,7 +259,8 @@ def _config_dict(config) -> dict:
 def build_config(config, counts: Mapping[str, int], extra_flags: Optional[Dict[str, bool]] = None,
                  standard: bool = True):
     """The config of the shrunk model: standard when every block has the same widths (and the
-    standard class can say so; ``standard=False`` skips it), else `bitter7_gpt2` / `bitter7_llama`."""
+    standard class can say so; ``standard=False`` skips it), else `bitter7_gpt2` / `bitter7_llama`
+    (`bitter7_mistral` for a Mistral model whose sliding window binds)."""
     family = family_of(config)
     n = config.num_hidden_layers
     mlp = [counts[f"layers.{i}.mlp"] for i in range(n)]
@@ -274,7 +276,7 @@ def build_config(config, counts: Mapping[str, int], extra_flags: Optional[Dict[s
     why = "its blocks have different widths (prune with scope: per_layer for a standard model)"
     if not standard:
         why = f"it carries compensation biases the standard {config.model_type} class cannot hold"
-    elif _uniform(mlp) and _uniform(attn) and config.model_type != "bitter7_llama":
+    elif _uniform(mlp) and _uniform(attn) and not config.model_type.startswith("bitter7_"):
         uniform = {"intermediate_size": mlp[0], "num_attention_heads": attn[0] * q_per_unit,
                    "num_key_value_heads": attn[0], "head_dim": head_dim}
         try:
@@ -283,6 +285,10 @@ def build_config(config, counts: Mapping[str, int], extra_flags: Optional[Dict[s
             why = f"the standard {config.model_type} config refuses the shape ({err})"
             logger.info("standard %s config cannot express the shape (%s); using bitter7_llama", config.model_type, err)
     window = _binding_sliding_window(config)
+    widths = {"intermediate_sizes": mlp, "num_heads_per_layer": [a * q_per_unit for a in attn],
+              "num_kv_heads_per_layer": attn, "head_dim": head_dim}
+    if window is not None and config.model_type in ("mistral", "bitter7_mistral"):
+        return Bitter7MistralConfig(**{**data, **widths})  # Mistral's own blocks keep the window
     if window is not None:
         raise NotImplementedError(
             f"{config.model_type} with a sliding attention window ({window} tokens, under its "
@@ -291,13 +297,7 @@ def build_config(config, counts: Mapping[str, int], extra_flags: Optional[Dict[s
         )
     for key in ("sliding_window", "use_sliding_window", "max_window_layers", "layer_types"):
         data.pop(key, None)  # Mistral / Qwen2 keys: no window binds, so the LLaMA blocks compute the same
-    data["head_dim"] = head_dim
-    return Bitter7LlamaConfig(
-        **data,
-        intermediate_sizes=mlp,
-        num_heads_per_layer=[a * q_per_unit for a in attn],
-        num_kv_heads_per_layer=attn,
-    )
+    return Bitter7LlamaConfig(**{**data, **widths})
 
 
 def _binding_sliding_window(config) -> Optional[int]:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -256,10 +258,29 @@ def test_uniform_heads_the_standard_config_refuses_export_as_bitter7_llama(tmp_p
     assert_close(logits(loaded), logits(model))
 
 
-def test_binding_sliding_window_is_refused_for_different_widths():
-    model = tiny_llama_like("mistral")
-    model.config.sliding_window = 16  # under its 64 positions: LLaMA blocks would attend further
+@pytest.mark.parametrize("extra_bias", [False, True])
+def test_binding_sliding_window_exports_as_bitter7_mistral(tmp_path, extra_bias):
+    """A 4-token window under 11-token inputs changes the output: the export keeps Mistral's blocks
+    and window, with different widths per block (and the compensation biases Mistral cannot hold)."""
+    model = tiny_llama_like("mistral", extra_bias)
+    model.config.sliding_window = 4
     masks = random_masks(model, "global")
     zero_units(model, masks)
-    with pytest.raises(NotImplementedError, match="sliding attention window \\(16 tokens.*scope: per_layer"):
+    unwindowed = copy.deepcopy(model)
+    unwindowed.config.sliding_window = None  # the copy's blocks share its config
+    assert not torch.allclose(logits(unwindowed), logits(model), atol=1e-3)  # the window binds
+    small, _ = shrink_model(model, masks)
+    small.save_pretrained(tmp_path)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert loaded.config.model_type == "bitter7_mistral" and loaded.config.sliding_window == 4
+    assert_close(logits(loaded), logits(model))
+
+
+def test_binding_sliding_window_of_qwen2_is_refused_for_different_widths():
+    model = tiny_llama_like("qwen2")
+    model.config.use_sliding_window, model.config.sliding_window = True, 4
+    model.config.layer_types = ["sliding_attention"] * model.config.num_hidden_layers
+    masks = random_masks(model, "global")
+    zero_units(model, masks)
+    with pytest.raises(NotImplementedError, match="sliding attention window \\(4 tokens.*scope: per_layer"):
         shrink_model(model, masks)

@@ -25,18 +25,22 @@ class Bitter7LlamaConfig(LlamaConfig):
 
     def validate_architecture(self):
         """Head counts need not divide hidden_size (head_dim is explicit); check the lists."""
-        for name in ("intermediate_sizes", "num_heads_per_layer", "num_kv_heads_per_layer"):
-            sizes = getattr(self, name)
-            if sizes is not None and len(sizes) != self.num_hidden_layers:
-                raise ValueError(
-                    f"{name} has {len(sizes)} entries; expected num_hidden_layers={self.num_hidden_layers}"
-                )
-        if (self.num_heads_per_layer is None) != (self.num_kv_heads_per_layer is None):
-            raise ValueError("num_heads_per_layer and num_kv_heads_per_layer must be given together")
+        validate_widths(self)
 
 
-def resize_llama_layers(layers, config: Bitter7LlamaConfig) -> None:
-    """Replace each decoder layer's MLP and attention projections with the per-block widths."""
+def validate_widths(config) -> None:
+    """The per-block lists of a bitter7 LLaMA-family config have one entry per block."""
+    for name in ("intermediate_sizes", "num_heads_per_layer", "num_kv_heads_per_layer"):
+        sizes = getattr(config, name)
+        if sizes is not None and len(sizes) != config.num_hidden_layers:
+            raise ValueError(f"{name} has {len(sizes)} entries; expected num_hidden_layers={config.num_hidden_layers}")
+    if (config.num_heads_per_layer is None) != (config.num_kv_heads_per_layer is None):
+        raise ValueError("num_heads_per_layer and num_kv_heads_per_layer must be given together")
+
+
+def resize_llama_layers(layers, config) -> None:
+    """Replace each decoder layer's MLP and attention projections with the per-block widths
+    (LLaMA and Mistral blocks name them alike)."""
     hidden, head_dim = config.hidden_size, config.head_dim
     for i, layer in enumerate(layers):
         if config.intermediate_sizes is not None:
