@@ -36,12 +36,12 @@ def write_corpus(path: Path, n_docs: int = 40) -> Path:
     return path
 
 
-def tiny_ds_config(path: Path, bias_compensation: bool = False) -> Path:
+def tiny_ds_config(path: Path, bias_compensation: bool = False, structures=("mlp_neuron",)) -> Path:
     cfg = {
         "train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": 1, "steps_per_print": 10 ** 6,
         "optimizer": {"type": "AdamW", "params": {"lr": 2e-3, "torch_adam": True}},
         "zero_optimization": {"stage": 2},
-        "bitter7": {"enabled": True, "structures": ["mlp_neuron"], "target_sparsity": 0.5,
+        "bitter7": {"enabled": True, "structures": list(structures), "target_sparsity": 0.5,
                     "schedule": {"start_step": 2, "end_step": 6, "frequency": 2},
                     "bias_compensation": {"enabled": bias_compensation, "source": "calibration",
                                           "num_batches": 2}},

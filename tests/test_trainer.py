@@ -27,3 +27,21 @@ def test_trainer_prunes_saves_and_resumes(tmp_path):
     resumed = json.loads(summary.read_text())
     assert resumed["steps"] == 10
     assert [r["units_kept"] for r in resumed["layers"]] == kept
+
+
+def test_trainer_resume_keeps_unstructured_masks(tmp_path):
+    """Each rank's unstructured masks live in its rank file of the DeepSpeed checkpoint, which the
+    Trainer loads before the callback exists: the callback restores them (they were lost)."""
+    corpus = write_corpus(tmp_path / "corpus.jsonl")
+    config = tiny_ds_config(tmp_path / "ds.json", structures=["unstructured"])
+    out, summary = tmp_path / "out", tmp_path / "summary.json"
+    base = [str(VENV_BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", str(free_port()),
+            "launch/train_hf_trainer.py", "--deepspeed", str(config), "--output_dir", str(out),
+            "--data", str(corpus), *TINY_MODEL, "--seq_len", "32", "--save_steps", "8",
+            "--summary", str(summary)]
+    run(base + ["--max_steps", "8"], tmp_path, timeout=200)
+    kept = sum(r["params_kept"] for r in json.loads(summary.read_text())["layers"])
+    run(base + ["--max_steps", "10", "--resume"], tmp_path, timeout=200)
+    resumed = json.loads(summary.read_text())
+    assert resumed["steps"] == 10
+    assert sum(r["params_kept"] for r in resumed["layers"]) == kept < sum(r["params_total"] for r in resumed["layers"])
