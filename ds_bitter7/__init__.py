@@ -8,7 +8,7 @@ calibration data), reads the ``"bitter7"`` section of the same config, and retur
 from __future__ import annotations
 
 import copy
-from typing import Optional
+from typing import List, Optional
 
 from . import models as models  # noqa: F401  (registers bitter7_gpt2 / bitter7_llama with the Auto classes)
 from .config import Bitter7Config, check_deepspeed_support, load_ds_config, parse_config
@@ -55,7 +55,9 @@ def initialize(args=None, model=None, optimizer=None, model_parameters=None, tra
         from .calibration import check_calibration_data
 
         check_calibration_data(cfg, calibration_data)  # before DeepSpeed's first collective
-        prepare_model(model, cfg)
+        added = prepare_model(model, cfg)
+        if added and isinstance(model_parameters, (list, tuple)):  # a list built before the biases existed
+            model_parameters = _with_params(model_parameters, [model.get_parameter(n) for n in added])
     ds_only = {k: v for k, v in copy.deepcopy(ds_config).items() if k != "bitter7"}
     if args is not None and getattr(args, "deepspeed_config", None) is not None:
         args = copy.copy(args)
@@ -68,15 +70,24 @@ def initialize(args=None, model=None, optimizer=None, model_parameters=None, tra
     return engine, opt, loader, sched
 
 
-def prepare_model(model, config) -> None:
+def prepare_model(model, config) -> List[str]:
     """Model changes the pruner needs before DeepSpeed flattens the parameters: a zero output bias
     for bias compensation in models without one (LLaMA). ``initialize`` calls it; call it yourself
-    before ``Trainer(...)`` or ``deepspeed.initialize`` when you use ``attach``."""
+    before ``Trainer(...)`` or ``deepspeed.initialize`` when you use ``attach`` (and build the
+    optimizer's parameter list after it). Returns the names of the biases added."""
     cfg = config if isinstance(config, Bitter7Config) else parse_config(config)
     if cfg.enabled and cfg.bias_compensation.enabled:
         from .compensation import add_missing_out_biases
 
-        add_missing_out_biases(model, cfg)
+        return add_missing_out_biases(model, cfg)
+    return []
+
+
+def _with_params(model_parameters, new):
+    """``model_parameters`` (tensors or param-group dicts) plus the ``new`` parameters (no decay)."""
+    if all(isinstance(p, dict) for p in model_parameters):
+        return list(model_parameters) + [{"params": new, "weight_decay": 0.0}]
+    return list(model_parameters) + new
 
 
 def attach(engine, config, calibration_data=None):
@@ -94,6 +105,9 @@ def attach(engine, config, calibration_data=None):
     if not isinstance(config, Bitter7Config):
         check_deepspeed_support(load_ds_config(config))
     get_adapter(engine.module)
+    if get_pruner(engine) is not None:
+        raise ValueError("ds_bitter7: a pruner is already attached to this engine (ds_bitter7.initialize "
+                         "attaches one when the config enables bitter7)")
     pruner = Pruner(engine, cfg, calibration_data)
     install_checkpoint_hooks(engine, pruner)
     setattr(engine, _ATTR, pruner)

@@ -212,8 +212,14 @@ def parse_config(config: Union[str, os.PathLike, dict, Any]) -> Bitter7Config:
 def check_deepspeed_support(ds_config: dict) -> None:
     """Refuse DeepSpeed settings the pruner cannot serve, before anything is built."""
     zero = ds_config.get("zero_optimization") or {}
+    if isinstance(zero, bool):  # DeepSpeed's deprecated form: true means stage 1
+        zero = {"stage": 1 if zero else 0}
     problems = []
     stage = zero.get("stage", 0)
+    for dtype in ("fp16", "bf16"):
+        if stage == 0 and (ds_config.get(dtype) or {}).get("enabled", False) is True:
+            problems.append(f"  {dtype}.enabled with zero_optimization.stage = 0: ds_bitter7 reads the fp32 "
+                            f"master weights DeepSpeed keeps at ZeRO stage 1 and 2; use stage 1 or 2 for {dtype}")
     if stage not in (0, 1, 2):
         problems.append(f"  zero_optimization.stage = {stage!r}: ds_bitter7 supports ZeRO stage 0, 1 and 2")
     for key in ("offload_optimizer", "offload_param"):

@@ -49,6 +49,7 @@ class Pruner:
         self.scorer = get_scorer(config.score)
         unstructured = unstructured_params(self.model) if StructureName.unstructured in config.structures else []
         names = {s.name for g in self.groups for s in g.slices}
+        _refuse_frozen(self.model, names | set(unstructured))  # same on every rank: no collective yet
         names |= {g.out_bias for g in self.groups if g.out_bias} | {g.out_weight for g in self.groups}
         self.access = ZeroAccess(engine, names | set(unstructured))
         # Score chunks small enough that an event's temporaries (about 40 bytes per chunk
@@ -247,6 +248,11 @@ class Pruner:
                     tensors = [self.access.master(frag)] + self.access.moment_views(frag)
                     if name in self.movement:
                         tensors.append(self.movement[name])
+                    if drop is not None and not self.access.replicated:
+                        # The model's copy of this rank's range: groups that stepped before the
+                        # event were already copied from their masters; DeepSpeed all-gathers
+                        # every group's range after the step (prune_to all-gathers itself).
+                        tensors.append(frag.param.data.view(-1).narrow(0, frag.start, frag.numel))
                 for t in tensors:
                     if plan:
                         apply_zero_plan(t, plan)
@@ -274,6 +280,8 @@ class Pruner:
         if self.access.n_groups - 1 not in groups:
             return  # ZeRO steps groups one by one: act once, after the last
         self.step_count += 1
+        if self.step_count == 1 and self.config.enabled:
+            self._check_optimizer_state()
         fraction = sparsity_at(self.config, self.step_count)
         if fraction is None or not self.config.enabled:
             return
@@ -285,6 +293,14 @@ class Pruner:
             self._event(fraction)
         finally:
             self._stepping = False
+
+    def _check_optimizer_state(self) -> None:
+        """After the first step, not at the first event thousands of steps later: a score that
+        reads ``exp_avg_sq`` needs an optimizer that keeps it (Adam-type). Same on every rank."""
+        if "exp_avg_sq" not in self.scorer.needs or not self.access.fragments:
+            return
+        frag = next(iter(self.access.fragments.values()))
+        self.access.state(frag)  # raises MissingOptimizerState naming the optimizer
 
     def _calibrates_on_model(self) -> bool:
         """Whether an event runs calibration forwards while, inside the step, the model's
@@ -368,6 +384,16 @@ class Pruner:
                 self.unstructured.pruned[n] = m.clone()
             self.unstructured.recount()  # the next event keeps at least these (collective)
         self._apply_masks_now()
+
+
+def _refuse_frozen(model, names) -> None:
+    """Raise when a parameter of a pruned unit is frozen: DeepSpeed keeps no fp32 master or Adam
+    state for it, so its part of a unit could be neither scored nor kept at zero."""
+    frozen = sorted(n for n in names if not model.get_parameter(n).requires_grad)
+    if frozen:
+        more = f" (and {len(frozen) - 1} more)" if len(frozen) > 1 else ""
+        raise ValueError(f"ds_bitter7: {frozen[0]}{more} is frozen (requires_grad=False) but belongs to units "
+                         "bitter7 prunes: unfreeze it, or leave its structure type out of bitter7.structures")
 
 
 class _LocalComm(Communicator):

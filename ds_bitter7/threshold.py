@@ -20,8 +20,9 @@ from .comm import Communicator
 
 
 def n_to_prune(fraction: float, n: int) -> int:
-    """``floor(fraction * n)``, robust to the float error in products such as 0.29 * 100."""
-    return int(math.floor(fraction * n + 1e-9))
+    """``floor(fraction * n)``, robust to the float error in products such as 0.29 * 100 or
+    0.29 * 1e8 (the error grows with n: the tolerance is relative)."""
+    return int(math.floor(fraction * n * (1 + 1e-12) + 1e-9))
 
 
 def _order(scores: torch.Tensor, pruned: torch.Tensor) -> torch.Tensor:
@@ -87,15 +88,31 @@ def threshold_of(scores: torch.Tensor, before: torch.Tensor, after: torch.Tensor
 
 # -- unstructured: exact distributed k-th smallest ------------------------------------------------
 
-def score_keys(scores: torch.Tensor, pruned: torch.Tensor) -> torch.Tensor:
-    """Order-preserving int32 keys: 0 for already pruned, else 1 + the float32 bit pattern.
+PRUNED_KEY = -(2 ** 31)  # the smallest int32: below every score's key
+_SIGN = 2 ** 31
 
-    Non-negative float32 values compare like their bit patterns as integers.
+
+def score_keys(scores: torch.Tensor, pruned: torch.Tensor) -> torch.Tensor:
+    """Order-preserving int32 keys of finite float32 scores, of either sign; ``PRUNED_KEY`` for
+    elements already pruned.
+
+    The float32 bits as an unsigned number ``u``: flipping every bit of a negative and the sign bit
+    of a positive orders them like the floats (the radix-sort mapping); shifted by -2**31 into int32.
+    Finite scores map above ``PRUNED_KEY`` (only NaNs with the sign bit could reach it: callers skip
+    events with non-finite scores).
     """
-    s = scores.to(torch.float32).clamp_min(0.0)
-    keys = s.view(torch.int32) + 1
-    keys[pruned] = 0
+    bits = scores.to(torch.float32).contiguous().view(torch.int32).to(torch.int64) & 0xFFFFFFFF
+    ordered = torch.where(bits >= _SIGN, 0xFFFFFFFF - bits, bits + _SIGN)  # unsigned, 0 .. 2**32 - 1
+    keys = (ordered - _SIGN).to(torch.int32)
+    keys[pruned] = PRUNED_KEY
     return keys
+
+
+def key_to_score(keys: torch.Tensor) -> torch.Tensor:
+    """float32 scores of int32 ``score_keys`` (the inverse mapping)."""
+    ordered = keys.to(torch.int64) + _SIGN
+    bits = torch.where(ordered >= _SIGN, ordered - _SIGN, 0xFFFFFFFF - ordered)
+    return torch.where(bits >= _SIGN, bits - 2 ** 32, bits).to(torch.int32).view(torch.float32)
 
 
 def kth_keys(keys: Sequence[torch.Tensor], groups: Sequence[int], k: torch.Tensor,
@@ -107,12 +124,12 @@ def kth_keys(keys: Sequence[torch.Tensor], groups: Sequence[int], k: torch.Tenso
     Collective: every rank must call this, in the same order (4 all-reduces of [G, 256] int64).
     """
     n_groups = k.numel()
-    prefix = torch.zeros(n_groups, dtype=torch.int64)
+    prefix = torch.zeros(n_groups, dtype=torch.int64)  # over the unsigned keys (key + 2**31)
     remaining = k.clone()
     for shift in (24, 16, 8, 0):
         hist = torch.zeros(n_groups, 256, dtype=torch.int64)
         for t, g in zip(keys, groups):
-            t64 = t.to(torch.int64)
+            t64 = t.to(torch.int64) + _SIGN
             if shift < 24:
                 t64 = t64[(t64 >> (shift + 8)) == (int(prefix[g]) >> (shift + 8))]
             hist[g] += torch.bincount((t64 >> shift) & 255, minlength=256).cpu()
@@ -122,7 +139,7 @@ def kth_keys(keys: Sequence[torch.Tensor], groups: Sequence[int], k: torch.Tenso
         below = torch.where(digit > 0, cum.gather(1, (digit - 1).clamp_min(0)[:, None])[:, 0], 0)
         remaining -= below
         prefix |= digit << shift
-    return prefix, remaining
+    return prefix - _SIGN, remaining
 
 
 def tie_quotas(tie_counts: torch.Tensor, ties_to_prune: torch.Tensor, groups: List[int]) -> torch.Tensor:

@@ -6,13 +6,17 @@ threshold is the exact k-th smallest score over all ranks, found by radix select
 
 from __future__ import annotations
 
-from typing import Dict, List
+import logging
+from typing import Dict, List, Tuple
 
 import torch
 
+from .comm import log_main
 from .config import Scope
-from .threshold import kth_keys, n_to_prune, score_keys, tie_quotas
+from .threshold import key_to_score, kth_keys, n_to_prune, score_keys, tie_quotas
 from .zero_access import MissingOptimizerState
+
+logger = logging.getLogger(__name__)
 
 
 class UnstructuredMasks:
@@ -32,27 +36,35 @@ class UnstructuredMasks:
         per_layer = self.pruner.config.scope == Scope.per_layer
         return list(range(len(self.names))) if per_layer else [0] * len(self.names)
 
-    def _local_keys(self) -> Dict[str, torch.Tensor]:
-        keys = {}
+    def _local_keys(self) -> Tuple[Dict[str, torch.Tensor], bool]:
+        """(int32 keys per local fragment, whether any score was NaN/Inf)."""
+        keys, finite = {}, True
         for name, pruned in self.pruned.items():
             frag = self.pruner.access.fragments[name]
-            parts = [score_keys(self.pruner.scorer.fn(self.pruner._score_inputs(frag, frag.start + s, n)),
-                                pruned[s:s + n])
-                     for s, n in _ranges(frag.numel, self.pruner._chunk)]
+            parts = []
+            for s, n in _ranges(frag.numel, self.pruner._chunk):
+                scores = self.pruner.scorer.fn(self.pruner._score_inputs(frag, frag.start + s, n))
+                finite = finite and bool(torch.isfinite(scores).all())
+                parts.append(score_keys(scores, pruned[s:s + n]))
             keys[name] = torch.cat(parts) if parts else torch.zeros(0, dtype=torch.int32)
-        return keys
+        return keys, finite
 
     def event(self, fraction: float, event: dict) -> None:
         """Prune to ``fraction`` of the elements (globally or per matrix). Collective."""
         comm, pcomm = self.pruner.score_comm, self.pruner.comm
         groups = self._group_of()
         n_groups = max(groups) + 1
-        error = None
+        error, finite = None, True
         try:
-            keys = self._local_keys()
+            keys, finite = self._local_keys()
         except MissingOptimizerState as e:
             error, keys = e, {}
         pcomm.raise_if_any(error, "unstructured scoring")
+        if pcomm.any(not finite):  # the same decision on every rank, as for structured units
+            event["skipped"].append("unstructured")
+            log_main("bitter7 step %d: unstructured scores contain NaN/Inf; this event prunes nothing",
+                     self.pruner.step_count, level=logging.WARNING, log=logger)
+            return
         totals = torch.zeros(n_groups, dtype=torch.long)
         for g, size in zip(groups, self.sizes):
             totals[g] += size
@@ -79,8 +91,7 @@ class UnstructuredMasks:
             counts[i] = int(self.pruned[n].sum())
         self.pruned_counts = comm.all_reduce_sum(counts)
         event["sparsity"]["unstructured"] = float(self.pruned_counts.sum()) / float(sum(self.sizes))
-        bits = (thresh - 1).clamp_min(0).to(torch.int32)
-        event["thresholds"]["unstructured"] = [float(v) for v in bits.view(torch.float32)]
+        event["thresholds"]["unstructured"] = [float(v) for v in key_to_score(thresh)]
 
     def rederive_from_zeros(self) -> None:
         """After a re-partitioned resume: pruned = weights that are exactly zero (collective)."""

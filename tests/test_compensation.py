@@ -200,6 +200,24 @@ def test_compensation_keeps_outputs(world_size):
                     assert err > 10 * BF16_TOL, (case, rank, key, err)
 
 
+def early_parameter_groups() -> bool:
+    """Parameter groups built before initialize adds LLaMA's compensation biases still train them."""
+    model = small_model("llama")
+    groups = [{"params": [p for p in model.parameters() if p.dim() > 1], "weight_decay": 0.1},
+              {"params": [p for p in model.parameters() if p.dim() <= 1], "weight_decay": 0.0}]
+    bitter7 = {"structures": BOTH, "schedule": {"start_step": 1000, "end_step": 1000},
+               "bias_compensation": {"enabled": True}}
+    engine, *_ = ds_bitter7.initialize(model=model, model_parameters=groups, config=ds_config(2, "fp32", bitter7),
+                                       calibration_data=calibration(0, 1))
+    stepped = {id(p) for g in engine.optimizer.bit16_groups for p in g}
+    return all(id(model.get_parameter(f"model.layers.{i}.{m}.bias")) in stepped
+               for i in range(2) for m in ("mlp.down_proj", "self_attn.o_proj"))
+
+
+def test_compensation_biases_join_parameter_groups_built_early():
+    assert run_distributed(early_parameter_groups, 1) == [True]
+
+
 # -- single process ------------------------------------------------------------------------------------
 def test_missing_out_biases_are_added_as_zeros():
     model = small_model("llama")

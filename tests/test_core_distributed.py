@@ -89,6 +89,18 @@ def test_unstructured_exact_kth_matches_reference(stage, world_size):
     assert sum(int(m.sum()) for m in got.values()) == math.floor(0.5 * sum(m.numel() for m in got.values()))
 
 
+@pytest.mark.parametrize("stage, dtype", [(2, "fp32"), (1, "bf16")])
+def test_scheduled_unstructured_event_zeroes_every_ranks_model_at_once(stage, dtype):
+    assert all(run_distributed(workers.scheduled_unstructured_two_groups, 2, stage, dtype))
+
+
+@pytest.mark.parametrize("stage", [0, 2])
+def test_frozen_unit_parameters_and_non_adam_optimizers_fail_early(stage):
+    for res in run_distributed(workers.setup_errors, 2, stage):
+        assert "transformer.h.0.mlp.c_fc.weight is frozen" in res["frozen"], res
+        assert "exp_avg_sq' does not exist" in res["sgd"] and "SGD" in res["sgd"], res
+
+
 def torch_zeros(n):
     import torch
 

@@ -8,12 +8,13 @@ import torch
 from ds_bitter7.comm import Communicator
 from ds_bitter7.config import parse_config
 from ds_bitter7.schedule import sparsity_at
-from ds_bitter7.threshold import kth_keys, n_to_prune, score_keys, select_units, standardize
+from ds_bitter7.threshold import key_to_score, kth_keys, n_to_prune, score_keys, select_units, standardize
 
 
 def test_floor_is_exact_despite_float_error():
     assert n_to_prune(0.29, 100) == 29  # 0.29 * 100 == 28.999999999999996
     assert n_to_prune(0.5, 7) == 3 and n_to_prune(0.0, 10) == 0
+    assert n_to_prune(0.29, 10**8) == 29_000_000  # unstructured sizes: the float error grows with n
 
 
 def test_ties_prune_the_lower_index_first():
@@ -62,16 +63,23 @@ def test_standardize_ignores_pruned_units_and_constant_layers():
     assert z[3:].tolist() == [0.0, 0.0]  # std 0: centered only
 
 
-def test_radix_select_equals_sorting():
+@pytest.mark.parametrize("signed", [False, True])  # movement scores are mostly negative
+def test_radix_select_equals_sorting(signed):
     g = torch.Generator().manual_seed(0)
-    scores = [torch.rand(1000, generator=g) for _ in range(3)]
+    scores = [torch.randn(1000, generator=g) if signed else torch.rand(1000, generator=g) for _ in range(3)]
     scores[1][:50] = scores[0][0]  # ties
-    keys = [score_keys(s, torch.zeros(s.numel(), dtype=torch.bool)) for s in scores]
+    pruned = torch.zeros(1000, dtype=torch.bool)
+    pruned[::7] = True
+    keys = [score_keys(s, pruned) for s in scores]
     flat = torch.cat(keys).sort().values
-    for k in (1, 17, 1500, 3000):
+    by_score = torch.cat([s[~pruned] for s in scores]).sort().values
+    for k in (1, 17, 1500, 2500):
         thr, ties = kth_keys(keys, [0, 0, 0], torch.tensor([k]), Communicator())
         assert int(thr[0]) == int(flat[k - 1])
         assert int(ties[0]) == k - int((flat < flat[k - 1]).sum())
+        n_pruned = 3 * int(pruned.sum())
+        if k > n_pruned:  # the k-th smallest is a score: the same as sorting the scores
+            assert float(key_to_score(thr)[0]) == float(by_score[k - n_pruned - 1])
 
 
 def test_cubic_and_linear_schedules():
@@ -83,3 +91,11 @@ def test_cubic_and_linear_schedules():
                                                                          "frequency": 10, "shape": "linear"}}})
     assert sparsity_at(cfg, 20) == pytest.approx(0.64)
     assert sparsity_at(cfg, 25) == pytest.approx(0.8)  # the end step is always an event
+
+
+def test_default_schedule_prunes_after_the_first_step():
+    """start_step = end_step = 0 (the defaults): the event runs after step 1, when Adam's state exists."""
+    cfg = parse_config({"bitter7": {"target_sparsity": 0.5}})
+    assert [sparsity_at(cfg, s) for s in (0, 1, 2)] == [None, 0.5, None]
+    cfg = parse_config({"bitter7": {"target_sparsity": 0.5, "schedule": {"end_step": 10, "frequency": 5}}})
+    assert [s for s in range(12) if sparsity_at(cfg, s) is not None] == [1, 5, 10]

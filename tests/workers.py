@@ -10,6 +10,7 @@ import torch.distributed as dist
 from reference import VOCAB, ds_config, known, tiny_model
 
 import ds_bitter7
+from ds_bitter7.structures import unstructured_params
 
 COLLECTIVES = ("all_reduce", "all_gather", "all_gather_into_tensor", "broadcast", "reduce_scatter_tensor",
                "all_to_all_single", "gather", "scatter", "reduce", "all_gather_object", "broadcast_object_list",
@@ -130,6 +131,27 @@ def _unstructured_zero(pruner) -> bool:
     return True
 
 
+def scheduled_unstructured_two_groups(stage: int, dtype: str) -> bool:
+    """A scheduled unstructured event inside the step of a two-group optimizer (decay / no decay):
+    right after that step the model's pruned elements are zero on this rank, not one step later."""
+    model = tiny_model("gpt2")
+    names = set(unstructured_params(model))
+    groups = [{"params": [p for n, p in model.named_parameters() if n in names], "weight_decay": 0.01},
+              {"params": [p for n, p in model.named_parameters() if n not in names], "weight_decay": 0.0}]
+    cfg = ds_config(stage, dtype, {"structures": ["unstructured"], "schedule": {"start_step": 2, "end_step": 2}})
+    engine, *_ = ds_bitter7.initialize(model=model, model_parameters=groups, config=cfg)
+    pruner = ds_bitter7.get_pruner(engine)
+    train_steps(engine, 2)
+    assert [e["step"] for e in pruner.events] == [2]
+    full = {n: torch.zeros(pruner.model.get_parameter(n).numel(), dtype=torch.bool) for n in names}
+    for n, drop in pruner.unstructured.pruned.items():  # every rank's masks, gathered
+        f = pruner.access.fragments[n]
+        full[n][f.start:f.start + f.numel] = drop.cpu()
+    for n in full:
+        dist.all_reduce(full[n], op=dist.ReduceOp.MAX)
+    return all(not bool(pruner.model.get_parameter(n).detach().view(-1)[m].ne(0).any()) for n, m in full.items())
+
+
 def core_suite(family: str, cases: List[tuple]) -> List[dict]:
     return [core_case(family, stage, dtype, bitter7) for stage, dtype, bitter7 in cases]
 
@@ -183,6 +205,30 @@ def client_optimizer_case(family: str, stage: int) -> dict:
     pruner.prune_to(0.5)
     train_steps(engine, 1)
     return {"masks": pruner.masks, "zero": pruned_elements_zero(pruner)}
+
+
+def setup_errors(stage: int) -> dict:
+    """Set-ups the pruner cannot serve fail early, the same on every rank: a frozen parameter in a
+    pruned unit (at attach), and an optimizer without exp_avg_sq (after step 1, not at the event)."""
+    out = {}
+    model = tiny_model("gpt2")
+    model.transformer.h[0].mlp.c_fc.weight.requires_grad_(False)
+    try:
+        ds_bitter7.initialize(model=model, model_parameters=[p for p in model.parameters() if p.requires_grad],
+                              config=ds_config(stage, "fp32", {"schedule": {"start_step": 100, "end_step": 100}}))
+    except ValueError as e:
+        out["frozen"] = str(e)
+    model = tiny_model("gpt2")
+    cfg = ds_config(stage, "fp32", {"schedule": {"start_step": 100, "end_step": 100}})
+    del cfg["optimizer"]
+    cfg["zero_allow_untested_optimizer"] = True
+    engine, *_ = ds_bitter7.initialize(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=1e-2),
+                                       config=cfg)
+    try:
+        train_steps(engine, 1)
+    except RuntimeError as e:
+        out["sgd"] = str(e)
+    return out
 
 
 def _batch(step: int, rank: int) -> torch.Tensor:
