@@ -4,10 +4,19 @@ reference workload's DeepSpeed config (ZeRO-2, AdamW, linear warm-up over the fi
 from __future__ import annotations
 
 import os
+import shlex
 import subprocess
-from typing import List
+import sys
+from typing import List, Optional
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def command_line(argv: Optional[List[str]] = None) -> str:
+    """The command that is running, as results files record it: ``python benchmarks/X.py ARGS``."""
+    script = os.path.relpath(os.path.abspath(sys.argv[0]), ROOT)
+    args = sys.argv[1:] if argv is None else argv
+    return " ".join(["python", script] + [shlex.quote(a) for a in args])
 
 
 def cpu_env() -> dict:

@@ -31,7 +31,7 @@ import tempfile
 import time
 from typing import Dict, List, Optional
 
-from _common import ROOT, cpu_env
+from _common import ROOT, command_line, cpu_env
 
 RESULTS = os.path.join(ROOT, "benchmarks", "results")
 
@@ -100,7 +100,7 @@ def summarise(runs: List[Dict]) -> List[Dict]:
 
 def markdown(rows: List[Dict], args) -> str:
     lines = ["# Bias compensation: validation perplexity at equal budget",
-             "",
+             "", f"Command: `{command_line()}` (2 CPU cores)", "",
              f"{args.model}, {args.steps} steps, seq_len {args.seq_len}, micro-batch {args.micro_batch} x "
              f"{args.ranks} ranks, ZeRO-2 fp32 on CPU; MLP neurons pruned from step {args.steps // 5} to "
              f"{(7 * args.steps) // 10} (cubic), then recovery; seeds {args.seeds}. Mean +- sample std "
@@ -193,6 +193,7 @@ def run_oneshot(args) -> None:
                       + ", ".join(f"{k}: {v:.3f}" for k, v in r["after"].items()), flush=True)
                 runs.append(r)
     lines = ["# Bias compensation, one shot: validation perplexity right after pruning", "",
+             f"Command: `{command_line()}` (2 CPU cores)", "",
              f"{args.model} trained dense for {args.steps} steps (ZeRO-2, {args.ranks} ranks, CPU), then "
              "`prune_to(s)` for each sparsity in turn (MLP neurons, global threshold), no recovery "
              f"training; seeds {args.seeds}. Mean +- sample std over seeds.", "",

@@ -22,6 +22,7 @@ import tempfile
 import time
 
 import torch
+from _common import command_line
 from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
 
 from ds_bitter7.export import export_model
@@ -75,7 +76,7 @@ def describe(name: str, folder: str, sparsity: float):
 
 
 def write_markdown(path: str, result: dict) -> None:
-    lines = ["# Export speed: dense vs exported GPT-2 (CPU)", "",
+    lines = ["# Export speed: dense vs exported GPT-2 (CPU)", "", f"Command: `{result['command']}`", "",
              f"{result['setup']}", "",
              f"Load average (1 min) at the end: {result['load_average_1min_at_end']:.2f}. Speed-up is the ratio "
              "of median throughputs; the ratio of best times is given for reference.", "",
@@ -96,6 +97,7 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out", default="export_speed", help="results name under benchmarks/results")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -120,16 +122,16 @@ def main() -> None:
         r["speedup"] = r["tokens_per_s"] / rows[0]["tokens_per_s"]
         r["best_speedup"] = r["best_tokens_per_s"] / rows[0]["best_tokens_per_s"]
         r["mlp_fraction_removed"] = (rows[0]["mlp_params"] - r["mlp_params"]) / unit_params
-    result = {"setup": (f"GPT-2 small shape (n_embd 768, n_head 12, n_inner 3072, vocab 50257), {args.layers} "
+    result = {"command": command_line(), "setup": (f"GPT-2 small shape (n_embd 768, n_head 12, n_inner 3072, vocab 50257), {args.layers} "
                         f"layers, random weights; per-layer magnitude masks on MLP neurons; batch {BATCH}x{SEQ} "
                         f"tokens (prefill, logits_to_keep=1), fp32, torch.inference_mode, {args.threads} threads, "
                         f"median of {args.repeats} round-robin repeats after 2 warm-ups; "
                         f"torch {torch.__version__}, {platform.processor() or platform.machine()}"),
               "load_average_1min_at_end": os.getloadavg()[0], "rows": rows}
     os.makedirs(RESULTS, exist_ok=True)
-    with open(os.path.join(RESULTS, "export_speed.json"), "w") as f:
+    with open(os.path.join(RESULTS, f"{args.out}.json"), "w") as f:
         json.dump(result, f, indent=2)
-    write_markdown(os.path.join(RESULTS, "export_speed.md"), result)
+    write_markdown(os.path.join(RESULTS, f"{args.out}.md"), result)
     for r in rows:
         print(f"{r['name']:>14}: params {r['params']:,}  MLP {r['mlp_params']:,}  file {r['file_bytes'] / 2**20:.1f} MB"
               f"  {r['tokens_per_s']:.0f} tok/s  x{r['speedup']:.2f} (best x{r['best_speedup']:.2f})  MLP removed {r['mlp_fraction_removed']:.4f}")

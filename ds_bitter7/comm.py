@@ -44,11 +44,14 @@ def init_distributed() -> Tuple[int, int]:
     if not launched and not mpi:
         os.environ.update({"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1"})
         os.environ.setdefault("MASTER_PORT", str(free_port()))
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    # the backend of DeepSpeed's accelerator (DS_ACCELERATOR=cpu on a GPU machine means gloo)
+    from deepspeed.accelerator import get_accelerator
+
+    backend = get_accelerator().communication_backend_name()
     # under mpirun DeepSpeed sets MASTER_PORT from distributed_port: keep the one the user exported
     deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=mpi, verbose=False,
                                distributed_port=int(os.environ.get("MASTER_PORT", 29500)))
-    if torch.cuda.is_available():
+    if backend == "nccl":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     return dist.get_world_size(), dist.get_rank()
 

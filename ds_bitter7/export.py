@@ -87,7 +87,8 @@ def load_pruner_state(checkpoint_dir: str, tag: str) -> Tuple[dict, str]:
         state = read_torch_file(model_file)
         if not isinstance(state, dict) or STATE_KEY not in state:
             raise ExportError(f"no pruner state: {model_file!r} has no {STATE_KEY!r} client state and "
-                              f"{trainer_file!r} does not exist")
+                              f"{trainer_file!r} does not exist (a dense checkpoint: prune and export it in "
+                              "one step with python -m ds_bitter7.oneshot)")
         state = state[STATE_KEY]
     else:
         raise ExportError(f"no pruner state: neither {trainer_file!r} nor {model_file!r} exists")

@@ -106,7 +106,9 @@ def install_checkpoint_hooks(engine, pruner) -> None:
         if state is None:
             raise CheckpointError(f"checkpoint {path} has no bitter7 pruner state (client_state key "
                                   f"'{CLIENT_KEY}'): it was not saved by a ds_bitter7 engine; refusing to "
-                                  "restart the pruning schedule silently")
+                                  "restart the pruning schedule silently (to prune a dense checkpoint in one "
+                                  "event use python -m ds_bitter7.oneshot; to prune it gradually, start a "
+                                  "new run from its weights)")
         pruner.load_state_dict(state, source=path)
         restore_local(pruner, os.path.join(load_dir, str(resolved)), state, universal)
         return path, client_state

@@ -188,8 +188,13 @@ def train(args) -> Dict[str, Any]:
         bs = ds_config.get("train_micro_batch_size_per_gpu", 1)
         calib = [{k: v.to(device) for k, v in b.items()}
                  for b in dsdata.calibration_batches(train_blocks, bs, args.calibration_batches, args.seed)]
-    engine, _, _, _ = ds_bitter7.initialize(model=model, model_parameters=model.parameters(),
-                                            config=ds_config, calibration_data=calib)
+    try:
+        engine, _, _, _ = ds_bitter7.initialize(model=model, model_parameters=model.parameters(),
+                                                config=ds_config, calibration_data=calib)
+    except ValueError as err:
+        if calib is None and "needs calibration data" in str(err):  # say it in this script's terms
+            raise SystemExit(f"{err}\n(launch/train.py: pass --calibration_batches N > 0)") from None
+        raise
     pruner = ds_bitter7.get_pruner(engine)
     return run_loop(args, engine, pruner, train_blocks, val_blocks, world_size, rank)
 
@@ -206,7 +211,9 @@ def run_loop(args, engine, pruner, train_blocks, val_blocks, world_size: int, ra
         client = client or {}
         start, ppl_start, loss_start = client.get("step", engine.global_steps), client.get("ppl_start"), client.get("loss_start")
         logger.info("resumed from %s at step %d", path, start)
+    ppl_start_step = 0  # the run's first evaluation, kept in its checkpoints
     if ppl_start is None:
+        ppl_start_step = start
         loss_start, ppl_start = evaluate(engine, val_loader, args.eval_batches)
         logger.info("step %d: validation loss %.4f, perplexity %.2f", start, loss_start, ppl_start)
         write_monitor(engine, [("Val/ppl", ppl_start, start), ("Val/loss", loss_start, start)])
@@ -246,7 +253,8 @@ def run_loop(args, engine, pruner, train_blocks, val_blocks, world_size: int, ra
     if args.save_dir and (step > start or start == 0):  # a resume that took no step keeps its checkpoint
         save(engine, pruner, args.save_dir, step, extra)
     summary = {"steps": step, "start_step": start, "world_size": world_size, "seconds": seconds,
-               "ppl_start": ppl_start, "loss_start": loss_start, "ppl_final": ppl, "loss_final": val_loss,
+               "ppl_start": ppl_start, "ppl_start_step": ppl_start_step, "loss_start": loss_start,
+               "ppl_final": ppl, "loss_final": val_loss,
                "train_loss_final": loss, "model": args.model, "config": os.path.abspath(args.config),
                "seq_len": args.seq_len, "pruning": pruner is not None, "sparsity": {},
                "params_kept": None, "params_total": None, "layers": []}
@@ -266,8 +274,9 @@ def report(summary: Dict[str, Any], pruner) -> None:
     """The end-of-run report (rank 0, to stdout)."""
     if pruner is not None:
         print(pruner.format_report())
-    print(f"validation perplexity: {summary['ppl_start']:.2f} at step {0 if summary['start_step'] == 0 else 'resume'}"
-          f" (before pruning) -> {summary['ppl_final']:.2f} at step {summary['steps']}")
+    start = f"step {summary['ppl_start_step']}" + (" (before pruning)" if summary["ppl_start_step"] == 0 else "")
+    print(f"validation perplexity: {summary['ppl_start']:.2f} at {start} -> {summary['ppl_final']:.2f} "
+          f"at step {summary['steps']}")
     if summary["sparsity"]:
         print("units removed: " + ", ".join(f"{k} {v:.1%}" for k, v in summary["sparsity"].items()))
     sys.stdout.flush()

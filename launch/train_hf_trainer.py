@@ -30,6 +30,23 @@ def collate(rows: List[Dict[str, torch.Tensor]]) -> Dict[str, torch.Tensor]:
     return {"input_ids": ids, "labels": ids}
 
 
+def trainer_settings(ds_config: Dict) -> Dict:
+    """TrainingArguments that must agree with the DeepSpeed config (the HF integration checks
+    them): batch size, accumulation, and the optimizer's and warm-up scheduler's numbers."""
+    opt = (ds_config.get("optimizer") or {}).get("params", {})
+    sched = (ds_config.get("scheduler") or {}).get("params", {})
+    out = {"per_device_train_batch_size": ds_config.get("train_micro_batch_size_per_gpu", 4),
+           "gradient_accumulation_steps": ds_config.get("gradient_accumulation_steps", 1),
+           "learning_rate": opt.get("lr", 1e-3)}
+    if isinstance(opt.get("betas"), (list, tuple)):
+        out["adam_beta1"], out["adam_beta2"] = opt["betas"]
+    for hf, ds, params in (("adam_epsilon", "eps", opt), ("weight_decay", "weight_decay", opt),
+                           ("warmup_steps", "warmup_num_steps", sched)):
+        if isinstance(params.get(ds), (int, float)):
+            out[hf] = params[ds]
+    return {k: v for k, v in out.items() if v != "auto"}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--deepspeed", required=True, help="DeepSpeed JSON config with a bitter7 section")
@@ -60,10 +77,9 @@ def main() -> None:
     training_args = TrainingArguments(
         output_dir=args.output_dir, deepspeed=ds_config, max_steps=args.max_steps,
         save_steps=args.save_steps, save_strategy="steps", logging_steps=10, report_to=[],
-        per_device_train_batch_size=ds_config.get("train_micro_batch_size_per_gpu", 4),
-        gradient_accumulation_steps=ds_config.get("gradient_accumulation_steps", 1),
-        learning_rate=ds_config.get("optimizer", {}).get("params", {}).get("lr", 1e-3),
-        seed=args.seed, dataloader_num_workers=0, remove_unused_columns=False)
+        seed=args.seed, dataloader_num_workers=0, remove_unused_columns=False,
+        use_cpu=not torch.cuda.is_available(),  # else accelerate on CPU runs every rank as a world of one
+        **trainer_settings(ds_config))
     trainer = Trainer(model=model, args=training_args, train_dataset=train,
                       data_collator=collate)
     callback = Bitter7Callback(trainer)
@@ -79,6 +95,7 @@ def main() -> None:
         print(f"last logged train loss {losses[-1] if losses else float('nan'):.4f}")
         if args.summary:
             summary = {"steps": trainer.state.global_step, "train_loss": losses[-1] if losses else None,
+                       "world_size": trainer.args.world_size,
                        "pruning": pruner is not None,
                        "layers": pruner.sparsity_report() if pruner is not None else [],
                        "step_count": getattr(pruner, "step_count", None)}

@@ -49,6 +49,8 @@ def ds_config(stage: int, dtype: str, bitter7: dict, **extra) -> dict:
            "bitter7": bitter7, "steps_per_print": 10**9}
     if dtype == "bf16":
         cfg["bf16"] = {"enabled": True}
+    if dtype == "fp16":  # a small initial loss scale: no overflow-skipped first step
+        cfg["fp16"] = {"enabled": True, "initial_scale_power": 4}
     if dtype == "bf16_optimizer":  # bf16 with fp32 gradient accumulation: DeepSpeed's BF16_Optimizer
         cfg["bf16"] = {"enabled": True}
         cfg["data_types"] = {"grad_accum_dtype": "fp32"}

@@ -17,7 +17,7 @@ from ds_bitter7.structures import unstructured_params
 
 BOTH = {"structures": ["mlp_neuron", "attention_head"]}
 CASES = [(0, "fp32", BOTH), (1, "fp32", BOTH), (2, "fp32", BOTH),
-         (1, "bf16_optimizer", BOTH), (1, "bf16", BOTH), (2, "bf16", BOTH),
+         (1, "bf16_optimizer", BOTH), (1, "bf16", BOTH), (2, "bf16", BOTH), (2, "fp16", BOTH),
          (2, "fp32", {**BOTH, "scope": "per_layer", "score": "fisher"}),
          (2, "fp32", {**BOTH, "scope": "standardized"}),
          (1, "fp32", {**BOTH, "score": "magnitude"}),

@@ -5,12 +5,19 @@ from __future__ import annotations
 import json
 
 import torch
-from _launch_util import TINY_MODEL, VENV_BIN, free_port, run, tiny_ds_config, write_corpus
+from _launch_util import REPO, TINY_MODEL, VENV_BIN, free_port, run, tiny_ds_config, write_corpus
 
 
 def test_trainer_prunes_saves_and_resumes(tmp_path):
+    """With the optimizer and warm-up numbers of ds_configs/cpu_demo.json, which the HF integration
+    checks against TrainingArguments; data parallel over both ranks."""
     corpus = write_corpus(tmp_path / "corpus.jsonl")
     config = tiny_ds_config(tmp_path / "ds.json", bias_compensation=True)
+    cfg = json.loads(config.read_text())
+    demo = json.loads((REPO / "ds_configs" / "cpu_demo.json").read_text())
+    cfg["optimizer"]["params"].update({k: demo["optimizer"]["params"][k] for k in ("betas", "eps", "weight_decay")})
+    cfg["scheduler"] = demo["scheduler"]
+    config.write_text(json.dumps(cfg))
     out, summary = tmp_path / "out", tmp_path / "summary.json"
     base = [str(VENV_BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", str(free_port()),
             "launch/train_hf_trainer.py", "--deepspeed", str(config), "--output_dir", str(out),
@@ -18,6 +25,7 @@ def test_trainer_prunes_saves_and_resumes(tmp_path):
             "--summary", str(summary)]
     run(base + ["--max_steps", "8"], tmp_path, timeout=200)
     first = json.loads(summary.read_text())
+    assert first["world_size"] == 2  # each rank trains on its share, not the whole data
     kept = [r["units_kept"] for r in first["layers"]]
     assert first["pruning"] and sum(kept) == 128  # 2 layers x 128 neurons, half removed
     for step in (4, 8):
