@@ -229,6 +229,25 @@ def check_output_dir(output_dir: str, overwrite: bool, keep: Sequence[Optional[s
                           f"{', ...' if len(entries) > 3 else ''}): choose another OUTPUT_DIR")
 
 
+def _write_remote_code(folder: str, model_type: str) -> None:
+    """For a bitter7_* type: its module files and ``auto_map``, so that
+    ``AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)`` needs no ds_bitter7."""
+    from .models import remote_code
+
+    files, auto_map = remote_code(model_type)
+    if not files:
+        return
+    for name, source in files.items():
+        with open(os.path.join(folder, name), "w", encoding="utf-8") as f:
+            f.write(source)
+    path = os.path.join(folder, "config.json")
+    with open(path, encoding="utf-8") as f:
+        config = json.load(f)
+    config["auto_map"] = auto_map
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(config, f, indent=2, sort_keys=True)
+
+
 def _publish(tmp: str, output_dir: str, overwrite: bool, keep: Sequence[Optional[str]]) -> None:
     """Rename the finished temporary folder to output_dir (replacing only what ``check_output_dir``
     allows)."""
@@ -266,6 +285,7 @@ def export_model(model: PreTrainedModel, masks: Mapping[str, torch.Tensor], outp
     os.chmod(tmp, umask_mode(0o777))  # mkdtemp makes it private to the owner
     try:
         small.save_pretrained(tmp)
+        _write_remote_code(tmp, small.config.model_type)
         for name in _TOKENIZER_FILES if copy_from else ():
             if os.path.isfile(os.path.join(copy_from, name)):
                 shutil.copy2(os.path.join(copy_from, name), tmp)

@@ -209,3 +209,37 @@ def test_reports_are_strict_json():
     report = json_safe({"thresholds": {"mlp_neuron": float("nan")}, "x": [float("inf"), 1.5], "n": 3})
     assert json.loads(json.dumps(report, allow_nan=False)) == {"thresholds": {"mlp_neuron": None},
                                                                "x": [None, 1.5], "n": 3}
+
+
+@pytest.mark.parametrize("name", ["gpt2", "llama_gqa", "mistral_window"])
+def test_bitter7_types_load_with_trust_remote_code_alone(name, tmp_path):
+    """The export carries its model code and auto_map: a process that never imports ds_bitter7 loads
+    it with trust_remote_code=True and gets the same logits."""
+    from test_shrink import MODELS, logits, random_masks, tiny_llama_like, zero_units
+
+    from ds_bitter7.export import export_model
+
+    model = tiny_llama_like("mistral") if name == "mistral_window" else MODELS[name]()
+    if name == "mistral_window":
+        model.config.sliding_window = 4
+    masks = random_masks(model, "global")
+    zero_units(model, masks)
+    export_model(model, masks, str(tmp_path / "small"))
+    torch.save(logits(model), tmp_path / "expected.pt")
+    script = textwrap.dedent(f"""
+        import sys, torch
+        from transformers import AutoModelForCausalLM
+        model = AutoModelForCausalLM.from_pretrained({str(tmp_path / "small")!r}, trust_remote_code=True).eval()
+        assert not any(m.startswith("ds_bitter7") for m in sys.modules), "ds_bitter7 was imported"
+        ids = torch.randint(0, model.config.vocab_size, (2, 11), generator=torch.Generator().manual_seed(2))
+        with torch.no_grad():
+            got = model(input_ids=ids).logits
+        want = torch.load({str(tmp_path / "expected.pt")!r})
+        print(type(model).__name__, float((got - want).abs().max() / want.abs().max()))
+    """)
+    env = {**_env(), "HF_MODULES_CACHE": str(tmp_path / "modules"), "PYTHONPATH": ""}
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120,
+                          cwd=str(tmp_path))
+    assert done.returncode == 0, done.stderr[-3000:]
+    cls, rel = done.stdout.split()[-2:]
+    assert cls.startswith("Bitter7") and float(rel) <= 1e-5, done.stdout
