@@ -230,12 +230,18 @@ def _split_train(ds, validation_fraction: float, seed: int) -> Tuple[Any, Any]:
 
 
 def local_files(spec: Sequence[str]) -> Optional[List[str]]:
-    """The data files of ``spec`` (files, and the data files in folders), or None if a path is missing."""
+    """The data files of ``spec`` (files, and the data files in folders), or None if a path is missing.
+
+    A folder holding JSON files gives those only (a README.md beside JSON lines data is not data).
+    """
     files = []
     for item in spec:
         if os.path.isdir(item):
-            files += sorted(os.path.join(item, f) for f in os.listdir(item)
-                            if f.endswith(TEXT_SUFFIXES + JSON_SUFFIXES))
+            found = sorted(os.path.join(item, f) for f in os.listdir(item) if f.endswith(TEXT_SUFFIXES + JSON_SUFFIXES))
+            json_files = [f for f in found if f.endswith(JSON_SUFFIXES)]
+            if json_files and len(json_files) < len(found):
+                logger.info("%s: reading its JSON files only (%d), not its text files", item, len(json_files))
+            files += json_files or found
         elif os.path.exists(item):
             files.append(item)
         else:

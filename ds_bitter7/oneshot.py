@@ -159,6 +159,8 @@ def check_args(args: argparse.Namespace, info: Optional[CheckpointInfo]) -> None
                         f"(pass --structures {' '.join(dict.fromkeys(trained + list(args.structures)))})")
     if args.seq_len is not None and args.seq_len < 2:
         problems.append(f"--seq_len must be >= 2, got {args.seq_len}")
+    if args.ridge < 0:
+        problems.append(f"--ridge must be >= 0, got {args.ridge}")
     if args.num_batches < 1 or args.batch_size < 1 or args.eval_batches < 0:
         problems.append("--num_batches and --batch_size must be >= 1, --eval_batches >= 0")
     if problems:

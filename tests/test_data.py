@@ -86,6 +86,12 @@ def test_bad_local_files_are_named(tmp_path, monkeypatch):
             data.load_text_datasets(str(tmp_path / name))
 
 
+def test_folder_with_json_data_ignores_its_readme(tmp_path):
+    (tmp_path / "README.md").write_text("# about this data\n")
+    (tmp_path / "a.jsonl").write_text(json.dumps({"text": "one"}) + "\n")
+    assert data.local_files([str(tmp_path)]) == [str(tmp_path / "a.jsonl")]
+
+
 def test_loader_shards_by_rank_and_calibration_uses_train():
     import datasets
 
