@@ -216,7 +216,7 @@ def check_deepspeed_support(ds_config: dict) -> None:
         zero = {"stage": 1 if zero else 0}
     problems = []
     stage = zero.get("stage", 0)
-    for dtype in ("fp16", "bf16"):
+    for dtype in ("fp16", "bf16", "bfloat16"):  # bfloat16: DeepSpeed's other name for the bf16 section
         if stage == 0 and (ds_config.get(dtype) or {}).get("enabled", False) is True:
             problems.append(f"  {dtype}.enabled with zero_optimization.stage = 0: ds_bitter7 reads the fp32 "
                             f"master weights DeepSpeed keeps at ZeRO stage 1 and 2; use stage 1 or 2 for {dtype}")

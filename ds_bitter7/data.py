@@ -19,6 +19,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import sys
 import sysconfig
 import tempfile
@@ -188,12 +189,27 @@ def _text_column(ds) -> str:
     return strings[0]
 
 
+def _text_documents(path: str) -> List[str]:
+    """The documents of a text file: separated by blank (or whitespace-only) lines, newlines kept
+    inside; a file with no blank line at all is one document per line."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read().replace("\r\n", "\n")
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{path}: not UTF-8 text ({err})") from None
+    docs = [d.strip("\n") for d in re.split(r"\n[ \t]*\n", text) if d.strip()]
+    if len(docs) == 1 and "\n" in docs[0]:
+        logger.info("%s has no blank line: one document per line", path)
+        docs = [line for line in docs[0].split("\n") if line.strip()]
+    return docs
+
+
 def read_local_files(files: Sequence[str]):
     """A ``datasets.Dataset`` of documents from local files, each row with a ``text`` field.
 
     JSON / JSON lines: one document per record, from its ``"text"`` field (required). Text files
-    (.txt/.md/...): one document per paragraph (blank lines separate documents; the newlines inside
-    one are kept). Empty documents are dropped. Raises ``ValueError`` naming the files at fault.
+    (.txt/.md/...): ``_text_documents``. Empty documents are dropped. Raises ``ValueError`` naming
+    the files at fault.
     """
     import datasets
 
@@ -207,16 +223,16 @@ def read_local_files(files: Sequence[str]):
     if len(kinds) > 1:
         raise ValueError(f"mix of text and JSON files is not supported: {files}")
     kind = kinds.pop()
-    try:
-        extra = {"sample_by": "paragraph"} if kind == "text" else {}
-        ds = datasets.load_dataset(kind, data_files=files, split="train", **extra)
-    except Exception as err:  # e.g. not UTF-8, or malformed JSON: datasets does not always name the file
-        raise ValueError(f"cannot read {files} as {kind}: {type(err).__name__}: {err}") from err
+    if kind == "text":
+        ds = datasets.Dataset.from_dict({"text": [d for f in files for d in _text_documents(f)]})
+    else:
+        try:
+            ds = datasets.load_dataset("json", data_files=files, split="train")
+        except Exception as err:  # malformed JSON: datasets does not always name the file
+            raise ValueError(f"cannot read {files} as JSON: {type(err).__name__}: {err}") from err
     if "text" not in ds.column_names:
         raise ValueError(f"{files}: every JSON record needs a 'text' field; the records have {ds.column_names}")
     ds = ds.filter(lambda row: isinstance(row["text"], str) and bool(row["text"].strip()))
-    if kind == "text":
-        ds = ds.map(lambda row: {"text": row["text"].strip("\n")})  # blank lines separate, they are not text
     if len(ds) == 0:
         raise ValueError(f"no text in {files} (only whitespace)")
     return ds

@@ -214,14 +214,19 @@ def check_output_dir(output_dir: str, overwrite: bool, keep: Sequence[Optional[s
         return
     if not overwrite:
         raise ExportError(f"output directory {output_dir!r} already exists (pass --overwrite)")
+    if os.path.islink(output_dir):
+        raise ExportError(f"output path {output_dir!r} is a symbolic link: --overwrite replaces only a real "
+                          "folder; choose another OUTPUT_DIR")
+    if not os.path.isdir(output_dir):
+        raise ExportError(f"output path {output_dir!r} exists and is not a folder: choose another OUTPUT_DIR")
     real = os.path.realpath(output_dir)
-    for path in filter(None, keep):
+    paths = [p for p in keep if p]
+    paths += [os.path.join(p, e) for p in paths if os.path.isdir(p) for e in os.listdir(p)]  # linked tag folders
+    for path in paths:
         inner = os.path.realpath(path)
         if inner == real or inner.startswith(real.rstrip(os.sep) + os.sep):
             raise ExportError(f"--overwrite would delete {path!r}, which is being read: it is inside output "
                               f"directory {output_dir!r}; choose another OUTPUT_DIR")
-    if not os.path.isdir(output_dir) or os.path.islink(output_dir):
-        raise ExportError(f"output path {output_dir!r} exists and is not a folder: choose another OUTPUT_DIR")
     entries = os.listdir(output_dir)
     if entries and REPORT_FILE not in entries:
         raise ExportError(f"--overwrite replaces only an empty folder or a previous export (one holding "

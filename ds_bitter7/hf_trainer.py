@@ -107,7 +107,9 @@ class Bitter7Callback(TrainerCallback):
                    "; when resuming from a checkpoint outside output_dir, pass it to the callback too: "
                    "Bitter7Callback(..., resume_from_checkpoint=PATH)"))
         saved = load_file(path)
-        if saved.get("step") is not None and int(saved["step"]) != state.global_step:
+        if saved.get("step") is not None and int(saved["step"]) > state.global_step:
+            # the pruner counts optimizer steps taken (fp16 overflow skips do not count), so it can
+            # lag the Trainer's global_step but never lead it: then the state is another run's
             raise CheckpointError(f"{path} is the pruner state of step {saved['step']}, but the Trainer resumed "
                                   f"at step {state.global_step}: pass the checkpoint it resumed from as "
                                   "Bitter7Callback(..., resume_from_checkpoint=PATH)")

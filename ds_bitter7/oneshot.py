@@ -172,7 +172,9 @@ def output_dir_problem(args: argparse.Namespace, config_dir: str) -> Optional[st
     from .export import check_output_dir
 
     try:
-        check_output_dir(os.path.abspath(args.output_dir), args.overwrite, (args.checkpoint_dir, config_dir))
+        inputs = [args.checkpoint_dir, config_dir, args.tokenizer, args.ds_config, *(args.calibration or []),
+                  *(args.validation or [])]
+        check_output_dir(os.path.abspath(args.output_dir), args.overwrite, [p for p in inputs if p != dsdata.BUILTIN])
     except ExportError as err:
         return str(err)
     return None

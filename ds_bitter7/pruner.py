@@ -297,10 +297,15 @@ class Pruner:
     def _check_optimizer_state(self) -> None:
         """After the first step, not at the first event thousands of steps later: a score that
         reads ``exp_avg_sq`` needs an optimizer that keeps it (Adam-type). Same on every rank."""
-        if "exp_avg_sq" not in self.scorer.needs or not self.access.fragments:
+        if "exp_avg_sq" not in self.scorer.needs:
             return
-        frag = next(iter(self.access.fragments.values()))
-        self.access.state(frag)  # raises MissingOptimizerState naming the optimizer
+        error = None
+        if self.access.fragments:  # a rank may own no fragment of a pruned unit: it still takes part
+            try:
+                self.access.state(next(iter(self.access.fragments.values())))
+            except MissingOptimizerState as err:  # names the optimizer
+                error = err
+        self.comm.raise_if_any(error, "the optimizer state check")
 
     def _calibrates_on_model(self) -> bool:
         """Whether an event runs calibration forwards while, inside the step, the model's
@@ -362,6 +367,13 @@ class Pruner:
                 "unstructured": ({n: m.clone() for n, m in self.unstructured.pruned.items()}
                                  if self.unstructured is not None else {})}
 
+    def check_local_state(self, local: dict) -> None:
+        """Raise ``CheckpointError`` when ``local`` was saved with another partitioning (local)."""
+        frags = {n: (f.start, f.numel) for n, f in self.access.fragments.items()}
+        if local.get("fragments") != frags:
+            raise CheckpointError("bitter7 per-rank state was saved with another ZeRO partitioning; "
+                                  "resume at the same world size or through a universal checkpoint")
+
     def load_local_state_dict(self, local: Optional[dict]) -> None:
         """Restore :meth:`local_state_dict`; None (world size changed) restarts movement and
         re-derives unstructured masks from the weights that are exactly zero."""
@@ -372,10 +384,7 @@ class Pruner:
                 self.unstructured.rederive_from_zeros()
             self._apply_masks_now()
             return
-        frags = {n: (f.start, f.numel) for n, f in self.access.fragments.items()}
-        if local.get("fragments") != frags:
-            raise CheckpointError("bitter7 per-rank state was saved with another ZeRO partitioning; "
-                                  "resume at the same world size or through a universal checkpoint")
+        self.check_local_state(local)
         for n, t in local.get("movement", {}).items():
             if n in self.movement:
                 self.movement[n].copy_(t)

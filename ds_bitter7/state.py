@@ -32,9 +32,14 @@ class CheckpointError(ValueError):
 
 def umask_mode(mode: int) -> int:
     """``mode`` less the process umask: what ``open``/``mkdir`` would give, for files made with
-    ``tempfile`` (which makes them private to the owner)."""
-    mask = os.umask(0)
-    os.umask(mask)
+    ``tempfile`` (which makes them private to the owner). Read from /proc where it can be, so the
+    umask is never changed, not even for a moment, under other threads."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            mask = next(int(line.split()[1], 8) for line in f if line.startswith("Umask:"))
+    except (OSError, StopIteration, ValueError):
+        mask = os.umask(0)
+        os.umask(mask)
     return mode & ~mask
 
 
@@ -125,6 +130,8 @@ def restore_local(pruner, folder: str, state: dict, universal: bool = False) -> 
     error, local = None, None
     try:
         local = _load_local(folder, pruner, state, universal)
+        if local is not None:
+            pruner.check_local_state(local)  # before the collectives of load_local_state_dict
     except CheckpointError as e:
         error = e
     pruner.comm.raise_if_any(error, "loading the bitter7 per-rank state")

@@ -22,7 +22,8 @@ from .comm import Communicator
 def n_to_prune(fraction: float, n: int) -> int:
     """``floor(fraction * n)``, robust to the float error in products such as 0.29 * 100 or
     0.29 * 1e8 (the error grows with n: the tolerance is relative)."""
-    return int(math.floor(fraction * n * (1 + 1e-12) + 1e-9))
+    product = fraction * n
+    return int(math.floor(product + abs(product) * 2 ** -50 + 1e-9))  # a few ulps, relative
 
 
 def _order(scores: torch.Tensor, pruned: torch.Tensor) -> torch.Tensor:
@@ -101,7 +102,8 @@ def score_keys(scores: torch.Tensor, pruned: torch.Tensor) -> torch.Tensor:
     Finite scores map above ``PRUNED_KEY`` (only NaNs with the sign bit could reach it: callers skip
     events with non-finite scores).
     """
-    bits = scores.to(torch.float32).contiguous().view(torch.int32).to(torch.int64) & 0xFFFFFFFF
+    scores = scores.to(torch.float32) + 0.0  # -0.0 + 0.0 is +0.0: one key for zero, ties by index
+    bits = scores.contiguous().view(torch.int32).to(torch.int64) & 0xFFFFFFFF
     ordered = torch.where(bits >= _SIGN, 0xFFFFFFFF - bits, bits + _SIGN)  # unsigned, 0 .. 2**32 - 1
     keys = (ordered - _SIGN).to(torch.int32)
     keys[pruned] = PRUNED_KEY

@@ -203,16 +203,16 @@ def run_loop(args, engine, pruner, train_blocks, val_blocks, world_size: int, ra
     mb, ga = engine.train_micro_batch_size_per_gpu(), engine.gradient_accumulation_steps()
     train_loader = dsdata.make_dataloader(train_blocks, mb, shuffle=True, seed=args.seed)
     val_loader = dsdata.make_dataloader(val_blocks, mb, shuffle=False, drop_last=False)
-    start, ppl_start, loss_start = 0, None, None
+    start, ppl_start, loss_start, ppl_start_step = 0, None, None, 0
     if args.resume:
         path, client = engine.load_checkpoint(args.resume)
         if path is None:
             raise FileNotFoundError(f"no DeepSpeed checkpoint to resume in {args.resume}")
         client = client or {}
         start, ppl_start, loss_start = client.get("step", engine.global_steps), client.get("ppl_start"), client.get("loss_start")
+        ppl_start_step = client.get("ppl_start_step", 0)
         logger.info("resumed from %s at step %d", path, start)
-    ppl_start_step = 0  # the run's first evaluation, kept in its checkpoints
-    if ppl_start is None:
+    if ppl_start is None:  # the run's first evaluation (kept in its checkpoints)
         ppl_start_step = start
         loss_start, ppl_start = evaluate(engine, val_loader, args.eval_batches)
         logger.info("step %d: validation loss %.4f, perplexity %.2f", start, loss_start, ppl_start)
@@ -221,7 +221,8 @@ def run_loop(args, engine, pruner, train_blocks, val_blocks, world_size: int, ra
     bar = tqdm(total=args.steps, initial=start, disable=rank != 0, desc="train", dynamic_ncols=True)
     t0, seen_event, step, loss = time.time(), None, start, float("nan")
     val_loss, ppl = loss_start, ppl_start
-    extra = {"ppl_start": ppl_start, "loss_start": loss_start, "seq_len": args.seq_len}  # one-shot reads seq_len
+    extra = {"ppl_start": ppl_start, "ppl_start_step": ppl_start_step, "loss_start": loss_start,
+             "seq_len": args.seq_len}  # one-shot reads seq_len
     while step < args.steps:
         losses = []
         for _ in range(ga):

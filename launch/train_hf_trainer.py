@@ -41,9 +41,11 @@ def trainer_settings(ds_config: Dict) -> Dict:
     if isinstance(opt.get("betas"), (list, tuple)):
         out["adam_beta1"], out["adam_beta2"] = opt["betas"]
     for hf, ds, params in (("adam_epsilon", "eps", opt), ("weight_decay", "weight_decay", opt),
-                           ("warmup_steps", "warmup_num_steps", sched)):
+                           ("warmup_steps", "warmup_num_steps", sched), ("max_grad_norm", "gradient_clipping", ds_config)):
         if isinstance(params.get(ds), (int, float)):
             out[hf] = params[ds]
+    for hf, keys in (("bf16", ("bf16", "bfloat16")), ("fp16", ("fp16",))):
+        out[hf] = any((ds_config.get(k) or {}).get("enabled") is True for k in keys)
     return {k: v for k, v in out.items() if v != "auto"}
 
 
@@ -64,6 +66,7 @@ def main() -> None:
     p.add_argument("--local_rank", "--local-rank", type=int, default=-1)
     args = p.parse_args()
 
+    from deepspeed.accelerator import get_accelerator
     from transformers import Trainer, TrainingArguments
 
     with open(args.deepspeed, encoding="utf-8") as f:
@@ -78,7 +81,7 @@ def main() -> None:
         output_dir=args.output_dir, deepspeed=ds_config, max_steps=args.max_steps,
         save_steps=args.save_steps, save_strategy="steps", logging_steps=10, report_to=[],
         seed=args.seed, dataloader_num_workers=0, remove_unused_columns=False,
-        use_cpu=not torch.cuda.is_available(),  # else accelerate on CPU runs every rank as a world of one
+        use_cpu=get_accelerator().device_name() == "cpu",  # else accelerate on CPU: every rank a world of one
         **trainer_settings(ds_config))
     trainer = Trainer(model=model, args=training_args, train_dataset=train,
                       data_collator=collate)

@@ -78,12 +78,19 @@ def test_bad_local_files_are_named(tmp_path, monkeypatch):
     (tmp_path / "empty.txt").write_text("")
     (tmp_path / "blank.txt").write_text("  \n\n \n")
     (tmp_path / "other.jsonl").write_text(json.dumps({"id": "doc-1", "content": "words"}) + "\n")
-    (tmp_path / "one.txt").write_text("one document\nof two lines\n")
+    (tmp_path / "one.txt").write_text("one document on one line\n")
     for name, message in (("empty.txt", "empty data file"), ("blank.txt", "only whitespace"),
                           ("other.jsonl", "needs a 'text' field; the records have \\['id', 'content'\\]"),
                           ("one.txt", "hold one document")):
         with pytest.raises(ValueError, match=message):
             data.load_text_datasets(str(tmp_path / name))
+
+
+def test_text_documents_split_at_blank_or_whitespace_lines(tmp_path):
+    (tmp_path / "wiki.txt").write_text(" = Title = \n \n First line\nsecond line\n \n Next\n")
+    assert data._text_documents(str(tmp_path / "wiki.txt")) == [" = Title = ", " First line\nsecond line", " Next"]
+    (tmp_path / "lines.txt").write_text("doc one\ndoc two\n")  # no blank line: one document per line
+    assert data._text_documents(str(tmp_path / "lines.txt")) == ["doc one", "doc two"]
 
 
 def test_folder_with_json_data_ignores_its_readme(tmp_path):

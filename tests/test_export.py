@@ -243,3 +243,19 @@ def test_bitter7_types_load_with_trust_remote_code_alone(name, tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     cls, rel = done.stdout.split()[-2:]
     assert cls.startswith("Bitter7") and float(rel) <= 1e-5, done.stdout
+
+
+def test_overwrite_resolves_links(tmp_path):
+    """A tag folder linked into the output folder is being read too; a linked output is refused."""
+    from ds_bitter7.export import check_output_dir
+
+    (tmp_path / "old" / "real_step").mkdir(parents=True)
+    (tmp_path / "old" / "pruning_report.json").write_text("{}")
+    (tmp_path / "ckpt").mkdir()
+    (tmp_path / "ckpt" / "global_step1").symlink_to(tmp_path / "old" / "real_step")
+    with pytest.raises(ExportError, match="would delete .*global_step1"):
+        check_output_dir(str(tmp_path / "old"), True, [str(tmp_path / "ckpt")])
+    (tmp_path / "link").symlink_to(tmp_path / "old")
+    with pytest.raises(ExportError, match="is a symbolic link"):
+        check_output_dir(str(tmp_path / "link"), True, [])
+    check_output_dir(str(tmp_path / "old"), True, [str(tmp_path / "elsewhere")])  # a previous export: replaced

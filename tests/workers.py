@@ -218,14 +218,20 @@ def setup_errors(stage: int) -> dict:
                               config=ds_config(stage, "fp32", {"schedule": {"start_step": 100, "end_step": 100}}))
     except ValueError as e:
         out["frozen"] = str(e)
-    model = tiny_model("gpt2")
-    cfg = ds_config(stage, "fp32", {"schedule": {"start_step": 100, "end_step": 100}})
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)  # a large embedding: at stage 2, rank 0's partition holds no pruned unit
+    model = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=48, n_head=4, n_inner=96, vocab_size=4096, n_positions=32))
+    cfg = ds_config(stage, "fp32", {"structures": ["mlp_neuron"], "schedule": {"start_step": 100, "end_step": 100}})
     del cfg["optimizer"]
     cfg["zero_allow_untested_optimizer"] = True
     engine, *_ = ds_bitter7.initialize(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=1e-2),
                                        config=cfg)
+    out["fragments"] = len(ds_bitter7.get_pruner(engine).access.fragments)
     try:
-        train_steps(engine, 1)
+        x = torch.randint(0, 4096, (2, 16))
+        engine.backward(engine(input_ids=x, labels=x).loss)
+        engine.step()
     except RuntimeError as e:
         out["sgd"] = str(e)
     return out
