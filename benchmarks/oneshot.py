@@ -224,8 +224,10 @@ def markdown(rows: List[Dict], checks: List[Dict], info: Dict) -> str:
              f"MLP neurons pruned in one event; calibration: {info['num_batches']} train-split batches per rank; "
              f"wall time {info['seconds'] / 60:.1f} min on {info['nproc']} CPU cores"
              + (f" (dense checkpoints of seeds {info['reused_seeds']} reused from `--workdir`, trained by an "
-                "earlier invocation with the same arguments: the time is pruning only)." if info.get("reused_seeds")
-                else "."), ""]
+                "earlier invocation with the same arguments: "
+                + ("the time is pruning only)." if set(info["reused_seeds"]) >= set(info["seeds"])
+                   else "the time is their pruning and the other seeds' training and pruning).")
+                if info.get("reused_seeds") else "."), ""]
     for s in SPARSITIES:
         lines += [f"## {s:.0%} of MLP neurons removed", "",
                   "| score | none | mean | least squares |", "|---|---:|---:|---:|"]
