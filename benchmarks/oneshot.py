@@ -14,11 +14,8 @@ global threshold: ``scope: global``), bitter7 with ``scope: standardized`` (per-
 then one global threshold), and FLAP's fluctuation (An et al. 2024): per neuron
 ``Var(x_i) * ||W_next[i, :]||^2``, the variance of the next layer's input feature times the squared
 norm of its weights, with FLAP's per-layer standardisation (``scope: standardized``, the library's)
-and, for comparison, raw. The fluctuation needs activation statistics and the next layer's
-weights, not per-element optimizer state, so it does not fit the per-element scorer registry; the
-benchmark computes it from the pruner's gathered statistics and the (replicated) model weights and
-hands the pruner these unit scores for the event, so standardisation, selection, compensation and
-masking are the library's own. FLAP's own bias compensation is the ``mean`` mode.
+and, for comparison, raw: the library's ``score: fluctuation``. FLAP's own bias compensation is
+the ``mean`` mode.
 
 Writes ``benchmarks/results/oneshot[_quick].{json,md,png}``.
 
@@ -43,11 +40,11 @@ from typing import Dict, List, Optional
 from _common import ROOT, reference_ds_config, run_logged
 
 RESULTS = os.path.join(ROOT, "benchmarks", "results")
-# row name -> (score, scope); "flap" is computed here (flap_scores), the others are the library's
+# row name -> (the library's score, scope)
 ROWS = {"magnitude": ("magnitude", "global"), "bitter7": ("bitter7", "global"),
         "bitter7 standardized": ("bitter7", "standardized"), "fisher": ("fisher", "global"),
-        "bitter7_variance": ("bitter7_variance", "global"), "flap": ("flap", "standardized"),
-        "flap raw": ("flap", "global")}
+        "bitter7_variance": ("bitter7_variance", "global"), "flap": ("fluctuation", "standardized"),
+        "flap raw": ("fluctuation", "global")}
 SCORES = list(ROWS)
 COMPENSATIONS = ["none", "mean", "least_squares"]
 SPARSITIES = [0.5, 0.75]
@@ -87,22 +84,6 @@ def prune_matrix(checkpoint: str, seed: int, args, workdir: str) -> List[Dict]:
 
 
 # --------------------------------------------------------------------------- the worker (2 ranks)
-def flap_scores(pruner, stats) -> Dict[str, object]:
-    """FLAP fluctuation per unit: sum over its features of Var(x_f) * ||W_next[f, :]||^2."""
-    import torch
-
-    out = {}
-    for g in pruner.groups:
-        w = pruner.model.get_parameter(g.out_weight).detach().double()  # replicated under ZeRO 1/2
-        sq = w.square().sum(1 if g.out_in_dim == 0 else 0)  # [n_features]
-        ids = g.feature_units
-        valid = ids >= 0
-        score = torch.zeros(g.n_units, dtype=torch.float64)
-        score.index_add_(0, ids[valid], (stats[g.key].var * sq)[valid])
-        out[g.key] = score
-    return out
-
-
 def worker(argv: List[str]) -> None:
     import torch
     from transformers import AutoModelForCausalLM
@@ -110,7 +91,6 @@ def worker(argv: List[str]) -> None:
     import ds_bitter7
     from ds_bitter7 import data as dsdata
     from ds_bitter7 import oneshot
-    from ds_bitter7.calibration import ActivationStats
     from ds_bitter7.comm import Communicator, init_distributed
     from ds_bitter7.config import parse_config
     from ds_bitter7.export import load_config
@@ -140,7 +120,7 @@ def worker(argv: List[str]) -> None:
             for comp in COMPENSATIONS:
                 t0 = time.perf_counter()
                 args = argparse.Namespace(**{**vars(base), "scope": scope}, sparsity=sparsity, compensation=comp,
-                                          score="magnitude" if score == "flap" else score)
+                                          score=score)
                 cfg = parse_config({"bitter7": oneshot.bitter7_section(args)})
                 torch.manual_seed(a.seed)
                 model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
@@ -148,10 +128,6 @@ def worker(argv: List[str]) -> None:
                 if dense is None:
                     dense = oneshot.perplexity(engine.module, val, a.eval_batches, comm)
                 pruner = ds_bitter7.attach(engine, cfg, calib)
-                if score == "flap":
-                    stats = ActivationStats(pruner, calib).gather()  # collective
-                    flap = flap_scores(pruner, stats)
-                    pruner._kind_scores = lambda kind, _stats=None, flap=flap: dict(flap)
                 event = pruner.prune_to(sparsity)
                 ppl = oneshot.perplexity(engine.module, val, a.eval_batches, comm)
                 rows.append({"seed": a.seed, "score": row, "scope": scope, "compensation": comp, "sparsity": sparsity,

@@ -24,6 +24,7 @@ class ScoreName(str, Enum):
     movement = "movement"
     fisher = "fisher"
     bitter7_variance = "bitter7_variance"
+    fluctuation = "fluctuation"
 
 
 class StructureName(str, Enum):
@@ -156,8 +157,8 @@ class Bitter7Config(DeepSpeedConfigModel):
         if self.bias_compensation.enabled:
             raise ValueError("bias_compensation folds removed units into the next layer; structures "
                              "['unstructured'] removes no units (disable it, or add mlp_neuron / attention_head)")
-        if enum_name(self.score) == "bitter7_variance":
-            raise ValueError("score 'bitter7_variance' weighs whole units by their activation std; it does "
+        if enum_name(self.score) in ("bitter7_variance", "fluctuation"):
+            raise ValueError(f"score {enum_name(self.score)!r} scores whole units by their activations; it does "
                              "not apply to structures ['unstructured'] (use 'bitter7')")
         return self
 

@@ -154,6 +154,8 @@ class Pruner:
 
     def _kind_scores(self, kind: StructureName, stats: Optional[dict] = None) -> Dict[str, torch.Tensor]:
         groups = [g for g in self.groups if g.kind == kind]
+        if self.scorer.unit_fn is not None:  # from gathered statistics and replicated weights: same everywhere
+            return {g.key: self.scorer.unit_fn(g, self.model, stats[g.key]) for g in groups}
         error = None
         try:
             sums = self._local_unit_sums(groups)

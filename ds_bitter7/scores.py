@@ -2,7 +2,8 @@
 
 Each scorer maps the local values of one fragment (fp32 master weights and the optimizer state it
 names) to a per-element score, in float64. Unit scores are sums of these over a unit's elements.
-A new criterion is one function and one entry in ``SCORERS``.
+A new criterion is one function and one entry in ``SCORERS``. A unit-level criterion computed from
+activation statistics and the replicated weights (``fluctuation``) gives ``unit_fn`` instead.
 """
 
 from __future__ import annotations
@@ -29,8 +30,9 @@ class ScoreInputs:
 @dataclass(frozen=True)
 class Scorer:
     needs: Tuple[str, ...]  # ScoreInputs fields that must be present
-    fn: Callable[[ScoreInputs], torch.Tensor]
-    uses_activation_std: bool = False  # unit score multiplied by the unit's activation std
+    fn: Optional[Callable[[ScoreInputs], torch.Tensor]]  # None: a unit-level score (``unit_fn``)
+    uses_activation_std: bool = False  # needs activation statistics (bitter7_variance: x unit std)
+    unit_fn: Optional[Callable] = None  # (group, model, UnitStats) -> float64[n_units], no element sums
 
 
 def _f64(t: torch.Tensor) -> torch.Tensor:
@@ -57,12 +59,27 @@ def movement(x: ScoreInputs) -> torch.Tensor:
     return _f64(x.movement)
 
 
+def fluctuation(group, model, stats) -> torch.Tensor:
+    """FLAP's fluctuation (An et al. 2024): per unit, the sum over its input features f of the next
+    layer of ``Var(x_f) * ||W_next[f, :]||^2``, the output variance its removal loses (what mean
+    compensation cannot restore). Reads the replicated model weight: no per-element optimizer
+    state, no reduction beyond the gathered statistics."""
+    w = model.get_parameter(group.out_weight).detach().to(torch.float64)
+    sq = w.square().sum(1 if group.out_in_dim == 0 else 0).cpu()  # [n_features]
+    ids = group.feature_units
+    valid = ids >= 0
+    score = torch.zeros(group.n_units, dtype=torch.float64)
+    score.index_add_(0, ids[valid], (stats.var.cpu() * sq)[valid])
+    return score
+
+
 SCORERS: Dict[ScoreName, Scorer] = {
     ScoreName.bitter7: Scorer(("exp_avg_sq",), bitter7),
     ScoreName.magnitude: Scorer((), magnitude),
     ScoreName.fisher: Scorer(("exp_avg_sq",), fisher),
     ScoreName.movement: Scorer(("movement",), movement),
     ScoreName.bitter7_variance: Scorer(("exp_avg_sq",), bitter7, uses_activation_std=True),
+    ScoreName.fluctuation: Scorer((), None, uses_activation_std=True, unit_fn=fluctuation),
 }
 
 

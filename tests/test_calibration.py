@@ -73,6 +73,7 @@ def calibration_suite(cases, extras: bool) -> dict:
         out["training"] = training_window()
         out["ls_window"] = least_squares_window()
         out["variance"] = variance_score()
+        out["fluctuation"] = fluctuation_score()
     return out
 
 
@@ -196,6 +197,30 @@ def variance_score() -> dict:
     return res
 
 
+def fluctuation_score() -> dict:
+    """score 'fluctuation' (FLAP): per unit, sum over its features of Var(x_f) * ||W_next[f, :]||^2,
+    from the gathered statistics and the replicated weights; no optimizer step needed."""
+    rank = dist.get_rank()
+    model = tiny_model("llama")
+    cfg = ds_config(2, "fp32", {"structures": BOTH, "score": "fluctuation",
+                                "schedule": {"start_step": 1000, "end_step": 1000}})
+    engine, *_ = ds_bitter7.initialize(model=model, model_parameters=model.parameters(), config=cfg,
+                                       calibration_data=batches()[rank::dist.get_world_size()])
+    pruner = ds_bitter7.get_pruner(engine)
+    scores, stats = pruner.unit_scores(), pruner.stats.gather()
+    errors = {}
+    for g in pruner.groups:
+        w = model.get_parameter(g.out_weight).detach().double()  # [out, in]: a feature is a column
+        expect = torch.zeros(g.n_units, dtype=torch.float64)
+        for f, unit in enumerate(g.feature_units.tolist()):
+            if unit >= 0:
+                expect[unit] += stats[g.key].var[f] * w[:, f].square().sum()
+        errors[g.key] = float(((scores[g.key] - expect).abs() / expect.abs().clamp(min=1e-300)).max())
+    pruner.prune_to(0.5)
+    errors["pruned"] = {k: int((~m).sum()) for k, m in pruner.masks.items()}
+    return errors
+
+
 # -- tests -------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def world2():
@@ -253,6 +278,14 @@ def test_bitter7_variance_scores_and_prunes_lowest(world2):
         keep = torch.cat([k for _, k in mlp])
         assert int((~keep).sum()) == math.floor(0.5 * keep.numel())
         assert scores[~keep].max() <= scores[keep].min()  # global threshold on the new score
+
+
+def test_fluctuation_score_equals_flap_formula_and_prunes(world2):
+    for res in (dict(r["fluctuation"]) for r in world2):
+        pruned = res.pop("pruned")
+        assert all(rel < 1e-12 for rel in res.values()), res
+        assert sum(v for k, v in pruned.items() if k.endswith("mlp")) > 0
+    assert world2[0]["fluctuation"]["pruned"] == world2[1]["fluctuation"]["pruned"]
 
 
 def test_unit_std_is_root_mean_feature_variance():

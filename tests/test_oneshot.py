@@ -84,8 +84,8 @@ def _argv(root, ckpt, text, out, *extra):
 
 def test_two_ranks_prune_compensate_and_export(checkpoint):
     root, ckpt, text = checkpoint
-    out = run_distributed(run_oneshot, 2, _argv(root, ckpt, text, "out2", "--compensation", "least_squares"),
-                          timeout=150)
+    out = run_distributed(run_oneshot, 2, _argv(root, ckpt, text, "out2", "--compensation", "least_squares",
+                                                "--score", "bitter7"), timeout=150)
     assert out[0]["event"]["thresholds"] == out[1]["event"]["thresholds"]
     s = out[0]
     assert s["event"]["sparsity"] == {"mlp_neuron": 0.5}
@@ -98,8 +98,9 @@ def test_two_ranks_prune_compensate_and_export(checkpoint):
 
 def test_other_world_size_goes_through_universal_checkpoint(checkpoint):
     root, ckpt, text = checkpoint
-    one = run_distributed(run_oneshot, 1, _argv(root, ckpt, text, "out1", "--compensation", "none"), timeout=150)[0]
-    two = run_distributed(run_oneshot, 2, _argv(root, ckpt, text, "out2b", "--compensation", "none"), timeout=150)[0]
+    same = ("--compensation", "none", "--score", "bitter7")  # optimizer-state scores: no data dependence
+    one = run_distributed(run_oneshot, 1, _argv(root, ckpt, text, "out1", *same), timeout=150)[0]
+    two = run_distributed(run_oneshot, 2, _argv(root, ckpt, text, "out2b", *same), timeout=150)[0]
     assert isinstance(one, dict), one
     assert one["world_size"] == 1 and two["world_size"] == 2
     assert one["event"]["thresholds"]["mlp_neuron"] == pytest.approx(two["event"]["thresholds"]["mlp_neuron"], rel=1e-9)
@@ -191,8 +192,8 @@ def _weights_only_checkpoint(folder) -> None:
 
 def test_checkpoint_without_optimizer_state_names_magnitude(tmp_path):
     _weights_only_checkpoint(tmp_path)
-    with pytest.raises(oneshot.OneShotError, match="no optimizer state.*--score magnitude"):
-        oneshot.run(oneshot.parse_args([str(tmp_path), str(tmp_path / "out"), "--sparsity", "0.5"]))
+    with pytest.raises(oneshot.OneShotError, match="no optimizer state.*--score magnitude or fluctuation"):
+        oneshot.run(oneshot.parse_args([str(tmp_path), str(tmp_path / "out"), "--sparsity", "0.5", "--score", "bitter7"]))
     assert oneshot.main([str(tmp_path), str(tmp_path / "out"), "--sparsity", "0.5", "--score", "fisher"]) == 2
 
 
