@@ -88,7 +88,7 @@ def test_deepspeed_forms_and_half_precision_at_stage_0():
     from ds_bitter7.config import check_deepspeed_support
 
     check_deepspeed_support({"zero_optimization": True})  # DeepSpeed's deprecated form of stage 1
-    for dtype in ("fp16", "bf16"):
+    for dtype in ("fp16", "bf16", "bfloat16"):  # bfloat16: DeepSpeed's other name for the section
         with pytest.raises(ValueError, match=f"{dtype}.enabled with zero_optimization.stage = 0"):
             check_deepspeed_support({dtype: {"enabled": True}})
         check_deepspeed_support({dtype: {"enabled": True}, "zero_optimization": {"stage": 1}})

@@ -259,3 +259,20 @@ def test_overwrite_resolves_links(tmp_path):
     with pytest.raises(ExportError, match="is a symbolic link"):
         check_output_dir(str(tmp_path / "link"), True, [])
     check_output_dir(str(tmp_path / "old"), True, [str(tmp_path / "elsewhere")])  # a previous export: replaced
+
+
+def test_tokenizer_files_and_chat_template_travel_with_the_export(tmp_path):
+    from test_shrink import MODELS, random_masks, zero_units
+
+    from ds_bitter7.export import export_model
+
+    src = tmp_path / "src"
+    src.mkdir()
+    for name in ("tokenizer.json", "chat_template.jinja", "added_tokens.json"):
+        (src / name).write_text("{}" if name.endswith(".json") else "{{ messages }}")
+    model = MODELS["gpt2"]()
+    masks = random_masks(model, "per_layer")
+    zero_units(model, masks)
+    export_model(model, masks, str(tmp_path / "out"), copy_from=str(src))
+    for name in ("tokenizer.json", "chat_template.jinja", "added_tokens.json"):
+        assert (tmp_path / "out" / name).read_text() == (src / name).read_text(), name
