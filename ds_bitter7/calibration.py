@@ -31,6 +31,7 @@ import torch
 
 from .comm import is_main_process, log_main
 from .config import CompensationMode, StatsSource
+from .schedule import next_event_step
 
 logger = logging.getLogger(__name__)
 
@@ -198,8 +199,6 @@ class ActivationStats:
         (mean and variance sums are cheap and always kept)."""
         if not self.with_matrix:
             return True
-        from .schedule import next_event_step
-
         nxt = next_event_step(self.pruner.config, self.pruner.step_count)
         return nxt is not None and nxt - self.pruner.step_count <= self.window  # >= 1 forward per step
 

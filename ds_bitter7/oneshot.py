@@ -396,14 +396,6 @@ def fit_checkpoint_biases(model, info: CheckpointInfo) -> None:
     add_missing_biases_(model, {k: torch.zeros(s) for k, s in info.module_shapes.items() if k.endswith(".bias")})
 
 
-def add_compensation_biases(model, cfg) -> List[str]:
-    """Zero biases for the out projections that still have none, added after loading: one-shot takes no
-    optimizer step, so they need no optimizer state (compensation writes them on every rank)."""
-    from .compensation import add_missing_out_biases
-
-    return add_missing_out_biases(model, cfg) if cfg.bias_compensation.enabled else []
-
-
 def check_model_matches(model, info: CheckpointInfo, config_dir: str) -> None:
     """Raise ``OneShotError`` when the model built from ``config.json`` does not fit the checkpoint."""
     wrong = []
@@ -459,7 +451,9 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
     fit_checkpoint_biases(model, info)
     check_model_matches(model, info, config_dir)
     engine = build_engine(args, info, model, comm)
-    add_compensation_biases(engine.module, cfg)
+    # zero biases for the out projections that still have none, added after loading: one-shot takes no
+    # optimizer step, so they need no optimizer state (compensation writes them on every rank)
+    ds_bitter7.prepare_model(engine.module, cfg)
     device = next(engine.module.parameters()).device
     calib = [{k: v.to(device) for k, v in b.items()} for b in calib] if calib is not None else None
     pruner = ds_bitter7.attach(engine, cfg, calib)

@@ -120,6 +120,15 @@ def logits(model, seed: int = 2) -> torch.Tensor:
         return model(input_ids=ids).logits
 
 
+def saved_and_loaded(model, masks, tmp_path):
+    """Shrink the masked ``model``, save it, load it back with transformers; the logits must match."""
+    small, _ = shrink_model(model, masks)
+    small.save_pretrained(tmp_path)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert_close(logits(loaded), logits(model))
+    return loaded
+
+
 def assert_close(actual: torch.Tensor, expected: torch.Tensor) -> None:
     rel = ((actual - expected).norm() / expected.norm()).item()
     assert rel <= 1e-5, rel
@@ -172,11 +181,7 @@ def test_global_widths_save_a_custom_type_that_loads_back(name, model_type, tmp_
     model = MODELS[name]()
     masks = random_masks(model, "global")
     zero_units(model, masks)
-    small, _ = shrink_model(model, masks)
-    small.save_pretrained(tmp_path)
-    loaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
-    assert loaded.config.model_type == model_type
-    assert_close(logits(loaded), logits(model))
+    assert saved_and_loaded(model, masks, tmp_path).config.model_type == model_type
 
 
 def test_per_layer_gqa_heads_export_to_standard_llama():
@@ -235,11 +240,7 @@ def test_qwen2_with_compensation_biases_exports_as_bitter7_llama(tmp_path):
     model = MODELS["qwen2_extra_bias"]()
     masks = random_masks(model, "per_layer", attn=False)
     zero_units(model, masks)
-    small, _ = shrink_model(model, masks)
-    small.save_pretrained(tmp_path)
-    loaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
-    assert loaded.config.model_type == "bitter7_llama"
-    assert_close(logits(loaded), logits(model))
+    assert saved_and_loaded(model, masks, tmp_path).config.model_type == "bitter7_llama"
 
 
 def test_uniform_heads_the_standard_config_refuses_export_as_bitter7_llama(tmp_path):
@@ -251,11 +252,7 @@ def test_uniform_heads_the_standard_config_refuses_export_as_bitter7_llama(tmp_p
         if key.endswith(".attn"):
             masks[key] = torch.tensor([True, True, False, True])
     zero_units(model, masks)
-    small, _ = shrink_model(model, masks)
-    small.save_pretrained(tmp_path)
-    loaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
-    assert loaded.config.model_type == "bitter7_llama"
-    assert_close(logits(loaded), logits(model))
+    assert saved_and_loaded(model, masks, tmp_path).config.model_type == "bitter7_llama"
 
 
 @pytest.mark.parametrize("extra_bias", [False, True])
@@ -269,11 +266,8 @@ def test_binding_sliding_window_exports_as_bitter7_mistral(tmp_path, extra_bias)
     unwindowed = copy.deepcopy(model)
     unwindowed.config.sliding_window = None  # the copy's blocks share its config
     assert not torch.allclose(logits(unwindowed), logits(model), atol=1e-3)  # the window binds
-    small, _ = shrink_model(model, masks)
-    small.save_pretrained(tmp_path)
-    loaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    loaded = saved_and_loaded(model, masks, tmp_path)
     assert loaded.config.model_type == "bitter7_mistral" and loaded.config.sliding_window == 4
-    assert_close(logits(loaded), logits(model))
 
 
 def test_binding_sliding_window_of_qwen2_is_refused_for_different_widths():

@@ -8,6 +8,14 @@ import torch
 from _launch_util import REPO, TINY_MODEL, VENV_BIN, free_port, run, tiny_ds_config, write_corpus
 
 
+def trainer_command(config, corpus, out, summary, save_steps: int):
+    """launch/train_hf_trainer.py on 2 ranks under torchrun (add --max_steps / --resume)."""
+    return [str(VENV_BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", str(free_port()),
+            "launch/train_hf_trainer.py", "--deepspeed", str(config), "--output_dir", str(out),
+            "--data", str(corpus), *TINY_MODEL, "--seq_len", "32", "--save_steps", str(save_steps),
+            "--summary", str(summary)]
+
+
 def test_trainer_prunes_saves_and_resumes(tmp_path):
     """With the optimizer and warm-up numbers of ds_configs/cpu_demo.json, which the HF integration
     checks against TrainingArguments; data parallel over both ranks."""
@@ -19,10 +27,7 @@ def test_trainer_prunes_saves_and_resumes(tmp_path):
     cfg["scheduler"] = demo["scheduler"]
     config.write_text(json.dumps(cfg))
     out, summary = tmp_path / "out", tmp_path / "summary.json"
-    base = [str(VENV_BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", str(free_port()),
-            "launch/train_hf_trainer.py", "--deepspeed", str(config), "--output_dir", str(out),
-            "--data", str(corpus), *TINY_MODEL, "--seq_len", "32", "--save_steps", "4",
-            "--summary", str(summary)]
+    base = trainer_command(config, corpus, out, summary, save_steps=4)
     run(base + ["--max_steps", "8"], tmp_path, timeout=200)
     first = json.loads(summary.read_text())
     assert first["world_size"] == 2  # each rank trains on its share, not the whole data
@@ -43,10 +48,7 @@ def test_trainer_resume_keeps_unstructured_masks(tmp_path):
     corpus = write_corpus(tmp_path / "corpus.jsonl")
     config = tiny_ds_config(tmp_path / "ds.json", structures=["unstructured"])
     out, summary = tmp_path / "out", tmp_path / "summary.json"
-    base = [str(VENV_BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", str(free_port()),
-            "launch/train_hf_trainer.py", "--deepspeed", str(config), "--output_dir", str(out),
-            "--data", str(corpus), *TINY_MODEL, "--seq_len", "32", "--save_steps", "8",
-            "--summary", str(summary)]
+    base = trainer_command(config, corpus, out, summary, save_steps=8)
     run(base + ["--max_steps", "8"], tmp_path, timeout=200)
     kept = sum(r["params_kept"] for r in json.loads(summary.read_text())["layers"])
     run(base + ["--max_steps", "10", "--resume"], tmp_path, timeout=200)
