@@ -104,6 +104,13 @@ def main() -> None:
                        "step_count": getattr(pruner, "step_count", None)}
             with open(args.summary, "w", encoding="utf-8") as f:
                 json.dump(summary, f, indent=2)
+    # Shut the process group down in order: left to interpreter exit, a rank could abort
+    # ("terminate called without an active exception") while the other was still running.
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":
