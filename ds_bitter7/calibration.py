@@ -15,8 +15,9 @@ Two sources (``bias_compensation.source``):
   the same number: the minimum over ranks) in eval mode under ``torch.no_grad()``.
 - ``training``: the hooks stay registered and keep the last ``window`` training forward passes
   (train mode only, not activation-checkpoint recomputes) made since the last pruning event;
-  ``gather()`` reduces them. No extra forward pass is run. Least squares (a float64 F x F matrix
-  per pass) records only in the ``window`` optimizer steps before each scheduled event.
+  ``gather()`` reduces them. No extra forward pass is run. The F x F matrix (least squares, score
+  ``obs``; float64 per pass) is recorded only in the ``window`` optimizer steps before each
+  scheduled event.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from typing import Deque, Dict, List, Optional, Tuple
 import torch
 
 from .comm import is_main_process, log_main
-from .config import CompensationMode, StatsSource
+from .config import CompensationMode, StatsSource, enum_name
 from .schedule import next_event_step
 
 logger = logging.getLogger(__name__)
@@ -102,7 +103,7 @@ def check_calibration_data(config, calibration_data) -> None:
 
 def _calibration_error(config) -> str:
     why = ("bias_compensation.enabled" if config.bias_compensation.enabled
-           else "score 'bitter7_variance'")
+           else f"score {enum_name(config.score)!r}")
     return (f"ds_bitter7: {why} with bias_compensation.source = 'calibration' needs calibration data: "
             "pass calibration_data=<iterable of model inputs> to ds_bitter7.initialize / attach, or set "
             "bias_compensation.source to 'training'")
@@ -118,7 +119,8 @@ class ActivationStats:
         self.source = StatsSource(cfg.source)
         self.num_batches = cfg.num_batches
         self.window = cfg.window
-        self.with_matrix = CompensationMode(cfg.mode) == CompensationMode.least_squares
+        self.with_matrix = (CompensationMode(cfg.mode) == CompensationMode.least_squares
+                            or pruner.scorer.uses_covariance)
         if self.source == StatsSource.calibration and calibration_data is None:
             raise ValueError(_calibration_error(pruner.config))  # on every rank, before any collective
         from .compensation import check_compensation
@@ -195,8 +197,8 @@ class ActivationStats:
 
     def _event_is_near(self) -> bool:
         """Whether a training forward can be among the last ``window`` before the next scheduled
-        event. Least squares keeps a float64 F x F matrix per forward: only then, not every step
-        (mean and variance sums are cheap and always kept)."""
+        event. The F x F matrix (least squares, score ``obs``) is float64 per forward: kept only
+        then, not every step (mean and variance sums are cheap and always kept)."""
         if not self.with_matrix:
             return True
         nxt = next_event_step(self.pruner.config, self.pruner.step_count)
@@ -247,8 +249,9 @@ class ActivationStats:
             if count == 0:
                 raise RuntimeError(f"ds_bitter7: no activations of {g.key} were observed on any rank "
                                    "(source 'training' needs training forward passes before each event; with "
-                                   "least squares only those of the `window` steps before a scheduled event "
-                                   "are kept: for an event at another time use source 'calibration')")
+                                   "least squares or score 'obs' only those of the `window` steps before a "
+                                   "scheduled event are kept: for an event at another time use source "
+                                   "'calibration')")
             mean = s / count
             var = (sq / count - mean.square()).clamp_(min=0.0)
             out[g.key] = UnitStats(count, mean, var, None if xtx is None else xtx / count)

@@ -25,6 +25,7 @@ class ScoreName(str, Enum):
     fisher = "fisher"
     bitter7_variance = "bitter7_variance"
     fluctuation = "fluctuation"
+    obs = "obs"
 
 
 class StructureName(str, Enum):
@@ -108,7 +109,8 @@ class Bitter7Config(DeepSpeedConfigModel):
     enabled: bool = True
     """Switch the pruner on; a config without the section leaves it off."""
     score: ScoreName = ScoreName.bitter7
-    """Per-weight importance: bitter7, magnitude, movement, fisher or bitter7_variance."""
+    """Importance: per weight bitter7, magnitude, movement, fisher or bitter7_variance; per unit
+    fluctuation (FLAP) or obs (greedy least-squares reconstruction order, ``obs.py``)."""
     structures: List[StructureName] = Field(default_factory=lambda: [StructureName.mlp_neuron],
                                             min_length=1)
     """Unit types to prune; each type has its own threshold."""
@@ -151,13 +153,26 @@ class Bitter7Config(DeepSpeedConfigModel):
         return self
 
     @model_validator(mode="after")
+    def _obs_is_an_order(self) -> Bitter7Config:
+        if enum_name(self.score) == "obs" and enum_name(self.scope) == "standardized":
+            raise ValueError("score 'obs' ranks units by the step a greedy removal takes them; standardizing "
+                             "ranks per layer is meaningless (use scope 'global' or 'per_layer', or another score "
+                             "such as 'fluctuation')")
+        return self
+
+    @model_validator(mode="after")
     def _activations_need_units(self) -> Bitter7Config:
+        whole = enum_name(self.score) in ("fluctuation", "obs")  # no per-weight score
+        if whole and any(enum_name(s) == "unstructured" for s in self.structures):
+            raise ValueError(f"score {enum_name(self.score)!r} scores whole units; it does not apply to structures "
+                             "['unstructured'] (prune unstructured weights in a run with a per-weight score "
+                             "such as 'bitter7')")
         if any(enum_name(s) != "unstructured" for s in self.structures):
             return self
         if self.bias_compensation.enabled:
             raise ValueError("bias_compensation folds removed units into the next layer; structures "
                              "['unstructured'] removes no units (disable it, or add mlp_neuron / attention_head)")
-        if enum_name(self.score) in ("bitter7_variance", "fluctuation"):
+        if enum_name(self.score) in ("bitter7_variance", "fluctuation", "obs"):
             raise ValueError(f"score {enum_name(self.score)!r} scores whole units by their activations; it does "
                              "not apply to structures ['unstructured'] (use 'bitter7')")
         return self

@@ -1,6 +1,6 @@
 """One-shot pruning of a trained DeepSpeed checkpoint: score, calibrate, prune once, compensate, export.
 
-    python -m ds_bitter7.oneshot CHECKPOINT_DIR OUTPUT_DIR --sparsity 0.5 [--score fluctuation]
+    python -m ds_bitter7.oneshot CHECKPOINT_DIR OUTPUT_DIR --sparsity 0.5 [--score obs]
         [--structures mlp_neuron ...] [--compensation none|mean|least_squares]
         [--calibration builtin|FILES] [--validation builtin|FILES] [--tag TAG] [--model_config DIR]
 
@@ -36,7 +36,7 @@ from .export import ExportError, consolidate, json_safe, read_torch_file, resolv
 
 logger = logging.getLogger(__name__)
 
-SCORES = ("bitter7", "magnitude", "fisher", "bitter7_variance", "fluctuation")  # movement needs training steps
+SCORES = ("bitter7", "magnitude", "fisher", "bitter7_variance", "fluctuation", "obs")  # movement needs training steps
 NEEDS_OPTIMIZER = {"bitter7", "fisher", "bitter7_variance"}
 # Keys of the training config that shape how the checkpoint loads; everything else is dropped.
 KEEP_DS_KEYS = ("optimizer", "zero_optimization", "bf16", "fp16", "data_types", "gradient_clipping")
@@ -69,10 +69,10 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("output_dir", help="where to write the smaller Hugging Face model")
     p.add_argument("--sparsity", type=float, required=True, help="fraction of units of each type removed, [0, 1)")
     p.add_argument("--structures", nargs="+", default=["mlp_neuron"], choices=["mlp_neuron", "attention_head"])
-    p.add_argument("--score", default="fluctuation", choices=SCORES,
-                   help="unit score (default: fluctuation, FLAP's, with least squares the best or within 1.5%% "
-                   "of the best one-shot cell in benchmarks/results/oneshot*.md; bitter7, fisher and "
-                   "bitter7_variance read Adam's exp_avg_sq)")
+    p.add_argument("--score", default="obs", choices=SCORES,
+                   help="unit score (default: obs, the greedy least-squares reconstruction order, which with "
+                   "least squares is the best one-shot cell in benchmarks/results/oneshot*.md; bitter7, fisher "
+                   "and bitter7_variance read Adam's exp_avg_sq)")
     p.add_argument("--scope", default="global", choices=["global", "per_layer", "standardized"],
                    help="global threshold, same fraction per layer, or global over per-layer z-scores (FLAP)")
     p.add_argument("--compensation", default="least_squares", choices=["none", "mean", "least_squares"],
@@ -153,7 +153,7 @@ def check_args(args: argparse.Namespace, info: Optional[CheckpointInfo]) -> None
     if info is not None and not info.has_optimizer_state and args.score in NEEDS_OPTIMIZER:
         problems.append(f"checkpoint {info.folder!r} has no optimizer state (no *optim_states.pt and no "
                         f"'optimizer' in {MODEL_STATES}): score {args.score!r} needs Adam's exp_avg_sq; "
-                        "--score magnitude or fluctuation works without it")
+                        "--score obs, fluctuation or magnitude works without it")
     saved = (info.client_bitter7 or {}).get("structures") if info is not None else None
     trained = [k for k in saved or () if k != "unstructured"]
     if [k for k in trained if k not in args.structures]:

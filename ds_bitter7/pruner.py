@@ -156,6 +156,10 @@ class Pruner:
         groups = [g for g in self.groups if g.kind == kind]
         if self.scorer.unit_fn is not None:  # from gathered statistics and replicated weights: same everywhere
             return {g.key: self.scorer.unit_fn(g, self.model, stats[g.key]) for g in groups}
+        if self.scorer.kind_fn is not None:  # a joint greedy order: rank 0's reaches every rank
+            return self._rank0_scores(groups, lambda: self.scorer.kind_fn(
+                groups, self.model, stats, self.masks, float(self.config.bias_compensation.ridge),
+                per_layer=self.config.scope == Scope.per_layer))
         error = None
         try:
             sums = self._local_unit_sums(groups)
@@ -168,6 +172,25 @@ class Pruner:
             out[g.key] = sums[offset:offset + g.n_units]
             if self.scorer.uses_activation_std:
                 out[g.key] = out[g.key] * unit_std(g, stats[g.key])
+            offset += g.n_units
+        return out
+
+    def _rank0_scores(self, groups: List[UnitGroup], compute) -> Dict[str, torch.Tensor]:
+        """Scores computed on rank 0 only, summed with zeros from the others (an all-reduce, after
+        the one that tells every rank whether rank 0 failed)."""
+        n = sum(g.n_units for g in groups)
+        error, flat = None, torch.zeros(n, dtype=torch.float64)
+        if self.comm.rank == 0:
+            try:
+                scores = compute()
+                flat = torch.cat([scores[g.key].to(torch.float64).cpu() for g in groups])
+            except Exception as e:  # noqa: BLE001 - re-raised on every rank below
+                error = e
+        self.comm.raise_if_any(error, "scoring")
+        flat = self.comm.all_reduce_sum(flat)
+        out, offset = {}, 0
+        for g in groups:
+            out[g.key] = flat[offset:offset + g.n_units]
             offset += g.n_units
         return out
 

@@ -3,7 +3,8 @@
 Each scorer maps the local values of one fragment (fp32 master weights and the optimizer state it
 names) to a per-element score, in float64. Unit scores are sums of these over a unit's elements.
 A new criterion is one function and one entry in ``SCORERS``. A unit-level criterion computed from
-activation statistics and the replicated weights (``fluctuation``) gives ``unit_fn`` instead.
+activation statistics and the replicated weights (``fluctuation``) gives ``unit_fn`` instead; one
+that ranks all groups of a structure type jointly (``obs``, ``obs.py``) gives ``kind_fn``.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from typing import Callable, Dict, Optional, Tuple
 import torch
 
 from .config import ScoreName
+from .obs import removal_order
 
 
 @dataclass
@@ -33,6 +35,8 @@ class Scorer:
     fn: Optional[Callable[[ScoreInputs], torch.Tensor]]  # None: a unit-level score (``unit_fn``)
     uses_activation_std: bool = False  # needs activation statistics (bitter7_variance: x unit std)
     unit_fn: Optional[Callable] = None  # (group, model, UnitStats) -> float64[n_units], no element sums
+    kind_fn: Optional[Callable] = None  # (groups, model, stats, masks, ridge, per_layer=) -> {key: float64[n_units]}
+    uses_covariance: bool = False  # needs each group's feature covariance (as least squares does)
 
 
 def _f64(t: torch.Tensor) -> torch.Tensor:
@@ -80,6 +84,7 @@ SCORERS: Dict[ScoreName, Scorer] = {
     ScoreName.movement: Scorer(("movement",), movement),
     ScoreName.bitter7_variance: Scorer(("exp_avg_sq",), bitter7, uses_activation_std=True),
     ScoreName.fluctuation: Scorer((), None, uses_activation_std=True, unit_fn=fluctuation),
+    ScoreName.obs: Scorer((), None, uses_activation_std=True, kind_fn=removal_order, uses_covariance=True),
 }
 
 

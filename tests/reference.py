@@ -173,3 +173,24 @@ def reference_unstructured(model, names: List[str], score: str, fraction: float,
         out[n] = pruned[offset:offset + s.numel()]
         offset += s.numel()
     return out
+
+
+def out_module_inputs(model, data, kinds) -> Dict[str, torch.Tensor]:
+    """Reference: every group's out-projection input rows over ``data`` (eval mode), float64.
+
+    Plain forward hooks on the modules the library's groups name (which module is checked by the
+    structure tests; the statistics here are computed without ``ds_bitter7.calibration``).
+    """
+    from ds_bitter7.structures import unit_groups
+
+    rows: Dict[str, list] = {}
+    hooks = [model.get_submodule(g.out_module).register_forward_pre_hook(
+        lambda m, a, key=g.key: rows.setdefault(key, []).append(a[0].detach().reshape(-1, a[0].shape[-1])))
+        for g in unit_groups(model, kinds)]
+    model.eval()
+    with torch.no_grad():
+        for x in data:
+            model(x)
+    for h in hooks:
+        h.remove()
+    return {k: torch.cat(v).double() for k, v in rows.items()}

@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.distributed as dist
 from distributed import run_distributed
-from reference import VOCAB, ds_config, tiny_model
+from reference import VOCAB, ds_config, out_module_inputs, tiny_model
 
 import ds_bitter7
 from ds_bitter7.calibration import UnitStats, unit_std
@@ -35,21 +35,6 @@ def unpadded(data: List[torch.Tensor]) -> List[torch.Tensor]:
 def batches(n: int = N_BATCHES, seed: int = 7) -> List[torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     return [torch.randint(0, VOCAB, (2, 16), generator=g) for _ in range(n)]
-
-
-def out_module_inputs(model, data, kinds) -> Dict[str, torch.Tensor]:
-    """Reference: every group's out-projection input rows over ``data`` (eval mode), float64."""
-    rows: Dict[str, list] = {}
-    hooks = [model.get_submodule(g.out_module).register_forward_pre_hook(
-        lambda m, a, key=g.key: rows.setdefault(key, []).append(a[0].detach().reshape(-1, a[0].shape[-1])))
-        for g in unit_groups(model, kinds)]
-    model.eval()
-    with torch.no_grad():
-        for x in data:
-            model(x)
-    for h in hooks:
-        h.remove()
-    return {k: torch.cat(v).double() for k, v in rows.items()}
 
 
 def reference_stats(family: str, data) -> Dict[str, tuple]:

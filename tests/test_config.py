@@ -35,7 +35,7 @@ def test_every_bad_key_is_named_at_once():
                    "bitter7.schedule.frequency = 0", "bitter7.schedule.shape = 'square'",
                    "bitter7.bias_compensation.mode = 'median'"):
         assert needle in msg, (needle, msg)
-    assert "'bitter7', 'magnitude', 'movement', 'fisher', 'bitter7_variance' or 'fluctuation'" in msg
+    assert "'bitter7', 'magnitude', 'movement', 'fisher', 'bitter7_variance', 'fluctuation' or 'obs'" in msg
 
 
 @pytest.mark.parametrize("section, needle", [
@@ -46,6 +46,9 @@ def test_every_bad_key_is_named_at_once():
     ({"enabled": "maybe"}, "bitter7.enabled = 'maybe'"),
     ({"structures": ["unstructured"], "bias_compensation": {"enabled": True}}, "removes no units"),
     ({"structures": ["unstructured"], "score": "bitter7_variance"}, "does not apply to structures ['unstructured']"),
+    ({"structures": ["unstructured"], "score": "obs"}, "does not apply to structures ['unstructured']"),
+    ({"structures": ["mlp_neuron", "unstructured"], "score": "fluctuation"}, "'fluctuation' scores whole units"),
+    ({"score": "obs", "scope": "standardized"}, "score 'obs' ranks units by the step"),
 ])
 def test_single_problems(section, needle):
     with pytest.raises(ValueError, match="Invalid 'bitter7' config") as e:

@@ -192,7 +192,7 @@ def _weights_only_checkpoint(folder) -> None:
 
 def test_checkpoint_without_optimizer_state_names_magnitude(tmp_path):
     _weights_only_checkpoint(tmp_path)
-    with pytest.raises(oneshot.OneShotError, match="no optimizer state.*--score magnitude or fluctuation"):
+    with pytest.raises(oneshot.OneShotError, match="no optimizer state.*--score obs, fluctuation or magnitude"):
         oneshot.run(oneshot.parse_args([str(tmp_path), str(tmp_path / "out"), "--sparsity", "0.5", "--score", "bitter7"]))
     assert oneshot.main([str(tmp_path), str(tmp_path / "out"), "--sparsity", "0.5", "--score", "fisher"]) == 2
 

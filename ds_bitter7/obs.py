@@ -1,0 +1,174 @@
+"""Score ``obs``: the removal order of a structured Optimal Brain Surgeon on the next layer.
+
+Least-squares compensation (``least_squares.py``) refits the next layer on the kept units, so the
+damage of removing a unit is not its own output energy (``fluctuation``: ``Var(x_u) ||W_u||^2``)
+but the part of it the kept units cannot reproduce. For one group with input features ``x``
+(centered covariance ``S``, damped by ``lam``, below) and next-layer weights ``W`` (``[F, out]``),
+removing a unit with features ``U`` and refitting the
+rest optimally adds
+
+    cost(U) = tr(W_U^T (H_UU)^-1 W_U),        H = (S + lam I)^-1,
+
+to the output's squared error (Hassibi & Stork's OBS, for a block of rows; ZipLM and SlimGPT use
+it for structured units). After the removal the kept rows take the refit and ``H`` loses ``U``:
+
+    W <- W - H[:, U] (H_UU)^-1 W_U,           H <- H - H[:, U] (H_UU)^-1 H[U, :]
+
+Greedy over all groups of one structure type at once: repeatedly remove the unit of least cost
+anywhere (costs are squared errors of each block's output, all in the residual stream), updating
+only that group. A unit's score is the step at which it goes (already pruned units first), so a
+``global`` threshold takes the first ``k`` of one greedy sequence; with ``per_layer`` each group
+runs its own greedy. Scores are ranks, not magnitudes: ``scope: standardized`` is refused for
+this score. ``lam = max(ridge, 1e-6) * mean(diag(S))`` over the features of units not yet pruned
+(least squares takes the mean over the kept ones); below ``1e-6``, downdates of a rank-deficient
+covariance (fewer calibration rows than features) lose every digit of ``H``.
+
+Cost per structure type: one ``F x F`` float64 matrix and inverse per group, and ``F^2`` memory
+traffic per greedy step and group it touches, on the device of the weights
+(``benchmarks/obs_cost.py``). Up to ``STEPS`` units the greedy is exact, one unit per step; beyond, each step removes the
+``ceil(n / STEPS)`` cheapest at once. Rank 0 computes the order; it reaches the others in an
+all-reduce of ``n_units`` numbers, so a float difference between ranks can never split the masks.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, List, Optional
+
+import torch
+
+from .structures import UnitGroup
+
+# Exact greedy (one unit per step) up to this many units of a structure type; beyond, each step
+# removes the ceil(n / STEPS) cheapest units at once (ZipLM's blocks), so the Python loop and the
+# rank-one updates of a large model become a few thousand matrix products.
+STEPS = 4096
+
+
+class _GroupState:
+    """One group's running ``W`` (refit so far), ``H`` and per-unit costs."""
+
+    def __init__(self, group: UnitGroup, w: torch.Tensor, cov: torch.Tensor, pruned: torch.Tensor, ridge: float):
+        ids = group.feature_units.to(w.device)
+        by_unit = torch.argsort(ids, stable=True)[int((ids < 0).sum()):]  # features of no unit stay in
+        counts = torch.bincount(ids[ids >= 0], minlength=group.n_units).tolist()
+        self.features = list(torch.split(by_unit, counts))  # per unit, its feature indices
+        self.alive = torch.ones(group.n_units, dtype=torch.bool)
+        same = len(set(counts)) == 1 and counts[0] > 0
+        self.blocks = torch.stack(self.features) if same else None  # [n_units, d]: features of each unit
+        # Damping as least squares': relative to the mean variance of the features still in play
+        # (not those of units pruned before), floored at 1e-6: below that the downdates of
+        # rank-deficient covariances (fewer rows than features) lose every digit of H.
+        live = torch.ones(cov.shape[0], dtype=torch.bool, device=w.device)
+        for u in pruned.nonzero().flatten().tolist():
+            live[self.features[u]] = False
+        diag = cov.diagonal()[live] if bool(live.any()) else cov.diagonal()
+        scale = float(diag.mean().clamp(min=0.0)) or 1.0
+        a = cov + max(ridge, 1e-6) * scale * torch.eye(cov.shape[0], dtype=cov.dtype, device=cov.device)
+        self.h = torch.linalg.inv(a)
+        self.w = w
+        self.remove(pruned.nonzero().flatten().tolist())  # already removed: out of H before any choice
+        self.costs = self._costs()
+
+    def _costs(self) -> torch.Tensor:
+        """float64[n_units] on the CPU: ``tr(W_U^T (H_UU)^-1 W_U)``, inf for removed units."""
+        out = torch.full((len(self.features),), float("inf"), dtype=torch.float64)
+        alive = self.alive.nonzero().flatten()
+        if self.blocks is not None:
+            feats = self.blocks.index_select(0, alive.to(self.blocks.device))  # [n_alive, d]
+            if feats.shape[1] == 1:  # MLP neurons: H_UU is a number (row norms: no copy of W)
+                cost = torch.linalg.vector_norm(self.w, dim=1)[feats[:, 0]].square() / self.h.diagonal()[feats[:, 0]]
+            else:  # heads of one width: one batched solve
+                w_u = self.w[feats]  # [n_alive, d, out]
+                h_uu = self.h[feats[:, :, None], feats[:, None, :]]  # [n_alive, d, d]
+                cost = (w_u * torch.linalg.solve(h_uu, w_u)).sum((1, 2))
+            out[alive] = cost.cpu()
+        else:
+            for u in alive.tolist():
+                idx = self.features[u]
+                if idx.numel():
+                    w_u = self.w.index_select(0, idx)
+                    h_uu = self.h.index_select(0, idx).index_select(1, idx)
+                    out[u] = float((w_u * torch.linalg.solve(h_uu, w_u)).sum())
+                else:
+                    out[u] = 0.0
+        return out
+
+    def remove(self, units: List[int]) -> None:
+        """Take ``units`` out together: refit the kept rows of ``W`` and shrink ``H``."""
+        if not units:
+            return
+        self.alive[units] = False
+        idx = torch.cat([self.features[u] for u in units])
+        if idx.numel() == 0:
+            return
+        h_rows = self.h.index_select(0, idx)  # [|U|, F]: H is symmetric, rows are contiguous
+        b_t = torch.linalg.solve(h_rows.index_select(1, idx), h_rows)  # B^T = (H_UU)^-1 H[U, :]
+        self.w.addmm_(b_t.T, self.w.index_select(0, idx), alpha=-1.0)  # in place: H is F x F
+        self.h.addmm_(b_t.T, h_rows, alpha=-1.0)
+        self.w.index_fill_(0, idx, 0.0)
+        self.h.index_fill_(0, idx, 0.0)
+        self.h.index_fill_(1, idx, 0.0)
+
+    def take(self, units: List[int]) -> None:
+        self.remove(units)
+        self.costs = self._costs()
+
+
+def _state(g: UnitGroup, model, stats: Dict, masks: Dict[str, torch.Tensor], ridge: float) -> Optional[_GroupState]:
+    """A group's greedy state, or None when its weights or statistics are not finite."""
+    w = model.get_parameter(g.out_weight).detach().to(torch.float64)
+    w = (w if g.out_in_dim == 0 else w.T).clone(memory_format=torch.contiguous_format)  # [F, out]
+    st = stats[g.key]
+    cov = (st.second_moment - torch.outer(st.mean, st.mean)).to(device=w.device, dtype=torch.float64)
+    if not (bool(torch.isfinite(cov).all()) and bool(torch.isfinite(w).all())):
+        return None
+    return _GroupState(g, w, cov, ~masks[g.key], ridge)
+
+
+def _greedy(groups: List[UnitGroup], states: List[_GroupState],
+            masks: Dict[str, torch.Tensor]) -> Optional[Dict[str, torch.Tensor]]:
+    """The joint order of ``groups`` (module docstring); None when a cost is NaN."""
+    flat_order = torch.zeros(sum(g.n_units for g in groups), dtype=torch.float64)
+    starts = torch.tensor([0] + [g.n_units for g in groups]).cumsum(0)
+    pruned = ~torch.cat([masks[g.key] for g in groups])
+    step = int(pruned.sum())
+    flat_order[pruned] = torch.arange(step, dtype=torch.float64)  # already pruned: first, in index order
+    block = max(1, -(-int((~pruned).sum()) // STEPS))
+    while True:
+        n_alive = sum(int(s.alive.sum()) for s in states)
+        if n_alive == 0:
+            return {g.key: flat_order[starts[i]:starts[i + 1]].clone() for i, g in enumerate(groups)}
+        costs = torch.cat([s.costs for s in states])
+        if bool(torch.isnan(costs).any()):
+            return None
+        # the cheapest units, ties in (group, unit) order; removed units (inf) sort after every other
+        picked = torch.sort(costs.nan_to_num(posinf=torch.finfo(torch.float64).max).masked_fill(
+            ~torch.cat([s.alive for s in states]), float("inf")), stable=True).indices[:min(block, n_alive)]
+        flat_order[picked] = torch.arange(step, step + picked.numel(), dtype=torch.float64)
+        step += picked.numel()
+        for i, state in enumerate(states):
+            mine = picked[(picked >= starts[i]) & (picked < starts[i + 1])] - starts[i]
+            if mine.numel():
+                state.take(mine.tolist())
+
+
+def removal_order(groups: List[UnitGroup], model, stats: Dict, masks: Dict[str, torch.Tensor], ridge: float,
+                  per_layer: bool = False) -> Dict[str, torch.Tensor]:
+    """float64[n_units] per group key: the greedy step at which each unit is removed (module
+    docstring); all NaN (the event then prunes nothing) when weights, statistics or a cost are
+    not finite. ``masks``: True = kept; units already pruned come first, in index order.
+    ``per_layer``: each group's own greedy (one group's matrices in memory at a time)."""
+    nan = {g.key: torch.full((g.n_units,), float("nan"), dtype=torch.float64) for g in groups}
+    if per_layer:
+        out = {}
+        for g in groups:
+            state = _state(g, model, stats, masks, ridge)
+            order = _greedy([g], [state], masks) if state is not None else None
+            if order is None:
+                return nan
+            out.update(order)
+        return out
+    states = [_state(g, model, stats, masks, ridge) for g in groups]
+    if any(s is None for s in states):
+        return nan
+    return _greedy(groups, states, masks) or nan

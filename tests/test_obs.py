@@ -1,0 +1,213 @@
+"""Score ``obs`` (issue 6): the greedy structured Optimal Brain Surgeon order.
+
+``removal_order`` (incremental inverse updates) is compared with a brute-force reference that, at
+every step, refits the next layer from scratch for every candidate unit (the Schur complement of
+the damped covariance) and removes the cheapest. Then, on 2 ranks under ZeRO-2, the pruner's
+scores equal the single-process order computed from plain-torch statistics, and both ranks prune
+the same prefix of it.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Dict, List, Set
+
+import pytest
+import torch
+import torch.distributed as dist
+from distributed import run_distributed
+from reference import VOCAB, ds_config, out_module_inputs, tiny_model
+
+import ds_bitter7
+from ds_bitter7.calibration import UnitStats
+from ds_bitter7.config import StructureName
+from ds_bitter7.obs import removal_order
+from ds_bitter7.structures import unit_groups
+
+RIDGE = 1e-3
+
+
+def calibration(n: int = 6, seed: int = 7) -> List[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, VOCAB, (2, 16), generator=g) for _ in range(n)]
+
+
+def stats_of(model, kinds, data) -> Dict[str, UnitStats]:
+    x = out_module_inputs(model, data, kinds)
+    return {k: UnitStats(v.shape[0], v.mean(0), v.var(0, unbiased=False), v.T @ v / v.shape[0])
+            for k, v in x.items()}
+
+
+def refit_error(cov: torch.Tensor, w: torch.Tensor, removed: Set[int], ridge: float, scale: float) -> float:
+    """Output error after removing features ``removed`` and refitting the rest on the damped
+    covariance ``A = cov + ridge * scale * I``: ``tr(W_R^T (A_RR - A_RK A_KK^-1 A_KR) W_R)``."""
+    if not removed:
+        return 0.0
+    f = cov.shape[0]
+    a = cov + ridge * scale * torch.eye(f, dtype=torch.float64)
+    r = torch.tensor(sorted(removed))
+    k = torch.tensor([i for i in range(f) if i not in removed], dtype=torch.long)
+    schur = a[r][:, r]
+    if k.numel():
+        schur = schur - a[r][:, k] @ torch.linalg.solve(a[k][:, k], a[k][:, r])
+    w_r = w[r]
+    return float((w_r * (schur @ w_r)).sum())
+
+
+def brute_force_order(groups, model, stats, masks, ridge: float) -> Dict[str, torch.Tensor]:
+    """Greedy by total refit error, recomputed from scratch for every candidate of every group."""
+    data = []
+    for g in groups:
+        w = model.get_parameter(g.out_weight).detach().double()
+        w = w if g.out_in_dim == 0 else w.T  # [F, out]
+        st = stats[g.key]
+        cov = st.second_moment - torch.outer(st.mean, st.mean)
+        feats = [set((g.feature_units == u).nonzero().flatten().tolist()) for u in range(g.n_units)]
+        gone = {f for u in (~masks[g.key]).nonzero().flatten().tolist() for f in feats[u]}
+        scale = float(cov.diagonal()[[f for f in range(cov.shape[0]) if f not in gone]].mean())
+        data.append((cov, w, feats, scale))
+    order = {g.key: torch.zeros(g.n_units, dtype=torch.float64) for g in groups}
+    removed = [set() for _ in groups]
+    alive = [set(range(g.n_units)) for g in groups]
+    step = 0
+    for i, g in enumerate(groups):  # already pruned: first, in index order
+        for u in (~masks[g.key]).nonzero().flatten().tolist():
+            order[g.key][u] = step
+            step += 1
+            removed[i] |= data[i][2][u]
+            alive[i].discard(u)
+    while any(alive):
+        best = None
+        for i, (cov, w, feats, scale) in enumerate(data):
+            base = refit_error(cov, w, removed[i], ridge, scale)
+            for u in sorted(alive[i]):
+                cost = refit_error(cov, w, removed[i] | feats[u], ridge, scale) - base
+                if best is None or cost < best[0]:  # ties: the first group, then the first unit
+                    best = (cost, i, u)
+        _, i, u = best
+        order[groups[i].key][u] = step
+        step += 1
+        removed[i] |= data[i][2][u]
+        alive[i].discard(u)
+    return order
+
+
+@pytest.mark.parametrize("family, kind, pruned", [
+    ("gpt2", "mlp_neuron", False), ("llama", "mlp_neuron", True),
+    ("gpt2", "attention_head", True), ("llama", "attention_head", False)])
+def test_removal_order_equals_brute_force_greedy(family, kind, pruned):
+    model = tiny_model(family)
+    kinds = [StructureName(kind)]
+    groups = unit_groups(model, kinds)
+    stats = stats_of(model, kinds, calibration())
+    masks = {g.key: torch.ones(g.n_units, dtype=torch.bool) for g in groups}
+    if pruned:  # units pruned by an earlier event go first and are out of the refit
+        masks[groups[0].key][[0, 1]] = False
+    got = removal_order(groups, model, stats, masks, RIDGE)
+    want = brute_force_order(groups, model, stats, masks, RIDGE)
+    assert got.keys() == want.keys()
+    for key in want:
+        assert torch.equal(got[key], want[key]), (key, got[key], want[key])
+    assert sorted(torch.cat(list(got.values())).tolist()) == list(range(sum(g.n_units for g in groups)))
+
+
+def test_a_unit_the_others_reproduce_goes_first():
+    """Feature 5 = 2 x feature 1 - feature 2 on every row, and these three carry the largest weights
+    (the largest output energy: fluctuation and magnitude would remove them last). The refit
+    reproduces any one of them from the other two, so obs removes one of them first."""
+    model = tiny_model("gpt2")
+    group = unit_groups(model, [StructureName.mlp_neuron])[0]
+    x = torch.randn(500, group.n_units, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    x[:, 5] = 2 * x[:, 1] - x[:, 2]
+    with torch.no_grad():
+        model.get_parameter(group.out_weight)[[1, 2, 5]] *= 100.0  # GPT-2 Conv1D: row f is feature f
+    stats = {group.key: UnitStats(500, x.mean(0), x.var(0, unbiased=False), x.T @ x / 500)}
+    mask = {group.key: torch.ones(group.n_units, dtype=torch.bool)}
+    for ridge in (0.0, 1e-6):
+        order = removal_order([group], model, stats, mask, ridge=ridge)[group.key]
+        assert int(order.argmin()) in (1, 2, 5), ridge
+
+
+# -- 2 ranks, ZeRO-2 -----------------------------------------------------------------------------
+def obs_on_ranks() -> dict:
+    rank, world = dist.get_rank(), dist.get_world_size()
+    model = tiny_model("llama")
+    cfg = ds_config(2, "fp32", {"structures": ["mlp_neuron", "attention_head"], "score": "obs",
+                                "schedule": {"start_step": 1000, "end_step": 1000}, "min_units_per_layer": 0,
+                                "bias_compensation": {"enabled": True, "mode": "mean"}})
+    engine, *_ = ds_bitter7.initialize(model=model, model_parameters=model.parameters(), config=cfg,
+                                       calibration_data=calibration()[rank::world])
+    pruner = ds_bitter7.get_pruner(engine)
+    scores = pruner.unit_scores()
+    event = pruner.prune_to(0.5)
+    return {"scores": scores, "masks": {k: m.clone() for k, m in pruner.masks.items()},
+            "skipped": event["skipped"]}
+
+
+def test_two_ranks_score_the_single_process_order_and_prune_its_prefix():
+    results = run_distributed(obs_on_ranks, 2, timeout=180)
+    model = tiny_model("llama")
+    for kind in (StructureName.mlp_neuron, StructureName.attention_head):
+        groups = unit_groups(model, [kind])
+        stats = stats_of(model, [kind], calibration())  # mean compensation alone gathers no matrix
+        ones = {g.key: torch.ones(g.n_units, dtype=torch.bool) for g in groups}
+        want = removal_order(groups, model, stats, ones, RIDGE)
+        n = sum(g.n_units for g in groups)
+        for res in results:
+            assert res["skipped"] == []
+            for g in groups:
+                assert torch.equal(res["scores"][g.key], want[g.key]), (g.key, res["scores"][g.key], want[g.key])
+                # the first floor(n / 2) of the joint order are pruned, and nothing else
+                assert torch.equal(~res["masks"][g.key], want[g.key] < math.floor(0.5 * n)), g.key
+    assert all(torch.equal(results[0]["masks"][k], results[1]["masks"][k]) for k in results[0]["masks"])
+
+
+def test_large_types_remove_blocks_of_the_cheapest(monkeypatch):
+    """Past ``STEPS`` units a step removes ceil(n / STEPS) at once; with one step for all, the order is
+    each unit's cost alone (its refit error from scratch), ascending."""
+    from ds_bitter7 import obs
+
+    model = tiny_model("llama")
+    groups = unit_groups(model, [StructureName.mlp_neuron])
+    stats = stats_of(model, [StructureName.mlp_neuron], calibration())
+    masks = {g.key: torch.ones(g.n_units, dtype=torch.bool) for g in groups}
+    monkeypatch.setattr(obs, "STEPS", 1)
+    got = torch.cat(list(removal_order(groups, model, stats, masks, RIDGE).values()))
+    alone = []
+    for g in groups:
+        w = model.get_parameter(g.out_weight).detach().double().T
+        cov = stats[g.key].second_moment - torch.outer(stats[g.key].mean, stats[g.key].mean)
+        alone += [refit_error(cov, w, {u}, RIDGE, float(cov.diagonal().mean())) for u in range(g.n_units)]
+    want = torch.empty(len(alone), dtype=torch.float64)
+    want[torch.sort(torch.tensor(alone), stable=True).indices] = torch.arange(len(alone), dtype=torch.float64)
+    assert torch.equal(got, want)
+
+
+def test_per_layer_runs_each_layers_own_greedy(monkeypatch):
+    """With ``per_layer`` a layer's order does not depend on the other layers, also in block mode."""
+    from ds_bitter7 import obs
+
+    model = tiny_model("gpt2")
+    groups = unit_groups(model, [StructureName.mlp_neuron])
+    stats = stats_of(model, [StructureName.mlp_neuron], calibration())
+    masks = {g.key: torch.ones(g.n_units, dtype=torch.bool) for g in groups}
+    monkeypatch.setattr(obs, "STEPS", 8)  # 96 units per layer: 12 per step
+    both = removal_order(groups, model, stats, masks, RIDGE, per_layer=True)
+    for g in groups:
+        assert torch.equal(both[g.key], removal_order([g], model, stats, masks, RIDGE)[g.key]), g.key
+    joint = removal_order(groups, model, stats, masks, RIDGE)
+    assert any(not torch.equal(joint[g.key].argsort(), both[g.key].argsort()) for g in groups)
+
+
+def test_ridge_zero_with_fewer_rows_than_features_is_the_floored_greedy():
+    """32 calibration rows for 96 features: at ridge 0 the damping is floored at 1e-6 (below it the
+    running inverse loses every digit); the order is the brute-force greedy at that damping."""
+    model = tiny_model("gpt2")
+    kinds = [StructureName.mlp_neuron]
+    groups = unit_groups(model, kinds)[:1]
+    stats = stats_of(model, kinds, calibration(n=1))
+    assert stats[groups[0].key].count < groups[0].n_units
+    masks = {g.key: torch.ones(g.n_units, dtype=torch.bool) for g in groups}
+    got = removal_order(groups, model, stats, masks, 0.0)
+    want = brute_force_order(groups, model, stats, masks, 1e-6)
+    assert torch.equal(got[groups[0].key], want[groups[0].key])
