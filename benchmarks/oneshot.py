@@ -15,7 +15,9 @@ then one global threshold), and FLAP's fluctuation (An et al. 2024): per neuron
 ``Var(x_i) * ||W_next[i, :]||^2``, the variance of the next layer's input feature times the squared
 norm of its weights, with FLAP's per-layer standardisation (``scope: standardized``, the library's)
 and, for comparison, raw: the library's ``score: fluctuation``. FLAP's own bias compensation is
-the ``mean`` mode.
+the ``mean`` mode. Last, ``score: obs``: the greedy order of a structured Optimal Brain Surgeon on
+each next layer's input covariance (``ds_bitter7/obs.py``), the selection that least squares is
+the refit of.
 
 Writes ``benchmarks/results/oneshot[_quick].{json,md,png}``.
 
@@ -44,7 +46,7 @@ RESULTS = os.path.join(ROOT, "benchmarks", "results")
 ROWS = {"magnitude": ("magnitude", "global"), "bitter7": ("bitter7", "global"),
         "bitter7 standardized": ("bitter7", "standardized"), "fisher": ("fisher", "global"),
         "bitter7_variance": ("bitter7_variance", "global"), "flap": ("fluctuation", "standardized"),
-        "flap raw": ("fluctuation", "global")}
+        "flap raw": ("fluctuation", "global"), "obs": ("obs", "global")}
 SCORES = list(ROWS)
 COMPENSATIONS = ["none", "mean", "least_squares"]
 SPARSITIES = [0.5, 0.75]
