@@ -5,7 +5,8 @@
 
 A GPT-2-shaped model of 4 layers (n_inner = width, n_embd = width / 4) with random weights and a
 random full-rank covariance per layer (2 x width correlated rows). Times the whole order of every
-MLP neuron, as one pruning event computes it on rank 0, and, in the same run, one float64
+MLP neuron on rank 0 (what ``pruner.unit_scores()`` computes; an event stops the greedy at the
+fraction it prunes, so it takes about that fraction of this), and, in the same run, one float64
 ``width x width`` inverse per layer (what least squares also pays) for scale. Medians over
 ``--repeats`` (widths above 2048 once: minutes each on 2 cores). Writes
 benchmarks/results/obs_cost.{json,md}.
@@ -84,8 +85,8 @@ def main() -> None:
         json.dump({"info": info, "rows": rows}, f, indent=2)
     lines = ["# Cost of `score: obs` (the greedy removal order)", "",
              f"Command: `{info['command']}`; {args.threads} CPU threads, torch {info['torch']}, float64. "
-             f"{LAYERS} layers; one order of all MLP neurons (what an event computes on rank 0). Median of "
-             "the repeats shown.", "",
+             f"{LAYERS} layers; the full greedy order of all MLP neurons on rank 0 (an event stops at the "
+             "fraction it prunes: about that fraction of this time). Median of the repeats shown.", "",
              "| MLP width | units | greedy steps (units each) | order, s | 4 inverses, s | order / inverses | H per layer |",
              "|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:

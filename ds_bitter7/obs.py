@@ -37,11 +37,19 @@ from typing import Dict, List, Optional
 import torch
 
 from .structures import UnitGroup
+from .threshold import n_to_prune
 
 # Exact greedy (one unit per step) up to this many units of a structure type; beyond, each step
 # removes the ceil(n / STEPS) cheapest units at once (ZipLM's blocks), so the Python loop and the
 # rank-one updates of a large model become a few thousand matrix products.
 STEPS = 4096
+
+
+def _solve(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a^-1 b``; NaN where ``a`` is singular (the costs turn NaN and the event prunes nothing)."""
+    x, info = torch.linalg.solve_ex(a, b)
+    bad = (info != 0).reshape(info.shape + (1,) * (x.dim() - info.dim()))
+    return x.masked_fill(bad, float("nan")) if bool(bad.any()) else x
 
 
 class _GroupState:
@@ -63,8 +71,8 @@ class _GroupState:
             live[self.features[u]] = False
         diag = cov.diagonal()[live] if bool(live.any()) else cov.diagonal()
         scale = float(diag.mean().clamp(min=0.0)) or 1.0
-        a = cov + max(ridge, 1e-6) * scale * torch.eye(cov.shape[0], dtype=cov.dtype, device=cov.device)
-        self.h = torch.linalg.inv(a)
+        cov.diagonal().add_(max(ridge, 1e-6) * scale)  # in place: cov is this group's own copy
+        self.h = torch.linalg.inv(cov)
         self.w = w
         self.remove(pruned.nonzero().flatten().tolist())  # already removed: out of H before any choice
         self.costs = self._costs()
@@ -80,7 +88,7 @@ class _GroupState:
             else:  # heads of one width: one batched solve
                 w_u = self.w[feats]  # [n_alive, d, out]
                 h_uu = self.h[feats[:, :, None], feats[:, None, :]]  # [n_alive, d, d]
-                cost = (w_u * torch.linalg.solve(h_uu, w_u)).sum((1, 2))
+                cost = (w_u * _solve(h_uu, w_u)).sum((1, 2))
             out[alive] = cost.cpu()
         else:
             for u in alive.tolist():
@@ -88,7 +96,7 @@ class _GroupState:
                 if idx.numel():
                     w_u = self.w.index_select(0, idx)
                     h_uu = self.h.index_select(0, idx).index_select(1, idx)
-                    out[u] = float((w_u * torch.linalg.solve(h_uu, w_u)).sum())
+                    out[u] = float((w_u * _solve(h_uu, w_u)).sum())
                 else:
                     out[u] = 0.0
         return out
@@ -102,7 +110,7 @@ class _GroupState:
         if idx.numel() == 0:
             return
         h_rows = self.h.index_select(0, idx)  # [|U|, F]: H is symmetric, rows are contiguous
-        b_t = torch.linalg.solve(h_rows.index_select(1, idx), h_rows)  # B^T = (H_UU)^-1 H[U, :]
+        b_t = _solve(h_rows.index_select(1, idx), h_rows)  # B^T = (H_UU)^-1 H[U, :]
         self.w.addmm_(b_t.T, self.w.index_select(0, idx), alpha=-1.0)  # in place: H is F x F
         self.h.addmm_(b_t.T, h_rows, alpha=-1.0)
         self.w.index_fill_(0, idx, 0.0)
@@ -119,25 +127,32 @@ def _state(g: UnitGroup, model, stats: Dict, masks: Dict[str, torch.Tensor], rid
     w = model.get_parameter(g.out_weight).detach().to(torch.float64)
     w = (w if g.out_in_dim == 0 else w.T).clone(memory_format=torch.contiguous_format)  # [F, out]
     st = stats[g.key]
-    cov = (st.second_moment - torch.outer(st.mean, st.mean)).to(device=w.device, dtype=torch.float64)
+    cov = (st.second_moment - torch.outer(st.mean, st.mean)).to(device=w.device, dtype=torch.float64)  # a new tensor
     if not (bool(torch.isfinite(cov).all()) and bool(torch.isfinite(w).all())):
         return None
     return _GroupState(g, w, cov, ~masks[g.key], ridge)
 
 
-def _greedy(groups: List[UnitGroup], states: List[_GroupState],
-            masks: Dict[str, torch.Tensor]) -> Optional[Dict[str, torch.Tensor]]:
-    """The joint order of ``groups`` (module docstring); None when a cost is NaN."""
+def _greedy(groups: List[UnitGroup], states: List[_GroupState], masks: Dict[str, torch.Tensor],
+            fraction: Optional[float], min_keep: int = 0) -> Optional[Dict[str, torch.Tensor]]:
+    """The joint order of ``groups`` (module docstring); None when a cost is NaN. With ``fraction``
+    the greedy stops once ``floor(fraction * n)`` units are ordered that ``select_units`` may
+    prune (each group's last ``min_keep`` in the order it keeps); the rest follow by their costs
+    at that point (an event needs only the prefix it prunes)."""
     flat_order = torch.zeros(sum(g.n_units for g in groups), dtype=torch.float64)
     starts = torch.tensor([0] + [g.n_units for g in groups]).cumsum(0)
     pruned = ~torch.cat([masks[g.key] for g in groups])
     step = int(pruned.sum())
     flat_order[pruned] = torch.arange(step, dtype=torch.float64)  # already pruned: first, in index order
     block = max(1, -(-int((~pruned).sum()) // STEPS))
+    limit = len(flat_order) if fraction is None else n_to_prune(fraction, len(flat_order))
+    keep = [min(min_keep, int(s.alive.sum())) for s in states]  # protected: a group's last ones
     while True:
-        n_alive = sum(int(s.alive.sum()) for s in states)
-        if n_alive == 0:
-            return {g.key: flat_order[starts[i]:starts[i + 1]].clone() for i, g in enumerate(groups)}
+        alive = [int(s.alive.sum()) for s in states]
+        n_alive = sum(alive)
+        held = sum(max(0, k - a) for k, a in zip(keep, alive))  # protected units already in the prefix
+        if step - held >= limit:  # the rest by their current costs, in one "step"
+            block = n_alive
         costs = torch.cat([s.costs for s in states])
         if bool(torch.isnan(costs).any()):
             return None
@@ -146,6 +161,8 @@ def _greedy(groups: List[UnitGroup], states: List[_GroupState],
             ~torch.cat([s.alive for s in states]), float("inf")), stable=True).indices[:min(block, n_alive)]
         flat_order[picked] = torch.arange(step, step + picked.numel(), dtype=torch.float64)
         step += picked.numel()
+        if picked.numel() == n_alive:  # all ordered (nothing to update for units already ranked)
+            return {g.key: flat_order[starts[i]:starts[i + 1]].clone() for i, g in enumerate(groups)}
         for i, state in enumerate(states):
             mine = picked[(picked >= starts[i]) & (picked < starts[i + 1])] - starts[i]
             if mine.numel():
@@ -153,17 +170,21 @@ def _greedy(groups: List[UnitGroup], states: List[_GroupState],
 
 
 def removal_order(groups: List[UnitGroup], model, stats: Dict, masks: Dict[str, torch.Tensor], ridge: float,
-                  per_layer: bool = False) -> Dict[str, torch.Tensor]:
+                  per_layer: bool = False, fraction: Optional[float] = None,
+                  min_keep: int = 0) -> Dict[str, torch.Tensor]:
     """float64[n_units] per group key: the greedy step at which each unit is removed (module
     docstring); all NaN (the event then prunes nothing) when weights, statistics or a cost are
     not finite. ``masks``: True = kept; units already pruned come first, in index order.
-    ``per_layer``: each group's own greedy (one group's matrices in memory at a time)."""
+    ``per_layer``: each group's own greedy (one group's matrices in memory at a time).
+    ``fraction``: only the first ``floor(fraction * n)`` (per group with ``per_layer``) are the
+    greedy's, not counting the ``min_keep`` units per group that a global threshold keeps; the
+    rest are ranked by their costs after those."""
     nan = {g.key: torch.full((g.n_units,), float("nan"), dtype=torch.float64) for g in groups}
     if per_layer:
         out = {}
         for g in groups:
             state = _state(g, model, stats, masks, ridge)
-            order = _greedy([g], [state], masks) if state is not None else None
+            order = _greedy([g], [state], masks, fraction) if state is not None else None
             if order is None:
                 return nan
             out.update(order)
@@ -171,4 +192,4 @@ def removal_order(groups: List[UnitGroup], model, stats: Dict, masks: Dict[str, 
     states = [_state(g, model, stats, masks, ridge) for g in groups]
     if any(s is None for s in states):
         return nan
-    return _greedy(groups, states, masks) or nan
+    return _greedy(groups, states, masks, fraction, min_keep) or nan

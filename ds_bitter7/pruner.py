@@ -152,14 +152,16 @@ class Pruner:
             offset += g.n_units
         return sums.cpu()
 
-    def _kind_scores(self, kind: StructureName, stats: Optional[dict] = None) -> Dict[str, torch.Tensor]:
+    def _kind_scores(self, kind: StructureName, stats: Optional[dict] = None,
+                     fraction: Optional[float] = None) -> Dict[str, torch.Tensor]:
         groups = [g for g in self.groups if g.kind == kind]
         if self.scorer.unit_fn is not None:  # from gathered statistics and replicated weights: same everywhere
             return {g.key: self.scorer.unit_fn(g, self.model, stats[g.key]) for g in groups}
         if self.scorer.kind_fn is not None:  # a joint greedy order: rank 0's reaches every rank
             return self._rank0_scores(groups, lambda: self.scorer.kind_fn(
                 groups, self.model, stats, self.masks, float(self.config.bias_compensation.ridge),
-                per_layer=self.config.scope == Scope.per_layer))
+                per_layer=self.config.scope == Scope.per_layer, fraction=fraction,
+                min_keep=self.config.min_units_per_layer if self.config.scope == Scope.global_ else 0))
         error = None
         try:
             sums = self._local_unit_sums(groups)
@@ -203,7 +205,7 @@ class Pruner:
         stats = self.stats.gather() if self.stats is not None else None  # collective
         masks_before = {k: v.clone() for k, v in self.masks.items()}
         for kind in self.kinds:
-            scores = self._kind_scores(kind, stats)
+            scores = self._kind_scores(kind, stats, fraction)  # obs orders only the prefix it needs
             keys = list(scores)
             flat = torch.cat([scores[k] for k in keys])
             if not bool(torch.isfinite(flat).all()):

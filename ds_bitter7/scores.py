@@ -35,7 +35,7 @@ class Scorer:
     fn: Optional[Callable[[ScoreInputs], torch.Tensor]]  # None: a unit-level score (``unit_fn``)
     uses_activation_std: bool = False  # needs activation statistics (bitter7_variance: x unit std)
     unit_fn: Optional[Callable] = None  # (group, model, UnitStats) -> float64[n_units], no element sums
-    kind_fn: Optional[Callable] = None  # (groups, model, stats, masks, ridge, per_layer=) -> {key: float64[n_units]}
+    kind_fn: Optional[Callable] = None  # (groups, model, stats, masks, ridge, per_layer=, fraction=, min_keep=)
     uses_covariance: bool = False  # needs each group's feature covariance (as least squares does)
 
 

@@ -211,3 +211,54 @@ def test_ridge_zero_with_fewer_rows_than_features_is_the_floored_greedy():
     got = removal_order(groups, model, stats, masks, 0.0)
     want = brute_force_order(groups, model, stats, masks, 1e-6)
     assert torch.equal(got[groups[0].key], want[groups[0].key])
+
+
+@pytest.mark.parametrize("per_layer", [False, True])
+def test_an_event_orders_only_the_prefix_it_prunes(per_layer):
+    """With ``fraction`` the first floor(fraction * n) are the full greedy's, the rest a permutation."""
+    model = tiny_model("llama")
+    groups = unit_groups(model, [StructureName.mlp_neuron])
+    stats = stats_of(model, [StructureName.mlp_neuron], calibration())
+    masks = {g.key: torch.ones(g.n_units, dtype=torch.bool) for g in groups}
+    masks[groups[1].key][3] = False  # pruned by an earlier event: still first
+    full = removal_order(groups, model, stats, masks, RIDGE, per_layer=per_layer)
+    part = removal_order(groups, model, stats, masks, RIDGE, per_layer=per_layer, fraction=0.3)
+    sets = [[g] for g in groups] if per_layer else [groups]
+    for gs in sets:
+        f, p = (torch.cat([o[g.key] for g in gs]) for o in (full, part))
+        k = math.floor(0.3 * f.numel())
+        assert torch.equal(p < k, f < k) and torch.equal(p[f < k], f[f < k])
+        assert sorted(p.tolist()) == list(range(f.numel()))
+
+
+@pytest.mark.parametrize("min_keep", [1, 2])
+def test_the_prefix_reaches_past_units_a_global_threshold_protects(min_keep):
+    """Layer 0 is nearly free, so the greedy prefix empties it, but select_units keeps its last
+    ``min_keep``: the event then prunes that many more units, which must still be the greedy's.
+    In layer 1 units 0 and 1 are copies with large weights: the greedy takes one, then keeps the
+    other to the end; ranked by their costs at a stopping point, both would look free."""
+    from ds_bitter7.threshold import select_units
+
+    model = tiny_model("gpt2")
+    groups = unit_groups(model, [StructureName.mlp_neuron])
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        model.get_parameter(groups[0].out_weight).mul_(1e-3)
+        model.get_parameter(groups[1].out_weight)[[0, 1]] *= 10.0
+    stats = {}
+    for i, g in enumerate(groups):
+        x = torch.randn(2000, g.n_units, generator=gen, dtype=torch.float64)
+        if i == 1:
+            x[:, 1] = x[:, 0]
+        stats[g.key] = UnitStats(2000, x.mean(0), x.var(0, unbiased=False), x.T @ x / 2000)
+    masks = {g.key: torch.ones(g.n_units, dtype=torch.bool) for g in groups}
+    layers = torch.cat([torch.full((g.n_units,), i) for i, g in enumerate(groups)])
+    none = torch.zeros(len(layers), dtype=torch.bool)
+
+    def pruned(order):
+        return select_units(torch.cat([order[g.key] for g in groups]), layers, none, 0.5, False, min_keep)
+
+    full = pruned(removal_order(groups, model, stats, masks, RIDGE))
+    event = pruned(removal_order(groups, model, stats, masks, RIDGE, fraction=0.5, min_keep=min_keep))
+    assert torch.equal(event, full)
+    assert not bool(full[groups[0].n_units:][:2].all())  # one of the copies stays
