@@ -5,7 +5,8 @@
         [--calibration builtin|FILES] [--validation builtin|FILES] [--tag TAG] [--model_config DIR]
 
 Runs on any number of ranks (``torchrun``, ``deepspeed``, ``mpirun``; plain ``python -m`` is one
-rank). The checkpoint is loaded WITH its optimizer state (the scores read Adam's ``exp_avg_sq``):
+rank). The checkpoint is loaded WITH its optimizer state (bitter7, fisher and bitter7_variance read
+Adam's ``exp_avg_sq``; the default ``obs`` and ``fluctuation`` read activation statistics):
 ZeRO 0/1/2 at its own world size directly, a ZeRO-1/2 checkpoint at another world size through
 DeepSpeed's universal checkpoint conversion (run automatically into ``OUTPUT_DIR.universal_tmp``,
 which must be on a file system every rank sees). Calibration statistics are gathered across ranks,
