@@ -285,7 +285,9 @@ def report(summary: Dict[str, Any], pruner) -> None:
 
 def main(argv: Optional[List[str]] = None) -> None:
     args = parse_args(argv)
-    train(args)
+    train(args)  # ends with a barrier: no rank is still using the group
+    if dist.is_initialized():
+        dist.destroy_process_group()  # a clean exit, not a communicator torn down at interpreter exit
 
 
 if __name__ == "__main__":
