@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import statistics
@@ -61,8 +62,9 @@ def measure(width: int, repeats: int) -> dict:
             torch.linalg.inv(cov + 1e-3 * float(cov.diagonal().mean()) * torch.eye(width, dtype=torch.float64))
         inverse_s.append(time.perf_counter() - t0)
     n = LAYERS * width
-    return {"width": width, "units": n, "greedy_steps": -(-n // max(1, -(-n // obs.STEPS))),
-            "units_per_step": max(1, -(-n // obs.STEPS)), "repeats": repeats,
+    per_step = math.ceil(n / obs.STEPS)  # as obs._greedy blocks its steps
+    return {"width": width, "units": n, "greedy_steps": math.ceil(n / per_step),
+            "units_per_step": per_step, "repeats": repeats,
             "order_seconds": statistics.median(order_s), "inverse_seconds": statistics.median(inverse_s),
             "h_bytes_per_layer": width * width * 8}
 

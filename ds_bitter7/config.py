@@ -172,7 +172,7 @@ class Bitter7Config(DeepSpeedConfigModel):
         if self.bias_compensation.enabled:
             raise ValueError("bias_compensation folds removed units into the next layer; structures "
                              "['unstructured'] removes no units (disable it, or add mlp_neuron / attention_head)")
-        if enum_name(self.score) in ("bitter7_variance", "fluctuation", "obs"):
+        if enum_name(self.score) == "bitter7_variance":  # fluctuation and obs: refused above
             raise ValueError(f"score {enum_name(self.score)!r} scores whole units by their activations; it does "
                              "not apply to structures ['unstructured'] (use 'bitter7')")
         return self

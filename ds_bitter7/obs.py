@@ -78,7 +78,9 @@ class _GroupState:
         self.costs = self._costs()
 
     def _costs(self) -> torch.Tensor:
-        """float64[n_units] on the CPU: ``tr(W_U^T (H_UU)^-1 W_U)``, inf for removed units."""
+        """float64[n_units] on the CPU: ``tr(W_U^T (H_UU)^-1 W_U)``, at most the largest finite
+        float for a unit still here (NaN stays NaN), inf for removed units: sorting the costs puts
+        every unit still here before every removed one."""
         out = torch.full((len(self.features),), float("inf"), dtype=torch.float64)
         alive = self.alive.nonzero().flatten()
         if self.blocks is not None:
@@ -99,6 +101,7 @@ class _GroupState:
                     out[u] = float((w_u * _solve(h_uu, w_u)).sum())
                 else:
                     out[u] = 0.0
+        out[alive] = out[alive].clamp(max=torch.finfo(torch.float64).max)
         return out
 
     def remove(self, units: List[int]) -> None:
@@ -157,8 +160,7 @@ def _greedy(groups: List[UnitGroup], states: List[_GroupState], masks: Dict[str,
         if bool(torch.isnan(costs).any()):
             return None
         # the cheapest units, ties in (group, unit) order; removed units (inf) sort after every other
-        picked = torch.sort(costs.nan_to_num(posinf=torch.finfo(torch.float64).max).masked_fill(
-            ~torch.cat([s.alive for s in states]), float("inf")), stable=True).indices[:min(block, n_alive)]
+        picked = torch.sort(costs, stable=True).indices[:min(block, n_alive)]
         flat_order[picked] = torch.arange(step, step + picked.numel(), dtype=torch.float64)
         step += picked.numel()
         if picked.numel() == n_alive:  # all ordered (nothing to update for units already ranked)

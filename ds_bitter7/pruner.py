@@ -168,13 +168,9 @@ class Pruner:
         except MissingOptimizerState as e:
             error, sums = e, None
         self.comm.raise_if_any(error, "scoring")
-        sums = self.score_comm.all_reduce_sum(sums)  # [n_units of this kind, all layers]
-        out, offset = {}, 0
-        for g in groups:
-            out[g.key] = sums[offset:offset + g.n_units]
-            if self.scorer.uses_activation_std:
-                out[g.key] = out[g.key] * unit_std(g, stats[g.key])
-            offset += g.n_units
+        out = _by_group(self.score_comm.all_reduce_sum(sums), groups)  # [n_units of this kind, all layers]
+        if self.scorer.uses_activation_std:
+            out = {g.key: out[g.key] * unit_std(g, stats[g.key]) for g in groups}
         return out
 
     def _rank0_scores(self, groups: List[UnitGroup], compute) -> Dict[str, torch.Tensor]:
@@ -189,12 +185,7 @@ class Pruner:
             except Exception as e:  # noqa: BLE001 - re-raised on every rank below
                 error = e
         self.comm.raise_if_any(error, "scoring")
-        flat = self.comm.all_reduce_sum(flat)
-        out, offset = {}, 0
-        for g in groups:
-            out[g.key] = flat[offset:offset + g.n_units]
-            offset += g.n_units
-        return out
+        return _by_group(self.comm.all_reduce_sum(flat), groups)
 
     # -- events ------------------------------------------------------------------------------------
     def _event(self, fraction: float) -> dict:
@@ -420,6 +411,11 @@ class Pruner:
                 self.unstructured.pruned[n] = m.clone()
             self.unstructured.recount()  # the next event keeps at least these (collective)
         self._apply_masks_now()
+
+
+def _by_group(flat: torch.Tensor, groups: List[UnitGroup]) -> Dict[str, torch.Tensor]:
+    """``flat`` (the units of ``groups``, in order) split into one slice per group key."""
+    return dict(zip([g.key for g in groups], torch.split(flat, [g.n_units for g in groups])))
 
 
 def _refuse_frozen(model, names) -> None:
