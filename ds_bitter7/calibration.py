@@ -126,6 +126,9 @@ class ActivationStats:
         from .compensation import check_compensation
 
         check_compensation(pruner.groups, pruner.config)
+        if calibration_data is not None and iter(calibration_data) is calibration_data:
+            # a one-shot iterator (generator): its first batches serve every event, not only the first
+            calibration_data = list(itertools.islice(calibration_data, self.num_batches))
         self.calibration_data = calibration_data
         self.groups = list(pruner.groups)
         self._n_features = {g.key: g.feature_units.numel() for g in self.groups}
@@ -222,16 +225,20 @@ class ActivationStats:
         was_training = self.model.training
         self._current = {g.key: _Sums(self._n_features[g.key], self.with_matrix) for g in self.groups}
         self._register()
+        error = None
         try:
             self.model.eval()
             with torch.no_grad():
                 for batch in _progress(batches[:n]):
                     _forward(self.model, batch, device)
-            return self._current
+        except Exception as err:  # noqa: BLE001 - a bad batch or OOM on one rank fails every rank
+            error = err
         finally:
+            current, self._current = self._current, None
             self.remove_hooks()
-            self._current = None
             self.model.train(was_training)
+        comm.raise_if_any(error, "the calibration forward pass")
+        return current
 
     def _reduce(self, local: Dict[str, _Sums]) -> Dict[str, UnitStats]:
         parts = [p for g in self.groups for p in local[g.key].pack()]

@@ -88,7 +88,12 @@ class Bitter7Callback(TrainerCallback):
         if calib is None and cfg.bias_compensation.enabled and source == "calibration":
             calib = self._default_calibration(engine, cfg.bias_compensation.num_batches)
         self.pruner = ds_bitter7.attach(engine, config, calibration_data=calib)
-        self._maybe_resume(args, state)
+        error = None
+        try:
+            self._maybe_resume(args, state)
+        except Exception as err:  # noqa: BLE001 - re-raised on every rank: none trains on alone
+            error = err
+        self.pruner.comm.raise_if_any(error, "restoring the bitter7 state")
         return control
 
     def _maybe_resume(self, args, state) -> None:
@@ -127,7 +132,9 @@ class Bitter7Callback(TrainerCallback):
             return control
         folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
         state_dict = self.pruner.state_dict()  # replicated on every rank
-        if is_main_process():
+        # where the Trainer writes its own files: global rank 0, or every node's local rank 0 with
+        # save_on_each_node (no shared file system: each node resumes from its own copy)
+        if getattr(args, "should_save", is_main_process()):
             os.makedirs(folder, exist_ok=True)
             atomic_save(state_dict, os.path.join(folder, STATE_FILE))
         return control

@@ -303,8 +303,8 @@ class Pruner:
         fraction = sparsity_at(self.config, self.step_count)
         if fraction is None or not self.config.enabled:
             return
-        if self._calibrates_on_model():
-            self._pending = fraction  # the model's parameters are one step old until engine.step returns
+        if self._event_reads_model():
+            self._pending = fraction  # the model's parameters are half updated until engine.step returns
             return
         self._stepping = True
         try:
@@ -325,12 +325,15 @@ class Pruner:
                 error = err
         self.comm.raise_if_any(error, "the optimizer state check")
 
-    def _calibrates_on_model(self) -> bool:
-        """Whether an event runs calibration forwards while, inside the step, the model's
-        parameters still hold the previous step's weights (ZeRO 1/2 and BF16_Optimizer copy the
-        fp32 masters into them after the base optimizer's step)."""
-        return (self.stats is not None and self.stats.source == StatsSource.calibration
-                and not self.access.replicated)
+    def _event_reads_model(self) -> bool:
+        """Whether an event reads the model's parameters (calibration forwards, or a score from
+        the replicated weights: ``fluctuation``, ``obs``) while, inside the step, they are half
+        updated: ZeRO 1/2 and BF16_Optimizer copy each group's fp32 masters into the rank's own
+        slice as that group steps and all-gather the rest after the last one, so mid-step the
+        ranks' copies differ (and their masks would)."""
+        reads_model = self.scorer.unit_fn is not None or self.scorer.kind_fn is not None
+        return (self.stats is not None and not self.access.replicated
+                and (self.stats.source == StatsSource.calibration or reads_model))
 
     def _wrap_engine_step(self) -> None:
         """Run an event deferred by ``_post_step`` as soon as ``engine.step()`` has updated the

@@ -14,6 +14,7 @@ import torch
 import torch.distributed as dist
 from distributed import run_distributed
 from reference import VOCAB, ds_config, out_module_inputs, tiny_model
+from workers import pruned_elements_zero
 
 import ds_bitter7
 from ds_bitter7.calibration import UnitStats, unit_std
@@ -59,6 +60,9 @@ def calibration_suite(cases, extras: bool) -> dict:
         out["ls_window"] = least_squares_window()
         out["variance"] = variance_score()
         out["fluctuation"] = fluctuation_score()
+        out["in_step"] = model_score_in_step()
+        out["generator"] = generator_calibration()
+        out["bad_batch"] = bad_batch_on_one_rank()  # last: it raises inside gather
     return out
 
 
@@ -206,6 +210,58 @@ def fluctuation_score() -> dict:
     return errors
 
 
+def model_score_in_step() -> dict:
+    """A scheduled fluctuation event (it reads the model's W_next) with source 'training' and mean
+    compensation, under ZeRO-2 with decay / no-decay groups (as HF Trainer builds them): mid-step
+    each rank's model copy holds only its own slice of the first group's new weights, so the event
+    must wait for engine.step() to return, else the ranks' masks differ."""
+    rank = dist.get_rank()
+    model = tiny_model("gpt2")
+    decay = [p for n, p in model.named_parameters() if n.endswith("weight")]
+    groups = [{"params": decay, "weight_decay": 0.01},
+              {"params": [p for n, p in model.named_parameters() if not n.endswith("weight")], "weight_decay": 0.0}]
+    cfg = ds_config(2, "fp32", {"structures": ["mlp_neuron"], "score": "fluctuation", "min_units_per_layer": 0,
+                                "schedule": {"start_step": 3, "end_step": 3}, "target_sparsity": 0.5,
+                                "bias_compensation": {"enabled": True, "source": "training", "window": 2}})
+    engine, *_ = ds_bitter7.initialize(model=model, model_parameters=groups, config=cfg)
+    pruner = ds_bitter7.get_pruner(engine)
+    for x in batches(3, seed=20 + rank):
+        engine.backward(engine(input_ids=x, labels=x).loss)
+        engine.step()
+    return {"events": [e["step"] for e in pruner.events], "masks": {k: v.clone() for k, v in pruner.masks.items()},
+            "zero": pruned_elements_zero(pruner),
+            "params": {n: p.detach().clone() for n, p in model.named_parameters() if "mlp" in n}}
+
+
+def generator_calibration() -> list:
+    """A generator as calibration_data: read once, its batches serve every event (not only the first)."""
+    model = tiny_model("gpt2")
+    cfg = ds_config(2, "fp32", {"structures": ["mlp_neuron"], "score": "magnitude",
+                                "bias_compensation": {"enabled": True, "num_batches": 2}})
+    engine, *_ = ds_bitter7.initialize(model=model, model_parameters=model.parameters(), config=cfg,
+                                       calibration_data=(x for x in batches(2)))
+    pruner = ds_bitter7.get_pruner(engine)
+    return [pruner.prune_to(f)["compensation"]["units"] for f in (0.25, 0.5)]
+
+
+def bad_batch_on_one_rank() -> str:
+    """Rank 1's calibration batch has a token id past the vocabulary: its forward raises, and
+    every rank must raise with it instead of waiting in the statistics' all-reduce."""
+    rank = dist.get_rank()
+    model = tiny_model("gpt2")
+    data = batches(2)
+    if rank == 1:
+        data[1] = data[1].clone().fill_(VOCAB + 5)
+    cfg = ds_config(2, "fp32", {"structures": ["mlp_neuron"], "score": "bitter7_variance"})
+    engine, *_ = ds_bitter7.initialize(model=model, model_parameters=model.parameters(), config=cfg,
+                                       calibration_data=data)
+    try:
+        ds_bitter7.get_pruner(engine).stats.gather()
+    except Exception as err:  # noqa: BLE001 - the message is the result
+        return f"{type(err).__name__}: {err}"
+    return "no error"
+
+
 # -- tests -------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def world2():
@@ -291,3 +347,24 @@ def test_missing_calibration_data_fails_before_deepspeed(bitter7):
         ds_bitter7.initialize(model=model, model_parameters=model.parameters(),
                               config=ds_config(2, "fp32", bitter7))
     assert not dist.is_initialized()  # raised before DeepSpeed started anything
+
+
+def test_model_reading_score_event_in_step_gives_every_rank_the_same_masks(world2):
+    first, second = (r["in_step"] for r in world2)
+    assert first["events"] == second["events"] == [3]
+    assert sum(int((~m).sum()) for m in first["masks"].values()) > 0
+    for key in first["masks"]:
+        assert torch.equal(first["masks"][key], second["masks"][key]), key
+    for name in first["params"]:  # compensated biases and zeroed units: the same model on both ranks
+        assert torch.equal(first["params"][name], second["params"][name]), name
+    assert first["zero"] == second["zero"] == {"master": True, "moments": True, "model": True}
+
+
+def test_a_failing_calibration_batch_on_one_rank_fails_every_rank(world2):
+    assert world2[0]["bad_batch"].startswith("RuntimeError: the calibration forward pass failed on another rank")
+    assert world2[1]["bad_batch"].startswith("IndexError"), world2[1]["bad_batch"]
+
+
+def test_a_generator_of_calibration_batches_serves_every_event(world2):
+    for res in world2:
+        assert len(res["generator"]) == 2 and all(n > 0 for n in res["generator"]), res["generator"]
