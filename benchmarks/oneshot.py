@@ -110,10 +110,9 @@ def worker(argv: List[str]) -> None:
     info = oneshot.inspect_checkpoint(a.checkpoint, None)
     config, _ = load_config(a.checkpoint)
     tok = dsdata.get_tokenizer(None)
-    base = argparse.Namespace(checkpoint_dir=a.checkpoint, output_dir=a.out + ".tmp", ds_config=None,
-                              batch_size=a.micro_batch, calibration=["builtin"], validation=["builtin"],
-                              seq_len=a.seq_len, num_batches=a.num_batches, seed=a.seed, structures=["mlp_neuron"],
-                              scope="global", ridge=a.ridge)
+    base = oneshot.parse_args([a.checkpoint, a.out + ".tmp", "--sparsity", "0", "--validation", "builtin",
+                               "--batch_size", str(a.micro_batch), "--seq_len", str(a.seq_len), "--num_batches",
+                               str(a.num_batches), "--seed", str(a.seed), "--ridge", str(a.ridge)])  # the defaults
     calib = oneshot.calibration_data(base, tok, torch.device("cpu"))  # TRAIN split
     val = oneshot.validation_loader(base, tok)
     rows, dense = [], None
@@ -121,8 +120,8 @@ def worker(argv: List[str]) -> None:
         for row, (score, scope) in ROWS.items():
             for comp in COMPENSATIONS:
                 t0 = time.perf_counter()
-                args = argparse.Namespace(**{**vars(base), "scope": scope}, sparsity=sparsity, compensation=comp,
-                                          score=score)
+                args = argparse.Namespace(**{**vars(base), "scope": scope, "sparsity": sparsity,
+                                             "compensation": comp, "score": score})
                 cfg = parse_config({"bitter7": oneshot.bitter7_section(args)})
                 torch.manual_seed(a.seed)
                 model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)

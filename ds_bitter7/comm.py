@@ -7,9 +7,12 @@ serves 1 and N ranks. Bytes handed to collectives are counted (DESIGN invariant 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import socket
+import sys
+import traceback
 from dataclasses import dataclass, field
 from typing import Dict, Optional, Tuple
 
@@ -54,6 +57,27 @@ def init_distributed() -> Tuple[int, int]:
     if backend == "nccl":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     return dist.get_world_size(), dist.get_rank()
+
+
+@contextlib.contextmanager
+def abort_job_on_error(unless: Tuple[type, ...] = ()):
+    """Run an entry point so that, under ``mpirun``, an exception escaping on one rank aborts the
+    whole job (``MPI_Abort``, after printing the traceback). Otherwise that rank blocks in
+    ``MPI_Finalize`` at interpreter exit while the others wait in their next collective, forever.
+    torchrun and the deepspeed launcher already stop every rank when one fails; errors raised on
+    every rank alike (bad arguments, ``raise_if_any``; ``unless`` names more) exit normally."""
+    try:
+        yield
+    except Exception as err:
+        if isinstance(err, unless):
+            raise
+        mpi = sys.modules.get("mpi4py.MPI")
+        if mpi is not None and mpi.Is_initialized() and not mpi.Is_finalized() and mpi.COMM_WORLD.Get_size() > 1:
+            traceback.print_exc()
+            sys.stdout.flush()
+            sys.stderr.flush()
+            mpi.COMM_WORLD.Abort(1)
+        raise
 
 
 def is_main_process() -> bool:

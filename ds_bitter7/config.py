@@ -7,13 +7,15 @@ path that ``deepspeed.initialize`` receives. Every problem is reported at once, 
 
 from __future__ import annotations
 
+import copy
+import itertools
 import json
 import os
 from enum import Enum
 from typing import Any, List, Union
 
 from deepspeed.runtime.config_utils import DeepSpeedConfigModel
-from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic import Field, StrictBool, ValidationError, field_validator, model_validator
 
 SECTION = "bitter7"
 
@@ -88,7 +90,7 @@ class ScheduleConfig(DeepSpeedConfigModel):
 class BiasCompensationConfig(DeepSpeedConfigModel):
     """Fold removed units' mean activation into the next layer (seed section 1.2)."""
 
-    enabled: bool = False
+    enabled: StrictBool = False
     """Compensate the next layer for every unit pruned at an event."""
     source: StatsSource = StatsSource.calibration
     """``calibration``: the ``calibration_data`` given to ``initialize``; ``training``: the
@@ -106,7 +108,7 @@ class BiasCompensationConfig(DeepSpeedConfigModel):
 class Bitter7Config(DeepSpeedConfigModel):
     """The ``"bitter7"`` section."""
 
-    enabled: bool = True
+    enabled: StrictBool = True
     """Switch the pruner on; a config without the section leaves it off."""
     score: ScoreName = ScoreName.bitter7
     """Importance: per weight bitter7, magnitude, movement, fisher or bitter7_variance; per unit
@@ -220,9 +222,43 @@ def parse_config(config: Union[str, os.PathLike, dict, Any]) -> Bitter7Config:
     try:
         return Bitter7Config(strict=True, **section)
     except ValidationError as e:
-        lines = [_describe(err) for err in e.errors()]
-        raise ValueError(f"Invalid '{SECTION}' config ({len(lines)} problem(s)):\n"
-                         + "\n".join(lines)) from None
+        errors = e.errors()
+    lines = [_describe(err) for err in errors]
+    # Checks across keys (end_step >= start_step, score / structure combinations) run only once
+    # every key of their model is valid: run them again with the bad keys at their defaults (a
+    # nested model's check failing hides the outer ones: again), to name them all now.
+    bad = [err["loc"] for err in errors]
+    for _ in range(3):
+        try:
+            Bitter7Config(strict=True, **_without(section, bad))
+            break
+        except ValidationError as e:
+            for err in e.errors():  # shown with the user's own value, not the stripped copy
+                line = _describe(dict(err, input=_at(section, err["loc"])) if err["type"] == "value_error" else err)
+                if line not in lines:
+                    lines.append(line)
+                bad.append(err["loc"])
+    raise ValueError(f"Invalid '{SECTION}' config ({len(lines)} problem(s)):\n" + "\n".join(lines)) from None
+
+
+def _at(section: dict, loc: tuple) -> Any:
+    node = section
+    for key in loc:
+        node = node.get(key) if isinstance(node, dict) and isinstance(key, str) else node
+    return node
+
+
+def _without(section: dict, locations: List[tuple]) -> dict:
+    """A copy of ``section`` without the keys at ``locations`` (a list item: the whole list)."""
+    out = copy.deepcopy(section)
+    for loc in locations:
+        keys = list(itertools.takewhile(lambda k: isinstance(k, str), loc))
+        node = out
+        for key in keys[:-1]:
+            node = node.get(key) if isinstance(node, dict) else None
+        if keys and isinstance(node, dict):
+            node.pop(keys[-1], None)
+    return out
 
 
 def check_deepspeed_support(ds_config: dict) -> None:

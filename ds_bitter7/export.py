@@ -20,7 +20,8 @@ import os
 import shutil
 import sys
 import tempfile
-from typing import Dict, Mapping, Optional, Sequence, Tuple
+import zipfile
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -75,6 +76,54 @@ def read_torch_file(path: str):
         raise ExportError(f"cannot read {path!r}: {type(err).__name__}: {err}") from err
 
 
+def zero_file_problems(tag_dir: str, dp_world_size: Optional[int] = None) -> List[str]:
+    """What is wrong with a tag folder's per-rank ZeRO files, read without loading them: a rank's
+    ``*optim_states.pt`` missing (ranks 0..N-1, N the saved ``dp_world_size`` when known), or a
+    file that is not a complete archive (truncated copy). Local: checked before any rank starts
+    DeepSpeed's loading, whose collectives would wait forever on a rank that failed to read."""
+    files = glob.glob(os.path.join(tag_dir, "*optim_states.pt"))
+    if not files:
+        return []
+    ranks = {}
+    for path in files:
+        name = os.path.basename(path)
+        digits = name.split("rank_")[1].split("_")[0] if "rank_" in name else ""
+        if digits.isdigit():
+            ranks[int(digits)] = path
+    expected = dp_world_size if dp_world_size else (max(ranks) + 1 if ranks else 0)
+    problems = []
+    missing = sorted(set(range(expected)) - set(ranks))
+    if missing:
+        problems.append(f"{tag_dir!r} holds {len(files)} *optim_states.pt but the checkpoint was saved by "
+                        f"{expected} data-parallel ranks: rank(s) {missing} missing (an incomplete copy?)")
+    for path in sorted(files):
+        try:
+            with zipfile.ZipFile(path) as archive:  # reads the central directory at the end only
+                archive.infolist()
+        except zipfile.BadZipFile as err:
+            with open(path, "rb") as f:
+                legacy = f.read(2) != b"PK"  # torch's pre-1.6 format is not an archive: not checkable here
+            if not legacy:
+                problems.append(f"{path!r} is truncated or corrupt ({err}): copy it again from the original")
+        except OSError as err:
+            problems.append(f"cannot read {path!r}: {err}")
+    return problems
+
+
+def checkpoint_problems(checkpoint_dir: str, tag: Optional[str] = None) -> List[str]:
+    """``zero_file_problems`` of a checkpoint's tag (``latest`` by default), its saved data-parallel
+    world size read from the model-states file; a tag or model-states file that cannot be found or
+    read is a problem too."""
+    try:
+        tag_dir = os.path.join(checkpoint_dir, resolve_tag(checkpoint_dir, tag))
+        states = os.path.join(tag_dir, MODEL_STATES_FILE)
+        saved = read_torch_file(states) if os.path.isfile(states) else {}
+    except ExportError as err:
+        return [str(err)]
+    world = saved.get("dp_world_size") if isinstance(saved, dict) else None
+    return zero_file_problems(tag_dir, world if isinstance(world, int) else None)
+
+
 def load_pruner_state(checkpoint_dir: str, tag: str) -> Tuple[dict, str]:
     """(pruner state dict, the file it came from): `bitter7_state.pt` if present, else the
     `"bitter7"` client-state entry of the tag's model-states file."""
@@ -110,6 +159,9 @@ def consolidate(checkpoint_dir: str, tag: str) -> Dict[str, torch.Tensor]:
 
     tag_dir = os.path.join(checkpoint_dir, tag)
     if glob.glob(os.path.join(tag_dir, "*optim_states.pt")):
+        problems = checkpoint_problems(checkpoint_dir, tag)
+        if problems:
+            raise ExportError("; ".join(problems))
         try:
             state = get_fp32_state_dict_from_zero_checkpoint(checkpoint_dir, tag=tag)
             return strip_module_prefix(state)
@@ -165,7 +217,12 @@ def build_model(config, state_dict: Mapping[str, torch.Tensor], source: str) -> 
     if missing or unexpected:
         raise ExportError(f"weights in {source!r} do not fit the {config.model_type} config: "
                           f"missing {missing[:8]}, unexpected {unexpected[:8]}")
-    model.load_state_dict(state_dict, strict=False)
+    try:
+        model.load_state_dict(state_dict, strict=False)
+    except RuntimeError as err:  # same names, other shapes: another model's config.json
+        detail = "; ".join(line.strip() for line in str(err).splitlines() if "size mismatch" in line)
+        raise ExportError(f"weights in {source!r} do not fit the {config.model_type} config "
+                          f"({detail or err}): pass the training run's config with --model_config") from None
     model.tie_weights()
     return model.eval()
 

@@ -32,8 +32,18 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import torch
 
 from . import data as dsdata
+from .comm import abort_job_on_error, log_main
+from .config import enum_name
 from .export import MODEL_STATES_FILE as MODEL_STATES
-from .export import ExportError, consolidate, json_safe, read_torch_file, resolve_tag, strip_module_prefix
+from .export import (
+    ExportError,
+    consolidate,
+    json_safe,
+    read_torch_file,
+    resolve_tag,
+    strip_module_prefix,
+    zero_file_problems,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -61,6 +71,7 @@ class CheckpointInfo:
     client_bitter7: Optional[dict]  # pruner state of a ds_bitter7 checkpoint
     seq_len: Optional[int] = None  # block length of the training run (launch/train.py records it)
     param_groups: Optional[List[List[str]]] = None  # parameter names of each optimizer group, in order
+    step: Optional[int] = None  # the training step it was saved at (DeepSpeed's global_steps)
 
 
 # --------------------------------------------------------------------------- arguments and checks
@@ -80,6 +91,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                    help="refit the next layers (default: least squares, the best one-shot column of "
                    "benchmarks/results/oneshot.md; mean compensation raised perplexity there)")
     p.add_argument("--ridge", type=float, default=1e-3, help="least-squares ridge, relative to mean variance")
+    p.add_argument("--min_units_per_layer", type=int, default=1,
+                   help="units every layer keeps under --scope global (default 1; 0 lets a layer lose all)")
     p.add_argument("--calibration", nargs="+", default=["builtin"],
                    help="builtin (its TRAIN split) | local .txt/.json/.jsonl files or folders")
     p.add_argument("--validation", nargs="+", default=None,
@@ -129,6 +142,10 @@ def inspect_checkpoint(checkpoint_dir: str, tag: Optional[str]) -> CheckpointInf
     except ExportError as err:
         raise OneShotError(str(err)) from None
     zero_files = sorted(glob.glob(os.path.join(folder, "*optim_states.pt")))
+    world = sd.get("dp_world_size") if isinstance(sd, dict) else None
+    problems = zero_file_problems(folder, world if isinstance(world, int) else None)
+    if problems:  # before DeepSpeed's loading: a rank failing inside it leaves the others waiting
+        raise OneShotError("; ".join(problems))
     has_state = bool(zero_files) or _has_torch_state(sd.get("optimizer"))
     module = strip_module_prefix(sd.get("module") or {})
     shapes = {k: tuple(getattr(v, "shape", ())) for k, v in module.items()}
@@ -138,7 +155,8 @@ def inspect_checkpoint(checkpoint_dir: str, tag: Optional[str]) -> CheckpointInf
     groups = ([list(strip_module_prefix(dict(g))) for g in groups]
               if isinstance(groups, list) and all(isinstance(g, dict) for g in groups) else None)
     return CheckpointInfo(tag, folder, zero_files, has_state, saved if isinstance(saved, dict) else {},
-                          shapes, sd.get("bitter7"), seq_len if isinstance(seq_len, int) else None, groups)
+                          shapes, sd.get("bitter7"), seq_len if isinstance(seq_len, int) else None, groups,
+                          sd.get("global_steps") if isinstance(sd.get("global_steps"), int) else None)
 
 
 def _has_torch_state(opt) -> bool:
@@ -163,8 +181,20 @@ def check_args(args: argparse.Namespace, info: Optional[CheckpointInfo]) -> None
                         f"(pass --structures {' '.join(dict.fromkeys(trained + list(args.structures)))})")
     if args.seq_len is not None and args.seq_len < 2:
         problems.append(f"--seq_len must be >= 2, got {args.seq_len}")
+    if args.min_units_per_layer < 0:
+        problems.append(f"--min_units_per_layer must be >= 0, got {args.min_units_per_layer}")
     if args.ridge < 0:
         problems.append(f"--ridge must be >= 0, got {args.ridge}")
+    if args.report is not None and not os.path.isdir(os.path.dirname(os.path.abspath(args.report))):
+        problems.append(f"--report {args.report!r}: folder {os.path.dirname(os.path.abspath(args.report))!r} "
+                        "does not exist")
+    if args.ds_config is not None and info is None:
+        from .config import load_ds_config
+
+        try:
+            load_ds_config(args.ds_config)
+        except Exception as err:  # noqa: BLE001 - unreadable file or invalid JSON: name it
+            problems.append(f"--ds_config {args.ds_config!r}: {type(err).__name__}: {err}")
     if args.num_batches < 1 or args.batch_size < 1 or args.eval_batches < 0:
         problems.append("--num_batches and --batch_size must be >= 1, --eval_batches >= 0")
     if problems:
@@ -202,7 +232,7 @@ def bitter7_section(args: argparse.Namespace) -> dict:
     """The pruner config of a one-shot run (no schedule: one ``prune_to`` event)."""
     comp = args.compensation
     return {"enabled": True, "score": args.score, "structures": list(args.structures),
-            "target_sparsity": args.sparsity, "scope": args.scope,
+            "target_sparsity": args.sparsity, "scope": args.scope, "min_units_per_layer": args.min_units_per_layer,
             "schedule": {"start_step": 10**9, "end_step": 10**9},
             "bias_compensation": {"enabled": comp != "none", "source": "calibration",
                                   "mode": "mean" if comp == "none" else comp,
@@ -288,8 +318,6 @@ def restore_training_masks(pruner, saved: dict, source: str) -> None:
     """Units pruned in training stay pruned: the saved masks of the structure types both runs prune
     (``check_args`` made sure the run prunes every saved type); a type only this run prunes starts
     fully kept. Unstructured zeros are in the weights already, and one-shot takes no step."""
-    from .config import enum_name
-
     state = dict(saved)
     counts = {g.key: g.n_units for g in pruner.groups}
     state["structures"] = [enum_name(s) for s in pruner.config.structures]
@@ -346,6 +374,7 @@ def to_universal(info: CheckpointInfo, work_dir: str, comm) -> str:
                 f.write(info.tag)
         except Exception as err:  # reported on every rank below
             error = err
+            shutil.rmtree(work_dir, ignore_errors=True)  # a partial fp32 copy of the whole model
     comm.raise_if_any(error, "universal checkpoint conversion")
     return work_dir
 
@@ -469,13 +498,20 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
     event = pruner.prune_to(args.sparsity)
     summary["event"] = {k: v for k, v in event.items() if k in ("sparsity", "thresholds", "compensation",
                                                                 "seconds", "bytes")}
+    short = {k: v for k, v in event["sparsity"].items() if v < math.floor(args.sparsity * _n_units(pruner, k))
+             / _n_units(pruner, k) - 1e-12}
+    if short:
+        summary["warning"] = (f"reached {', '.join(f'{v:.1%} of {k}' for k, v in short.items())}, not "
+                              f"{args.sparsity:.1%}: --min_units_per_layer {args.min_units_per_layer} keeps "
+                              "that many units in every layer (pass a smaller value to go further)")
+        log_main("%s", summary["warning"], level=logging.WARNING, log=logger)
     if "ppl_before" in summary:
         summary["ppl_after"] = perplexity(engine.module, val, args.eval_batches, comm)
     error = None
     if comm.rank == 0:
         try:
             report = export_model(engine.module, pruner.masks, args.output_dir, overwrite=args.overwrite,
-                                  source=os.path.abspath(args.checkpoint_dir), extra={"oneshot": summary},
+                                  source=os.path.abspath(args.checkpoint_dir), extra={"oneshot": summary, "tag": info.tag, "step": info.step},
                                   copy_from=config_dir)
             summary["params_before"], summary["params_after"] = report["params_before"], report["params_after"]
             if args.report:
@@ -487,6 +523,10 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
     return summary
 
 
+def _n_units(pruner, kind: str) -> int:
+    return sum(g.n_units for g in pruner.groups if enum_name(g.kind) == kind)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
     rank = int(next((os.environ[k] for k in ("RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK")
@@ -494,7 +534,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     try:
-        summary = run(args)
+        with abort_job_on_error(unless=(OneShotError,)):  # under mpirun, a rank failing alone stops the job
+            summary = run(args)
     except OneShotError as err:
         print(f"error (rank {rank}): {err}", file=sys.stderr)
         return 2
@@ -506,9 +547,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if rank == 0:
         before = summary.get("ppl_before")
         ppl = (f"; validation perplexity {before:.3f} -> {summary['ppl_after']:.3f}" if before is not None else "")
-        print(f"wrote {args.output_dir}: pruned {args.sparsity:.0%} of {', '.join(args.structures)} "
-              f"({args.score}, compensation {args.compensation}), parameters "
-              f"{summary.get('params_before', 0):,} -> {summary.get('params_after', 0):,}{ppl}")
+        reached = summary["event"].get("sparsity", {})
+        pruned = ", ".join(f"{reached.get(k, 0.0):.1%} of {k}" for k in args.structures)
+        print(f"wrote {args.output_dir}: pruned {pruned} ({args.score}, compensation {args.compensation}), "
+              f"parameters {summary.get('params_before', 0):,} -> {summary.get('params_after', 0):,}{ppl}")
     return 0
 
 

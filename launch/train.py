@@ -32,8 +32,9 @@ except ImportError:  # run from a checkout without `pip install -e .`
     import ds_bitter7
 from ds_bitter7 import data as dsdata
 from ds_bitter7 import modeling
-from ds_bitter7.comm import init_distributed
+from ds_bitter7.comm import Communicator, abort_job_on_error, init_distributed
 from ds_bitter7.config import load_ds_config
+from ds_bitter7.export import checkpoint_problems
 
 logger = logging.getLogger("train")
 
@@ -205,6 +206,12 @@ def run_loop(args, engine, pruner, train_blocks, val_blocks, world_size: int, ra
     val_loader = dsdata.make_dataloader(val_blocks, mb, shuffle=False, drop_last=False)
     start, ppl_start, loss_start, ppl_start_step = 0, None, None, 0
     if args.resume:
+        # a missing or truncated rank file fails every rank here, not one rank inside DeepSpeed's
+        # loading while the others wait in its collectives
+        problems = checkpoint_problems(args.resume) if os.path.isfile(os.path.join(args.resume, "latest")) else []
+        if Communicator().any(bool(problems)):
+            raise SystemExit(f"cannot resume from {args.resume!r}: " + ("; ".join(problems) or
+                                                                         "another rank cannot read it (see its error)"))
         path, client = engine.load_checkpoint(args.resume)
         if path is None:
             raise FileNotFoundError(f"no DeepSpeed checkpoint to resume in {args.resume}")
@@ -285,7 +292,8 @@ def report(summary: Dict[str, Any], pruner) -> None:
 
 def main(argv: Optional[List[str]] = None) -> None:
     args = parse_args(argv)
-    train(args)  # ends with a barrier: no rank is still using the group
+    with abort_job_on_error():  # under mpirun, a rank that fails alone stops the job
+        train(args)  # ends with a barrier: no rank is still using the group
     if dist.is_initialized():
         dist.destroy_process_group()  # a clean exit, not a communicator torn down at interpreter exit
 

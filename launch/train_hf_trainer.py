@@ -22,6 +22,7 @@ except ImportError:  # run from a checkout without `pip install -e .`
     import ds_bitter7  # noqa: F401
 from ds_bitter7 import data as dsdata
 from ds_bitter7 import modeling
+from ds_bitter7.comm import abort_job_on_error
 from ds_bitter7.hf_trainer import Bitter7Callback, prepare_model
 
 
@@ -114,4 +115,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    with abort_job_on_error():  # under mpirun, a rank that fails alone stops the job
+        main()

@@ -38,12 +38,26 @@ def test_every_bad_key_is_named_at_once():
     assert "'bitter7', 'magnitude', 'movement', 'fisher', 'bitter7_variance', 'fluctuation' or 'obs'" in msg
 
 
+def test_checks_across_keys_are_named_with_the_bad_keys():
+    """end_step < start_step and a bad score/scope pair are reported in the same error as a bad
+    frequency and a bad structure, not only once those are fixed."""
+    with pytest.raises(ValueError) as e:
+        parse_config({"bitter7": {"score": "obs", "scope": "standardized", "structures": ["neurons"],
+                                  "schedule": {"start_step": 100, "end_step": 50, "frequency": 0}}})
+    msg = str(e.value)
+    for needle in ("(4 problem(s))", "bitter7.schedule.frequency = 0", "bitter7.structures.0 = 'neurons'",
+                   "end_step (50) must be >= start_step (100)", "score 'obs' ranks units by the step"):
+        assert needle in msg, (needle, msg)
+
+
 @pytest.mark.parametrize("section, needle", [
     ({"target_sparsity": -0.1}, "greater than or equal to 0"),
     ({"schedule": {"start_step": 5, "end_step": 2}}, "end_step (2) must be >= start_step (5)"),
     ({"structures": []}, "bitter7.structures"),
     ({"structures": ["mlp_neuron", "mlp_neuron"]}, "must not repeat"),
     ({"enabled": "maybe"}, "bitter7.enabled = 'maybe'"),
+    ({"enabled": "no"}, "bitter7.enabled = 'no': Input should be a valid boolean"),  # no lax strings
+    ({"bias_compensation": {"enabled": "yes"}}, "bitter7.bias_compensation.enabled = 'yes'"),
     ({"structures": ["unstructured"], "bias_compensation": {"enabled": True}}, "removes no units"),
     ({"structures": ["unstructured"], "score": "bitter7_variance"}, "does not apply to structures ['unstructured']"),
     ({"structures": ["unstructured"], "score": "obs"}, "does not apply to structures ['unstructured']"),

@@ -150,7 +150,10 @@ def test_truncated_optimizer_shard_is_named(gpt2_checkpoint, tmp_path):
     shutil.copytree(gpt2_checkpoint, ckpt)
     shard = ckpt / "global_step1" / "zero_pp_rank_1_mp_rank_00_optim_states.pt"
     shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
-    with pytest.raises(ExportError, match="cannot consolidate .*global_step1.*zero_to_fp32"):
+    with pytest.raises(ExportError, match="zero_pp_rank_1_mp_rank_00_optim_states.pt' is truncated or corrupt"):
+        export_checkpoint(str(ckpt), str(tmp_path / "out"))
+    shard.unlink()  # a missing rank: named with the saved world size
+    with pytest.raises(ExportError, match=r"saved by 2 data-parallel ranks: rank\(s\) \[1\] missing"):
         export_checkpoint(str(ckpt), str(tmp_path / "out"))
 
 
@@ -276,3 +279,13 @@ def test_tokenizer_files_and_chat_template_travel_with_the_export(tmp_path):
     export_model(model, masks, str(tmp_path / "out"), copy_from=str(src))
     for name in ("tokenizer.json", "chat_template.jinja", "added_tokens.json"):
         assert (tmp_path / "out" / name).read_text() == (src / name).read_text(), name
+
+
+def test_model_config_with_other_shapes_is_named(gpt2_checkpoint, tmp_path):
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(gpt2_checkpoint)
+    config.n_inner = 2 * (config.n_inner or 4 * config.n_embd)  # same names, wider MLPs
+    config.save_pretrained(str(tmp_path / "cfg"))
+    with pytest.raises(ExportError, match="do not fit the gpt2 config .*size mismatch.*pass the training run"):
+        export_checkpoint(gpt2_checkpoint, str(tmp_path / "out"), model_config=str(tmp_path / "cfg"))

@@ -232,3 +232,52 @@ def test_tokenizer_beside_the_config_is_used_and_must_fit(tmp_path):
         oneshot.load_tokenizer(args, _model().config, str(tmp_path))
     args.tokenizer = None
     assert oneshot.load_tokenizer(args, _model().config, str(tmp_path / "none")).__class__.__name__ == "ByteTokenizer"
+
+
+def test_truncated_or_missing_rank_file_is_named_before_loading(checkpoint, tmp_path):
+    """Checked before DeepSpeed loads (a rank failing inside its loading leaves the others waiting)."""
+    import shutil
+
+    from ds_bitter7.export import checkpoint_problems
+
+    root, ckpt, text = checkpoint
+    copy = tmp_path / "ckpt"
+    shutil.copytree(ckpt, copy)
+    rank1 = copy / "global_step3" / "zero_pp_rank_1_mp_rank_00_optim_states.pt"
+    with open(rank1, "r+b") as f:
+        f.truncate(os.path.getsize(rank1) // 2)
+    with pytest.raises(oneshot.OneShotError, match="zero_pp_rank_1_mp_rank_00_optim_states.pt' is truncated"):
+        oneshot.inspect_checkpoint(str(copy), None)
+    rank1.unlink()
+    with pytest.raises(oneshot.OneShotError, match=r"saved by 2 data-parallel ranks: rank\(s\) \[1\] missing"):
+        oneshot.inspect_checkpoint(str(copy), None)
+    assert checkpoint_problems(str(copy)) and not checkpoint_problems(ckpt)  # export and resume use these
+
+
+def test_report_folder_and_ds_config_are_checked_first(checkpoint, tmp_path):
+    root, ckpt, text = checkpoint
+    (tmp_path / "bad.json").write_text("{not json")
+    args = oneshot.parse_args([ckpt, str(tmp_path / "out"), "--sparsity", "0.5", "--report",
+                               str(tmp_path / "nodir" / "r.json"), "--ds_config", str(tmp_path / "bad.json")])
+    with pytest.raises(oneshot.OneShotError) as e:
+        oneshot.check_args(args, None)
+    assert "nodir' does not exist" in str(e.value) and "is not valid JSON" in str(e.value), str(e.value)
+
+
+def test_min_units_per_layer_shortfall_is_reported_and_can_be_lifted(checkpoint, tmp_path):
+    """8 heads in 2 layers: 90% is 7 heads, but one kept per layer stops at 6 (75%); with
+    --min_units_per_layer 0 a layer loses all its heads and the model still exports."""
+    root, ckpt, text = checkpoint
+    common = ("--structures", "attention_head", "--score", "magnitude", "--compensation", "none")
+    argv = _argv(tmp_path, ckpt, text, "kept", *common)
+    argv[argv.index("--sparsity") + 1] = "0.9"
+    capped = run_distributed(run_oneshot, 1, argv, timeout=150)[0]
+    assert isinstance(capped, dict), capped
+    assert capped["event"]["sparsity"] == {"attention_head": 0.75}
+    assert "reached 75.0% of attention_head, not 90.0%" in capped["warning"]
+    argv = [a.replace("kept", "all") for a in argv] + ["--min_units_per_layer", "0"]
+    lifted = run_distributed(run_oneshot, 1, argv, timeout=150)[0]
+    assert lifted["event"]["sparsity"] == {"attention_head": 0.875} and "warning" not in lifted
+    small = AutoModelForCausalLM.from_pretrained(str(tmp_path / "all"), trust_remote_code=True)
+    assert sum(p.numel() for p in small.parameters()) == lifted["params_after"]
+    assert "(step 3)" in (tmp_path / "all" / "pruning_report.md").read_text()  # the checkpoint's step
