@@ -23,6 +23,7 @@ Two sources (``bias_compensation.source``):
 from __future__ import annotations
 
 import collections
+import collections.abc
 import itertools
 import logging
 from dataclasses import dataclass
@@ -126,7 +127,7 @@ class ActivationStats:
         from .compensation import check_compensation
 
         check_compensation(pruner.groups, pruner.config)
-        if calibration_data is not None and iter(calibration_data) is calibration_data:
+        if isinstance(calibration_data, collections.abc.Iterator):
             # a one-shot iterator (generator): its first batches serve every event, not only the first
             calibration_data = list(itertools.islice(calibration_data, self.num_batches))
         self.calibration_data = calibration_data

@@ -59,6 +59,14 @@ def init_distributed() -> Tuple[int, int]:
     return dist.get_world_size(), dist.get_rank()
 
 
+def mark_every_rank(error: BaseException) -> None:
+    """Tag an exception as raised on every rank alike (``abort_job_on_error`` lets it exit normally)."""
+    try:
+        error.on_every_rank = True
+    except AttributeError:  # an exception type without a __dict__
+        pass
+
+
 @contextlib.contextmanager
 def abort_job_on_error(unless: Tuple[type, ...] = ()):
     """Run an entry point so that, under ``mpirun``, an exception escaping on one rank aborts the
@@ -69,7 +77,7 @@ def abort_job_on_error(unless: Tuple[type, ...] = ()):
     try:
         yield
     except Exception as err:
-        if isinstance(err, unless):
+        if isinstance(err, unless) or getattr(err, "on_every_rank", False):
             raise
         mpi = sys.modules.get("mpi4py.MPI")
         if mpi is not None and mpi.Is_initialized() and not mpi.Is_finalized() and mpi.COMM_WORLD.Get_size() > 1:
@@ -153,6 +161,6 @@ class Communicator:
         Collective: every rank must call this, in the same order.
         """
         if self.any(error is not None):
-            if error is not None:
-                raise error
-            raise RuntimeError(f"{what} failed on another rank; see that rank's error")
+            error = error or RuntimeError(f"{what} failed on another rank; see that rank's error")
+            mark_every_rank(error)
+            raise error

@@ -234,11 +234,20 @@ def parse_config(config: Union[str, os.PathLike, dict, Any]) -> Bitter7Config:
             break
         except ValidationError as e:
             for err in e.errors():  # shown with the user's own value, not the stripped copy
+                bad.append(err["loc"])
+                if err["type"] == "value_error" and _reads_a_default(err, bad[:-1]):
+                    continue  # it may be about a default put in for a bad key, not the user's value
                 line = _describe(dict(err, input=_at(section, err["loc"])) if err["type"] == "value_error" else err)
                 if line not in lines:
                     lines.append(line)
-                bad.append(err["loc"])
     raise ValueError(f"Invalid '{SECTION}' config ({len(lines)} problem(s)):\n" + "\n".join(lines)) from None
+
+
+def _reads_a_default(err: dict, removed: List[tuple]) -> bool:
+    """Whether a check across keys names a key of its own model that was replaced by its default."""
+    loc = tuple(err["loc"])
+    return any(tuple(r[:len(loc)]) == loc and len(r) > len(loc) and isinstance(r[len(loc)], str)
+               and r[len(loc)] in err["msg"] for r in removed)
 
 
 def _at(section: dict, loc: tuple) -> Any:

@@ -102,7 +102,7 @@ def zero_file_problems(tag_dir: str, dp_world_size: Optional[int] = None) -> Lis
                 archive.infolist()
         except zipfile.BadZipFile as err:
             with open(path, "rb") as f:
-                legacy = f.read(2) != b"PK"  # torch's pre-1.6 format is not an archive: not checkable here
+                legacy = f.read(1) == b"\x80"  # torch's pre-1.6 format, a pickle: not checkable here
             if not legacy:
                 problems.append(f"{path!r} is truncated or corrupt ({err}): copy it again from the original")
         except OSError as err:

@@ -88,23 +88,36 @@ class Bitter7Callback(TrainerCallback):
         if calib is None and cfg.bias_compensation.enabled and source == "calibration":
             calib = self._default_calibration(engine, cfg.bias_compensation.num_batches)
         self.pruner = ds_bitter7.attach(engine, config, calibration_data=calib)
-        error = None
-        try:
-            self._maybe_resume(args, state)
-        except Exception as err:  # noqa: BLE001 - re-raised on every rank: none trains on alone
-            error = err
-        self.pruner.comm.raise_if_any(error, "restoring the bitter7 state")
+        self._maybe_resume(args, state)
         return control
 
     def _maybe_resume(self, args, state) -> None:
         """Restore the pruner's replicated state and each rank's own (movement, unstructured masks)
-        from the checkpoint the Trainer resumed from (DeepSpeed loaded it before the hooks existed)."""
+        from the checkpoint the Trainer resumed from (DeepSpeed loaded it before the hooks existed).
+        Collective: the state file is read and checked on every rank first, and a problem on any
+        rank (a node without the file) fails them all before the per-rank restore."""
         folder = self.resume_from_checkpoint
         if folder is None and state.global_step > 0:
             folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
         if folder is None:
             return
-        path = os.path.join(folder, STATE_FILE)
+        error, path, saved = None, os.path.join(folder, STATE_FILE), None
+        try:
+            saved = self._read_state(path, state)
+        except Exception as err:  # noqa: BLE001 - re-raised on every rank below
+            error = err
+        self.pruner.comm.raise_if_any(error, f"reading {path}")
+        self.pruner.load_state_dict(saved, source=path)
+        tag = os.path.join(folder, "latest")
+        if os.path.isfile(tag):
+            with open(tag) as f:
+                restore_local(self.pruner, os.path.join(folder, f.read().strip()), saved)
+        else:
+            self.pruner.load_local_state_dict(None)  # re-derive from the weights that are exactly zero
+        logger.info("bitter7 state restored from %s", path)
+
+    def _read_state(self, path: str, state) -> dict:
+        """The saved pruner state, checked against the Trainer's step (local: no collective)."""
         if not os.path.exists(path):
             raise FileNotFoundError(
                 f"resuming at step {state.global_step} but {path} does not exist"
@@ -118,14 +131,7 @@ class Bitter7Callback(TrainerCallback):
             raise CheckpointError(f"{path} is the pruner state of step {saved['step']}, but the Trainer resumed "
                                   f"at step {state.global_step}: pass the checkpoint it resumed from as "
                                   "Bitter7Callback(..., resume_from_checkpoint=PATH)")
-        self.pruner.load_state_dict(saved, source=path)
-        tag = os.path.join(folder, "latest")
-        if os.path.isfile(tag):
-            with open(tag) as f:
-                restore_local(self.pruner, os.path.join(folder, f.read().strip()), saved)
-        else:
-            self.pruner.load_local_state_dict(None)  # re-derive from the weights that are exactly zero
-        logger.info("bitter7 state restored from %s", path)
+        return saved
 
     def on_save(self, args, state, control, **kwargs):
         if self.pruner is None:

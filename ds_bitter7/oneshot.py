@@ -185,9 +185,10 @@ def check_args(args: argparse.Namespace, info: Optional[CheckpointInfo]) -> None
         problems.append(f"--min_units_per_layer must be >= 0, got {args.min_units_per_layer}")
     if args.ridge < 0:
         problems.append(f"--ridge must be >= 0, got {args.ridge}")
-    if args.report is not None and not os.path.isdir(os.path.dirname(os.path.abspath(args.report))):
-        problems.append(f"--report {args.report!r}: folder {os.path.dirname(os.path.abspath(args.report))!r} "
-                        "does not exist")
+    folder = os.path.dirname(os.path.abspath(args.report)) if args.report is not None else None
+    out = os.path.abspath(args.output_dir)
+    if folder is not None and not (os.path.isdir(folder) or folder == out or folder.startswith(out + os.sep)):
+        problems.append(f"--report {args.report!r}: folder {folder!r} does not exist")
     if args.ds_config is not None and info is None:
         from .config import load_ds_config
 
@@ -498,8 +499,7 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
     event = pruner.prune_to(args.sparsity)
     summary["event"] = {k: v for k, v in event.items() if k in ("sparsity", "thresholds", "compensation",
                                                                 "seconds", "bytes")}
-    short = {k: v for k, v in event["sparsity"].items() if v < math.floor(args.sparsity * _n_units(pruner, k))
-             / _n_units(pruner, k) - 1e-12}
+    short = shortfall(pruner, args)
     if short:
         summary["warning"] = (f"reached {', '.join(f'{v:.1%} of {k}' for k, v in short.items())}, not "
                               f"{args.sparsity:.1%}: --min_units_per_layer {args.min_units_per_layer} keeps "
@@ -515,6 +515,7 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
                                   copy_from=config_dir)
             summary["params_before"], summary["params_after"] = report["params_before"], report["params_after"]
             if args.report:
+                os.makedirs(os.path.dirname(os.path.abspath(args.report)), exist_ok=True)  # may be in OUTPUT_DIR
                 with open(args.report, "w") as f:
                     json.dump(json_safe(summary), f, indent=2, default=str, allow_nan=False)
         except Exception as err:  # every rank fails, not only rank 0
@@ -523,8 +524,21 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
     return summary
 
 
-def _n_units(pruner, kind: str) -> int:
-    return sum(g.n_units for g in pruner.groups if enum_name(g.kind) == kind)
+def shortfall(pruner, args) -> Dict[str, float]:
+    """Per structure type whose pruned units fall short of ``floor(sparsity * n)`` under a global
+    threshold (``min_units_per_layer`` held some back): the fraction reached. Counts, not float
+    fractions; ``per_layer`` takes each layer's own floor, and keeps no minimum."""
+    from .threshold import n_to_prune
+
+    if args.scope == "per_layer" or args.min_units_per_layer == 0:
+        return {}
+    out = {}
+    for kind in args.structures:
+        masks = [pruner.masks[g.key] for g in pruner.groups if enum_name(g.kind) == kind]
+        n, pruned = sum(m.numel() for m in masks), sum(int((~m).sum()) for m in masks)
+        if n and pruned < n_to_prune(args.sparsity, n):
+            out[kind] = pruned / n
+    return out
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

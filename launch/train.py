@@ -208,7 +208,9 @@ def run_loop(args, engine, pruner, train_blocks, val_blocks, world_size: int, ra
     if args.resume:
         # a missing or truncated rank file fails every rank here, not one rank inside DeepSpeed's
         # loading while the others wait in its collectives
-        problems = checkpoint_problems(args.resume) if os.path.isfile(os.path.join(args.resume, "latest")) else []
+        universal = bool(engine.load_universal_checkpoint())  # another layout: DeepSpeed checks it
+        problems = ([] if universal or not os.path.isfile(os.path.join(args.resume, "latest"))
+                    else checkpoint_problems(args.resume))
         if Communicator().any(bool(problems)):
             raise SystemExit(f"cannot resume from {args.resume!r}: " + ("; ".join(problems) or
                                                                          "another rank cannot read it (see its error)"))

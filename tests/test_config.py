@@ -109,3 +109,19 @@ def test_deepspeed_forms_and_half_precision_at_stage_0():
         with pytest.raises(ValueError, match=f"{dtype}.enabled with zero_optimization.stage = 0"):
             check_deepspeed_support({dtype: {"enabled": True}})
         check_deepspeed_support({dtype: {"enabled": True}, "zero_optimization": {"stage": 1}})
+
+
+def test_no_error_is_made_up_from_a_default():
+    """A bad end_step is not replaced by its default 0 to then report 'end_step (0) < start_step'."""
+    with pytest.raises(ValueError) as e:
+        parse_config({"bitter7": {"schedule": {"start_step": 100, "end_step": None}}})
+    assert "(1 problem(s))" in str(e.value) and "end_step (0)" not in str(e.value), str(e.value)
+
+
+def test_errors_raised_on_every_rank_are_marked():
+    """raise_if_any's errors exit normally under mpirun (abort_job_on_error lets them through)."""
+    from ds_bitter7.comm import Communicator, abort_job_on_error
+
+    with pytest.raises(ValueError) as e, abort_job_on_error():
+        Communicator().raise_if_any(ValueError("same on every rank"), "a check")
+    assert e.value.on_every_rank is True

@@ -248,6 +248,9 @@ def test_truncated_or_missing_rank_file_is_named_before_loading(checkpoint, tmp_
         f.truncate(os.path.getsize(rank1) // 2)
     with pytest.raises(oneshot.OneShotError, match="zero_pp_rank_1_mp_rank_00_optim_states.pt' is truncated"):
         oneshot.inspect_checkpoint(str(copy), None)
+    rank1.write_bytes(b"")  # an empty file is no legacy torch file either
+    with pytest.raises(oneshot.OneShotError, match="zero_pp_rank_1_mp_rank_00_optim_states.pt' is truncated"):
+        oneshot.inspect_checkpoint(str(copy), None)
     rank1.unlink()
     with pytest.raises(oneshot.OneShotError, match=r"saved by 2 data-parallel ranks: rank\(s\) \[1\] missing"):
         oneshot.inspect_checkpoint(str(copy), None)
@@ -262,6 +265,30 @@ def test_report_folder_and_ds_config_are_checked_first(checkpoint, tmp_path):
     with pytest.raises(oneshot.OneShotError) as e:
         oneshot.check_args(args, None)
     assert "nodir' does not exist" in str(e.value) and "is not valid JSON" in str(e.value), str(e.value)
+    inside = oneshot.parse_args([ckpt, str(tmp_path / "out"), "--sparsity", "0.5", "--report",
+                                 str(tmp_path / "out" / "oneshot.json")])
+    oneshot.check_args(inside, None)  # a report inside OUTPUT_DIR: that folder is made by the export
+
+
+def test_shortfall_counts_units_and_ignores_per_layer():
+    """0.6 of 192 is 115 units, whose fraction in float32 is below 0.6: not a shortfall; per_layer
+    keeps no minimum, so it never warns."""
+    from types import SimpleNamespace
+
+    from ds_bitter7.config import StructureName
+
+    groups = [SimpleNamespace(key=f"h.{i}.mlp", kind=StructureName.mlp_neuron) for i in range(2)]
+
+    def pruner(n_pruned):
+        flat = torch.ones(192, dtype=torch.bool)
+        flat[:n_pruned] = False
+        return SimpleNamespace(groups=groups, masks={"h.0.mlp": flat[:96], "h.1.mlp": flat[96:]})
+
+    args = SimpleNamespace(scope="global", min_units_per_layer=1, structures=["mlp_neuron"], sparsity=0.6)
+    assert float(torch.tensor([False] * 115 + [True] * 77).float().mean()) != 0.6  # the trap
+    assert oneshot.shortfall(pruner(115), args) == {}
+    assert oneshot.shortfall(pruner(114), args) == {"mlp_neuron": 114 / 192}
+    assert oneshot.shortfall(pruner(114), SimpleNamespace(**{**vars(args), "scope": "per_layer"})) == {}
 
 
 def test_min_units_per_layer_shortfall_is_reported_and_can_be_lifted(checkpoint, tmp_path):
