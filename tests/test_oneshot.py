@@ -36,7 +36,7 @@ def _llama():
                                         max_position_embeddings=64, bos_token_id=256, eos_token_id=256))
 
 
-def make_checkpoint(folder: str, llama: bool = False) -> None:
+def make_checkpoint(folder: str, llama: bool = False, bf16: bool = False) -> None:
     """Plain DeepSpeed ZeRO-2 training for 3 steps, then save (no ds_bitter7 involved). The LLaMA
     one (no biases) has weight-decay and no-decay parameter groups, as HF Trainer makes them."""
     import deepspeed
@@ -49,6 +49,8 @@ def make_checkpoint(folder: str, llama: bool = False) -> None:
                   {"params": [p for p in model.parameters() if p.dim() <= 1], "weight_decay": 0.0}]
     cfg = {"train_micro_batch_size_per_gpu": 2, "zero_optimization": {"stage": 2}, "steps_per_print": 10**9,
            "optimizer": {"type": "AdamW", "params": {"lr": 1e-2, "torch_adam": True}}}
+    if bf16:
+        cfg["bf16"] = {"enabled": True}
     engine, *_ = deepspeed.initialize(model=model, model_parameters=params, config=cfg)
     g = torch.Generator().manual_seed(dist.get_rank())
     for _ in range(3):
@@ -308,3 +310,18 @@ def test_min_units_per_layer_shortfall_is_reported_and_can_be_lifted(checkpoint,
     small = AutoModelForCausalLM.from_pretrained(str(tmp_path / "all"), trust_remote_code=True)
     assert sum(p.numel() for p in small.parameters()) == lifted["params_after"]
     assert "(step 3)" in (tmp_path / "all" / "pruning_report.md").read_text()  # the checkpoint's step
+
+
+def test_bf16_checkpoint_loads_in_bf16_and_gets_least_squares(tmp_path, checkpoint):
+    """A bf16 ZeRO-2 checkpoint: one-shot loads it with its own config (bf16 model, fp32 masters)
+    and the refit reaches the model; the export holds the pruned model."""
+    root, _, text = checkpoint
+    ckpt = str(tmp_path / "bf16")
+    run_distributed(make_checkpoint, 2, ckpt, False, True, timeout=120)
+    out = run_distributed(run_oneshot, 2, _argv(tmp_path, ckpt, text, "small", "--score", "bitter7"), timeout=150)
+    assert isinstance(out[0], dict), out[0]
+    assert out[0]["event"]["thresholds"] == out[1]["event"]["thresholds"]
+    assert out[0]["event"]["compensation"]["mode"] == "least_squares"
+    assert out[0]["ppl_after"] < 2 * out[0]["ppl_before"]  # the refit in bf16 keeps the model usable
+    small = AutoModelForCausalLM.from_pretrained(str(tmp_path / "small"), trust_remote_code=True)
+    assert sum(p.numel() for p in small.parameters()) == out[0]["params_after"]
