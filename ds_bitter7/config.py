@@ -148,35 +148,31 @@ class Bitter7Config(DeepSpeedConfigModel):
         return value
 
     @model_validator(mode="after")
-    def _standardized_needs_units(self) -> Bitter7Config:
-        if enum_name(self.scope) == "standardized" and any(enum_name(s) == "unstructured" for s in self.structures):
-            raise ValueError("scope 'standardized' ranks whole units per layer; it does not apply to "
-                             "'unstructured' (use 'global' or 'per_layer')")
-        return self
-
-    @model_validator(mode="after")
-    def _obs_is_an_order(self) -> Bitter7Config:
-        if enum_name(self.score) == "obs" and enum_name(self.scope) == "standardized":
-            raise ValueError("score 'obs' ranks units by the step a greedy removal takes them; standardizing "
-                             "ranks per layer is meaningless (use scope 'global' or 'per_layer', or another score "
-                             "such as 'fluctuation')")
-        return self
-
-    @model_validator(mode="after")
-    def _activations_need_units(self) -> Bitter7Config:
-        whole = enum_name(self.score) in ("fluctuation", "obs")  # no per-weight score
-        if whole and any(enum_name(s) == "unstructured" for s in self.structures):
-            raise ValueError(f"score {enum_name(self.score)!r} scores whole units; it does not apply to structures "
-                             "['unstructured'] (prune unstructured weights in a run with a per-weight score "
-                             "such as 'bitter7')")
-        if any(enum_name(s) != "unstructured" for s in self.structures):
-            return self
-        if self.bias_compensation.enabled:
-            raise ValueError("bias_compensation folds removed units into the next layer; structures "
-                             "['unstructured'] removes no units (disable it, or add mlp_neuron / attention_head)")
-        if enum_name(self.score) == "bitter7_variance":  # fluctuation and obs: refused above
-            raise ValueError(f"score {enum_name(self.score)!r} scores whole units by their activations; it does "
-                             "not apply to structures ['unstructured'] (use 'bitter7')")
+    def _combinations(self) -> Bitter7Config:
+        """Score, scope, structures and compensation that do not go together: every such problem
+        in one error (pydantic stops at the first validator that raises)."""
+        score, scope = enum_name(self.score), enum_name(self.scope)
+        kinds = [enum_name(s) for s in self.structures]
+        problems = []
+        if scope == "standardized" and "unstructured" in kinds:
+            problems.append("scope 'standardized' ranks whole units per layer; it does not apply to "
+                            "'unstructured' (use 'global' or 'per_layer')")
+        if score == "obs" and scope == "standardized":
+            problems.append("score 'obs' ranks units by the step a greedy removal takes them; standardizing "
+                            "ranks per layer is meaningless (use scope 'global' or 'per_layer', or another score "
+                            "such as 'fluctuation')")
+        if score in ("fluctuation", "obs") and "unstructured" in kinds:  # no per-weight score
+            problems.append(f"score {score!r} scores whole units; it does not apply to structures "
+                            "['unstructured'] (prune unstructured weights in a run with a per-weight score "
+                            "such as 'bitter7')")
+        if kinds == ["unstructured"] and self.bias_compensation.enabled:
+            problems.append("bias_compensation folds removed units into the next layer; structures "
+                            "['unstructured'] removes no units (disable it, or add mlp_neuron / attention_head)")
+        if kinds == ["unstructured"] and score == "bitter7_variance":
+            problems.append(f"score {score!r} scores whole units by their activations; it does "
+                            "not apply to structures ['unstructured'] (use 'bitter7')")
+        if problems:
+            raise ValueError("; ".join(problems))
         return self
 
 

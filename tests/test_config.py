@@ -125,3 +125,12 @@ def test_errors_raised_on_every_rank_are_marked():
     with pytest.raises(ValueError) as e, abort_job_on_error():
         Communicator().raise_if_any(ValueError("same on every rank"), "a check")
     assert e.value.on_every_rank is True
+
+
+def test_every_bad_combination_is_named_at_once():
+    with pytest.raises(ValueError) as e:
+        parse_config({"bitter7": {"score": "obs", "scope": "standardized", "structures": ["unstructured"]}})
+    msg = str(e.value)
+    for needle in ("scope 'standardized' ranks whole units", "score 'obs' ranks units by the step",
+                   "score 'obs' scores whole units"):
+        assert needle in msg, (needle, msg)
