@@ -189,13 +189,24 @@ def check_args(args: argparse.Namespace, info: Optional[CheckpointInfo]) -> None
     out = os.path.abspath(args.output_dir)
     if folder is not None and not (os.path.isdir(folder) or folder == out or folder.startswith(out + os.sep)):
         problems.append(f"--report {args.report!r}: folder {folder!r} does not exist")
-    if args.ds_config is not None and info is None:
+    if args.ds_config is not None:
         from .config import load_ds_config
 
         try:
-            load_ds_config(args.ds_config)
+            given = load_ds_config(args.ds_config)
         except Exception as err:  # noqa: BLE001 - unreadable file or invalid JSON: name it
-            problems.append(f"--ds_config {args.ds_config!r}: {type(err).__name__}: {err}")
+            given = None
+            if info is None:
+                problems.append(f"--ds_config {args.ds_config!r}: {type(err).__name__}: {err}")
+        if given is not None and info is not None and info.zero_files:
+            # DeepSpeed names a bf16 run's ZeRO files bf16_zero_pp_rank_*: the other precision cannot load them
+            saved = all(os.path.basename(f).startswith("bf16_") for f in info.zero_files)
+            wants = bool((given.get("bf16") or given.get("bfloat16") or {}).get("enabled", False))
+            if saved != wants:
+                problems.append(f"--ds_config {args.ds_config!r} {'enables' if wants else 'does not enable'} bf16, "
+                                f"but checkpoint {info.folder!r} was saved {'with' if saved else 'without'} it "
+                                f"({os.path.basename(info.zero_files[0])}): DeepSpeed can only load it with "
+                                f"bf16 {'on' if saved else 'off'}")
     if args.num_batches < 1 or args.batch_size < 1 or args.eval_batches < 0:
         problems.append("--num_batches and --batch_size must be >= 1, --eval_batches >= 0")
     if problems:

@@ -325,3 +325,21 @@ def test_bf16_checkpoint_loads_in_bf16_and_gets_least_squares(tmp_path, checkpoi
     assert out[0]["ppl_after"] < 2 * out[0]["ppl_before"]  # the refit in bf16 keeps the model usable
     small = AutoModelForCausalLM.from_pretrained(str(tmp_path / "small"), trust_remote_code=True)
     assert sum(p.numel() for p in small.parameters()) == out[0]["params_after"]
+
+
+def test_ds_config_of_the_other_precision_is_refused(tmp_path):
+    """DeepSpeed names a bf16 run's ZeRO files bf16_zero_pp_rank_*: an fp32 --ds_config would look
+    for zero_pp_rank_* and fail inside DeepSpeed's loading with a bare FileNotFoundError."""
+    import json
+
+    files = [str(tmp_path / f"bf16_zero_pp_rank_{r}_mp_rank_00_optim_states.pt") for r in (0, 1)]
+    info = oneshot.CheckpointInfo("t", str(tmp_path), files, True, {}, {}, None)
+    for name, section, bad in (("fp32.json", {}, True), ("bf16.json", {"bf16": {"enabled": True}}, False)):
+        (tmp_path / name).write_text(json.dumps({"zero_optimization": {"stage": 2}, **section}))
+        args = oneshot.parse_args([str(tmp_path), str(tmp_path / "o"), "--sparsity", "0.5", "--ds_config",
+                                   str(tmp_path / name)])
+        if bad:
+            with pytest.raises(oneshot.OneShotError, match="does not enable bf16, but checkpoint .* was saved with it"):
+                oneshot.check_args(args, info)
+        else:
+            oneshot.check_args(args, info)
