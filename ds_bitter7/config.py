@@ -225,13 +225,14 @@ def parse_config(config: Union[str, os.PathLike, dict, Any]) -> Bitter7Config:
     # nested model's check failing hides the outer ones: again), to name them all now.
     bad = [err["loc"] for err in errors]
     for _ in range(3):
+        removed = list(bad)
         try:
-            Bitter7Config(strict=True, **_without(section, bad))
+            Bitter7Config(strict=True, **_without(section, removed))
             break
         except ValidationError as e:
             for err in e.errors():  # shown with the user's own value, not the stripped copy
                 bad.append(err["loc"])
-                if err["type"] == "value_error" and _reads_a_default(err, bad[:-1]):
+                if err["type"] == "value_error" and _reads_a_default(err, removed):
                     continue  # it may be about a default put in for a bad key, not the user's value
                 line = _describe(dict(err, input=_at(section, err["loc"])) if err["type"] == "value_error" else err)
                 if line not in lines:

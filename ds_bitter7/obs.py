@@ -25,8 +25,8 @@ covariance (fewer calibration rows than features) lose every digit of ``H``.
 
 Cost per structure type: one ``F x F`` float64 matrix and inverse per group, and ``F^2`` memory
 traffic per greedy step and group it touches, on the device of the weights
-(``benchmarks/obs_cost.py``). Up to ``STEPS`` units the greedy is exact, one unit per step; beyond, each step removes the
-``ceil(n / STEPS)`` cheapest at once. Rank 0 computes the order; it reaches the others in an
+(``benchmarks/obs_cost.py``). Up to ``STEPS`` units the greedy is exact, one unit per step;
+beyond, each step removes the ``ceil(n / STEPS)`` cheapest at once. Rank 0 computes the order; it reaches the others in an
 all-reduce of ``n_units`` numbers, so a float difference between ranks can never split the masks.
 """
 

@@ -44,6 +44,7 @@ from .export import (
     strip_module_prefix,
     zero_file_problems,
 )
+from .threshold import n_to_prune
 
 logger = logging.getLogger(__name__)
 
@@ -522,8 +523,8 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
     if comm.rank == 0:
         try:
             report = export_model(engine.module, pruner.masks, args.output_dir, overwrite=args.overwrite,
-                                  source=os.path.abspath(args.checkpoint_dir), extra={"oneshot": summary, "tag": info.tag, "step": info.step},
-                                  copy_from=config_dir)
+                                  source=os.path.abspath(args.checkpoint_dir), copy_from=config_dir,
+                                  extra={"oneshot": summary, "tag": info.tag, "step": info.step})
             summary["params_before"], summary["params_after"] = report["params_before"], report["params_after"]
             if args.report:
                 os.makedirs(os.path.dirname(os.path.abspath(args.report)), exist_ok=True)  # may be in OUTPUT_DIR
@@ -539,8 +540,6 @@ def shortfall(pruner, args) -> Dict[str, float]:
     """Per structure type whose pruned units fall short of ``floor(sparsity * n)`` under a global
     threshold (``min_units_per_layer`` held some back): the fraction reached. Counts, not float
     fractions; ``per_layer`` takes each layer's own floor, and keeps no minimum."""
-    from .threshold import n_to_prune
-
     if args.scope == "per_layer" or args.min_units_per_layer == 0:
         return {}
     out = {}

@@ -212,8 +212,8 @@ def run_loop(args, engine, pruner, train_blocks, val_blocks, world_size: int, ra
         problems = ([] if universal or not os.path.isfile(os.path.join(args.resume, "latest"))
                     else checkpoint_problems(args.resume))
         if Communicator().any(bool(problems)):
-            raise SystemExit(f"cannot resume from {args.resume!r}: " + ("; ".join(problems) or
-                                                                         "another rank cannot read it (see its error)"))
+            why = "; ".join(problems) or "another rank cannot read it (see its error)"
+            raise SystemExit(f"cannot resume from {args.resume!r}: {why}")
         path, client = engine.load_checkpoint(args.resume)
         if path is None:
             raise FileNotFoundError(f"no DeepSpeed checkpoint to resume in {args.resume}")
