@@ -17,13 +17,16 @@ norm of its weights, with FLAP's per-layer standardisation (``scope: standardize
 and, for comparison, raw: the library's ``score: fluctuation``. FLAP's own bias compensation is
 the ``mean`` mode. Last, ``score: obs``: the greedy order of a structured Optimal Brain Surgeon on
 each next layer's input covariance (``ds_bitter7/obs.py``), the selection that least squares is
-the refit of.
+the refit of, and ``score: bitter7_obs``: the same greedy with each output's error weighted by
+Adam's second moment of the next layer (the loss's sensitivity to that output).
 
 Writes ``benchmarks/results/oneshot[_quick].{json,md,png}``.
 
     python benchmarks/oneshot.py --quick     # 1 seed, 800 training steps (about 5 min on 2 CPU cores)
     python benchmarks/oneshot.py             # 3 seeds, 800 training steps
     python benchmarks/oneshot.py --workdir /tmp/oneshot   # keep (and reuse) the dense checkpoints
+    python benchmarks/oneshot.py --workdir /tmp/oneshot --rows bitter7_obs   # prune only these rows;
+        # the other rows' cells come from that workdir's earlier run (same arguments)
 """
 
 from __future__ import annotations
@@ -46,7 +49,8 @@ RESULTS = os.path.join(ROOT, "benchmarks", "results")
 ROWS = {"magnitude": ("magnitude", "global"), "bitter7": ("bitter7", "global"),
         "bitter7 standardized": ("bitter7", "standardized"), "fisher": ("fisher", "global"),
         "bitter7_variance": ("bitter7_variance", "global"), "flap": ("fluctuation", "standardized"),
-        "flap raw": ("fluctuation", "global"), "obs": ("obs", "global")}
+        "flap raw": ("fluctuation", "global"), "obs": ("obs", "global"),
+        "bitter7_obs": ("bitter7_obs", "global")}
 SCORES = list(ROWS)
 COMPENSATIONS = ["none", "mean", "least_squares"]
 SPARSITIES = [0.5, 0.75]
@@ -74,15 +78,28 @@ def train_dense(seed: int, args, workdir: str) -> str:
 
 
 def prune_matrix(checkpoint: str, seed: int, args, workdir: str) -> List[Dict]:
-    """Every (score, compensation, sparsity) cell on 2 ranks; returns the rows rank 0 wrote."""
+    """Every (score, compensation, sparsity) cell of ``args.rows`` on 2 ranks, with the other rows'
+    cells from the workdir's earlier ``cells_{seed}.json``; returns (and saves) all of them."""
     out = os.path.join(workdir, f"cells_{seed}.json")
+    kept = []
+    if set(args.rows) != set(SCORES):
+        if not os.path.exists(out):
+            raise SystemExit(f"--rows: {out} does not exist: run every row once with this --workdir first")
+        with open(out, encoding="utf-8") as f:
+            kept = [c for c in json.load(f) if c["score"] not in args.rows]
+    new = out + ".new"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(args.port),
-           os.path.abspath(__file__), "--worker", checkpoint, out, "--seq_len", str(args.seq_len),
+           os.path.abspath(__file__), "--worker", checkpoint, new, "--seq_len", str(args.seq_len),
            "--micro_batch", str(args.micro_batch), "--num_batches", str(args.num_batches),
-           "--eval_batches", str(args.eval_batches), "--seed", str(seed), "--ridge", str(args.ridge)]
+           "--eval_batches", str(args.eval_batches), "--seed", str(seed), "--ridge", str(args.ridge),
+           "--rows", *args.rows]
     run_logged(cmd, os.path.join(workdir, f"cells_{seed}.log"), args.run_timeout, f"one-shot cells, seed {seed}")
-    with open(out, encoding="utf-8") as f:
-        return json.load(f)
+    with open(new, encoding="utf-8") as f:
+        cells = kept + json.load(f)
+    with open(out, "w", encoding="utf-8") as f:
+        json.dump(cells, f, indent=2)
+    os.remove(new)
+    return cells
 
 
 # --------------------------------------------------------------------------- the worker (2 ranks)
@@ -101,6 +118,7 @@ def worker(argv: List[str]) -> None:
     for name, typ in (("--seq_len", int), ("--micro_batch", int), ("--num_batches", int), ("--eval_batches", int),
                       ("--seed", int), ("--ridge", float)):
         p.add_argument(name, type=typ)
+    p.add_argument("--rows", nargs="+", choices=SCORES)
     p.add_argument("checkpoint")
     p.add_argument("out")
     a = p.parse_args(argv)
@@ -118,6 +136,8 @@ def worker(argv: List[str]) -> None:
     rows, dense = [], None
     for sparsity in SPARSITIES:
         for row, (score, scope) in ROWS.items():
+            if row not in a.rows:
+                continue
             for comp in COMPENSATIONS:
                 t0 = time.perf_counter()
                 args = argparse.Namespace(**{**vars(base), "scope": scope, "sparsity": sparsity,
@@ -204,7 +224,10 @@ def markdown(rows: List[Dict], checks: List[Dict], info: Dict) -> str:
                 "earlier invocation with the same arguments: "
                 + ("the time is pruning only)." if set(info["reused_seeds"]) >= set(info["seeds"])
                    else "the time is their pruning and the other seeds' training and pruning).")
-                if info.get("reused_seeds") else "."), ""]
+                if info.get("reused_seeds") else ".")
+             + (f" Rows pruned by this invocation: {', '.join(info['rows'])}; the other rows' cells are from the "
+                "earlier full run in that `--workdir`, same arguments and code for those scores."
+                if set(info.get("rows", SCORES)) != set(SCORES) else ""), ""]
     for s in SPARSITIES:
         lines += [f"## {s:.0%} of MLP neurons removed", "",
                   "| score | none | mean | least squares |", "|---|---:|---:|---:|"]
@@ -263,11 +286,15 @@ def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
     p.add_argument("--workdir", help="keep checkpoints and logs here (default: a temp dir, removed)")
     p.add_argument("--out", help="output name under benchmarks/results (default: oneshot or oneshot_quick)")
     p.add_argument("--report_from", help="rewrite the report from this saved JSON (no training or pruning)")
+    p.add_argument("--rows", nargs="+", choices=SCORES, default=SCORES,
+                   help="prune only these rows; the others' cells come from --workdir's earlier run")
     args = p.parse_args(argv)
     for key, value in (QUICK if args.quick else FULL).items():
         if getattr(args, key) is None:
             setattr(args, key, value)
     args.out = args.out or ("oneshot_quick" if args.quick else "oneshot")
+    if set(args.rows) != set(SCORES) and not args.workdir:
+        p.error("--rows needs the --workdir of an earlier run (the other rows' cells)")
     return args
 
 
@@ -292,12 +319,13 @@ def main(argv: Optional[List[str]] = None) -> None:
         ckpt = train_dense(seed, args, workdir)
         print(f"seed {seed}: trained {ckpt} ({time.time() - t0:.0f} s)", flush=True)
         cells += prune_matrix(ckpt, seed, args, workdir)
-        print(f"seed {seed}: pruned {len(SCORES) * len(COMPENSATIONS) * len(SPARSITIES)} cells "
+        print(f"seed {seed}: pruned {len(args.rows) * len(COMPENSATIONS) * len(SPARSITIES)} cells "
               f"({time.time() - t0:.0f} s)", flush=True)
     info = {"command": "python benchmarks/oneshot.py " + " ".join(shlex.quote(a) for a in argv),
             "seeds": args.seeds, "steps": args.steps, "seq_len": args.seq_len, "micro_batch": args.micro_batch,
             "num_batches": args.num_batches, "eval_batches": args.eval_batches, "ridge": args.ridge,
-            "seconds": time.time() - t0, "nproc": len(os.sched_getaffinity(0)), "reused_seeds": reused}
+            "seconds": time.time() - t0, "nproc": len(os.sched_getaffinity(0)), "reused_seeds": reused,
+            "rows": args.rows}
     report(cells, info, args)
     if tmp is not None:
         tmp.cleanup()

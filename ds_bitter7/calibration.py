@@ -15,9 +15,9 @@ Two sources (``bias_compensation.source``):
   the same number: the minimum over ranks) in eval mode under ``torch.no_grad()``.
 - ``training``: the hooks stay registered and keep the last ``window`` training forward passes
   (train mode only, not activation-checkpoint recomputes) made since the last pruning event;
-  ``gather()`` reduces them. No extra forward pass is run. The F x F matrix (least squares, score
-  ``obs``; float64 per pass) is recorded only in the ``window`` optimizer steps before each
-  scheduled event.
+  ``gather()`` reduces them. No extra forward pass is run. The F x F matrix (least squares, scores
+  ``obs`` and ``bitter7_obs``; float64 per pass) is recorded only in the ``window`` optimizer steps
+  before each scheduled event.
 """
 
 from __future__ import annotations
@@ -201,8 +201,8 @@ class ActivationStats:
 
     def _event_is_near(self) -> bool:
         """Whether a training forward can be among the last ``window`` before the next scheduled
-        event. The F x F matrix (least squares, score ``obs``) is float64 per forward: kept only
-        then, not every step (mean and variance sums are cheap and always kept)."""
+        event. The F x F matrix (least squares, ``obs``, ``bitter7_obs``) is float64 per forward:
+        kept only then, not every step (mean and variance sums are cheap and always kept)."""
         if not self.with_matrix:
             return True
         nxt = next_event_step(self.pruner.config, self.pruner.step_count)
@@ -256,10 +256,10 @@ class ActivationStats:
                 pos += f * f
             if count == 0:
                 raise RuntimeError(f"ds_bitter7: no activations of {g.key} were observed on any rank "
-                                   "(source 'training' needs training forward passes before each event; with "
-                                   "least squares or score 'obs' only those of the `window` steps before a "
-                                   "scheduled event are kept: for an event at another time use source "
-                                   "'calibration')")
+                                   "(source 'training' needs training forward passes before each event; "
+                                   "with least squares or score 'obs' / 'bitter7_obs' only those of the "
+                                   "`window` steps before a scheduled event are kept: for an event at "
+                                   "another time use source 'calibration')")
             mean = s / count
             var = (sq / count - mean.square()).clamp_(min=0.0)
             out[g.key] = UnitStats(count, mean, var, None if xtx is None else xtx / count)

@@ -28,6 +28,7 @@ class ScoreName(str, Enum):
     bitter7_variance = "bitter7_variance"
     fluctuation = "fluctuation"
     obs = "obs"
+    bitter7_obs = "bitter7_obs"
 
 
 class StructureName(str, Enum):
@@ -112,7 +113,8 @@ class Bitter7Config(DeepSpeedConfigModel):
     """Switch the pruner on; a config without the section leaves it off."""
     score: ScoreName = ScoreName.bitter7
     """Importance: per weight bitter7, magnitude, movement, fisher or bitter7_variance; per unit
-    fluctuation (FLAP) or obs (greedy least-squares reconstruction order, ``obs.py``)."""
+    fluctuation (FLAP), obs (greedy least-squares reconstruction order, ``obs.py``) or bitter7_obs
+    (obs with each output's error weighted by Adam's second moment: the loss's sensitivity)."""
     structures: List[StructureName] = Field(default_factory=lambda: [StructureName.mlp_neuron],
                                             min_length=1)
     """Unit types to prune; each type has its own threshold."""
@@ -157,11 +159,11 @@ class Bitter7Config(DeepSpeedConfigModel):
         if scope == "standardized" and "unstructured" in kinds:
             problems.append("scope 'standardized' ranks whole units per layer; it does not apply to "
                             "'unstructured' (use 'global' or 'per_layer')")
-        if score == "obs" and scope == "standardized":
-            problems.append("score 'obs' ranks units by the step a greedy removal takes them; standardizing "
-                            "ranks per layer is meaningless (use scope 'global' or 'per_layer', or another score "
+        if score in ("obs", "bitter7_obs") and scope == "standardized":
+            problems.append(f"score {score!r} ranks units by the step a greedy removal takes them; "
+                            "standardizing ranks per layer is meaningless (use scope 'global' or 'per_layer', or another score "
                             "such as 'fluctuation')")
-        if score in ("fluctuation", "obs") and "unstructured" in kinds:  # no per-weight score
+        if score in ("fluctuation", "obs", "bitter7_obs") and "unstructured" in kinds:  # no per-weight score
             problems.append(f"score {score!r} scores whole units; it does not apply to structures "
                             "['unstructured'] (prune unstructured weights in a run with a per-weight score "
                             "such as 'bitter7')")

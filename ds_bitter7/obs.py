@@ -23,6 +23,19 @@ this score. ``lam = max(ridge, 1e-6) * mean(diag(S))`` over the features of unit
 (least squares takes the mean over the kept ones); below ``1e-6``, downdates of a rank-deficient
 covariance (fewer calibration rows than features) lose every digit of ``H``.
 
+Score ``bitter7_obs`` weights that error per output feature ``j`` by the loss's sensitivity to it,
+the diagonal of the output Fisher ``E[g_j^2]`` (``g``: the loss gradient at the layer's output),
+read from Adam's second moment of ``W`` at no cost: ``v[f, j] ~ E[x_f^2] E[g_j^2]`` (the
+gradient of ``W[f, j]`` is ``x_f g_j``), so ``fisher_j = sum_f v[f, j] / sum_f E[x_f^2]``
+(``output_fisher``) and
+
+    cost(U) = tr(W_U^T (H_UU)^-1 W_U D),        D = diag(fisher),
+
+a second-order estimate of the loss increase (LLM Surgeon's Kronecker form with a diagonal output
+factor). The refit of each output column is the same as unweighted, so the greedy runs on
+``W D^(1/2)``. Across layers the costs are then in one unit (the loss), where the plain costs
+compare squared errors of outputs that the loss weighs differently.
+
 Cost per structure type: one ``F x F`` float64 matrix and inverse per group, and ``F^2`` memory
 traffic per greedy step and group it touches, on the device of the weights
 (``benchmarks/obs_cost.py``). Up to ``STEPS`` units the greedy is exact, one unit per step;
@@ -125,10 +138,27 @@ class _GroupState:
         self.costs = self._costs()
 
 
-def _state(g: UnitGroup, model, stats: Dict, masks: Dict[str, torch.Tensor], ridge: float) -> Optional[_GroupState]:
-    """A group's greedy state, or None when its weights or statistics are not finite."""
+def output_fisher(groups: List[UnitGroup], column_sums: Dict[str, torch.Tensor],
+                  stats: Dict) -> Dict[str, torch.Tensor]:
+    """Per group key, float64[out]: ``sum_f v[f, j] / sum_f E[x_f^2]`` (module docstring), from
+    ``column_sums`` (``sum_f v[f, j]`` of the next layer's weight, over all ranks) and the
+    gathered statistics; zeros where no feature is active (the layer's error then costs nothing)."""
+    out = {}
+    for g in groups:
+        st = stats[g.key]
+        energy = float((st.var + st.mean.square()).sum())
+        sums = column_sums[g.key].to(torch.float64)
+        out[g.key] = sums / energy if energy > 0 else torch.zeros_like(sums)
+    return out
+
+
+def _state(g: UnitGroup, model, stats: Dict, masks: Dict[str, torch.Tensor], ridge: float,
+           output_weights: Optional[torch.Tensor] = None) -> Optional[_GroupState]:
+    """A group's greedy state, or None when its weights, statistics or output weights are not finite."""
     w = model.get_parameter(g.out_weight).detach().to(torch.float64)
     w = (w if g.out_in_dim == 0 else w.T).clone(memory_format=torch.contiguous_format)  # [F, out]
+    if output_weights is not None:
+        w.mul_(output_weights.to(w).clamp(min=0.0).sqrt())  # the greedy on W D^(1/2)
     st = stats[g.key]
     cov = (st.second_moment - torch.outer(st.mean, st.mean)).to(device=w.device, dtype=torch.float64)  # a new tensor
     if not (bool(torch.isfinite(cov).all()) and bool(torch.isfinite(w).all())):
@@ -172,26 +202,28 @@ def _greedy(groups: List[UnitGroup], states: List[_GroupState], masks: Dict[str,
 
 
 def removal_order(groups: List[UnitGroup], model, stats: Dict, masks: Dict[str, torch.Tensor], ridge: float,
-                  per_layer: bool = False, fraction: Optional[float] = None,
-                  min_keep: int = 0) -> Dict[str, torch.Tensor]:
+                  per_layer: bool = False, fraction: Optional[float] = None, min_keep: int = 0,
+                  output_weights: Optional[Dict[str, torch.Tensor]] = None) -> Dict[str, torch.Tensor]:
     """float64[n_units] per group key: the greedy step at which each unit is removed (module
     docstring); all NaN (the event then prunes nothing) when weights, statistics or a cost are
     not finite. ``masks``: True = kept; units already pruned come first, in index order.
     ``per_layer``: each group's own greedy (one group's matrices in memory at a time).
     ``fraction``: only the first ``floor(fraction * n)`` (per group with ``per_layer``) are the
     greedy's, not counting the ``min_keep`` units per group that a global threshold keeps; the
-    rest are ranked by their costs after those."""
+    rest are ranked by their costs after those. ``output_weights``: per group key, the weight of
+    each output feature's squared error (``bitter7_obs``: ``output_fisher``); None weighs all alike."""
+    weights = output_weights or {}
     nan = {g.key: torch.full((g.n_units,), float("nan"), dtype=torch.float64) for g in groups}
     if per_layer:
         out = {}
         for g in groups:
-            state = _state(g, model, stats, masks, ridge)
+            state = _state(g, model, stats, masks, ridge, weights.get(g.key))
             order = _greedy([g], [state], masks, fraction) if state is not None else None
             if order is None:
                 return nan
             out.update(order)
         return out
-    states = [_state(g, model, stats, masks, ridge) for g in groups]
+    states = [_state(g, model, stats, masks, ridge, weights.get(g.key)) for g in groups]
     if any(s is None for s in states):
         return nan
     return _greedy(groups, states, masks, fraction, min_keep) or nan

@@ -1,12 +1,13 @@
 """One-shot pruning of a trained DeepSpeed checkpoint: score, calibrate, prune once, compensate, export.
 
-    python -m ds_bitter7.oneshot CHECKPOINT_DIR OUTPUT_DIR --sparsity 0.5 [--score obs]
+    python -m ds_bitter7.oneshot CHECKPOINT_DIR OUTPUT_DIR --sparsity 0.5 [--score bitter7_obs]
         [--structures mlp_neuron ...] [--compensation none|mean|least_squares]
         [--calibration builtin|FILES] [--validation builtin|FILES] [--tag TAG] [--model_config DIR]
 
 Runs on any number of ranks (``torchrun``, ``deepspeed``, ``mpirun``; plain ``python -m`` is one
-rank). The checkpoint is loaded WITH its optimizer state (bitter7, fisher and bitter7_variance read
-Adam's ``exp_avg_sq``; the default ``obs`` and ``fluctuation`` read activation statistics):
+rank). The checkpoint is loaded WITH its optimizer state (bitter7, fisher, bitter7_variance and the
+default bitter7_obs read Adam's ``exp_avg_sq``; bitter7_obs, obs and fluctuation also read
+activation statistics):
 ZeRO 0/1/2 at its own world size directly, a ZeRO-1/2 checkpoint at another world size through
 DeepSpeed's universal checkpoint conversion (run automatically into ``OUTPUT_DIR.universal_tmp``,
 which must be on a file system every rank sees). Calibration statistics are gathered across ranks,
@@ -48,8 +49,9 @@ from .threshold import n_to_prune
 
 logger = logging.getLogger(__name__)
 
-SCORES = ("bitter7", "magnitude", "fisher", "bitter7_variance", "fluctuation", "obs")  # movement needs training steps
-NEEDS_OPTIMIZER = {"bitter7", "fisher", "bitter7_variance"}
+# movement needs training steps
+SCORES = ("bitter7", "magnitude", "fisher", "bitter7_variance", "fluctuation", "obs", "bitter7_obs")
+NEEDS_OPTIMIZER = {"bitter7", "fisher", "bitter7_variance", "bitter7_obs"}
 # Keys of the training config that shape how the checkpoint loads; everything else is dropped.
 KEEP_DS_KEYS = ("optimizer", "zero_optimization", "bf16", "fp16", "data_types", "gradient_clipping")
 DEFAULT_SEQ_LEN = 256
@@ -82,10 +84,11 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("output_dir", help="where to write the smaller Hugging Face model")
     p.add_argument("--sparsity", type=float, required=True, help="fraction of units of each type removed, [0, 1)")
     p.add_argument("--structures", nargs="+", default=["mlp_neuron"], choices=["mlp_neuron", "attention_head"])
-    p.add_argument("--score", default="obs", choices=SCORES,
-                   help="unit score (default: obs, the greedy least-squares reconstruction order, which with "
-                   "least squares is the best one-shot cell in benchmarks/results/oneshot*.md; bitter7, fisher "
-                   "and bitter7_variance read Adam's exp_avg_sq)")
+    p.add_argument("--score", default="bitter7_obs", choices=SCORES,
+                   help="unit score (default: bitter7_obs, the greedy least-squares reconstruction order with "
+                   "each output weighted by Adam's exp_avg_sq, which with least squares is the best one-shot "
+                   "cell in benchmarks/results/oneshot*.md; bitter7, fisher and bitter7_variance read "
+                   "exp_avg_sq too; without optimizer state use obs)")
     p.add_argument("--scope", default="global", choices=["global", "per_layer", "standardized"],
                    help="global threshold, same fraction per layer, or global over per-layer z-scores (FLAP)")
     p.add_argument("--compensation", default="least_squares", choices=["none", "mean", "least_squares"],

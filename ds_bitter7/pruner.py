@@ -23,10 +23,18 @@ from .calibration import ActivationStats, unit_std
 from .comm import Communicator, log_main
 from .compensation import compensate
 from .config import Bitter7Config, MaskUpkeep, Scope, StatsSource, StructureName, enum_name
+from .obs import output_fisher
 from .schedule import sparsity_at
 from .scores import ScoreInputs, get_scorer
 from .state import CheckpointError
-from .structures import CHUNK_ELEMENTS, UnitGroup, apply_zero_plan, unit_groups, unstructured_params
+from .structures import (
+    CHUNK_ELEMENTS,
+    ParamSlice,
+    UnitGroup,
+    apply_zero_plan,
+    unit_groups,
+    unstructured_params,
+)
 from .threshold import select_units, standardize, threshold_of
 from .unstructured import UnstructuredMasks
 from .zero_access import MissingOptimizerState, ZeroAccess
@@ -158,10 +166,14 @@ class Pruner:
         if self.scorer.unit_fn is not None:  # from gathered statistics and replicated weights: same everywhere
             return {g.key: self.scorer.unit_fn(g, self.model, stats[g.key]) for g in groups}
         if self.scorer.kind_fn is not None:  # a joint greedy order: rank 0's reaches every rank
+            weights = None
+            if self.scorer.output_fisher:  # collective: every rank reads its share of exp_avg_sq
+                weights = output_fisher(groups, self._output_column_sums(groups), stats)
             return self._rank0_scores(groups, lambda: self.scorer.kind_fn(
                 groups, self.model, stats, self.masks, float(self.config.bias_compensation.ridge),
                 per_layer=self.config.scope == Scope.per_layer, fraction=fraction,
-                min_keep=self.config.min_units_per_layer if self.config.scope == Scope.global_ else 0))
+                min_keep=self.config.min_units_per_layer if self.config.scope == Scope.global_ else 0,
+                output_weights=weights))
         error = None
         try:
             sums = self._local_unit_sums(groups)
@@ -172,6 +184,32 @@ class Pruner:
         if self.scorer.uses_activation_std:
             out = {g.key: out[g.key] * unit_std(g, stats[g.key]) for g in groups}
         return out
+
+    def _output_column_sums(self, groups: List[UnitGroup]) -> Dict[str, torch.Tensor]:
+        """Per group key, float64[out]: Adam's ``exp_avg_sq`` of the next layer's weight summed over
+        its input features, for each output feature; each rank sums the range it owns, one
+        all-reduce adds them up (``out`` numbers per group). Collective."""
+        slices = []
+        for g in groups:
+            shape = tuple(self.model.get_parameter(g.out_weight).shape)
+            out_dim = 1 if g.out_in_dim == 0 else 0
+            slices.append(ParamSlice(g.out_weight, shape, out_dim, torch.arange(shape[out_dim])))
+        sums = torch.zeros(sum(s.shape[s.dim] for s in slices), dtype=torch.float64)
+        error, offset = None, 0
+        try:
+            for s in slices:
+                n, frag = s.shape[s.dim], self.access.fragments.get(s.name)
+                if frag is not None:
+                    v = self.access.state(frag)
+                    for start, numel in s.chunks(frag.start, frag.numel, self._chunk):
+                        chunk = v[start - frag.start:start - frag.start + numel].to(torch.float64)
+                        s.add_unit_sums(sums[offset:offset + n], chunk, start)
+                offset += n
+        except MissingOptimizerState as e:
+            error = e
+        self.comm.raise_if_any(error, "scoring")
+        sums = self.score_comm.all_reduce_sum(sums)
+        return dict(zip([g.key for g in groups], torch.split(sums, [s.shape[s.dim] for s in slices])))
 
     def _rank0_scores(self, groups: List[UnitGroup], compute) -> Dict[str, torch.Tensor]:
         """Scores computed on rank 0 only, summed with zeros from the others (an all-reduce, after

@@ -4,7 +4,7 @@ Each scorer maps the local values of one fragment (fp32 master weights and the o
 names) to a per-element score, in float64. Unit scores are sums of these over a unit's elements.
 A new criterion is one function and one entry in ``SCORERS``. A unit-level criterion computed from
 activation statistics and the replicated weights (``fluctuation``) gives ``unit_fn`` instead; one
-that ranks all groups of a structure type jointly (``obs``, ``obs.py``) gives ``kind_fn``.
+that ranks all groups of a structure type jointly (``obs``, ``bitter7_obs``: ``obs.py``) gives ``kind_fn``.
 """
 
 from __future__ import annotations
@@ -37,6 +37,7 @@ class Scorer:
     unit_fn: Optional[Callable] = None  # (group, model, UnitStats) -> float64[n_units], no element sums
     kind_fn: Optional[Callable] = None  # (groups, model, stats, masks, ridge, per_layer=, fraction=, min_keep=)
     uses_covariance: bool = False  # needs each group's feature covariance (as least squares does)
+    output_fisher: bool = False  # kind_fn weighs output errors by Adam's exp_avg_sq (``obs.output_fisher``)
 
 
 def _f64(t: torch.Tensor) -> torch.Tensor:
@@ -85,6 +86,8 @@ SCORERS: Dict[ScoreName, Scorer] = {
     ScoreName.bitter7_variance: Scorer(("exp_avg_sq",), bitter7, uses_activation_std=True),
     ScoreName.fluctuation: Scorer((), None, uses_activation_std=True, unit_fn=fluctuation),
     ScoreName.obs: Scorer((), None, uses_activation_std=True, kind_fn=removal_order, uses_covariance=True),
+    ScoreName.bitter7_obs: Scorer(("exp_avg_sq",), None, uses_activation_std=True, kind_fn=removal_order,
+                                  uses_covariance=True, output_fisher=True),
 }
 
 

@@ -60,7 +60,7 @@ def calibration_suite(cases, extras: bool) -> dict:
         out["ls_window"] = least_squares_window()
         out["variance"] = variance_score()
         out["fluctuation"] = fluctuation_score()
-        out["in_step"] = model_score_in_step()
+        out["in_step"] = {score: model_score_in_step(score) for score in ("fluctuation", "bitter7_obs")}
         out["generator"] = generator_calibration()
         out["bad_batch"] = bad_batch_on_one_rank()  # last: it raises inside gather
     return out
@@ -210,8 +210,8 @@ def fluctuation_score() -> dict:
     return errors
 
 
-def model_score_in_step() -> dict:
-    """A scheduled fluctuation event (it reads the model's W_next) with source 'training' and mean
+def model_score_in_step(score: str) -> dict:
+    """A scheduled fluctuation / bitter7_obs event (it reads the model's W_next), source 'training', mean
     compensation, under ZeRO-2 with decay / no-decay groups (as HF Trainer builds them): mid-step
     each rank's model copy holds only its own slice of the first group's new weights, so the event
     must wait for engine.step() to return, else the ranks' masks differ."""
@@ -220,7 +220,7 @@ def model_score_in_step() -> dict:
     decay = [p for n, p in model.named_parameters() if n.endswith("weight")]
     groups = [{"params": decay, "weight_decay": 0.01},
               {"params": [p for n, p in model.named_parameters() if not n.endswith("weight")], "weight_decay": 0.0}]
-    cfg = ds_config(2, "fp32", {"structures": ["mlp_neuron"], "score": "fluctuation", "min_units_per_layer": 0,
+    cfg = ds_config(2, "fp32", {"structures": ["mlp_neuron"], "score": score, "min_units_per_layer": 0,
                                 "schedule": {"start_step": 3, "end_step": 3}, "target_sparsity": 0.5,
                                 "bias_compensation": {"enabled": True, "source": "training", "window": 2}})
     engine, *_ = ds_bitter7.initialize(model=model, model_parameters=groups, config=cfg)
@@ -349,8 +349,9 @@ def test_missing_calibration_data_fails_before_deepspeed(bitter7):
     assert not dist.is_initialized()  # raised before DeepSpeed started anything
 
 
-def test_model_reading_score_event_in_step_gives_every_rank_the_same_masks(world2):
-    first, second = (r["in_step"] for r in world2)
+@pytest.mark.parametrize("score", ["fluctuation", "bitter7_obs"])
+def test_model_reading_score_event_in_step_gives_every_rank_the_same_masks(world2, score):
+    first, second = (r["in_step"][score] for r in world2)
     assert first["events"] == second["events"] == [3]
     assert sum(int((~m).sum()) for m in first["masks"].values()) > 0
     for key in first["masks"]:

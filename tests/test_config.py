@@ -35,7 +35,8 @@ def test_every_bad_key_is_named_at_once():
                    "bitter7.schedule.frequency = 0", "bitter7.schedule.shape = 'square'",
                    "bitter7.bias_compensation.mode = 'median'"):
         assert needle in msg, (needle, msg)
-    assert "'bitter7', 'magnitude', 'movement', 'fisher', 'bitter7_variance', 'fluctuation' or 'obs'" in msg
+    assert ("'bitter7', 'magnitude', 'movement', 'fisher', 'bitter7_variance', 'fluctuation', 'obs' or "
+            "'bitter7_obs'") in msg
 
 
 def test_checks_across_keys_are_named_with_the_bad_keys():
@@ -63,6 +64,8 @@ def test_checks_across_keys_are_named_with_the_bad_keys():
     ({"structures": ["unstructured"], "score": "obs"}, "does not apply to structures ['unstructured']"),
     ({"structures": ["mlp_neuron", "unstructured"], "score": "fluctuation"}, "'fluctuation' scores whole units"),
     ({"score": "obs", "scope": "standardized"}, "score 'obs' ranks units by the step"),
+    ({"score": "bitter7_obs", "scope": "standardized"}, "score 'bitter7_obs' ranks units by the step"),
+    ({"structures": ["unstructured"], "score": "bitter7_obs"}, "does not apply to structures ['unstructured']"),
 ])
 def test_single_problems(section, needle):
     with pytest.raises(ValueError, match="Invalid 'bitter7' config") as e:

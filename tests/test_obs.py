@@ -10,18 +10,19 @@ the same prefix of it.
 from __future__ import annotations
 
 import math
-from typing import Dict, List, Set
+from typing import Dict, List, Optional, Set
 
 import pytest
 import torch
 import torch.distributed as dist
 from distributed import run_distributed
-from reference import VOCAB, ds_config, out_module_inputs, tiny_model
+from reference import VOCAB, ds_config, known, out_module_inputs, tiny_model
+from workers import train_steps
 
 import ds_bitter7
 from ds_bitter7.calibration import UnitStats
 from ds_bitter7.config import StructureName
-from ds_bitter7.obs import removal_order
+from ds_bitter7.obs import output_fisher, removal_order
 from ds_bitter7.structures import unit_groups
 
 RIDGE = 1e-3
@@ -38,9 +39,11 @@ def stats_of(model, kinds, data) -> Dict[str, UnitStats]:
             for k, v in x.items()}
 
 
-def refit_error(cov: torch.Tensor, w: torch.Tensor, removed: Set[int], ridge: float, scale: float) -> float:
+def refit_error(cov: torch.Tensor, w: torch.Tensor, removed: Set[int], ridge: float, scale: float,
+                d: Optional[torch.Tensor] = None) -> float:
     """Output error after removing features ``removed`` and refitting the rest on the damped
-    covariance ``A = cov + ridge * scale * I``: ``tr(W_R^T (A_RR - A_RK A_KK^-1 A_KR) W_R)``."""
+    covariance ``A = cov + ridge * scale * I``: ``tr(W_R^T (A_RR - A_RK A_KK^-1 A_KR) W_R D)``
+    (``D = diag(d)``, the identity by default)."""
     if not removed:
         return 0.0
     f = cov.shape[0]
@@ -51,11 +54,13 @@ def refit_error(cov: torch.Tensor, w: torch.Tensor, removed: Set[int], ridge: fl
     if k.numel():
         schur = schur - a[r][:, k] @ torch.linalg.solve(a[k][:, k], a[k][:, r])
     w_r = w[r]
-    return float((w_r * (schur @ w_r)).sum())
+    return float(((w_r * (schur @ w_r)) * (1.0 if d is None else d)).sum())
 
 
-def brute_force_order(groups, model, stats, masks, ridge: float) -> Dict[str, torch.Tensor]:
-    """Greedy by total refit error, recomputed from scratch for every candidate of every group."""
+def brute_force_order(groups, model, stats, masks, ridge: float,
+                      weights: Optional[Dict[str, torch.Tensor]] = None) -> Dict[str, torch.Tensor]:
+    """Greedy by total refit error (each output's squared error times ``weights[key]``), recomputed
+    from scratch for every candidate of every group."""
     data = []
     for g in groups:
         w = model.get_parameter(g.out_weight).detach().double()
@@ -65,7 +70,7 @@ def brute_force_order(groups, model, stats, masks, ridge: float) -> Dict[str, to
         feats = [set((g.feature_units == u).nonzero().flatten().tolist()) for u in range(g.n_units)]
         gone = {f for u in (~masks[g.key]).nonzero().flatten().tolist() for f in feats[u]}
         scale = float(cov.diagonal()[[f for f in range(cov.shape[0]) if f not in gone]].mean())
-        data.append((cov, w, feats, scale))
+        data.append((cov, w, feats, scale, None if weights is None else weights[g.key]))
     order = {g.key: torch.zeros(g.n_units, dtype=torch.float64) for g in groups}
     removed = [set() for _ in groups]
     alive = [set(range(g.n_units)) for g in groups]
@@ -78,10 +83,10 @@ def brute_force_order(groups, model, stats, masks, ridge: float) -> Dict[str, to
             alive[i].discard(u)
     while any(alive):
         best = None
-        for i, (cov, w, feats, scale) in enumerate(data):
-            base = refit_error(cov, w, removed[i], ridge, scale)
+        for i, (cov, w, feats, scale, d) in enumerate(data):
+            base = refit_error(cov, w, removed[i], ridge, scale, d)
             for u in sorted(alive[i]):
-                cost = refit_error(cov, w, removed[i] | feats[u], ridge, scale) - base
+                cost = refit_error(cov, w, removed[i] | feats[u], ridge, scale, d) - base
                 if best is None or cost < best[0]:  # ties: the first group, then the first unit
                     best = (cost, i, u)
         _, i, u = best
@@ -109,6 +114,43 @@ def test_removal_order_equals_brute_force_greedy(family, kind, pruned):
     for key in want:
         assert torch.equal(got[key], want[key]), (key, got[key], want[key])
     assert sorted(torch.cat(list(got.values())).tolist()) == list(range(sum(g.n_units for g in groups)))
+
+
+@pytest.mark.parametrize("family, kind", [("gpt2", "mlp_neuron"), ("llama", "attention_head")])
+def test_weighted_order_equals_brute_force_greedy(family, kind):
+    """``bitter7_obs``: each output's squared error weighted (``output_weights``); the greedy equals
+    the brute force on the weighted error, and the weights change the order."""
+    model = tiny_model(family)
+    kinds = [StructureName(kind)]
+    groups = unit_groups(model, kinds)
+    stats = stats_of(model, kinds, calibration())
+    masks = {g.key: torch.ones(g.n_units, dtype=torch.bool) for g in groups}
+    g = torch.Generator().manual_seed(3)
+    weights = {}
+    for grp in groups:
+        out = model.get_parameter(grp.out_weight).shape[1 if grp.out_in_dim == 0 else 0]
+        scale = 10.0 ** torch.randn(1, generator=g, dtype=torch.float64)  # across groups too
+        weights[grp.key] = torch.rand(out, generator=g, dtype=torch.float64).pow(4) * scale
+    got = removal_order(groups, model, stats, masks, RIDGE, output_weights=weights)
+    want = brute_force_order(groups, model, stats, masks, RIDGE, weights)
+    for key in want:
+        assert torch.equal(got[key], want[key]), (key, got[key], want[key])
+    plain = removal_order(groups, model, stats, masks, RIDGE)
+    assert any(not torch.equal(plain[k], got[k]) for k in got)
+
+
+def test_output_fisher_divides_column_sums_by_the_feature_energy():
+    model = tiny_model("gpt2")
+    groups = unit_groups(model, [StructureName.mlp_neuron])
+    stats = stats_of(model, [StructureName.mlp_neuron], calibration())
+    sums = {grp.key: torch.arange(1.0, 5.0, dtype=torch.float64) for grp in groups}
+    got = output_fisher(groups, sums, stats)
+    for grp in groups:
+        x = out_module_inputs(model, calibration(), [StructureName.mlp_neuron])[grp.key]
+        assert torch.allclose(got[grp.key], sums[grp.key] / x.square().mean(0).sum(), rtol=1e-10)
+    dead = {grp.key: UnitStats(1, torch.zeros(grp.n_units, dtype=torch.float64),
+                               torch.zeros(grp.n_units, dtype=torch.float64)) for grp in groups}
+    assert all(bool(v.eq(0).all()) for v in output_fisher(groups, sums, dead).values())
 
 
 def test_a_unit_the_others_reproduce_goes_first():
@@ -160,6 +202,54 @@ def test_two_ranks_score_the_single_process_order_and_prune_its_prefix():
                 # the first floor(n / 2) of the joint order are pruned, and nothing else
                 assert torch.equal(~res["masks"][g.key], want[g.key] < math.floor(0.5 * n)), g.key
     assert all(torch.equal(results[0]["masks"][k], results[1]["masks"][k]) for k in results[0]["masks"])
+
+
+def bitter7_obs_on_ranks(family: str) -> dict:
+    """One training step (Adam state exists), then known ``exp_avg_sq`` in every rank's share."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    model = tiny_model(family)
+    cfg = ds_config(2, "fp32", {"structures": ["mlp_neuron", "attention_head"], "score": "bitter7_obs",
+                                "schedule": {"start_step": 1000, "end_step": 1000}, "min_units_per_layer": 0,
+                                "bias_compensation": {"enabled": False}})  # Llama keeps no output biases
+    engine, *_ = ds_bitter7.initialize(model=model, model_parameters=model.parameters(), config=cfg,
+                                       calibration_data=calibration()[rank::world])
+    pruner = ds_bitter7.get_pruner(engine)
+    train_steps(engine, 1)
+    with torch.no_grad():
+        for name, frag in pruner.access.fragments.items():
+            v = known(name, frag.param.shape)[1].view(-1)
+            pruner.access.state(frag).copy_(v[frag.start:frag.start + frag.numel])
+    state = {k: v.detach().clone() for k, v in engine.module.state_dict().items()}
+    scores = pruner.unit_scores()
+    pruner.prune_to(0.5)
+    return {"scores": scores, "masks": {k: m.clone() for k, m in pruner.masks.items()}, "state": state}
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_bitter7_obs_on_two_ranks_weights_by_the_gathered_exp_avg_sq(family):
+    """Each rank sums ``exp_avg_sq`` of the next layer over the range it owns; after the all-reduce
+    the order equals the single-process greedy weighted by the full tensor's column sums."""
+    results = run_distributed(bitter7_obs_on_ranks, 2, family, timeout=180)
+    model = tiny_model(family)
+    model.load_state_dict(results[0]["state"])
+    for kind in (StructureName.mlp_neuron, StructureName.attention_head):
+        groups = unit_groups(model, [kind])
+        stats = stats_of(model, [kind], calibration())
+        ones = {g.key: torch.ones(g.n_units, dtype=torch.bool) for g in groups}
+        sums = {}
+        for g in groups:  # sum over the next layer's input features (Conv1D [F, out], Linear [out, F])
+            v = known(g.out_weight, model.get_parameter(g.out_weight).shape)[1].double()
+            sums[g.key] = v.sum(0 if g.out_in_dim == 0 else 1)
+        weights = output_fisher(groups, sums, stats)
+        want = removal_order(groups, model, stats, ones, RIDGE, output_weights=weights)
+        if kind == StructureName.mlp_neuron:  # the weights matter (4 Llama KV groups may keep their order)
+            plain = removal_order(groups, model, stats, ones, RIDGE)
+            assert any(not torch.equal(plain[g.key], want[g.key]) for g in groups)
+        n = sum(g.n_units for g in groups)
+        for res in results:
+            for g in groups:
+                assert torch.equal(res["scores"][g.key], want[g.key]), (g.key, res["scores"][g.key])
+                assert torch.equal(~res["masks"][g.key], want[g.key] < math.floor(0.5 * n)), g.key
 
 
 def test_large_types_remove_blocks_of_the_cheapest(monkeypatch):

@@ -197,6 +197,8 @@ def test_checkpoint_without_optimizer_state_names_magnitude(tmp_path):
     with pytest.raises(oneshot.OneShotError, match="no optimizer state.*--score obs, fluctuation or magnitude"):
         oneshot.run(oneshot.parse_args([str(tmp_path), str(tmp_path / "out"), "--sparsity", "0.5", "--score", "bitter7"]))
     assert oneshot.main([str(tmp_path), str(tmp_path / "out"), "--sparsity", "0.5", "--score", "fisher"]) == 2
+    with pytest.raises(oneshot.OneShotError, match="score 'bitter7_obs' needs Adam's exp_avg_sq; --score obs"):
+        oneshot.run(oneshot.parse_args([str(tmp_path), str(tmp_path / "out"), "--sparsity", "0.5"]))  # default
 
 
 def test_magnitude_works_without_optimizer_state(tmp_path, checkpoint):
