@@ -83,10 +83,12 @@ def prune_matrix(checkpoint: str, seed: int, args, workdir: str) -> List[Dict]:
     out = os.path.join(workdir, f"cells_{seed}.json")
     kept = []
     if set(args.rows) != set(SCORES):
-        if not os.path.exists(out):
-            raise SystemExit(f"--rows: {out} does not exist: run every row once with this --workdir first")
         with open(out, encoding="utf-8") as f:
             kept = [c for c in json.load(f) if c["score"] not in args.rows]
+        missing = [r for r in SCORES if r not in args.rows and sum(c["score"] == r for c in kept)
+                   != len(COMPENSATIONS) * len(SPARSITIES)]
+        if missing:
+            raise SystemExit(f"--rows: {out} lacks cells of rows {missing}: add them to --rows")
     new = out + ".new"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(args.port),
            os.path.abspath(__file__), "--worker", checkpoint, new, "--seq_len", str(args.seq_len),
@@ -95,7 +97,11 @@ def prune_matrix(checkpoint: str, seed: int, args, workdir: str) -> List[Dict]:
            "--rows", *args.rows]
     run_logged(cmd, os.path.join(workdir, f"cells_{seed}.log"), args.run_timeout, f"one-shot cells, seed {seed}")
     with open(new, encoding="utf-8") as f:
-        cells = kept + json.load(f)
+        fresh = json.load(f)
+    if kept and kept[0]["dense_ppl"] != fresh[0]["dense_ppl"]:  # another checkpoint or validation setup
+        raise SystemExit(f"--rows: dense perplexity {fresh[0]['dense_ppl']} differs from {out}'s "
+                         f"{kept[0]['dense_ppl']}: the earlier cells are not of this run's arguments")
+    cells = kept + fresh
     with open(out, "w", encoding="utf-8") as f:
         json.dump(cells, f, indent=2)
     os.remove(new)
@@ -154,6 +160,7 @@ def worker(argv: List[str]) -> None:
                 rows.append({"seed": a.seed, "score": row, "scope": scope, "compensation": comp, "sparsity": sparsity,
                              "ppl": ppl, "dense_ppl": dense, "event_seconds": event["seconds"],
                              "event_bytes": event["bytes"], "compensation_info": event.get("compensation"),
+                             "units_kept": {r["key"]: r["units_kept"] for r in pruner.sparsity_report()},
                              "seconds": time.perf_counter() - t0})
                 if comm.rank == 0:
                     print(f"{row:>20} {comp:>13} {sparsity:.2f}: ppl {ppl:.3f} (dense {dense:.3f})", flush=True)
@@ -225,8 +232,8 @@ def markdown(rows: List[Dict], checks: List[Dict], info: Dict) -> str:
                 + ("the time is pruning only)." if set(info["reused_seeds"]) >= set(info["seeds"])
                    else "the time is their pruning and the other seeds' training and pruning).")
                 if info.get("reused_seeds") else ".")
-             + (f" Rows pruned by this invocation: {', '.join(info['rows'])}; the other rows' cells are from the "
-                "earlier full run in that `--workdir`, same arguments and code for those scores."
+             + (f" Rows pruned by this invocation: {', '.join(info['rows'])}; the other rows' cells are from an "
+                "earlier run in that `--workdir` (same dense checkpoints; each seed's dense perplexity checked equal)."
                 if set(info.get("rows", SCORES)) != set(SCORES) else ""), ""]
     for s in SPARSITIES:
         lines += [f"## {s:.0%} of MLP neurons removed", "",
@@ -315,6 +322,11 @@ def main(argv: Optional[List[str]] = None) -> None:
     os.makedirs(workdir, exist_ok=True)
     cells: List[Dict] = []
     reused = [s for s in args.seeds if os.path.exists(os.path.join(workdir, f"dense_{s}", "latest"))]
+    if set(args.rows) != set(SCORES):  # before any training: the other rows' cells must be there
+        lacking = [s for s in args.seeds if s not in reused or not os.path.exists(os.path.join(workdir, f"cells_{s}.json"))]
+        if lacking:
+            raise SystemExit(f"--rows: seeds {lacking} have no dense checkpoint and cells in {workdir}: "
+                             "run every row once with this --workdir first")
     for seed in args.seeds:
         ckpt = train_dense(seed, args, workdir)
         print(f"seed {seed}: trained {ckpt} ({time.time() - t0:.0f} s)", flush=True)

@@ -25,16 +25,19 @@ covariance (fewer calibration rows than features) lose every digit of ``H``.
 
 Score ``bitter7_obs`` weights that error per output feature ``j`` by the loss's sensitivity to it,
 the diagonal of the output Fisher ``E[g_j^2]`` (``g``: the loss gradient at the layer's output),
-read from Adam's second moment of ``W`` at no cost: ``v[f, j] ~ E[x_f^2] E[g_j^2]`` (the
-gradient of ``W[f, j]`` is ``x_f g_j``), so ``fisher_j = sum_f v[f, j] / sum_f E[x_f^2]``
-(``output_fisher``) and
+read from Adam's second moment of ``W`` at no cost: the gradient of ``W[f, j]`` is ``x_f g_j``
+summed over a batch's tokens, so, taking ``x`` and ``g`` as independent,
+``v[f, j] ~ c E[x_f^2] E[g_j^2]`` with one factor ``c`` (batch size, Adam's averaging) shared by
+every layer, and ``fisher_j = sum_f v[f, j] / sum_f E[x_f^2]`` (``output_fisher``). Then
 
     cost(U) = tr(W_U^T (H_UU)^-1 W_U D),        D = diag(fisher),
 
-a second-order estimate of the loss increase (LLM Surgeon's Kronecker form with a diagonal output
-factor). The refit of each output column is the same as unweighted, so the greedy runs on
-``W D^(1/2)``. Across layers the costs are then in one unit (the loss), where the plain costs
-compare squared errors of outputs that the loss weighs differently.
+is a second-order estimate of the loss increase up to that common factor (LLM Surgeon's
+Kronecker form with a diagonal output factor). The refit of each output column is the same as
+unweighted, so the greedy runs on ``W D^(1/2)``. Across layers the costs are then comparable as
+loss, where the plain costs compare squared errors of outputs that the loss weighs differently.
+A group whose ``exp_avg_sq`` sums to zero while its features are active (a layer the optimizer
+never updated) gets NaN weights, so the event prunes nothing rather than all of that layer.
 
 Cost per structure type: one ``F x F`` float64 matrix and inverse per group, and ``F^2`` memory
 traffic per greedy step and group it touches, on the device of the weights
@@ -45,6 +48,7 @@ all-reduce of ``n_units`` numbers, so a float difference between ranks can never
 
 from __future__ import annotations
 
+import math
 from typing import Dict, List, Optional
 
 import torch
@@ -142,13 +146,18 @@ def output_fisher(groups: List[UnitGroup], column_sums: Dict[str, torch.Tensor],
                   stats: Dict) -> Dict[str, torch.Tensor]:
     """Per group key, float64[out]: ``sum_f v[f, j] / sum_f E[x_f^2]`` (module docstring), from
     ``column_sums`` (``sum_f v[f, j]`` of the next layer's weight, over all ranks) and the
-    gathered statistics; zeros where no feature is active (the layer's error then costs nothing)."""
+    gathered statistics. Zeros where no feature is active (the layer's error then costs nothing);
+    NaN (the event prunes nothing) where the energy is not finite, or where features are active
+    but ``exp_avg_sq`` is all zero: zero weights would make every unit of that layer free."""
     out = {}
     for g in groups:
         st = stats[g.key]
         energy = float((st.var + st.mean.square()).sum())
         sums = column_sums[g.key].to(torch.float64)
-        out[g.key] = sums / energy if energy > 0 else torch.zeros_like(sums)
+        if not math.isfinite(energy) or (energy > 0 and not bool(sums.ne(0).any())):
+            out[g.key] = torch.full_like(sums, float("nan"))
+        else:
+            out[g.key] = sums / energy if energy > 0 else torch.zeros_like(sums)
     return out
 
 

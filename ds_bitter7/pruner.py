@@ -194,7 +194,9 @@ class Pruner:
             shape = tuple(self.model.get_parameter(g.out_weight).shape)
             out_dim = 1 if g.out_in_dim == 0 else 0
             slices.append(ParamSlice(g.out_weight, shape, out_dim, torch.arange(shape[out_dim])))
-        sums = torch.zeros(sum(s.shape[s.dim] for s in slices), dtype=torch.float64)
+        # Accumulate where the fragments live; one copy to the host for the all-reduce.
+        device = next((f.flat.device for f in self.access.fragments.values()), torch.device("cpu"))
+        sums = torch.zeros(sum(s.shape[s.dim] for s in slices), dtype=torch.float64, device=device)
         error, offset = None, 0
         try:
             for s in slices:
@@ -208,7 +210,7 @@ class Pruner:
         except MissingOptimizerState as e:
             error = e
         self.comm.raise_if_any(error, "scoring")
-        sums = self.score_comm.all_reduce_sum(sums)
+        sums = self.score_comm.all_reduce_sum(sums.cpu())
         return dict(zip([g.key for g in groups], torch.split(sums, [s.shape[s.dim] for s in slices])))
 
     def _rank0_scores(self, groups: List[UnitGroup], compute) -> Dict[str, torch.Tensor]:

@@ -143,7 +143,8 @@ def test_output_fisher_divides_column_sums_by_the_feature_energy():
     model = tiny_model("gpt2")
     groups = unit_groups(model, [StructureName.mlp_neuron])
     stats = stats_of(model, [StructureName.mlp_neuron], calibration())
-    sums = {grp.key: torch.arange(1.0, 5.0, dtype=torch.float64) for grp in groups}
+    n_out = model.config.n_embd  # Conv1D c_proj: [n_inner, n_embd]
+    sums = {grp.key: torch.arange(1.0, n_out + 1.0, dtype=torch.float64) for grp in groups}
     got = output_fisher(groups, sums, stats)
     for grp in groups:
         x = out_module_inputs(model, calibration(), [StructureName.mlp_neuron])[grp.key]
@@ -151,6 +152,14 @@ def test_output_fisher_divides_column_sums_by_the_feature_energy():
     dead = {grp.key: UnitStats(1, torch.zeros(grp.n_units, dtype=torch.float64),
                                torch.zeros(grp.n_units, dtype=torch.float64)) for grp in groups}
     assert all(bool(v.eq(0).all()) for v in output_fisher(groups, sums, dead).values())
+    # active features but no second moment (a layer the optimizer never updated): NaN, and the
+    # order is all NaN (the event prunes nothing) instead of every unit of that layer being free
+    zero = {**sums, groups[0].key: torch.zeros(n_out, dtype=torch.float64)}
+    weights = output_fisher(groups, zero, stats)
+    assert bool(weights[groups[0].key].isnan().all()) and not bool(weights[groups[1].key].isnan().any())
+    masks = {grp.key: torch.ones(grp.n_units, dtype=torch.bool) for grp in groups}
+    order = removal_order(groups, model, stats, masks, RIDGE, output_weights=weights)
+    assert all(bool(v.isnan().all()) for v in order.values())
 
 
 def test_a_unit_the_others_reproduce_goes_first():
