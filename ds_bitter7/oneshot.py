@@ -45,13 +45,14 @@ from .export import (
     strip_module_prefix,
     zero_file_problems,
 )
+from .scores import get_scorer
 from .threshold import n_to_prune
 
 logger = logging.getLogger(__name__)
 
 # movement needs training steps
 SCORES = ("bitter7", "magnitude", "fisher", "bitter7_variance", "fluctuation", "obs", "bitter7_obs")
-NEEDS_OPTIMIZER = {"bitter7", "fisher", "bitter7_variance", "bitter7_obs"}
+NEEDS_OPTIMIZER = {s for s in SCORES if "exp_avg_sq" in get_scorer(s).needs}  # read Adam's exp_avg_sq
 # Keys of the training config that shape how the checkpoint loads; everything else is dropped.
 KEEP_DS_KEYS = ("optimizer", "zero_optimization", "bf16", "fp16", "data_types", "gradient_clipping")
 DEFAULT_SEQ_LEN = 256

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import torch
 
@@ -143,22 +143,29 @@ class Pruner:
             x.movement = self.movement[frag.name][sub]
         return x
 
-    def _local_unit_sums(self, groups: List[UnitGroup]) -> torch.Tensor:
-        total = sum(g.n_units for g in groups)
+    def _reduced_sums(self, parts: List[Tuple[int, List[ParamSlice]]], values) -> torch.Tensor:
+        """float64[sum of the sizes], on the host: for each part ``(size, slices)``, ``values(frag,
+        start, numel)`` (per element of a flat range of a fragment) summed per index of each slice's
+        ``dim``, over the ranges this rank owns, then over all ranks (one all-reduce). A missing
+        optimizer state on any rank fails every rank. Collective."""
         # Accumulate where the fragments live (one copy to the host at the end, no per-chunk sync).
         device = next((f.flat.device for f in self.access.fragments.values()), torch.device("cpu"))
-        sums = torch.zeros(total, dtype=torch.float64, device=device)
-        offset = 0
-        for g in groups:
-            out = sums[offset:offset + g.n_units]
-            for s in g.slices:
-                frag = self.access.fragments.get(s.name)
-                if frag is None:
-                    continue
-                for start, numel in s.chunks(frag.start, frag.numel, self._chunk):
-                    s.add_unit_sums(out, self.scorer.fn(self._score_inputs(frag, start, numel)), start)
-            offset += g.n_units
-        return sums.cpu()
+        sums = torch.zeros(sum(n for n, _ in parts), dtype=torch.float64, device=device)
+        error, offset = None, 0
+        try:
+            for n, slices in parts:
+                out = sums[offset:offset + n]
+                for s in slices:
+                    frag = self.access.fragments.get(s.name)
+                    if frag is None:  # a rank may own no part of it: it still takes part
+                        continue
+                    for start, numel in s.chunks(frag.start, frag.numel, self._chunk):
+                        s.add_unit_sums(out, values(frag, start, numel), start)
+                offset += n
+        except MissingOptimizerState as e:
+            error = e
+        self.comm.raise_if_any(error, "scoring")
+        return self.score_comm.all_reduce_sum(sums.cpu())
 
     def _kind_scores(self, kind: StructureName, stats: Optional[dict] = None,
                      fraction: Optional[float] = None) -> Dict[str, torch.Tensor]:
@@ -174,13 +181,9 @@ class Pruner:
                 per_layer=self.config.scope == Scope.per_layer, fraction=fraction,
                 min_keep=self.config.min_units_per_layer if self.config.scope == Scope.global_ else 0,
                 output_weights=weights))
-        error = None
-        try:
-            sums = self._local_unit_sums(groups)
-        except MissingOptimizerState as e:
-            error, sums = e, None
-        self.comm.raise_if_any(error, "scoring")
-        out = _by_group(self.score_comm.all_reduce_sum(sums), groups)  # [n_units of this kind, all layers]
+        sums = self._reduced_sums([(g.n_units, g.slices) for g in groups],
+                                  lambda frag, start, numel: self.scorer.fn(self._score_inputs(frag, start, numel)))
+        out = _by_group(sums, groups)  # [n_units of this kind, all layers]
         if self.scorer.uses_activation_std:
             out = {g.key: out[g.key] * unit_std(g, stats[g.key]) for g in groups}
         return out
@@ -194,24 +197,10 @@ class Pruner:
             shape = tuple(self.model.get_parameter(g.out_weight).shape)
             out_dim = 1 if g.out_in_dim == 0 else 0
             slices.append(ParamSlice(g.out_weight, shape, out_dim, torch.arange(shape[out_dim])))
-        # Accumulate where the fragments live; one copy to the host for the all-reduce.
-        device = next((f.flat.device for f in self.access.fragments.values()), torch.device("cpu"))
-        sums = torch.zeros(sum(s.shape[s.dim] for s in slices), dtype=torch.float64, device=device)
-        error, offset = None, 0
-        try:
-            for s in slices:
-                n, frag = s.shape[s.dim], self.access.fragments.get(s.name)
-                if frag is not None:
-                    v = self.access.state(frag)
-                    for start, numel in s.chunks(frag.start, frag.numel, self._chunk):
-                        chunk = v[start - frag.start:start - frag.start + numel].to(torch.float64)
-                        s.add_unit_sums(sums[offset:offset + n], chunk, start)
-                offset += n
-        except MissingOptimizerState as e:
-            error = e
-        self.comm.raise_if_any(error, "scoring")
-        sums = self.score_comm.all_reduce_sum(sums.cpu())
-        return dict(zip([g.key for g in groups], torch.split(sums, [s.shape[s.dim] for s in slices])))
+        sizes = [s.shape[s.dim] for s in slices]
+        sums = self._reduced_sums([(n, [s]) for n, s in zip(sizes, slices)], lambda frag, start, numel: (
+            self.access.state(frag)[start - frag.start:start - frag.start + numel].to(torch.float64)))
+        return dict(zip([g.key for g in groups], torch.split(sums, sizes)))
 
     def _rank0_scores(self, groups: List[UnitGroup], compute) -> Dict[str, torch.Tensor]:
         """Scores computed on rank 0 only, summed with zeros from the others (an all-reduce, after
