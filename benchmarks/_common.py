@@ -4,10 +4,14 @@ reference workload's DeepSpeed config (ZeRO-2, AdamW, linear warm-up over the fi
 from __future__ import annotations
 
 import os
+import pickle
 import shlex
+import socket
 import subprocess
 import sys
-from typing import List, Optional
+import time
+import traceback
+from typing import Any, Callable, List, Optional
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -52,3 +56,54 @@ def reference_ds_config(steps: int, lr: float, micro_batch: int) -> dict:
                                                      "warmup_type": "linear"}},
         "zero_optimization": {"stage": 2, "overlap_comm": False, "contiguous_gradients": True},
     }
+
+
+def _rank_main(fn: Callable, rank: int, world: int, port: int, args: tuple, queue) -> None:
+    os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": str(rank),
+                       "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_WORLD_SIZE": str(world)})
+    try:
+        queue.put((rank, True, pickle.dumps(fn(rank, world, *args))))
+    except BaseException:
+        queue.put((rank, False, traceback.format_exc()))
+    finally:
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def spawn_ranks(fn: Callable, world: int, args: tuple, timeout: float) -> List[Any]:
+    """``fn(rank, world, *args)`` on ``world`` spawned processes, with the ``env://`` variables of
+    one process group set (``fn`` initializes it); their results in rank order. Raises when a rank
+    fails (with its traceback) or the ranks take longer than ``timeout`` seconds."""
+    import torch.multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    queue = ctx.SimpleQueue()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs = [ctx.Process(target=_rank_main, args=(fn, r, world, port, args, queue), daemon=True)
+             for r in range(world)]
+    for p in procs:
+        p.start()
+    results, deadline = {}, time.monotonic() + timeout
+    try:
+        while len(results) < world:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{world} ranks of {fn.__name__} did not finish in {timeout:.0f} s")
+            if queue.empty():
+                if any(p.exitcode not in (0, None) for p in procs):
+                    raise RuntimeError(f"a rank of {world} died without a result in {fn.__name__}")
+                time.sleep(0.1)  # polling the queue, not timing anything
+                continue
+            rank, ok, value = queue.get()
+            if not ok:
+                raise RuntimeError(f"rank {rank} of {world} failed in {fn.__name__}:\n{value}")
+            results[rank] = pickle.loads(value)
+    finally:
+        for p in procs:
+            p.join(timeout=10)
+            if p.is_alive():
+                p.kill()
+    return [results[r] for r in range(world)]

@@ -1,15 +1,17 @@
 #!/usr/bin/env python
-"""Cost of ``score: obs``: the greedy removal order (``ds_bitter7.obs.removal_order``) by MLP width.
+"""Cost of ``score: obs``: the greedy removal order (``ds_bitter7.obs.removal_order``) by MLP width,
+on one rank and shared by two.
 
     python benchmarks/obs_cost.py [--widths 512 2048 4096] [--repeats 3] [--threads 2]
 
 A GPT-2-shaped model of 4 layers (n_inner = width, n_embd = width / 4) with random weights and a
-random full-rank covariance per layer (2 x width correlated rows). Times the whole order of every
-MLP neuron on rank 0 (what ``pruner.unit_scores()`` computes; an event stops the greedy at the
-fraction it prunes, so it takes about that fraction of this), and, in the same run, one float64
-``width x width`` inverse per layer (what least squares also pays) for scale. Medians over
-``--repeats`` (widths above 2048 once: minutes each on 2 cores). Writes
-benchmarks/results/obs_cost.{json,md}.
+random full-rank covariance per layer (2 x width correlated rows). Two ranks (gloo) are spawned
+once; per repeat, side by side: rank 0 alone with ``--threads`` threads, then both ranks with half
+as many each (the same cores), each running the greedy of its 2 layers. Timed: the whole order of
+every MLP neuron (what ``pruner.unit_scores()`` computes) and an event's order at 75% (its rounds
+stop once the pruned prefix is settled); and, for scale, one float64 ``width x width`` inverse per
+layer (what least squares also pays). Medians over ``--repeats`` (widths above 2048 once: minutes
+each on 2 cores). Writes benchmarks/results/obs_cost.{json,md}.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import statistics
 import time
 
 import torch
-from _common import command_line
+from _common import command_line, spawn_ranks
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from ds_bitter7 import obs
@@ -49,24 +51,94 @@ def setup(width: int, seed: int = 0):
     return model, groups, stats, masks
 
 
-def measure(width: int, repeats: int) -> dict:
-    model, groups, stats, masks = setup(width)
-    order_s, inverse_s = [], []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        obs.removal_order(groups, model, stats, masks, 1e-3)
-        order_s.append(time.perf_counter() - t0)
-        t0 = time.perf_counter()
-        for g in groups:  # the damped centered covariance, as obs and least squares invert it
-            cov = stats[g.key].second_moment - torch.outer(stats[g.key].mean, stats[g.key].mean)
-            torch.linalg.inv(cov + 1e-3 * float(cov.diagonal().mean()) * torch.eye(width, dtype=torch.float64))
-        inverse_s.append(time.perf_counter() - t0)
-    n = LAYERS * width
-    per_step = math.ceil(n / obs.STEPS)  # as obs._greedy blocks its steps
-    return {"width": width, "units": n, "greedy_steps": math.ceil(n / per_step),
-            "units_per_step": per_step, "repeats": repeats,
-            "order_seconds": statistics.median(order_s), "inverse_seconds": statistics.median(inverse_s),
-            "h_bytes_per_layer": width * width * 8}
+def _timed(fn, *args, **kwargs):
+    """``fn(*args, **kwargs)`` and its seconds; under torch.distributed, until every rank is done."""
+    t0 = time.perf_counter()
+    out = fn(*args, **kwargs)
+    if kwargs.get("comm") is not None and kwargs["comm"].world_size > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
+    return out, time.perf_counter() - t0
+
+
+def _ranks(rank: int, world: int, widths: list, repeats: int, threads: int) -> list:
+    """Every width's timings, on rank 0's clock."""
+    import torch.distributed as dist
+
+    from ds_bitter7.comm import Communicator
+
+    dist.init_process_group("gloo")
+    comm, rows = Communicator(), []
+    for width in widths:
+        model, groups, stats, masks = setup(width)
+        times = {k: [] for k in ("full_1", "full_2", "event_1", "event_2", "inverse")}
+        same = True
+        for _ in range(repeats if width <= 2048 else 1):
+            for name, fraction in (("full", None), ("event", 0.75)):
+                args = (groups, model, stats, masks, 1e-3)
+                dist.barrier()
+                if rank == 0:
+                    torch.set_num_threads(threads)
+                    alone, t = _timed(obs.removal_order, *args, fraction=fraction, min_keep=1, comm=obs.LOCAL)
+                    times[f"{name}_1"].append(t)
+                torch.set_num_threads(max(1, threads // world))
+                dist.barrier()
+                shared, t = _timed(obs.removal_order, *args, fraction=fraction, min_keep=1, comm=comm)
+                times[f"{name}_2"].append(t)
+                if rank == 0:
+                    same &= all(torch.equal(alone[k], shared[k]) for k in alone)
+            if rank == 0:
+                torch.set_num_threads(threads)
+                _, t = _timed(inverses, stats, width)
+                times["inverse"].append(t)
+        rows.append({"width": width, "units": LAYERS * width, "repeats": len(times["full_2"]), "same_order": same, "h_bytes_per_layer": width * width * 8,
+                     **{f"{k}_seconds": v for k, v in times.items()}})
+    return rows
+
+
+def inverses(stats: dict, width: int) -> list:
+    """Every layer's damped centered covariance inverted, as obs and least squares do."""
+    out = []
+    for st in stats.values():
+        cov = st.second_moment - torch.outer(st.mean, st.mean)
+        out.append(torch.linalg.inv(cov + 1e-3 * float(cov.diagonal().mean()) * torch.eye(width, dtype=torch.float64)))
+    return out
+
+
+def render(doc: dict) -> None:
+    """Write ``doc`` (info and rows) as obs_cost.json and the table obs_cost.md."""
+    info, rows, med = doc["info"], doc["rows"], statistics.median
+    for r in rows:
+        r.pop("units_per_step", None)  # derived below (the first runs of this script stored it wrongly)
+        for k in ("full", "event"):
+            r[f"{k}_ratio"] = med(a / b for a, b in zip(r[f"{k}_1_seconds"], r[f"{k}_2_seconds"]))
+    os.makedirs(RESULTS, exist_ok=True)
+    with open(os.path.join(RESULTS, "obs_cost.json"), "w", encoding="utf-8") as f:
+        json.dump(doc, f, indent=2)
+    threads = info["threads"]
+    lines = ["# Cost of `score: obs` (the greedy removal order)", "",
+             f"Command: `{info['command']}`; {threads} CPU threads in all, torch {info['torch']}, float64. "
+             f"{LAYERS} layers of MLP neurons. Per repeat, side by side: rank 0 alone with {threads} threads, "
+             f"then 2 ranks (gloo) with {max(1, threads // 2)} each, each running the greedy of its 2 layers "
+             "and holding only their matrices. *Full*: the whole order (`pruner.unit_scores()`); *event*: the order "
+             "an event at 75% needs (its rounds stop once the pruned prefix is settled). Medians of the repeats; "
+             "speed-up: median over repeats of 1 rank / 2 ranks. *Units per step*: of each layer, "
+             f"ceil(units / {info['steps_constant']}).", "",
+             "| MLP width | units | units per step | full, 1 rank, s | full, 2 ranks, s | speed-up | "
+             "event 75%, 1 rank, s | event, 2 ranks, s | speed-up | 4 inverses, s | H per layer | same order |",
+             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+    for r in rows:
+        lines.append(f"| {r['width']} | {r['units']} | {math.ceil(r['units'] / info['steps_constant'])} | "
+                     f"{med(r['full_1_seconds']):.2f} | "
+                     f"{med(r['full_2_seconds']):.2f} | {r['full_ratio']:.2f}x | {med(r['event_1_seconds']):.2f} | "
+                     f"{med(r['event_2_seconds']):.2f} | {r['event_ratio']:.2f}x | {med(r['inverse_seconds']):.2f} | "
+                     f"{r['h_bytes_per_layer'] / 2**20:.0f} MiB | {'yes' if r['same_order'] else 'NO'} |")
+    lines += ["", f"Repeats: {', '.join(str(r['repeats']) for r in rows)} (by width). *Same order*: the 2-rank "
+              "orders equal rank 0's alone, unit for unit, in every repeat."]
+    with open(os.path.join(RESULTS, "obs_cost.md"), "w", encoding="utf-8") as f:
+        f.write("\n".join(lines) + "\n")
+    print("\n".join(lines))
 
 
 def main() -> None:
@@ -74,31 +146,19 @@ def main() -> None:
     p.add_argument("--widths", type=int, nargs="+", default=[512, 2048, 4096])
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--from_json", help="re-render the table of an earlier run's obs_cost.json")
     args = p.parse_args()
-    torch.set_num_threads(args.threads)
-    rows = []
-    for width in args.widths:
-        rows.append(measure(width, args.repeats if width <= 2048 else 1))
-        print(json.dumps(rows[-1]), flush=True)
-    info = {"command": command_line(), "threads": args.threads, "torch": torch.__version__,
-            "machine": platform.processor() or platform.machine(), "steps_constant": obs.STEPS}
-    os.makedirs(RESULTS, exist_ok=True)
-    with open(os.path.join(RESULTS, "obs_cost.json"), "w", encoding="utf-8") as f:
-        json.dump({"info": info, "rows": rows}, f, indent=2)
-    lines = ["# Cost of `score: obs` (the greedy removal order)", "",
-             f"Command: `{info['command']}`; {args.threads} CPU threads, torch {info['torch']}, float64. "
-             f"{LAYERS} layers; the full greedy order of all MLP neurons on rank 0 (an event stops at the "
-             "fraction it prunes: about that fraction of this time). Median of the repeats shown.", "",
-             "| MLP width | units | greedy steps (units each) | order, s | 4 inverses, s | order / inverses | H per layer |",
-             "|---:|---:|---:|---:|---:|---:|---:|"]
+    if args.from_json:
+        with open(args.from_json, encoding="utf-8") as f:
+            render(json.load(f))
+        return
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")  # the spawned ranks inherit it
+    rows = spawn_ranks(_ranks, 2, (args.widths, args.repeats, args.threads), timeout=7200)[0]
     for r in rows:
-        lines.append(f"| {r['width']} | {r['units']} | {r['greedy_steps']} ({r['units_per_step']}) | "
-                     f"{r['order_seconds']:.2f} | {r['inverse_seconds']:.2f} | "
-                     f"{r['order_seconds'] / r['inverse_seconds']:.0f}x | {r['h_bytes_per_layer'] / 2**20:.0f} MiB |")
-    lines += ["", f"Repeats: {', '.join(str(r['repeats']) for r in rows)} (by width)."]
-    with open(os.path.join(RESULTS, "obs_cost.md"), "w", encoding="utf-8") as f:
-        f.write("\n".join(lines) + "\n")
-    print("\n".join(lines))
+        print(json.dumps(r), flush=True)
+    render({"info": {"command": command_line(), "threads": args.threads, "torch": torch.__version__,
+                     "machine": platform.processor() or platform.machine(), "steps_constant": obs.STEPS},
+            "rows": rows})
 
 
 if __name__ == "__main__":

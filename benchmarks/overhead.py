@@ -33,14 +33,13 @@ import gc
 import itertools
 import json
 import os
-import pickle
 import platform
-import socket
 import statistics
 import subprocess
 import sys
 import time
-import traceback
+
+from _common import spawn_ranks
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 TARGET = 0.5
@@ -239,70 +238,28 @@ def measure_width(width: int, opts: dict) -> dict:
     return out
 
 
-def _worker(rank: int, world: int, port: int, backend: str, opts: dict, queue) -> None:
+def _worker(rank: int, world: int, backend: str, opts: dict) -> list:
+    import deepspeed
     import torch
 
-    n_gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    local = rank % n_gpus if n_gpus else rank  # ranks share the GPUs when there are fewer
-    os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": str(rank),
-                       "LOCAL_RANK": str(local), "WORLD_SIZE": str(world), "LOCAL_WORLD_SIZE": str(world)})
-    try:
-        import deepspeed
-        import torch
-
-        torch.set_num_threads(opts["threads"])
-        deepspeed.init_distributed(dist_backend=backend, verbose=False)
-        if deepspeed.get_accelerator().device_name() == "cuda":
-            torch.cuda.set_device(rank % torch.cuda.device_count())
-        rows = []
-        for w in opts["widths"]:
-            rows.append(measure_width(w, opts))
-            gc.collect()  # the engine of the last width goes before the next one is built
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
-        queue.put((rank, True, pickle.dumps(rows)))
-    except BaseException:
-        queue.put((rank, False, traceback.format_exc()))
-    finally:
-        import torch.distributed as dist
-
-        if dist.is_initialized():
-            dist.destroy_process_group()
+    if torch.cuda.is_available():  # ranks share the GPUs when there are fewer
+        os.environ["LOCAL_RANK"] = str(rank % torch.cuda.device_count())
+    torch.set_num_threads(opts["threads"])
+    deepspeed.init_distributed(dist_backend=backend, verbose=False)
+    if deepspeed.get_accelerator().device_name() == "cuda":
+        torch.cuda.set_device(rank % torch.cuda.device_count())
+    rows = []
+    for w in opts["widths"]:
+        rows.append(measure_width(w, opts))
+        gc.collect()  # the engine of the last width goes before the next one is built
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    return rows
 
 
 def run_world(world: int, backend: str, opts: dict, timeout: float) -> list:
     """Spawn ``world`` ranks, measure every width there; every rank's rows, in rank order."""
-    import torch.multiprocessing as mp
-
-    ctx = mp.get_context("spawn")
-    queue = ctx.SimpleQueue()
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    procs = [ctx.Process(target=_worker, args=(r, world, port, backend, opts, queue), daemon=True)
-             for r in range(world)]
-    for p in procs:
-        p.start()
-    results, deadline = {}, time.monotonic() + timeout
-    try:
-        while len(results) < world:
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"world size {world} did not finish in {timeout:.0f} s")
-            if queue.empty():
-                if any(p.exitcode not in (0, None) for p in procs):
-                    raise RuntimeError(f"a rank of world size {world} died without a result")
-                time.sleep(0.1)
-                continue
-            rank, ok, value = queue.get()
-            if not ok:
-                raise RuntimeError(f"rank {rank} of {world} failed:\n{value}")
-            results[rank] = pickle.loads(value)
-    finally:
-        for p in procs:
-            p.join(timeout=10)
-            if p.is_alive():
-                p.kill()
-    return [results[r] for r in range(world)]
+    return spawn_ranks(_worker, world, (backend, opts), timeout)
 
 
 # -- summary -------------------------------------------------------------------------------------------

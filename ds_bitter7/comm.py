@@ -164,3 +164,18 @@ class Communicator:
             error = error or RuntimeError(f"{what} failed on another rank; see that rank's error")
             mark_every_rank(error)
             raise error
+
+
+class LocalComm(Communicator):
+    """A communicator that reduces nothing: one process holds everything (stage 0, or no group)."""
+
+    @property
+    def world_size(self) -> int:
+        return 1
+
+    @property
+    def rank(self) -> int:
+        return 0
+
+
+LOCAL = LocalComm()

@@ -18,9 +18,19 @@ Greedy over all groups of one structure type at once: repeatedly remove the unit
 anywhere (costs are squared errors of each block's output, all in the residual stream), updating
 only that group. A unit's score is the step at which it goes (already pruned units first), so a
 ``global`` threshold takes the first ``k`` of one greedy sequence; with ``per_layer`` each group
-runs its own greedy. Scores are ranks, not magnitudes: ``scope: standardized`` is refused for
-this score. ``lam = max(ridge, 1e-6) * mean(diag(S))`` over the features of units not yet pruned
-(least squares takes the mean over the kept ones); below ``1e-6``, downdates of a rank-deficient
+runs its own greedy. Since a removal changes only its own group, the joint greedy is each
+group's own greedy, interleaved: give every unit of a group's sequence the running maximum of the
+costs so far as its key, and a stable sort of all keys (ties by group, then place) is the joint
+order (the cheapest head of any sequence goes next). So groups are shared out among the ranks,
+group ``i`` on rank ``i % world_size``, each holding only its groups' matrices; an event runs in
+rounds (each group orders an eighth of its units, then one all-reduce of a number per group finds
+the key below which no unit can still come) until the prefix it prunes is settled, and one
+all-reduce of ``2 n_units`` numbers gives every rank the same keys, whose owner computed them, so
+a float difference between ranks can never split the masks.
+
+Scores are ranks, not magnitudes: ``scope: standardized`` is refused for this score.
+``lam = max(ridge, 1e-6) * mean(diag(S))`` over the features of units not yet pruned (least
+squares takes the mean over the kept ones); below ``1e-6``, downdates of a rank-deficient
 covariance (fewer calibration rows than features) lose every digit of ``H``.
 
 Score ``bitter7_obs`` weights that error per output feature ``j`` by the loss's sensitivity to it,
@@ -39,26 +49,28 @@ loss, where the plain costs compare squared errors of outputs that the loss weig
 A group whose ``exp_avg_sq`` sums to zero while its features are active (a layer the optimizer
 never updated) gets NaN weights, so the event prunes nothing rather than all of that layer.
 
-Cost per structure type: one ``F x F`` float64 matrix and inverse per group, and ``F^2`` memory
-traffic per greedy step and group it touches, on the device of the weights
-(``benchmarks/obs_cost.py``). Up to ``STEPS`` units the greedy is exact, one unit per step;
-beyond, each step removes the ``ceil(n / STEPS)`` cheapest at once. Rank 0 computes the order; it reaches the others in an
-all-reduce of ``n_units`` numbers, so a float difference between ranks can never split the masks.
+Cost per group, on the rank that owns it: one ``F x F`` float64 matrix and inverse, and ``F^2``
+memory traffic per greedy step, on the device of the weights
+(``benchmarks/obs_cost.py``). Up to ``STEPS`` units of a type (of a group with ``per_layer``)
+the greedy is exact, one unit per step; beyond, each step of a group removes its
+``ceil(n / STEPS)`` cheapest at once, so all groups together take about ``STEPS`` steps.
 """
 
 from __future__ import annotations
 
+import bisect
 import math
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import torch
 
+from .comm import LOCAL, Communicator
 from .structures import UnitGroup
 from .threshold import n_to_prune
 
-# Exact greedy (one unit per step) up to this many units of a structure type; beyond, each step
-# removes the ceil(n / STEPS) cheapest units at once (ZipLM's blocks), so the Python loop and the
-# rank-one updates of a large model become a few thousand matrix products.
+# Exact greedy (one unit per step) up to this many units of a structure type; beyond, each step of
+# a group removes its ceil(n / STEPS) cheapest units at once (ZipLM's blocks), so the Python loops
+# and the rank-one updates of a large model become a few thousand matrix products.
 STEPS = 4096
 
 
@@ -91,7 +103,11 @@ class _GroupState:
         cov.diagonal().add_(max(ridge, 1e-6) * scale)  # in place: cov is this group's own copy
         self.h = torch.linalg.inv(cov)
         self.w = w
-        self.remove(pruned.nonzero().flatten().tolist())  # already removed: out of H before any choice
+        self.floor = 0  # units this group keeps whatever their costs (a global threshold's min_keep)
+        self.nan = False  # a cost turned NaN: the event prunes nothing
+        self.order = pruned.nonzero().flatten().tolist()  # units in removal order, already pruned first
+        self.keys = [-math.inf] * len(self.order)  # running maximum of the costs along ``order``
+        self.remove(self.order)  # already removed: out of H before any choice
         self.costs = self._costs()
 
     def _costs(self) -> torch.Tensor:
@@ -137,9 +153,38 @@ class _GroupState:
         self.h.index_fill_(0, idx, 0.0)
         self.h.index_fill_(1, idx, 0.0)
 
-    def take(self, units: List[int]) -> None:
-        self.remove(units)
-        self.costs = self._costs()
+    def advance(self, count: int, block: int) -> None:
+        """Order up to ``count`` more units, the ``block`` cheapest per refit, down to ``floor`` alive."""
+        while count > 0 and not self.nan and int(self.alive.sum()) > self.floor:
+            if bool(torch.isnan(self.costs).any()):
+                self.nan = True
+                return
+            k = min(block, count, int(self.alive.sum()) - self.floor)
+            picked = torch.sort(self.costs, stable=True).indices[:k]  # ties in unit order
+            for c in self.costs[picked].tolist():
+                self.keys.append(max(self._last_key(), c))
+            self.order += picked.tolist()
+            count -= k
+            self.remove(picked.tolist())
+            self.costs = self._costs()
+
+    def next_key(self) -> float:
+        """The smallest key a unit ordered next can get: inf when no unit is left to order, NaN
+        when a cost is NaN."""
+        if self.nan or bool(torch.isnan(self.costs).any()):
+            return math.nan
+        if int(self.alive.sum()) <= self.floor:
+            return math.inf
+        return max(self._last_key(), float(self.costs.min()))
+
+    def _last_key(self) -> float:
+        return self.keys[-1] if self.keys else -math.inf
+
+    def sequence(self) -> Tuple[List[int], List[float]]:
+        """Every unit in this group's order with its key: the units not ordered yet follow by their
+        current costs, with key inf (after every ordered unit of every group)."""
+        rest = torch.sort(self.costs, stable=True).indices[:int(self.alive.sum())].tolist()
+        return self.order + rest, self.keys + [math.inf] * len(rest)
 
 
 def output_fisher(groups: List[UnitGroup], column_sums: Dict[str, torch.Tensor],
@@ -175,64 +220,107 @@ def _state(g: UnitGroup, model, stats: Dict, masks: Dict[str, torch.Tensor], rid
     return _GroupState(g, w, cov, ~masks[g.key], ridge)
 
 
-def _greedy(groups: List[UnitGroup], states: List[_GroupState], masks: Dict[str, torch.Tensor],
-            fraction: Optional[float], min_keep: int = 0) -> Optional[Dict[str, torch.Tensor]]:
-    """The joint order of ``groups`` (module docstring); None when a cost is NaN. With ``fraction``
-    the greedy stops once ``floor(fraction * n)`` units are ordered that ``select_units`` may
-    prune (each group's last ``min_keep`` in the order it keeps); the rest follow by their costs
-    at that point (an event needs only the prefix it prunes)."""
-    flat_order = torch.zeros(sum(g.n_units for g in groups), dtype=torch.float64)
-    starts = torch.tensor([0] + [g.n_units for g in groups]).cumsum(0)
-    pruned = ~torch.cat([masks[g.key] for g in groups])
-    step = int(pruned.sum())
-    flat_order[pruned] = torch.arange(step, dtype=torch.float64)  # already pruned: first, in index order
-    block = max(1, -(-int((~pruned).sum()) // STEPS))
-    limit = len(flat_order) if fraction is None else n_to_prune(fraction, len(flat_order))
-    keep = [min(min_keep, int(s.alive.sum())) for s in states]  # protected: a group's last ones
-    while True:
-        alive = [int(s.alive.sum()) for s in states]
-        n_alive = sum(alive)
-        held = sum(max(0, k - a) for k, a in zip(keep, alive))  # protected units already in the prefix
-        if step - held >= limit:  # the rest by their current costs, in one "step"
-            block = n_alive
-        costs = torch.cat([s.costs for s in states])
-        if bool(torch.isnan(costs).any()):
-            return None
-        # the cheapest units, ties in (group, unit) order; removed units (inf) sort after every other
-        picked = torch.sort(costs, stable=True).indices[:min(block, n_alive)]
-        flat_order[picked] = torch.arange(step, step + picked.numel(), dtype=torch.float64)
-        step += picked.numel()
-        if picked.numel() == n_alive:  # all ordered (nothing to update for units already ranked)
-            return {g.key: flat_order[starts[i]:starts[i + 1]].clone() for i, g in enumerate(groups)}
-        for i, state in enumerate(states):
-            mine = picked[(picked >= starts[i]) & (picked < starts[i + 1])] - starts[i]
-            if mine.numel():
-                state.take(mine.tolist())
+def _merge(groups: List[UnitGroup], keys: torch.Tensor, positions: torch.Tensor) -> Dict[str, torch.Tensor]:
+    """The joint order from each group's own: ``keys`` (a unit's running maximum cost along its
+    group's sequence) and ``positions`` (its place in that sequence), float64 over all units. A
+    stable sort of the keys, laid out group by group in sequence order, breaks ties by group, then
+    position: what removing the cheapest unit of any group each step gives (module docstring)."""
+    starts = [0] + torch.tensor([g.n_units for g in groups]).cumsum(0).tolist()
+    seq = torch.cat([starts[i] + positions[starts[i]:starts[i + 1]].argsort() for i in range(len(groups))])
+    order = torch.empty_like(keys)
+    order[seq[torch.sort(keys[seq], stable=True).indices]] = torch.arange(keys.numel(), dtype=torch.float64)
+    return {g.key: order[starts[i]:starts[i + 1]].clone() for i, g in enumerate(groups)}
 
 
 def removal_order(groups: List[UnitGroup], model, stats: Dict, masks: Dict[str, torch.Tensor], ridge: float,
                   per_layer: bool = False, fraction: Optional[float] = None, min_keep: int = 0,
-                  output_weights: Optional[Dict[str, torch.Tensor]] = None) -> Dict[str, torch.Tensor]:
+                  output_weights: Optional[Dict[str, torch.Tensor]] = None,
+                  comm: Communicator = LOCAL) -> Dict[str, torch.Tensor]:
     """float64[n_units] per group key: the greedy step at which each unit is removed (module
     docstring); all NaN (the event then prunes nothing) when weights, statistics or a cost are
     not finite. ``masks``: True = kept; units already pruned come first, in index order.
-    ``per_layer``: each group's own greedy (one group's matrices in memory at a time).
-    ``fraction``: only the first ``floor(fraction * n)`` (per group with ``per_layer``) are the
-    greedy's, not counting the ``min_keep`` units per group that a global threshold keeps; the
-    rest are ranked by their costs after those. ``output_weights``: per group key, the weight of
-    each output feature's squared error (``bitter7_obs``: ``output_fisher``); None weighs all alike."""
+    ``per_layer``: each group's own greedy, alone. ``fraction``: only the first
+    ``floor(fraction * n)`` (per group with ``per_layer``) are the greedy's, not counting the
+    ``min_keep`` units per group that a global threshold keeps; the rest follow in an order of no
+    meaning. ``output_weights``: per group key, the weight of each output feature's squared error
+    (``bitter7_obs``: ``output_fisher``); None weighs all alike. ``comm``: the ranks that share the
+    work, group ``i`` on rank ``i % world_size`` (default: this process alone). Collective over
+    ``comm``; the result is identical on every rank."""
     weights = output_weights or {}
-    nan = {g.key: torch.full((g.n_units,), float("nan"), dtype=torch.float64) for g in groups}
+    n = [g.n_units for g in groups]
+    mine = list(range(comm.rank, len(groups), comm.world_size))
+    starts = [0] + torch.tensor(n).cumsum(0).tolist()
     if per_layer:
-        out = {}
-        for g in groups:
-            state = _state(g, model, stats, masks, ridge, weights.get(g.key))
-            order = _greedy([g], [state], masks, fraction) if state is not None else None
-            if order is None:
-                return nan
-            out.update(order)
-        return out
-    states = [_state(g, model, stats, masks, ridge, weights.get(g.key)) for g in groups]
-    if any(s is None for s in states):
-        return nan
-    return _greedy(groups, states, masks, fraction, min_keep) or nan
+        counts = [g.n_units if fraction is None else n_to_prune(fraction, g.n_units) for g in groups]
+    else:
+        limit = sum(n) if fraction is None else n_to_prune(fraction, sum(n))
+    # Units per step: ceil(n / STEPS) of those not yet pruned, per group with ``per_layer``, else of
+    # the whole type (so at most about STEPS refits of a layer's H on all ranks together).
+    alive = [int(masks[g.key].sum()) for g in groups]
+    blocks = [max(1, -(-(a if per_layer else sum(alive)) // STEPS)) for a in alive]
+    keys, positions = torch.zeros(sum(n), dtype=torch.float64), torch.zeros(sum(n), dtype=torch.float64)
+
+    def record(i: int, state: Optional[_GroupState]) -> None:
+        if state is None or math.isnan(state.next_key()):
+            keys[starts[i]:starts[i + 1]] = math.nan
+            return
+        units, unit_keys = state.sequence()
+        idx = torch.tensor(units) + starts[i]
+        keys[idx] = torch.tensor(unit_keys, dtype=torch.float64)
+        positions[idx] = torch.arange(len(units), dtype=torch.float64)
+
+    def build(i: int) -> Optional[_GroupState]:
+        state = _state(groups[i], model, stats, masks, ridge, weights.get(groups[i].key))
+        if state is not None and not per_layer and fraction is not None:
+            state.floor = min(min_keep, int(state.alive.sum()))
+        return state
+
+    error = None
+    try:
+        if per_layer:  # one group's matrices in memory at a time
+            for i in mine:
+                state = build(i)
+                if state is not None:
+                    state.advance(counts[i] - len(state.order), blocks[i])
+                record(i, state)
+                del state
+        else:
+            states = {i: build(i) for i in mine}
+    except Exception as e:  # noqa: BLE001 - re-raised on every rank below
+        error = e
+    comm.raise_if_any(error, "the obs order")
+    if not per_layer:
+        # Rounds: every group advances an eighth of its units, then the ranks agree on the key
+        # below which nothing can still come (the least next key of a group not done); stop once
+        # that settles the first ``limit`` units.
+        while True:
+            nxt = torch.zeros(len(groups), dtype=torch.float64)
+            try:
+                for i, state in states.items():
+                    if state is not None:
+                        state.advance(max(blocks[i], -(-n[i] // 8)), blocks[i])
+                    nxt[i] = state.next_key() if state is not None else math.nan
+            except Exception as e:  # noqa: BLE001 - re-raised on every rank below
+                error = e
+            comm.raise_if_any(error, "the obs order")
+            nxt = comm.all_reduce_sum(nxt)
+            if bool(torch.isnan(nxt).any()):
+                break
+            bound = float(nxt.min())
+            settled = torch.zeros(len(groups), dtype=torch.float64)
+            for i, state in states.items():
+                settled[i] = bisect.bisect_left(state.keys, bound)  # keys below every key still to come
+            if bound == math.inf or float(comm.all_reduce_sum(settled).sum()) >= limit:
+                break
+        try:
+            for i, state in states.items():
+                record(i, state)
+        except Exception as e:  # noqa: BLE001 - re-raised on every rank below
+            error = e
+        comm.raise_if_any(error, "the obs order")
+    keys, positions = comm.all_reduce_sum(torch.stack([keys, positions])).unbind(0)  # one owner each
+    if bool(torch.isnan(keys).any()):
+        return {g.key: torch.full((g.n_units,), math.nan, dtype=torch.float64) for g in groups}
+    if per_layer:
+        return {g.key: positions[starts[i]:starts[i + 1]].clone() for i, g in enumerate(groups)}
+    return _merge(groups, keys, positions)

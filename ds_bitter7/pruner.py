@@ -20,7 +20,7 @@ from typing import Dict, List, Optional, Tuple
 import torch
 
 from .calibration import ActivationStats, unit_std
-from .comm import Communicator, log_main
+from .comm import LOCAL, Communicator, log_main
 from .compensation import compensate
 from .config import Bitter7Config, MaskUpkeep, Scope, StatsSource, StructureName, enum_name
 from .obs import output_fisher
@@ -64,7 +64,7 @@ class Pruner:
         # element) stay well under the size of the local fp32 partition (4 bytes per element).
         self._chunk = max(1 << 12, min(CHUNK_ELEMENTS, self.access.local_numel() // 16))
         # Stage 0 replicates the whole state: every rank scores everything, nothing is reduced.
-        self.score_comm = Communicator(self.comm.group) if not self.access.replicated else _LOCAL
+        self.score_comm = Communicator(self.comm.group) if not self.access.replicated else LOCAL
         self.masks: Dict[str, torch.Tensor] = {g.key: torch.ones(g.n_units, dtype=torch.bool)
                                                for g in self.groups}
         self.unstructured = (UnstructuredMasks(self, unstructured) if unstructured else None)
@@ -172,15 +172,15 @@ class Pruner:
         groups = [g for g in self.groups if g.kind == kind]
         if self.scorer.unit_fn is not None:  # from gathered statistics and replicated weights: same everywhere
             return {g.key: self.scorer.unit_fn(g, self.model, stats[g.key]) for g in groups}
-        if self.scorer.kind_fn is not None:  # a joint greedy order: rank 0's reaches every rank
+        if self.scorer.kind_fn is not None:  # a greedy order: each rank runs its share of the groups
             weights = None
             if self.scorer.output_fisher:  # collective: every rank reads its share of exp_avg_sq
                 weights = output_fisher(groups, self._output_column_sums(groups), stats)
-            return self._rank0_scores(groups, lambda: self.scorer.kind_fn(
+            return self.scorer.kind_fn(
                 groups, self.model, stats, self.masks, float(self.config.bias_compensation.ridge),
                 per_layer=self.config.scope == Scope.per_layer, fraction=fraction,
                 min_keep=self.config.min_units_per_layer if self.config.scope == Scope.global_ else 0,
-                output_weights=weights))
+                output_weights=weights, comm=self.comm)
         sums = self._reduced_sums([(g.n_units, g.slices) for g in groups],
                                   lambda frag, start, numel: self.scorer.fn(self._score_inputs(frag, start, numel)))
         out = _by_group(sums, groups)  # [n_units of this kind, all layers]
@@ -201,20 +201,6 @@ class Pruner:
         sums = self._reduced_sums([(n, [s]) for n, s in zip(sizes, slices)], lambda frag, start, numel: (
             self.access.state(frag)[start - frag.start:start - frag.start + numel].to(torch.float64)))
         return dict(zip([g.key for g in groups], torch.split(sums, sizes)))
-
-    def _rank0_scores(self, groups: List[UnitGroup], compute) -> Dict[str, torch.Tensor]:
-        """Scores computed on rank 0 only, summed with zeros from the others (an all-reduce, after
-        the one that tells every rank whether rank 0 failed)."""
-        n = sum(g.n_units for g in groups)
-        error, flat = None, torch.zeros(n, dtype=torch.float64)
-        if self.comm.rank == 0:
-            try:
-                scores = compute()
-                flat = torch.cat([scores[g.key].to(torch.float64).cpu() for g in groups])
-            except Exception as e:  # noqa: BLE001 - re-raised on every rank below
-                error = e
-        self.comm.raise_if_any(error, "scoring")
-        return _by_group(self.comm.all_reduce_sum(flat), groups)
 
     # -- events ------------------------------------------------------------------------------------
     def _event(self, fraction: float) -> dict:
@@ -458,15 +444,3 @@ def _refuse_frozen(model, names) -> None:
         more = f" (and {len(frozen) - 1} more)" if len(frozen) > 1 else ""
         raise ValueError(f"ds_bitter7: {frozen[0]}{more} is frozen (requires_grad=False) but belongs to units "
                          "bitter7 prunes: unfreeze it, or leave its structure type out of bitter7.structures")
-
-
-class _LocalComm(Communicator):
-    """A communicator that reduces nothing (stage 0: every rank already holds everything)."""
-
-    @property
-    def world_size(self) -> int:
-        return 1
-
-
-_LOCAL = _LocalComm()
-

@@ -16,14 +16,14 @@ from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausa
 VOCAB = 64
 
 
-def tiny_model(family: str, seed: int = 0) -> torch.nn.Module:
+def tiny_model(family: str, seed: int = 0, layers: int = 2) -> torch.nn.Module:
     """A 2-block GPT-2 (Conv1D, fused qkv) or LLaMA with grouped-query attention, fp32, no dropout."""
     torch.manual_seed(seed)
     if family == "gpt2":
-        cfg = GPT2Config(n_layer=2, n_embd=48, n_head=4, n_inner=96, vocab_size=VOCAB, n_positions=32,
+        cfg = GPT2Config(n_layer=layers, n_embd=48, n_head=4, n_inner=96, vocab_size=VOCAB, n_positions=32,
                          resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0)
         return GPT2LMHeadModel(cfg)
-    cfg = LlamaConfig(hidden_size=48, intermediate_size=80, num_hidden_layers=2, num_attention_heads=6,
+    cfg = LlamaConfig(hidden_size=48, intermediate_size=80, num_hidden_layers=layers, num_attention_heads=6,
                       num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=32,
                       bos_token_id=0, eos_token_id=0, pad_token_id=0)
     return LlamaForCausalLM(cfg)

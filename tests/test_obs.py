@@ -21,6 +21,7 @@ from workers import train_steps
 
 import ds_bitter7
 from ds_bitter7.calibration import UnitStats
+from ds_bitter7.comm import Communicator
 from ds_bitter7.config import StructureName
 from ds_bitter7.obs import output_fisher, removal_order
 from ds_bitter7.structures import unit_groups
@@ -282,15 +283,32 @@ def test_large_types_remove_blocks_of_the_cheapest(monkeypatch):
     assert torch.equal(got, want)
 
 
-def test_per_layer_runs_each_layers_own_greedy(monkeypatch):
-    """With ``per_layer`` a layer's order does not depend on the other layers, also in block mode."""
+def test_the_joint_order_interleaves_each_layers_own_greedy():
+    """A layer's greedy does not depend on the other layers: ``per_layer`` gives each layer's own
+    order, and the joint order, restricted to one layer, is that same order."""
+    model = tiny_model("gpt2")
+    groups = unit_groups(model, [StructureName.mlp_neuron])
+    stats = stats_of(model, [StructureName.mlp_neuron], calibration())
+    masks = {g.key: torch.ones(g.n_units, dtype=torch.bool) for g in groups}
+    both = removal_order(groups, model, stats, masks, RIDGE, per_layer=True)
+    joint = removal_order(groups, model, stats, masks, RIDGE)
+    for g in groups:
+        assert torch.equal(both[g.key], removal_order([g], model, stats, masks, RIDGE)[g.key]), g.key
+        assert torch.equal(joint[g.key].argsort(), both[g.key].argsort()), g.key
+    first = joint[groups[0].key] < groups[0].n_units  # the joint prefix of one layer's length
+    assert 0 < int(first.sum()) < groups[0].n_units  # takes from both layers
+
+
+def test_per_layer_blocks_count_each_layers_units(monkeypatch):
+    """In block mode ``per_layer`` steps by a layer's own count (96 units, STEPS 8: 12 per step),
+    the joint greedy by the type's (192: 24 per step), so their orders differ."""
     from ds_bitter7 import obs
 
     model = tiny_model("gpt2")
     groups = unit_groups(model, [StructureName.mlp_neuron])
     stats = stats_of(model, [StructureName.mlp_neuron], calibration())
     masks = {g.key: torch.ones(g.n_units, dtype=torch.bool) for g in groups}
-    monkeypatch.setattr(obs, "STEPS", 8)  # 96 units per layer: 12 per step
+    monkeypatch.setattr(obs, "STEPS", 8)
     both = removal_order(groups, model, stats, masks, RIDGE, per_layer=True)
     for g in groups:
         assert torch.equal(both[g.key], removal_order([g], model, stats, masks, RIDGE)[g.key]), g.key
@@ -361,3 +379,57 @@ def test_the_prefix_reaches_past_units_a_global_threshold_protects(min_keep):
     event = pruned(removal_order(groups, model, stats, masks, RIDGE, fraction=0.5, min_keep=min_keep))
     assert torch.equal(event, full)
     assert not bool(full[groups[0].n_units:][:2].all())  # one of the copies stays
+
+
+ORDER_CASES = {"full": {}, "event": {"fraction": 0.6, "min_keep": 2},
+               "per_layer": {"per_layer": True, "fraction": 0.6}}
+
+
+def order_inputs(layers: int):
+    model = tiny_model("gpt2", layers=layers)
+    groups = unit_groups(model, [StructureName.mlp_neuron])
+    stats = stats_of(model, [StructureName.mlp_neuron], calibration())
+    masks = {g.key: torch.ones(g.n_units, dtype=torch.bool) for g in groups}
+    masks[groups[-1].key][2] = False  # pruned by an earlier event
+    return model, groups, stats, masks
+
+
+def order_on_ranks(layers: int) -> Dict[str, Dict[str, torch.Tensor]]:
+    model, groups, stats, masks = order_inputs(layers)
+    comm = Communicator()
+    return {name: removal_order(groups, model, stats, masks, RIDGE, comm=comm, **kw) for name, kw in ORDER_CASES.items()}
+
+
+@pytest.mark.parametrize("layers, world", [(4, 2), (4, 3), (2, 3)])
+def test_ranks_share_the_groups_and_agree_with_one_process(layers, world):
+    """Group ``i`` runs on rank ``i % world`` (with 2 layers on 3 ranks one rank has none); after the
+    rounds and the exchange every rank holds the single-process order, for the full order, an
+    event's prefix with a per-layer minimum, and ``per_layer``."""
+    results = run_distributed(order_on_ranks, world, layers, timeout=180)
+    model, groups, stats, masks = order_inputs(layers)
+    for name, kw in ORDER_CASES.items():
+        want = removal_order(groups, model, stats, masks, RIDGE, **kw)
+        for rank, res in enumerate(results):
+            for g in groups:
+                assert torch.equal(res[name][g.key], want[g.key]), (name, rank, g.key)
+
+
+def order_failing_on_rank(bad_rank: int) -> str:
+    from ds_bitter7 import obs
+
+    model, groups, stats, masks = order_inputs(4)
+    if dist.get_rank() == bad_rank:
+        def broken(*args, **kwargs):
+            raise ValueError("no memory for this group")
+        obs._state = broken
+    try:
+        removal_order(groups, model, stats, masks, RIDGE, comm=Communicator(), fraction=0.5)
+    except Exception as e:  # noqa: BLE001 - the test reads what each rank raised
+        return f"{type(e).__name__}: {e}"
+    return "returned"
+
+
+def test_a_group_failing_on_one_rank_fails_every_rank():
+    results = run_distributed(order_failing_on_rank, 2, 1, timeout=120)
+    assert results[1] == "ValueError: no memory for this group"
+    assert results[0].startswith("RuntimeError") and "another rank" in results[0], results[0]
