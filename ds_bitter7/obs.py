@@ -22,11 +22,14 @@ runs its own greedy. Since a removal changes only its own group, the joint greed
 group's own greedy, interleaved: give every unit of a group's sequence the running maximum of the
 costs so far as its key, and a stable sort of all keys (ties by group, then place) is the joint
 order (the cheapest head of any sequence goes next). So groups are shared out among the ranks,
-group ``i`` on rank ``i % world_size``, each holding only its groups' matrices; an event runs in
-rounds (each group orders an eighth of its units, then one all-reduce of a number per group finds
-the key below which no unit can still come) until the prefix it prunes is settled, and one
-all-reduce of ``2 n_units`` numbers gives every rank the same keys, whose owner computed them, so
-a float difference between ranks can never split the masks.
+group ``i`` on rank ``i % world_size``, each holding only its groups' matrices. An event runs in
+rounds of three all-reduces: of each group's next key, whose least is the key below which no
+unit can still come (the units below it are settled); of the settled counts, which end the rounds
+once the prefix the event prunes is settled; and of every unit's key, known or guessed (its
+current cost), whose ``k``-th smallest is how far each group orders next round, so a group does
+about the work its part of the prefix needs. Then one all-reduce of ``2 n_units`` numbers gives
+every rank the same keys, whose owner computed them, so a float difference between ranks can
+never split the masks.
 
 Scores are ranks, not magnitudes: ``scope: standardized`` is refused for this score.
 ``lam = max(ridge, 1e-6) * mean(diag(S))`` over the features of units not yet pruned (least
@@ -51,9 +54,10 @@ never updated) gets NaN weights, so the event prunes nothing rather than all of 
 
 Cost per group, on the rank that owns it: one ``F x F`` float64 matrix and inverse, and ``F^2``
 memory traffic per greedy step, on the device of the weights
-(``benchmarks/obs_cost.py``). Up to ``STEPS`` units of a type (of a group with ``per_layer``)
-the greedy is exact, one unit per step; beyond, each step of a group removes its
-``ceil(n / STEPS)`` cheapest at once, so all groups together take about ``STEPS`` steps.
+(``benchmarks/obs_cost.py``). Up to ``STEPS`` units of a type not yet pruned (of a group, with
+``per_layer``) the greedy is exact, one unit per step; beyond, each step of a group removes that
+group's ``ceil(n / STEPS)`` cheapest at once (``n``: that count), so all groups together take
+about ``STEPS`` steps.
 """
 
 from __future__ import annotations
@@ -104,7 +108,6 @@ class _GroupState:
         self.h = torch.linalg.inv(cov)
         self.w = w
         self.floor = 0  # units this group keeps whatever their costs (a global threshold's min_keep)
-        self.nan = False  # a cost turned NaN: the event prunes nothing
         self.order = pruned.nonzero().flatten().tolist()  # units in removal order, already pruned first
         self.keys = [-math.inf] * len(self.order)  # running maximum of the costs along ``order``
         self.remove(self.order)  # already removed: out of H before any choice
@@ -153,12 +156,10 @@ class _GroupState:
         self.h.index_fill_(0, idx, 0.0)
         self.h.index_fill_(1, idx, 0.0)
 
-    def advance(self, count: int, block: int) -> None:
-        """Order up to ``count`` more units, the ``block`` cheapest per refit, down to ``floor`` alive."""
-        while count > 0 and not self.nan and int(self.alive.sum()) > self.floor:
-            if bool(torch.isnan(self.costs).any()):
-                self.nan = True
-                return
+    def advance(self, count: int, block: int, until: float = math.inf) -> None:
+        """Order up to ``count`` more units, the ``block`` cheapest per refit, while the next key is
+        at most ``until`` (and no cost is NaN), down to ``floor`` units alive."""
+        while count > 0 and int(self.alive.sum()) > self.floor and self.next_key() <= until:
             k = min(block, count, int(self.alive.sum()) - self.floor)
             picked = torch.sort(self.costs, stable=True).indices[:k]  # ties in unit order
             for c in self.costs[picked].tolist():
@@ -171,11 +172,21 @@ class _GroupState:
     def next_key(self) -> float:
         """The smallest key a unit ordered next can get: inf when no unit is left to order, NaN
         when a cost is NaN."""
-        if self.nan or bool(torch.isnan(self.costs).any()):
+        if bool(torch.isnan(self.costs).any()):
             return math.nan
         if int(self.alive.sum()) <= self.floor:
             return math.inf
         return max(self._last_key(), float(self.costs.min()))
+
+    def estimates(self) -> torch.Tensor:
+        """float64[n_units]: the key of each unit ordered, a guess at it for the others (the
+        current cost, at least the last key: refits mostly raise costs), inf for the ``floor``
+        units a group at its floor keeps."""
+        out = torch.full((len(self.features),), math.inf, dtype=torch.float64)
+        out[self.order] = torch.tensor(self.keys, dtype=torch.float64)
+        if int(self.alive.sum()) > self.floor:
+            out[self.alive] = self.costs[self.alive].clamp(min=self._last_key())
+        return out
 
     def _last_key(self) -> float:
         return self.keys[-1] if self.keys else -math.inf
@@ -237,9 +248,9 @@ def removal_order(groups: List[UnitGroup], model, stats: Dict, masks: Dict[str, 
                   output_weights: Optional[Dict[str, torch.Tensor]] = None,
                   comm: Communicator = LOCAL) -> Dict[str, torch.Tensor]:
     """float64[n_units] per group key: the greedy step at which each unit is removed (module
-    docstring); all NaN (the event then prunes nothing) when weights, statistics or a cost are
-    not finite. ``masks``: True = kept; units already pruned come first, in index order.
-    ``per_layer``: each group's own greedy, alone. ``fraction``: only the first
+    docstring); all NaN (the event then prunes nothing) when weights or statistics are not
+    finite or a cost the greedy computes is NaN. ``masks``: True = kept; units already pruned
+    come first, in index order. ``per_layer``: each group's own greedy, alone. ``fraction``: only the first
     ``floor(fraction * n)`` (per group with ``per_layer``) are the greedy's, not counting the
     ``min_keep`` units per group that a global threshold keeps; the rest follow in an order of no
     meaning. ``output_weights``: per group key, the weight of each output feature's squared error
@@ -250,24 +261,11 @@ def removal_order(groups: List[UnitGroup], model, stats: Dict, masks: Dict[str, 
     n = [g.n_units for g in groups]
     mine = list(range(comm.rank, len(groups), comm.world_size))
     starts = [0] + torch.tensor(n).cumsum(0).tolist()
-    if per_layer:
-        counts = [g.n_units if fraction is None else n_to_prune(fraction, g.n_units) for g in groups]
-    else:
-        limit = sum(n) if fraction is None else n_to_prune(fraction, sum(n))
     # Units per step: ceil(n / STEPS) of those not yet pruned, per group with ``per_layer``, else of
     # the whole type (so at most about STEPS refits of a layer's H on all ranks together).
     alive = [int(masks[g.key].sum()) for g in groups]
     blocks = [max(1, -(-(a if per_layer else sum(alive)) // STEPS)) for a in alive]
     keys, positions = torch.zeros(sum(n), dtype=torch.float64), torch.zeros(sum(n), dtype=torch.float64)
-
-    def record(i: int, state: Optional[_GroupState]) -> None:
-        if state is None or math.isnan(state.next_key()):
-            keys[starts[i]:starts[i + 1]] = math.nan
-            return
-        units, unit_keys = state.sequence()
-        idx = torch.tensor(units) + starts[i]
-        keys[idx] = torch.tensor(unit_keys, dtype=torch.float64)
-        positions[idx] = torch.arange(len(units), dtype=torch.float64)
 
     def build(i: int) -> Optional[_GroupState]:
         state = _state(groups[i], model, stats, masks, ridge, weights.get(groups[i].key))
@@ -275,52 +273,74 @@ def removal_order(groups: List[UnitGroup], model, stats: Dict, masks: Dict[str, 
             state.floor = min(min_keep, int(state.alive.sum()))
         return state
 
-    error = None
-    try:
-        if per_layer:  # one group's matrices in memory at a time
-            for i in mine:
-                state = build(i)
-                if state is not None:
-                    state.advance(counts[i] - len(state.order), blocks[i])
-                record(i, state)
-                del state
-        else:
-            states = {i: build(i) for i in mine}
-    except Exception as e:  # noqa: BLE001 - re-raised on every rank below
-        error = e
-    comm.raise_if_any(error, "the obs order")
-    if not per_layer:
-        # Rounds: every group advances an eighth of its units, then the ranks agree on the key
-        # below which nothing can still come (the least next key of a group not done); stop once
-        # that settles the first ``limit`` units.
+    def record(i: int, state: Optional[_GroupState]) -> None:
+        if state is None or bool(torch.isnan(state.costs).any()):
+            keys[starts[i]:starts[i + 1]] = math.nan
+            return
+        units, unit_keys = state.sequence()
+        idx = torch.tensor(units) + starts[i]
+        keys[idx] = torch.tensor(unit_keys, dtype=torch.float64)
+        positions[idx] = torch.arange(len(units), dtype=torch.float64)
+
+    def each_layer() -> None:  # one group's matrices in memory at a time
+        for i in mine:
+            state = build(i)
+            if state is not None:
+                count = groups[i].n_units if fraction is None else n_to_prune(fraction, groups[i].n_units)
+                state.advance(count - len(state.order), blocks[i])
+            record(i, state)
+
+    def advance_all(states: Dict[int, Optional[_GroupState]], until: float) -> None:
+        for i, state in states.items():
+            if state is not None:
+                state.advance(n[i], blocks[i], until)
+
+    def record_all(states: Dict[int, Optional[_GroupState]]) -> None:
+        for i, state in states.items():
+            record(i, state)
+
+    if per_layer:
+        _on_every_rank(comm, each_layer)
+    else:
+        states = _on_every_rank(comm, lambda: {i: build(i) for i in mine})
+        limit = sum(n) if fraction is None else n_to_prune(fraction, sum(n))
+        # Rounds: the ranks agree on the key below which no unit can still come (the least next key
+        # of a group not done) and stop once that settles the first ``limit`` units; else every
+        # group orders its units up to the limit-th smallest key, known or guessed (``estimates``).
         while True:
             nxt = torch.zeros(len(groups), dtype=torch.float64)
-            try:
-                for i, state in states.items():
-                    if state is not None:
-                        state.advance(max(blocks[i], -(-n[i] // 8)), blocks[i])
-                    nxt[i] = state.next_key() if state is not None else math.nan
-            except Exception as e:  # noqa: BLE001 - re-raised on every rank below
-                error = e
-            comm.raise_if_any(error, "the obs order")
-            nxt = comm.all_reduce_sum(nxt)
-            if bool(torch.isnan(nxt).any()):
-                break
-            bound = float(nxt.min())
             settled = torch.zeros(len(groups), dtype=torch.float64)
+            guess = torch.zeros(sum(n), dtype=torch.float64)
             for i, state in states.items():
-                settled[i] = bisect.bisect_left(state.keys, bound)  # keys below every key still to come
-            if bound == math.inf or float(comm.all_reduce_sum(settled).sum()) >= limit:
+                nxt[i] = state.next_key() if state is not None else math.nan
+            nxt = comm.all_reduce_sum(nxt)
+            bound = float(nxt.min()) if len(groups) else math.inf
+            if math.isnan(bound) or bound == math.inf:  # NaN: the event prunes nothing
                 break
-        try:
-            for i, state in states.items():
-                record(i, state)
-        except Exception as e:  # noqa: BLE001 - re-raised on every rank below
-            error = e
-        comm.raise_if_any(error, "the obs order")
+            target = math.inf
+            if fraction is not None:
+                for i, state in states.items():
+                    settled[i] = bisect.bisect_left(state.keys, bound)  # keys below every key to come
+                    guess[starts[i]:starts[i + 1]] = state.estimates()
+                if float(comm.all_reduce_sum(settled).sum()) >= limit:
+                    break
+                target = float(comm.all_reduce_sum(guess).kthvalue(limit).values)
+            _on_every_rank(comm, advance_all, states, target)
+        _on_every_rank(comm, record_all, states)
     keys, positions = comm.all_reduce_sum(torch.stack([keys, positions])).unbind(0)  # one owner each
     if bool(torch.isnan(keys).any()):
         return {g.key: torch.full((g.n_units,), math.nan, dtype=torch.float64) for g in groups}
     if per_layer:
         return {g.key: positions[starts[i]:starts[i + 1]].clone() for i, g in enumerate(groups)}
     return _merge(groups, keys, positions)
+
+
+def _on_every_rank(comm: Communicator, fn, *args):
+    """``fn(*args)`` here; when it raises on any rank, every rank raises (collective)."""
+    error, out = None, None
+    try:
+        out = fn(*args)
+    except Exception as e:  # noqa: BLE001 - re-raised on every rank below
+        error = e
+    comm.raise_if_any(error, "the obs order")
+    return out

@@ -17,7 +17,8 @@ VOCAB = 64
 
 
 def tiny_model(family: str, seed: int = 0, layers: int = 2) -> torch.nn.Module:
-    """A 2-block GPT-2 (Conv1D, fused qkv) or LLaMA with grouped-query attention, fp32, no dropout."""
+    """A GPT-2 (Conv1D, fused qkv) or LLaMA with grouped-query attention, ``layers`` blocks, fp32,
+    no dropout."""
     torch.manual_seed(seed)
     if family == "gpt2":
         cfg = GPT2Config(n_layer=layers, n_embd=48, n_head=4, n_inner=96, vocab_size=VOCAB, n_positions=32,

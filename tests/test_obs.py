@@ -299,6 +299,58 @@ def test_the_joint_order_interleaves_each_layers_own_greedy():
     assert 0 < int(first.sum()) < groups[0].n_units  # takes from both layers
 
 
+def random_stats(groups, rows: int = 2000, seed: int = 0) -> Dict[str, UnitStats]:
+    gen = torch.Generator().manual_seed(seed)
+    stats = {}
+    for g in groups:
+        x = torch.randn(rows, g.n_units, generator=gen, dtype=torch.float64)
+        stats[g.key] = UnitStats(rows, x.mean(0), x.var(0, unbiased=False), x.T @ x / rows)
+    return stats
+
+
+def test_equal_keys_go_to_the_first_layer_first():
+    """Two identical layers tie at every step: in the joint order each unit of layer 0 comes before
+    its copy in layer 1 (ties by layer, then by place in the layer's own order)."""
+    model = tiny_model("gpt2")
+    groups = unit_groups(model, [StructureName.mlp_neuron])
+    with torch.no_grad():
+        model.get_parameter(groups[1].out_weight).copy_(model.get_parameter(groups[0].out_weight))
+    stats = random_stats(groups[:1])
+    stats[groups[1].key] = stats[groups[0].key]
+    masks = {g.key: torch.ones(g.n_units, dtype=torch.bool) for g in groups}
+    own = removal_order(groups, model, stats, masks, RIDGE, per_layer=True)
+    assert torch.equal(own[groups[0].key], own[groups[1].key])
+    joint = removal_order(groups, model, stats, masks, RIDGE)
+    assert bool((joint[groups[0].key] < joint[groups[1].key]).all())
+    for g in groups:
+        assert torch.equal(joint[g.key].argsort(), own[g.key].argsort())
+
+
+def test_an_event_refits_about_the_units_it_prunes(monkeypatch):
+    """Layer 0 is nearly free, so a 5% event prunes only there: the other layers, whose next keys
+    are far above, must not be advanced (each layer's matrices refit once per unit ordered)."""
+    from ds_bitter7 import obs
+
+    model = tiny_model("gpt2", layers=4)
+    groups = unit_groups(model, [StructureName.mlp_neuron])
+    with torch.no_grad():
+        model.get_parameter(groups[0].out_weight).mul_(1e-3)
+    stats = random_stats(groups)
+    masks = {g.key: torch.ones(g.n_units, dtype=torch.bool) for g in groups}
+    ordered = []
+    remove = obs._GroupState.remove
+
+    def counting(self, units):
+        ordered.append(len(units))
+        return remove(self, units)
+
+    monkeypatch.setattr(obs._GroupState, "remove", counting)
+    order = removal_order(groups, model, stats, masks, RIDGE, fraction=0.05)
+    limit = math.floor(0.05 * sum(g.n_units for g in groups))
+    assert bool((order[groups[0].key] < limit).sum() == limit)
+    assert sum(ordered) == limit
+
+
 def test_per_layer_blocks_count_each_layers_units(monkeypatch):
     """In block mode ``per_layer`` steps by a layer's own count (96 units, STEPS 8: 12 per step),
     the joint greedy by the type's (192: 24 per step), so their orders differ."""
