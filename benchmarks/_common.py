@@ -1,5 +1,6 @@
-"""What the training benchmarks share: the environment of CPU runs, a logged subprocess, and the
-reference workload's DeepSpeed config (ZeRO-2, AdamW, linear warm-up over the first 10%)."""
+"""What the benchmarks share: the environment of CPU runs, a logged subprocess, ranks spawned in
+one process group, and the reference workload's DeepSpeed config (ZeRO-2, AdamW, linear warm-up
+over the first 10%)."""
 
 from __future__ import annotations
 
