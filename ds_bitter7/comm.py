@@ -14,7 +14,7 @@ import socket
 import sys
 import traceback
 from dataclasses import dataclass, field
-from typing import Dict, Optional, Tuple
+from typing import Callable, Dict, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -164,6 +164,17 @@ class Communicator:
             error = error or RuntimeError(f"{what} failed on another rank; see that rank's error")
             mark_every_rank(error)
             raise error
+
+    def call(self, what: str, fn: Callable, *args):
+        """``fn(*args)`` on this rank, its result; when it raises on any rank, every rank raises
+        (``raise_if_any``). Collective: every rank must call this, in the same order."""
+        error, out = None, None
+        try:
+            out = fn(*args)
+        except Exception as e:  # noqa: BLE001 - re-raised on every rank below
+            error = e
+        self.raise_if_any(error, what)
+        return out
 
 
 class LocalComm(Communicator):

@@ -101,12 +101,8 @@ class Bitter7Callback(TrainerCallback):
             folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
         if folder is None:
             return
-        error, path, saved = None, os.path.join(folder, STATE_FILE), None
-        try:
-            saved = self._read_state(path, state)
-        except Exception as err:  # noqa: BLE001 - re-raised on every rank below
-            error = err
-        self.pruner.comm.raise_if_any(error, f"reading {path}")
+        path = os.path.join(folder, STATE_FILE)
+        saved = self.pruner.comm.call(f"reading {path}", self._read_state, path, state)
         self.pruner.load_state_dict(saved, source=path)
         tag = os.path.join(folder, "latest")
         if os.path.isfile(tag):

@@ -231,12 +231,13 @@ def _state(g: UnitGroup, model, stats: Dict, masks: Dict[str, torch.Tensor], rid
     return _GroupState(g, w, cov, ~masks[g.key], ridge)
 
 
-def _merge(groups: List[UnitGroup], keys: torch.Tensor, positions: torch.Tensor) -> Dict[str, torch.Tensor]:
+def _merge(groups: List[UnitGroup], starts: List[int], keys: torch.Tensor,
+           positions: torch.Tensor) -> Dict[str, torch.Tensor]:
     """The joint order from each group's own: ``keys`` (a unit's running maximum cost along its
     group's sequence) and ``positions`` (its place in that sequence), float64 over all units. A
     stable sort of the keys, laid out group by group in sequence order, breaks ties by group, then
-    position: what removing the cheapest unit of any group each step gives (module docstring)."""
-    starts = [0] + torch.tensor([g.n_units for g in groups]).cumsum(0).tolist()
+    position: what removing the cheapest unit of any group each step gives (module docstring).
+    ``starts``: where each group's units begin in the flat tensors."""
     seq = torch.cat([starts[i] + positions[starts[i]:starts[i + 1]].argsort() for i in range(len(groups))])
     order = torch.empty_like(keys)
     order[seq[torch.sort(keys[seq], stable=True).indices]] = torch.arange(keys.numel(), dtype=torch.float64)
@@ -300,17 +301,15 @@ def removal_order(groups: List[UnitGroup], model, stats: Dict, masks: Dict[str, 
             record(i, state)
 
     if per_layer:
-        _on_every_rank(comm, each_layer)
+        comm.call("the obs order", each_layer)
     else:
-        states = _on_every_rank(comm, lambda: {i: build(i) for i in mine})
+        states = comm.call("the obs order", lambda: {i: build(i) for i in mine})
         limit = sum(n) if fraction is None else n_to_prune(fraction, sum(n))
         # Rounds: the ranks agree on the key below which no unit can still come (the least next key
         # of a group not done) and stop once that settles the first ``limit`` units; else every
         # group orders its units up to the limit-th smallest key, known or guessed (``estimates``).
         while True:
             nxt = torch.zeros(len(groups), dtype=torch.float64)
-            settled = torch.zeros(len(groups), dtype=torch.float64)
-            guess = torch.zeros(sum(n), dtype=torch.float64)
             for i, state in states.items():
                 nxt[i] = state.next_key() if state is not None else math.nan
             nxt = comm.all_reduce_sum(nxt)
@@ -319,28 +318,20 @@ def removal_order(groups: List[UnitGroup], model, stats: Dict, masks: Dict[str, 
                 break
             target = math.inf
             if fraction is not None:
+                settled = torch.zeros(len(groups), dtype=torch.float64)
+                guess = torch.zeros(sum(n), dtype=torch.float64)
                 for i, state in states.items():
                     settled[i] = bisect.bisect_left(state.keys, bound)  # keys below every key to come
                     guess[starts[i]:starts[i + 1]] = state.estimates()
                 if float(comm.all_reduce_sum(settled).sum()) >= limit:
                     break
                 target = float(comm.all_reduce_sum(guess).kthvalue(limit).values)
-            _on_every_rank(comm, advance_all, states, target)
-        _on_every_rank(comm, record_all, states)
+            comm.call("the obs order", advance_all, states, target)
+        comm.call("the obs order", record_all, states)
     keys, positions = comm.all_reduce_sum(torch.stack([keys, positions])).unbind(0)  # one owner each
     if bool(torch.isnan(keys).any()):
         return {g.key: torch.full((g.n_units,), math.nan, dtype=torch.float64) for g in groups}
     if per_layer:
         return {g.key: positions[starts[i]:starts[i + 1]].clone() for i, g in enumerate(groups)}
-    return _merge(groups, keys, positions)
+    return _merge(groups, starts, keys, positions)
 
-
-def _on_every_rank(comm: Communicator, fn, *args):
-    """``fn(*args)`` here; when it raises on any rank, every rank raises (collective)."""
-    error, out = None, None
-    try:
-        out = fn(*args)
-    except Exception as e:  # noqa: BLE001 - re-raised on every rank below
-        error = e
-    comm.raise_if_any(error, "the obs order")
-    return out
