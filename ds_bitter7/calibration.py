@@ -13,11 +13,12 @@ masked-out positions are dropped (a forward pre-hook on the model reads the mask
 Two sources (``bias_compensation.source``):
 - ``calibration``: ``gather()`` runs ``num_batches`` batches of ``calibration_data`` (every rank
   the same number: the minimum over ranks) in eval mode under ``torch.no_grad()``.
-- ``training``: the hooks stay registered and keep the last ``window`` training forward passes
-  (train mode only, not activation-checkpoint recomputes) made since the last pruning event;
-  ``gather()`` reduces them. No extra forward pass is run. The F x F matrix (least squares, scores
-  ``obs`` and ``bitter7_obs``; float64 per pass) is recorded only in the ``window`` optimizer steps
-  before each scheduled event.
+- ``training``: the hooks stay registered and keep the training forward passes (train mode only,
+  not activation-checkpoint recomputes; every micro-batch under gradient accumulation) of the last
+  ``window`` optimizer steps made since the last pruning event, summed per step; ``gather()``
+  reduces them. No extra forward pass is run. The F x F matrix (least squares, scores ``obs`` and
+  ``bitter7_obs``) is recorded only in the ``window`` steps before each scheduled event, into one
+  running sum per group: one float64 ``F x F`` per group however many passes the window holds.
 """
 
 from __future__ import annotations
@@ -134,11 +135,12 @@ class ActivationStats:
         self.groups = list(pruner.groups)
         self._n_features = {g.key: g.feature_units.numel() for g in self.groups}
         self._current: Optional[Dict[str, _Sums]] = None  # calibration: sums of the running pass
-        # training: per group, (events so far, sums) of each of the last `window` forward passes;
-        # only passes made since the last event count, so a window restarts after every event
-        # (and ``unit_scores()`` between events consumes nothing).
-        self._recent: Dict[str, Deque[Tuple[int, _Sums]]] = {
-            g.key: collections.deque(maxlen=self.window) for g in self.groups}
+        # training: per group, ((events so far, step), sums) of each of the last `window` optimizer
+        # steps (with the F x F matrix: one entry, the window before the next event; see
+        # `_window_tag`); only passes made since the last event count, so a window restarts after
+        # every event (and ``unit_scores()`` between events consumes nothing).
+        self._recent: Dict[str, Deque[Tuple[Tuple[int, int], _Sums]]] = {
+            g.key: collections.deque(maxlen=1 if self.with_matrix else self.window) for g in self.groups}
         self._handles = []
         self._row_mask: Optional[torch.Tensor] = None  # kept rows of the running forward (padding)
         if self.source == StatsSource.training:
@@ -176,10 +178,13 @@ class ActivationStats:
                 x = x[keep.to(x.device)]
             if self._current is not None:  # a calibration pass
                 self._current[key].add_rows(x)
-            elif module.training and not _in_backward() and self._event_is_near():  # a training forward
-                sums = _Sums(n, self.with_matrix)
-                sums.add_rows(x)
-                self._recent[key].append((self._epoch(), sums))
+            elif module.training and not _in_backward():  # a training forward
+                tag = self._window_tag()
+                if tag is not None:
+                    recent = self._recent[key]
+                    if not recent or recent[-1][0] != tag:
+                        recent.append((tag, _Sums(n, self.with_matrix)))
+                    recent[-1][1].add_rows(x)
         return pre_hook
 
     # -- gathering ---------------------------------------------------------------------------------
@@ -194,19 +199,24 @@ class ActivationStats:
             local = {}
             for g in self.groups:
                 local[g.key] = _Sums(self._n_features[g.key], self.with_matrix)
-                for epoch, s in self._recent[g.key]:
+                for (epoch, _), s in self._recent[g.key]:
                     if epoch == self._epoch():  # passes since the last event only
                         local[g.key].add(s)
         return self._reduce(local)
 
-    def _event_is_near(self) -> bool:
-        """Whether a training forward can be among the last ``window`` before the next scheduled
-        event. The F x F matrix (least squares, ``obs``, ``bitter7_obs``) is float64 per forward:
-        kept only then, not every step (mean and variance sums are cheap and always kept)."""
-        if not self.with_matrix:
-            return True
-        nxt = next_event_step(self.pruner.config, self.pruner.step_count)
-        return nxt is not None and nxt - self.pruner.step_count <= self.window  # >= 1 forward per step
+    def _window_tag(self) -> Optional[Tuple[int, int]]:
+        """(events so far, step) under which a training forward's rows are summed, or None when they
+        are not kept. Without the F x F matrix: the optimizer step the forward belongs to (the
+        deque keeps the last ``window``). With it (float64, ``F x F`` per group): the next
+        scheduled event's step, and only within ``window`` steps of it, so every kept pass falls
+        in that window and one running sum per group holds them all."""
+        step = self.pruner.step_count
+        if self.with_matrix:
+            nxt = next_event_step(self.pruner.config, step)
+            if nxt is None or nxt - step > self.window:  # this forward's step is step_count + 1
+                return None
+            step = nxt
+        return self._epoch(), step
 
     def _epoch(self) -> int:
         """Pruning events so far: training passes are tagged with it."""

@@ -101,7 +101,8 @@ class BiasCompensationConfig(DeepSpeedConfigModel):
     num_batches: int = Field(8, ge=1)
     """Calibration batches run before each event (source ``calibration``)."""
     window: int = Field(8, ge=1)
-    """Training micro-steps observed before each event (source ``training``)."""
+    """Optimizer steps whose training forward passes (every micro-batch) are observed before each
+    event (source ``training``)."""
     ridge: float = Field(1e-3, ge=0.0)
     """Ridge damping of least squares, relative to the mean diagonal of the covariance."""
 

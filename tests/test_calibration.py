@@ -91,40 +91,55 @@ def stats_suite(cases) -> list:
     return out
 
 
-def training_window() -> dict:
-    """Source 'training': gather() sees exactly the last `window` training forwards of every rank."""
-    rank = dist.get_rank()
-    model = tiny_model("gpt2")
-    cfg = ds_config(2, "fp32", {"structures": BOTH, "score": "bitter7_variance",
-                                "schedule": {"start_step": 1000, "end_step": 1000},
-                                "bias_compensation": {"enabled": True, "source": "training", "window": 2}})
-    engine, *_ = ds_bitter7.initialize(model=model, model_parameters=model.parameters(), config=cfg)
-    pruner = ds_bitter7.get_pruner(engine)
+def _hook_out_inputs(model, structures) -> tuple:
+    """(rows seen per group key, hook handles): every forward's input of each out projection."""
     from ds_bitter7.config import StructureName
 
     seen: Dict[str, list] = {}
     hooks = [model.get_submodule(g.out_module).register_forward_pre_hook(
         lambda m, a, key=g.key: seen.setdefault(key, []).append(a[0].detach().reshape(-1, a[0].shape[-1])))
-        for g in unit_groups(model, [StructureName(k) for k in BOTH])]
-    data = batches(4, seed=10 + rank)
-    for x in data[:3]:
+        for g in unit_groups(model, [StructureName(k) for k in structures])]
+    return seen, hooks
+
+
+def _reduced_sums(x: torch.Tensor) -> torch.Tensor:
+    """(count, sum, sum of squares, X^T X) of this rank's rows ``x``, summed over ranks: float64."""
+    x = x.double()
+    sums = torch.cat([torch.tensor([float(x.shape[0])], dtype=torch.float64), x.sum(0), x.square().sum(0),
+                      (x.T @ x).reshape(-1)])
+    dist.all_reduce(sums)
+    return sums
+
+
+def training_window() -> dict:
+    """Source 'training': gather() sees exactly the training forwards of the last `window` optimizer
+    steps of every rank, every micro-batch (two per step here)."""
+    rank = dist.get_rank()
+    model = tiny_model("gpt2")
+    cfg = ds_config(2, "fp32", {"structures": BOTH, "score": "bitter7_variance",
+                                "schedule": {"start_step": 1000, "end_step": 1000},
+                                "bias_compensation": {"enabled": True, "source": "training", "window": 2}},
+                    gradient_accumulation_steps=2)
+    engine, *_ = ds_bitter7.initialize(model=model, model_parameters=model.parameters(), config=cfg)
+    pruner = ds_bitter7.get_pruner(engine)
+    seen, hooks = _hook_out_inputs(model, BOTH)
+    data = batches(7, seed=10 + rank)
+    for x in data[:6]:  # 3 optimizer steps of 2 micro-batches
         engine.backward(engine(input_ids=x, labels=x).loss)
         engine.step()
     model.eval()
     with torch.no_grad():
-        model(data[3])  # eval forwards are not training statistics
+        model(data[6])  # eval forwards are not training statistics
     model.train()
     for h in hooks:
         h.remove()
     stats = pruner.stats.gather()
     errors = {}
     for key, rows in seen.items():
-        x = torch.cat(rows[1:3]).double()  # the last two training forwards of this rank
-        sums = torch.cat([torch.tensor([float(x.shape[0])], dtype=torch.float64), x.sum(0), x.square().sum(0)])
-        dist.all_reduce(sums)
-        n, f = sums[0], x.shape[1]
+        sums = _reduced_sums(torch.cat(rows[2:6]))  # the forwards of steps 2 and 3 on this rank
+        n, f = sums[0], rows[0].shape[1]
         mean = sums[1:1 + f] / n
-        var = sums[1 + f:] / n - mean.square()
+        var = sums[1 + f:1 + 2 * f] / n - mean.square()
         errors[key] = (int(n) == stats[key].count, float((stats[key].mean - mean).abs().max()),
                        float((stats[key].var - var).abs().max()))
     again = pruner.stats.gather()  # gathering between events consumes nothing
@@ -138,22 +153,35 @@ def training_window() -> dict:
     return errors
 
 
-def least_squares_window() -> list:
+def least_squares_window() -> dict:
     """Source 'training' with least squares keeps the F x F sums only in the `window` steps before a
-    scheduled event (event at step 4, window 2: the forwards of steps 3 and 4), not on every step."""
+    scheduled event (event at step 4, window 2, two micro-batches per step: the four forwards of
+    steps 3 and 4), not on every step, and in one running sum per group, not one per forward."""
     model = tiny_model("gpt2")
     cfg = ds_config(2, "fp32", {"structures": ["mlp_neuron"], "target_sparsity": 0.5,
                                 "schedule": {"start_step": 4, "end_step": 4},
                                 "bias_compensation": {"enabled": True, "source": "training", "window": 2,
-                                                      "mode": "least_squares"}})
+                                                      "mode": "least_squares"}},
+                    gradient_accumulation_steps=2)
     engine, *_ = ds_bitter7.initialize(model=model, model_parameters=model.parameters(), config=cfg)
     pruner = ds_bitter7.get_pruner(engine)
-    kept = []
-    for x in batches(4, seed=20 + dist.get_rank()):
+    seen, hooks = _hook_out_inputs(model, ["mlp_neuron"])
+    kept, errors = [], {}
+    for i, x in enumerate(batches(8, seed=20 + dist.get_rank())):
         kept.append(max(len(d) for d in pruner.stats._recent.values()))
         engine.backward(engine(input_ids=x, labels=x).loss)
+        if i == 7:  # the event runs in this step: what it will gather, against the hooked rows
+            stats = pruner.stats.gather()
+            for key, rows in seen.items():
+                sums = _reduced_sums(torch.cat(rows[4:8]))
+                n, f = sums[0], rows[0].shape[1]
+                errors[key] = (int(n) == stats[key].count, float(
+                    (stats[key].second_moment - sums[1 + 2 * f:].view(f, f) / n).abs().max()))
         engine.step()
-    return kept + [pruner.last_event["compensation"]["mode"], pruner.last_event["step"]]
+    for h in hooks:
+        h.remove()
+    return {"kept": kept, "errors": errors, "mode": pruner.last_event["compensation"]["mode"],
+            "step": pruner.last_event["step"]}
 
 
 def variance_score() -> dict:
@@ -303,8 +331,13 @@ def test_training_source_keeps_last_window_and_resets(world2):
 
 
 def test_least_squares_training_source_records_only_before_an_event(world2):
-    for res in world2:  # passes kept before steps 1..4, then the event of step 4 used them
-        assert res["ls_window"] == [0, 0, 0, 1, "least_squares", 4], res["ls_window"]
+    for res in (r["ls_window"] for r in world2):
+        # entries held before each of the 8 forwards (2 per step): none before step 3, then one
+        assert res["kept"] == [0, 0, 0, 0, 0, 1, 1, 1], res["kept"]
+        assert res["mode"] == "least_squares" and res["step"] == 4, res
+        assert res["errors"], res
+        for key, (count_ok, dsecond) in res["errors"].items():
+            assert count_ok and dsecond < 1e-9, (key, dsecond)
 
 
 def test_bitter7_variance_scores_and_prunes_lowest(world2):
