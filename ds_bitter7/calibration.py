@@ -5,8 +5,9 @@ For each unit group (one MLP or one attention block) a forward pre-hook on ``gro
 MLP neuron (after the activation function and, for SwiGLU, after the gate product) or, for an
 attention unit, its heads' slice of the attention output. Per input feature the hook accumulates
 float64 count, sum and sum of squares (and, for least squares, the second-moment matrix
-``X^T X``). ``gather()`` packs every group's sums into one vector and all-reduces it once, so the
-result is the single-process statistic over the union of all ranks' data. Padding does not count:
+``X^T X``). ``gather()`` packs every group's vector sums into one vector and all-reduces it once
+(and each group's matrix on its own, on the device it was summed on), so the result is the
+single-process statistic over the union of all ranks' data. Padding does not count:
 when the model is called with an ``attention_mask`` keyword (``[batch, seq]``), the rows of
 masked-out positions are dropped (a forward pre-hook on the model reads the mask).
 
@@ -74,7 +75,7 @@ class _Sums:
             self.xtx = self.xtx.to(device)
 
     def add(self, other: _Sums) -> None:
-        other._to(self.sum.device)
+        self._to(other.sum.device)  # where other's sums are; other is left as it is
         self.count += other.count
         self.sum += other.sum
         self.sumsq += other.sumsq
@@ -82,8 +83,8 @@ class _Sums:
             self.xtx += other.xtx
 
     def pack(self) -> List[torch.Tensor]:
-        parts = [torch.tensor([float(self.count)], dtype=torch.float64), self.sum.cpu(), self.sumsq.cpu()]
-        return parts + ([self.xtx.reshape(-1).cpu()] if self.xtx is not None else [])
+        """Count, sum and sum of squares (not the F x F matrix), on the CPU."""
+        return [torch.tensor([float(self.count)], dtype=torch.float64), self.sum.cpu(), self.sumsq.cpu()]
 
 
 def needs_stats(config) -> bool:
@@ -252,18 +253,15 @@ class ActivationStats:
         return current
 
     def _reduce(self, local: Dict[str, _Sums]) -> Dict[str, UnitStats]:
+        comm = self.pruner.comm
         parts = [p for g in self.groups for p in local[g.key].pack()]
-        total = self.pruner.comm.all_reduce_sum(torch.cat(parts))  # one reduce, all groups
+        total = comm.all_reduce_sum(torch.cat(parts))  # one reduce for every group's vectors
         out, pos = {}, 0
         for g in self.groups:
             f = self._n_features[g.key]
             count = int(total[pos].item())
             s, sq = total[pos + 1:pos + 1 + f], total[pos + 1 + f:pos + 1 + 2 * f]
             pos += 1 + 2 * f
-            xtx = None
-            if self.with_matrix:
-                xtx = total[pos:pos + f * f].view(f, f)
-                pos += f * f
             if count == 0:
                 raise RuntimeError(f"ds_bitter7: no activations of {g.key} were observed on any rank "
                                    "(source 'training' needs training forward passes before each event; "
@@ -272,7 +270,11 @@ class ActivationStats:
                                    "another time use source 'calibration')")
             mean = s / count
             var = (sq / count - mean.square()).clamp_(min=0.0)
-            out[g.key] = UnitStats(count, mean, var, None if xtx is None else xtx / count)
+            second = None
+            if self.with_matrix:  # one reduce per group, where it was summed: no copy of every F x F at once
+                second = comm.all_reduce_sum(local[g.key].xtx).div_(count).cpu()
+                local[g.key].xtx = None
+            out[g.key] = UnitStats(count, mean, var, second)
         return out
 
 
