@@ -1,0 +1,97 @@
+"""Host memory of the activation statistics that least squares (and ``obs``) need: the float64
+``F x F`` matrix of every group.
+
+``python benchmarks/stats_memory.py``: a GPT-2 with 4 blocks and MLP width 4096 (128 MiB of
+``F x F`` per block), MLP neurons, ``bias_compensation.mode: least_squares``, one CPU process
+per case (so its peak resident set is its own):
+- ``calibration``: ``num_batches`` calibration batches, then ``gather()``;
+- ``training``: ``window`` optimizer steps of ``grad_accum`` micro-batches before a scheduled
+  event, then ``gather()`` (the event itself is not run).
+Reported per case: the bytes of ``F x F`` sums the statistics hold before ``gather()`` (for
+``training``, every window entry), the matrices ``gather()`` returns, and how much ``gather()``
+raised the process's peak resident set. Single process: the all-reduce is the identity copy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import sys
+from typing import Dict
+
+from _common import ROOT, command_line, cpu_env, spawn_ranks
+
+MIB = 2**20
+
+
+def measure(rank: int, world: int, source: str, args: argparse.Namespace) -> Dict:
+    os.environ.update({k: v for k, v in cpu_env().items() if k not in os.environ})
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    import ds_bitter7
+
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(n_layer=args.layers, n_embd=64, n_head=4, n_inner=args.width,
+                                       vocab_size=128, n_positions=args.seq_len))
+    event = args.window + 1  # steps 2 .. window + 1 are the window before the event
+    cfg = {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": args.grad_accum,
+           "zero_optimization": {"stage": 0}, "steps_per_print": 10**9,
+           "optimizer": {"type": "AdamW", "params": {"lr": 1e-3, "torch_adam": True}},
+           "bitter7": {"structures": ["mlp_neuron"], "schedule": {"start_step": event, "end_step": event},
+                       "bias_compensation": {"enabled": True, "mode": "least_squares", "source": source,
+                                             "num_batches": args.num_batches, "window": args.window}}}
+    gen = torch.Generator().manual_seed(1)
+    data = [torch.randint(0, 128, (2, args.seq_len), generator=gen)
+            for _ in range(max(args.num_batches, args.window * args.grad_accum))]
+    engine, *_ = ds_bitter7.initialize(model=model, model_parameters=model.parameters(), config=cfg,
+                                       calibration_data=data if source == "calibration" else None)
+    stats = ds_bitter7.get_pruner(engine).stats
+    if source == "training":
+        for x in data[:args.window * args.grad_accum]:  # steps 1 .. window: the event would follow
+            engine.backward(engine(input_ids=x, labels=x).loss)
+            engine.step()
+    held = sum(s.xtx.numel() * 8 for recent in stats._recent.values() for _, s in recent)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    gathered = stats.gather()
+    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    returned = sum(s.second_moment.numel() * 8 for s in gathered.values())
+    return {"source": source, "held_mib": held / MIB, "returned_mib": returned / MIB,
+            "gather_peak_growth_mib": (after - before) / MIB,
+            "forwards": 0 if source == "calibration" else args.window * args.grad_accum}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--width", type=int, default=4096, help="MLP width (F)")
+    p.add_argument("--seq_len", type=int, default=32)
+    p.add_argument("--num_batches", type=int, default=8)
+    p.add_argument("--window", type=int, default=8)
+    p.add_argument("--grad_accum", type=int, default=2)
+    p.add_argument("--out", default="stats_memory")
+    args = p.parse_args()
+    sys.path.insert(0, ROOT)
+    rows = [spawn_ranks(measure, 1, (source, args), timeout=1800)[0] for source in ("calibration", "training")]
+    info = {"command": command_line(), "args": vars(args), "rows": rows}
+    base = os.path.join(ROOT, "benchmarks", "results", args.out)
+    with open(base + ".json", "w", encoding="utf-8") as f:
+        json.dump(info, f, indent=2)
+    lines = [f"# F x F statistics memory ({args.layers} blocks, MLP width {args.width})", "",
+             f"`{info['command']}`; one CPU process per row, peak resident set from `getrusage`.", "",
+             "| source | forwards summed | F x F held before gather | returned by gather "
+             "| gather's peak RSS growth | growth / returned |", "|---|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        held = "-" if r["source"] == "calibration" else f"{r['held_mib']:.0f} MiB"  # summed inside gather
+        lines.append(f"| {r['source']} | {r['forwards'] or args.num_batches} | {held} "
+                     f"| {r['returned_mib']:.0f} MiB | {r['gather_peak_growth_mib']:.0f} MiB "
+                     f"| {r['gather_peak_growth_mib'] / r['returned_mib']:.2f}x |")
+    with open(base + ".md", "w", encoding="utf-8") as f:
+        f.write("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
