@@ -55,6 +55,9 @@ SCORES = list(ROWS)
 COMPENSATIONS = ["none", "mean", "least_squares"]
 SPARSITIES = [0.5, 0.75]
 QUICK = {"steps": 800, "seeds": [1]}
+# what a cell depends on that the dense perplexity does not show, with its default: cells saved
+# before they recorded these were pruned with the defaults (every earlier run used them)
+PRUNING_ARGS = {"num_batches": 8, "ridge": 1e-3}
 FULL = {"steps": 800, "seeds": [1, 2, 3]}
 
 
@@ -85,6 +88,11 @@ def prune_matrix(checkpoint: str, seed: int, args, workdir: str) -> List[Dict]:
     if set(args.rows) != set(SCORES):
         with open(out, encoding="utf-8") as f:
             kept = [c for c in json.load(f) if c["score"] not in args.rows]
+        other = {f"--{k} {c.get(k, default)}" for c in kept for k, default in PRUNING_ARGS.items()
+                 if c.get(k, default) != getattr(args, k)}
+        if other:
+            raise SystemExit(f"--rows: {out}'s other rows were pruned with {', '.join(sorted(other))}, "
+                             "not this run's: prune every row again (leave out --rows)")
         missing = [r for r in SCORES if r not in args.rows and sum(c["score"] == r for c in kept)
                    != len(COMPENSATIONS) * len(SPARSITIES)]
         if missing:
@@ -158,7 +166,8 @@ def worker(argv: List[str]) -> None:
                 event = pruner.prune_to(sparsity)
                 ppl = oneshot.perplexity(engine.module, val, a.eval_batches, comm)
                 rows.append({"seed": a.seed, "score": row, "scope": scope, "compensation": comp, "sparsity": sparsity,
-                             "ppl": ppl, "dense_ppl": dense, "event_seconds": event["seconds"],
+                             "ppl": ppl, "dense_ppl": dense, "num_batches": a.num_batches, "ridge": a.ridge,
+                             "event_seconds": event["seconds"],
                              "event_bytes": event["bytes"], "compensation_info": event.get("compensation"),
                              "units_kept": {r["key"]: r["units_kept"] for r in pruner.sparsity_report()},
                              "seconds": time.perf_counter() - t0})
@@ -285,9 +294,10 @@ def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
     p.add_argument("--seq_len", type=int, default=64)
     p.add_argument("--micro_batch", type=int, default=8)
     p.add_argument("--lr", type=float, default=2e-3)
-    p.add_argument("--num_batches", type=int, default=8, help="calibration batches per rank (train split)")
+    p.add_argument("--num_batches", type=int, default=PRUNING_ARGS["num_batches"],
+                   help="calibration batches per rank (train split)")
     p.add_argument("--eval_batches", type=int, default=16, help="validation batches per rank")
-    p.add_argument("--ridge", type=float, default=1e-3)
+    p.add_argument("--ridge", type=float, default=PRUNING_ARGS["ridge"])
     p.add_argument("--port", type=int, default=29741)
     p.add_argument("--run_timeout", type=int, default=3600)
     p.add_argument("--workdir", help="keep checkpoints and logs here (default: a temp dir, removed)")
