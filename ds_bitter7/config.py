@@ -154,24 +154,27 @@ class Bitter7Config(DeepSpeedConfigModel):
     def _combinations(self) -> Bitter7Config:
         """Score, scope, structures and compensation that do not go together: every such problem
         in one error (pydantic stops at the first validator that raises)."""
+        from .scores import get_scorer  # scores imports this module's ScoreName
+
+        scorer = get_scorer(self.score)
         score, scope = enum_name(self.score), enum_name(self.scope)
         kinds = [enum_name(s) for s in self.structures]
         problems = []
         if scope == "standardized" and "unstructured" in kinds:
             problems.append("scope 'standardized' ranks whole units per layer; it does not apply to "
                             "'unstructured' (use 'global' or 'per_layer')")
-        if score in ("obs", "bitter7_obs") and scope == "standardized":
+        if scorer.kind_fn is not None and scope == "standardized":
             problems.append(f"score {score!r} ranks units by the step a greedy removal takes them; "
                             "standardizing ranks per layer is meaningless (use scope 'global' or 'per_layer', or another score "
                             "such as 'fluctuation')")
-        if score in ("fluctuation", "obs", "bitter7_obs") and "unstructured" in kinds:  # no per-weight score
+        if scorer.fn is None and "unstructured" in kinds:  # no per-weight score
             problems.append(f"score {score!r} scores whole units; it does not apply to structures "
                             "['unstructured'] (prune unstructured weights in a run with a per-weight score "
                             "such as 'bitter7')")
         if kinds == ["unstructured"] and self.bias_compensation.enabled:
             problems.append("bias_compensation folds removed units into the next layer; structures "
                             "['unstructured'] removes no units (disable it, or add mlp_neuron / attention_head)")
-        if kinds == ["unstructured"] and score == "bitter7_variance":
+        if kinds == ["unstructured"] and scorer.fn is not None and scorer.uses_activation_std:
             problems.append(f"score {score!r} scores whole units by their activations; it does "
                             "not apply to structures ['unstructured'] (use 'bitter7')")
         if problems:
