@@ -5,11 +5,14 @@
 ``F x F`` per block), MLP neurons, ``bias_compensation.mode: least_squares``, one CPU process
 per case (so its peak resident set is its own):
 - ``calibration``: ``num_batches`` calibration batches, then ``gather()``;
-- ``training``: ``window`` optimizer steps of ``grad_accum`` micro-batches before a scheduled
-  event, then ``gather()`` (the event itself is not run).
+- ``training``: the ``window`` optimizer steps of ``grad_accum`` micro-batches up to a scheduled
+  event, then ``gather()`` (the last step's optimizer step and the event itself are not run).
 Reported per case: the bytes of ``F x F`` sums the statistics hold before ``gather()`` (for
-``training``, every window entry), the matrices ``gather()`` returns, and how much ``gather()``
-raised the process's peak resident set. Single process: the all-reduce is the identity copy.
+``training``, every window entry), the matrices ``gather()`` returns, and how far ``gather()``
+raised the process's resident set above what it held just before: the peak (``VmHWM``) is reset
+first (``/proc/self/clear_refs``), so earlier high-water marks do not hide it. With calibration
+the peak also holds the calibration forwards' activations. Single process: the all-reduce is the
+identity copy. Linux only.
 """
 
 from __future__ import annotations
@@ -17,13 +20,17 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import sys
 from typing import Dict
 
 from _common import ROOT, command_line, cpu_env, spawn_ranks
 
 MIB = 2**20
+
+
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status", encoding="ascii") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
 
 
 def measure(rank: int, world: int, source: str, args: argparse.Namespace) -> Dict:
@@ -36,7 +43,7 @@ def measure(rank: int, world: int, source: str, args: argparse.Namespace) -> Dic
     torch.manual_seed(0)
     model = GPT2LMHeadModel(GPT2Config(n_layer=args.layers, n_embd=64, n_head=4, n_inner=args.width,
                                        vocab_size=128, n_positions=args.seq_len))
-    event = args.window + 1  # steps 2 .. window + 1 are the window before the event
+    event = args.window  # steps 1 .. window are the window before the event
     cfg = {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": args.grad_accum,
            "zero_optimization": {"stage": 0}, "steps_per_print": 10**9,
            "optimizer": {"type": "AdamW", "params": {"lr": 1e-3, "torch_adam": True}},
@@ -49,18 +56,21 @@ def measure(rank: int, world: int, source: str, args: argparse.Namespace) -> Dic
     engine, *_ = ds_bitter7.initialize(model=model, model_parameters=model.parameters(), config=cfg,
                                        calibration_data=data if source == "calibration" else None)
     stats = ds_bitter7.get_pruner(engine).stats
-    if source == "training":
-        for x in data[:args.window * args.grad_accum]:  # steps 1 .. window: the event would follow
-            engine.backward(engine(input_ids=x, labels=x).loss)
+    forwards = args.window * args.grad_accum if source == "training" else 0
+    for i, x in enumerate(data[:forwards]):  # steps 1 .. window; the event would follow the last
+        engine.backward(engine(input_ids=x, labels=x).loss)
+        if i < forwards - 1:
             engine.step()
     held = sum(s.xtx.numel() * 8 for recent in stats._recent.values() for _, s in recent)
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    with open("/proc/self/clear_refs", "w", encoding="ascii") as f:
+        f.write("5")  # reset the peak resident set (VmHWM) to the current one
+    before = _status_kib("VmRSS")
     gathered = stats.gather()
-    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak = _status_kib("VmHWM")
     returned = sum(s.second_moment.numel() * 8 for s in gathered.values())
+    rows = sum(s.count for s in gathered.values()) // len(gathered)
     return {"source": source, "held_mib": held / MIB, "returned_mib": returned / MIB,
-            "gather_peak_growth_mib": (after - before) / MIB,
-            "forwards": 0 if source == "calibration" else args.window * args.grad_accum}
+            "gather_peak_growth_mib": (peak - before) * 1024 / MIB, "forwards": forwards, "rows": rows}
 
 
 def main() -> None:
@@ -80,12 +90,13 @@ def main() -> None:
     with open(base + ".json", "w", encoding="utf-8") as f:
         json.dump(info, f, indent=2)
     lines = [f"# F x F statistics memory ({args.layers} blocks, MLP width {args.width})", "",
-             f"`{info['command']}`; one CPU process per row, peak resident set from `getrusage`.", "",
-             "| source | forwards summed | F x F held before gather | returned by gather "
-             "| gather's peak RSS growth | growth / returned |", "|---|---:|---:|---:|---:|---:|"]
+             f"`{info['command']}`; one CPU process per row; growth: the peak resident set during "
+             "`gather()` (`VmHWM`, reset just before) minus the resident set before it.", "",
+             "| source | forwards summed | rows per group | F x F held before gather | returned by gather "
+             "| gather's peak RSS growth | growth / returned |", "|---|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         held = "-" if r["source"] == "calibration" else f"{r['held_mib']:.0f} MiB"  # summed inside gather
-        lines.append(f"| {r['source']} | {r['forwards'] or args.num_batches} | {held} "
+        lines.append(f"| {r['source']} | {r['forwards'] or args.num_batches} | {r['rows']} | {held} "
                      f"| {r['returned_mib']:.0f} MiB | {r['gather_peak_growth_mib']:.0f} MiB "
                      f"| {r['gather_peak_growth_mib'] / r['returned_mib']:.2f}x |")
     with open(base + ".md", "w", encoding="utf-8") as f:

@@ -16,10 +16,13 @@ Two sources (``bias_compensation.source``):
   the same number: the minimum over ranks) in eval mode under ``torch.no_grad()``.
 - ``training``: the hooks stay registered and keep the training forward passes (train mode only,
   not activation-checkpoint recomputes; every micro-batch under gradient accumulation) of the last
-  ``window`` optimizer steps made since the last pruning event, summed per step; ``gather()``
-  reduces them. No extra forward pass is run. The F x F matrix (least squares, scores ``obs`` and
-  ``bitter7_obs``) is recorded only in the ``window`` steps before each scheduled event, into one
-  running sum per group: one float64 ``F x F`` per group however many passes the window holds.
+  ``window`` optimizer steps made since the last pruning event, summed per step (steps as the
+  pruner counts them: a step skipped on fp16 overflow does not count, its forwards join the
+  next); ``gather()`` reduces them. No extra forward pass is run. The F x F matrix (least
+  squares, scores ``obs`` and ``bitter7_obs``) is recorded only in the ``window`` steps before
+  each scheduled event, into one running sum per group (one float64 ``F x F`` per group however
+  many passes the window holds, freed at the first training forward after the event); a manual
+  ``prune_to`` inside that window uses the part seen so far.
 """
 
 from __future__ import annotations
@@ -180,9 +183,10 @@ class ActivationStats:
             if self._current is not None:  # a calibration pass
                 self._current[key].add_rows(x)
             elif module.training and not _in_backward():  # a training forward
-                tag = self._window_tag()
+                tag, recent = self._window_tag(), self._recent[key]
+                if recent and recent[-1][0][0] != self._epoch():
+                    recent.clear()  # passes before the last event never count again: free them now
                 if tag is not None:
-                    recent = self._recent[key]
                     if not recent or recent[-1][0] != tag:
                         recent.append((tag, _Sums(n, self.with_matrix)))
                     recent[-1][1].add_rows(x)
@@ -195,15 +199,17 @@ class ActivationStats:
         Collective: every rank must call this, in the same order.
         """
         if self.source == StatsSource.calibration:
-            local = self._run_calibration()
-        else:
-            local = {}
-            for g in self.groups:
+            return self._reduce(self._run_calibration(), consume=True)
+        local = {}
+        for g in self.groups:
+            entries = [s for (epoch, _), s in self._recent[g.key] if epoch == self._epoch()]  # since the last event
+            if len(entries) == 1:  # always so with the F x F matrix: read in place, not copied
+                local[g.key] = entries[0]
+            else:
                 local[g.key] = _Sums(self._n_features[g.key], self.with_matrix)
-                for (epoch, _), s in self._recent[g.key]:
-                    if epoch == self._epoch():  # passes since the last event only
-                        local[g.key].add(s)
-        return self._reduce(local)
+                for s in entries:
+                    local[g.key].add(s)
+        return self._reduce(local, consume=False)
 
     def _window_tag(self) -> Optional[Tuple[int, int]]:
         """(events so far, step) under which a training forward's rows are summed, or None when they
@@ -252,7 +258,9 @@ class ActivationStats:
         comm.raise_if_any(error, "the calibration forward pass")
         return current
 
-    def _reduce(self, local: Dict[str, _Sums]) -> Dict[str, UnitStats]:
+    def _reduce(self, local: Dict[str, _Sums], consume: bool) -> Dict[str, UnitStats]:
+        """Every group's statistics summed over ranks; with ``consume``, each local F x F is freed
+        once reduced (the calibration pass's own sums; training window entries are kept)."""
         comm = self.pruner.comm
         parts = [p for g in self.groups for p in local[g.key].pack()]
         total = comm.all_reduce_sum(torch.cat(parts))  # one reduce for every group's vectors
@@ -273,7 +281,8 @@ class ActivationStats:
             second = None
             if self.with_matrix:  # one reduce per group, where it was summed: no copy of every F x F at once
                 second = comm.all_reduce_sum(local[g.key].xtx).div_(count).cpu()
-                local[g.key].xtx = None
+                if consume:
+                    local[g.key].xtx = None
             out[g.key] = UnitStats(count, mean, var, second)
         return out
 

@@ -50,8 +50,9 @@ def tiny_ds_config(path: Path, bias_compensation: bool = False, structures=("mlp
     return path
 
 
-def run(cmd: List[str], tmp_path: Path, timeout: int = 120) -> str:
-    """Run a launcher; on timeout kill its whole process group (the ranks too), then fail."""
+def run(cmd: List[str], tmp_path: Path, timeout: int = 120, fails: bool = False) -> str:
+    """Run a launcher and return its output; on timeout kill its whole process group (the ranks
+    too), then fail. Asserts it exits 0, or, with ``fails``, that it does not."""
     proc = subprocess.Popen(cmd, cwd=REPO, env=env(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, start_new_session=True)
     try:
@@ -60,5 +61,8 @@ def run(cmd: List[str], tmp_path: Path, timeout: int = 120) -> str:
         os.killpg(proc.pid, signal.SIGKILL)
         out, _ = proc.communicate()
         raise AssertionError(f"{' '.join(cmd)} timed out after {timeout} s:\n{out[-6000:]}") from None
-    assert proc.returncode == 0, f"{' '.join(cmd)} failed ({proc.returncode}):\n{out[-6000:]}"
+    if fails:
+        assert proc.returncode != 0, f"{' '.join(cmd)} succeeded, expected to fail:\n{out[-6000:]}"
+    else:
+        assert proc.returncode == 0, f"{' '.join(cmd)} failed ({proc.returncode}):\n{out[-6000:]}"
     return out

@@ -156,7 +156,8 @@ def training_window() -> dict:
 def least_squares_window() -> dict:
     """Source 'training' with least squares keeps the F x F sums only in the `window` steps before a
     scheduled event (event at step 4, window 2, two micro-batches per step: the four forwards of
-    steps 3 and 4), not on every step, and in one running sum per group, not one per forward."""
+    steps 3 and 4), not on every step, and in one running sum per group, not one per forward, freed
+    by the first training forward after the event."""
     model = tiny_model("gpt2")
     cfg = ds_config(2, "fp32", {"structures": ["mlp_neuron"], "target_sparsity": 0.5,
                                 "schedule": {"start_step": 4, "end_step": 4},
@@ -180,8 +181,10 @@ def least_squares_window() -> dict:
         engine.step()
     for h in hooks:
         h.remove()
+    x = batches(1, seed=30)[0]
+    engine(input_ids=x, labels=x)  # the first training forward after the event frees its window
     return {"kept": kept, "errors": errors, "mode": pruner.last_event["compensation"]["mode"],
-            "step": pruner.last_event["step"]}
+            "step": pruner.last_event["step"], "after": max(len(d) for d in pruner.stats._recent.values())}
 
 
 def variance_score() -> dict:
@@ -334,7 +337,7 @@ def test_least_squares_training_source_records_only_before_an_event(world2):
     for res in (r["ls_window"] for r in world2):
         # entries held before each of the 8 forwards (2 per step): none before step 3, then one
         assert res["kept"] == [0, 0, 0, 0, 0, 1, 1, 1], res["kept"]
-        assert res["mode"] == "least_squares" and res["step"] == 4, res
+        assert res["mode"] == "least_squares" and res["step"] == 4 and res["after"] == 0, res
         assert res["errors"], res
         for key, (count_ok, dsecond) in res["errors"].items():
             assert count_ok and dsecond < 1e-9, (key, dsecond)

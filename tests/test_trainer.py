@@ -1,4 +1,5 @@
-"""Hugging Face Trainer + DeepSpeed + Bitter7Callback on 2 CPU ranks: prunes, saves, resumes."""
+"""Hugging Face Trainer + DeepSpeed + Bitter7Callback on 2 CPU ranks: prunes, saves, resumes, and
+refuses a corrupt pruner state."""
 
 from __future__ import annotations
 
@@ -40,6 +41,13 @@ def test_trainer_prunes_saves_and_resumes(tmp_path):
     resumed = json.loads(summary.read_text())
     assert resumed["steps"] == 10
     assert [r["units_kept"] for r in resumed["layers"]] == kept
+    # a truncated pruner state in the checkpoint resumed from: every rank stops with the file named
+    # (none waits for the others: run's timeout)
+    latest = max(out.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+    state_file = latest / "bitter7_state.pt"
+    state_file.write_bytes(state_file.read_bytes()[:100])
+    log = run(base + ["--max_steps", "12", "--resume"], tmp_path, timeout=200, fails=True)
+    assert f"bitter7 pruner state file {state_file} is unreadable" in log, log[-3000:]
 
 
 def test_trainer_resume_keeps_unstructured_masks(tmp_path):
