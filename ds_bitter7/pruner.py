@@ -102,6 +102,10 @@ class Pruner:
 
         Units already pruned stay pruned. When it returns, every rank's fp32 masters, Adam moments
         and model parameters reflect it. Collective: every rank must call this, in the same order.
+        Returns the event's record (also ``last_event``, appended to ``events``): ``step``,
+        ``fraction``, per type ``sparsity`` and ``thresholds``, ``skipped`` types (NaN scores),
+        ``stats_rows`` (token rows the activation statistics cover, all ranks; with statistics
+        only), ``compensation`` (when enabled), ``seconds`` and ``bytes`` reduced.
         """
         if not 0.0 <= fraction < 1.0:
             raise ValueError(f"prune_to: fraction must be in [0, 1), got {fraction!r}")
@@ -209,6 +213,8 @@ class Pruner:
         event = {"step": self.step_count, "fraction": fraction, "sparsity": {}, "thresholds": {},
                  "skipped": []}
         stats = self.stats.gather() if self.stats is not None else None  # collective
+        if stats:
+            event["stats_rows"] = min(s.count for s in stats.values())  # token rows, all ranks
         masks_before = {k: v.clone() for k, v in self.masks.items()}
         for kind in self.kinds:
             scores = self._kind_scores(kind, stats, fraction)  # obs orders only the prefix it needs

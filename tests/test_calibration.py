@@ -58,6 +58,7 @@ def calibration_suite(cases, extras: bool) -> dict:
     if extras:
         out["training"] = training_window()
         out["ls_window"] = least_squares_window()
+        out["events"] = {mode: window_per_event(mode) for mode in ("mean", "least_squares")}
         out["variance"] = variance_score()
         out["fluctuation"] = fluctuation_score()
         out["in_step"] = {score: model_score_in_step(score) for score in ("fluctuation", "bitter7_obs")}
@@ -185,6 +186,22 @@ def least_squares_window() -> dict:
     engine(input_ids=x, labels=x)  # the first training forward after the event frees its window
     return {"kept": kept, "errors": errors, "mode": pruner.last_event["compensation"]["mode"],
             "step": pruner.last_event["step"], "after": max(len(d) for d in pruner.stats._recent.values())}
+
+
+def window_per_event(mode: str) -> list:
+    """Events at steps 2, 4 and 6 with a window of 3 steps: each event's statistics are the
+    forwards since the previous one (2 steps of 2 x 16 tokens on each of 2 ranks), never older."""
+    model = tiny_model("gpt2")
+    cfg = ds_config(2, "fp32", {"structures": ["mlp_neuron"], "target_sparsity": 0.5,
+                                "schedule": {"start_step": 2, "end_step": 6, "frequency": 2, "shape": "linear"},
+                                "bias_compensation": {"enabled": True, "source": "training", "window": 3,
+                                                      "mode": mode}})
+    engine, *_ = ds_bitter7.initialize(model=model, model_parameters=model.parameters(), config=cfg)
+    pruner = ds_bitter7.get_pruner(engine)
+    for x in batches(6, seed=40 + dist.get_rank()):
+        engine.backward(engine(input_ids=x, labels=x).loss)
+        engine.step()
+    return [(e["step"], e["stats_rows"]) for e in pruner.events]
 
 
 def variance_score() -> dict:
@@ -341,6 +358,12 @@ def test_least_squares_training_source_records_only_before_an_event(world2):
         assert res["errors"], res
         for key, (count_ok, dsecond) in res["errors"].items():
             assert count_ok and dsecond < 1e-9, (key, dsecond)
+
+
+def test_each_event_sees_the_window_since_the_previous_one(world2):
+    for res in (r["events"] for r in world2):
+        for mode, events in res.items():
+            assert events == [(2, 128), (4, 128), (6, 128)], (mode, events)
 
 
 def test_bitter7_variance_scores_and_prunes_lowest(world2):
