@@ -111,17 +111,36 @@ def zero_file_problems(tag_dir: str, dp_world_size: Optional[int] = None) -> Lis
 
 
 def checkpoint_problems(checkpoint_dir: str, tag: Optional[str] = None) -> List[str]:
-    """``zero_file_problems`` of a checkpoint's tag (``latest`` by default), its saved data-parallel
-    world size read from the model-states file; a tag or model-states file that cannot be found or
-    read is a problem too."""
+    """What stops loading a checkpoint's tag (``latest`` by default) with its optimizer state: a
+    tag or model-states file that cannot be found or read, ``zero_file_problems`` for the saved
+    data-parallel world size, and no ``*optim_states.pt`` at all although the model-states file
+    says the optimizer state was saved in them (ZeRO)."""
     try:
         tag_dir = os.path.join(checkpoint_dir, resolve_tag(checkpoint_dir, tag))
         states = os.path.join(tag_dir, MODEL_STATES_FILE)
-        saved = read_torch_file(states) if os.path.isfile(states) else {}
+        if not os.path.isfile(states):
+            return [f"{tag_dir!r} has no {MODEL_STATES_FILE} (an incomplete copy?)"]
+        saved = read_torch_file(states)
     except ExportError as err:
         return [str(err)]
     world = saved.get("dp_world_size") if isinstance(saved, dict) else None
-    return zero_file_problems(tag_dir, world if isinstance(world, int) else None)
+    world = world if isinstance(world, int) else None
+    stage = zero_stage_of(saved)
+    if stage and not glob.glob(os.path.join(tag_dir, "*optim_states.pt")):
+        return [f"{tag_dir!r} holds no *optim_states.pt, but was saved with ZeRO stage {stage}"
+                + (f" by {world} data-parallel ranks" if world else "")
+                + ": the optimizer state is missing (an incomplete copy?)"]
+    return zero_file_problems(tag_dir, world)
+
+
+def zero_stage_of(saved) -> int:
+    """The ZeRO stage whose per-rank ``*optim_states.pt`` hold the optimizer state of a loaded
+    model-states file, or 0 when the optimizer state is not in such files (stage 0)."""
+    if not isinstance(saved, dict) or saved.get("optimizer") is not None:
+        return 0
+    zero = (saved.get("ds_config") or {}).get("zero_optimization") if isinstance(saved.get("ds_config"), dict) else None
+    stage = zero.get("stage", 0) if isinstance(zero, dict) else 0
+    return stage if isinstance(stage, int) and stage > 0 else 0
 
 
 def load_pruner_state(checkpoint_dir: str, tag: str) -> Tuple[dict, str]:
@@ -158,6 +177,7 @@ def consolidate(checkpoint_dir: str, tag: str) -> Dict[str, torch.Tensor]:
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     tag_dir = os.path.join(checkpoint_dir, tag)
+    model_file = os.path.join(tag_dir, MODEL_STATES_FILE)
     if glob.glob(os.path.join(tag_dir, "*optim_states.pt")):
         problems = checkpoint_problems(checkpoint_dir, tag)
         if problems:
@@ -170,12 +190,18 @@ def consolidate(checkpoint_dir: str, tag: str) -> Dict[str, torch.Tensor]:
                 raise ExportError(f"cannot consolidate {tag_dir!r} with DeepSpeed's zero_to_fp32: "
                                   f"{type(err).__name__}: {err}") from err
             logger.warning("%s: not a ZeRO checkpoint; using the module weights of %s", tag_dir, MODEL_STATES_FILE)
-    model_file = os.path.join(tag_dir, MODEL_STATES_FILE)
     if not os.path.isfile(model_file):
         raise ExportError(f"no weights: {tag_dir!r} has neither *optim_states.pt nor {MODEL_STATES_FILE}")
-    module = read_torch_file(model_file).get("module")
+    saved = read_torch_file(model_file)
+    module = saved.get("module") if isinstance(saved, dict) else None
     if not isinstance(module, Mapping):
         raise ExportError(f"{model_file!r} has no 'module' state dict")
+    stage = zero_stage_of(saved)
+    if stage and not glob.glob(os.path.join(tag_dir, "*optim_states.pt")):
+        dtypes = sorted({str(v.dtype).replace("torch.", "") for v in module.values() if torch.is_tensor(v)})
+        logger.warning("%s was saved with ZeRO stage %d but holds no *optim_states.pt: exporting the %s module "
+                       "weights of %s, not the fp32 master weights (copy the optimizer files too for those)",
+                       tag_dir, stage, "/".join(dtypes), MODEL_STATES_FILE)
     return strip_module_prefix({k: v.float() for k, v in module.items()})
 
 

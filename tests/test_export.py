@@ -16,7 +16,7 @@ from transformers import AutoModelForCausalLM
 
 import ds_bitter7.models  # noqa: F401  (registers bitter7_gpt2 / bitter7_llama)
 from ds_bitter7.comm import free_port
-from ds_bitter7.export import ExportError, export_checkpoint
+from ds_bitter7.export import ExportError, checkpoint_problems, export_checkpoint
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(TESTS)
@@ -155,6 +155,24 @@ def test_truncated_optimizer_shard_is_named(gpt2_checkpoint, tmp_path):
     shard.unlink()  # a missing rank: named with the saved world size
     with pytest.raises(ExportError, match=r"saved by 2 data-parallel ranks: rank\(s\) \[1\] missing"):
         export_checkpoint(str(ckpt), str(tmp_path / "out"))
+
+
+def test_checkpoint_without_its_zero_files(gpt2_checkpoint, tmp_path, caplog):
+    """Every *optim_states.pt of a ZeRO-2 checkpoint gone: resuming needs them (a problem naming
+    the stage and ranks); export falls back to the module weights, with a warning saying so."""
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(gpt2_checkpoint, ckpt)
+    for shard in (ckpt / "global_step1").glob("*optim_states.pt"):
+        shard.unlink()
+    problems = checkpoint_problems(str(ckpt))
+    assert len(problems) == 1 and "holds no *optim_states.pt, but was saved with ZeRO stage 2 by 2" in problems[0]
+    with caplog.at_level("WARNING", logger="ds_bitter7.export"):
+        export_checkpoint(str(ckpt), str(tmp_path / "out"))
+    assert "not the fp32 master weights" in caplog.text
+    assert_logits_match(str(tmp_path / "out"), str(ckpt))  # fp32 training: the same weights
+    (ckpt / "global_step1" / "mp_rank_00_model_states.pt").unlink()
+    assert checkpoint_problems(str(ckpt)) == [f"{str(ckpt / 'global_step1')!r} has no mp_rank_00_model_states.pt "
+                                              "(an incomplete copy?)"]
 
 
 def test_missing_checkpoint_dir(tmp_path):
