@@ -33,8 +33,10 @@ except ImportError:  # run from a checkout without `pip install -e .`
 from ds_bitter7 import data as dsdata
 from ds_bitter7 import modeling
 from ds_bitter7.comm import Communicator, abort_job_on_error, init_distributed
-from ds_bitter7.config import load_ds_config
+from ds_bitter7.config import load_ds_config, parse_config
 from ds_bitter7.export import checkpoint_problems
+from ds_bitter7.schedule import sparsity_at
+from ds_bitter7.state import CLIENT_KEY as PRUNER_STATE_KEY
 
 logger = logging.getLogger("train")
 
@@ -168,6 +170,11 @@ def write_json_atomic(path: str, obj: Dict[str, Any]) -> None:
     os.replace(tmp, path)
 
 
+def _last_sparsity(config, steps: int) -> float:
+    """The fraction of the last scheduled event at or before step ``steps`` (0 if none)."""
+    return next((f for f in (sparsity_at(config, s) for s in range(steps, 0, -1)) if f is not None), 0.0)
+
+
 def train(args) -> Dict[str, Any]:
     world_size, rank = init_distributed()
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
@@ -175,6 +182,15 @@ def train(args) -> Dict[str, Any]:
     if rank != 0:
         datasets.disable_progress_bars()
     deepspeed.runtime.utils.set_random_seed(args.seed)
+    try:  # before data and model are built: a bad config fails in a second, on every rank alike
+        ds_config = load_ds_config(args.config)
+        bitter7 = parse_config(ds_config)
+    except ValueError as err:
+        raise SystemExit(f"launch/train.py --config {args.config}: {err}") from None
+    if rank == 0 and bitter7.enabled and bitter7.schedule.end_step > args.steps:
+        logger.warning("--steps %d ends before schedule.end_step %d: the run stops at sparsity %s of "
+                       "target_sparsity %s", args.steps, bitter7.schedule.end_step,
+                       _last_sparsity(bitter7, args.steps), bitter7.target_sparsity)
     tokenizer = dsdata.get_tokenizer(args.tokenizer)
     train_blocks, val_blocks = build_data(args, tokenizer, rank)
     logger.info("data: %d train / %d validation blocks of %d tokens, %d ranks",
@@ -182,7 +198,6 @@ def train(args) -> Dict[str, Any]:
     model = modeling.build_model(args.model, dsdata.tokenizer_vocab_size(tokenizer),
                                  max_positions=max(args.seq_len, 256), seed=args.seed,
                                  overrides=json.loads(args.model_overrides), eos_token_id=dsdata.eos_id(tokenizer))
-    ds_config = load_ds_config(args.config)
     device = deepspeed.accelerator.get_accelerator().current_device_name()
     calib = None
     if args.calibration_batches > 0:
@@ -218,6 +233,10 @@ def run_loop(args, engine, pruner, train_blocks, val_blocks, world_size: int, ra
         if path is None:
             raise FileNotFoundError(f"no DeepSpeed checkpoint to resume in {args.resume}")
         client = client or {}
+        if rank == 0 and pruner is None and client.get(PRUNER_STATE_KEY) is not None:
+            logger.warning("%s carries ds_bitter7 pruner state but this run's config has no bitter7 section: "
+                           "its masks are not kept from here on and its checkpoints will not carry them "
+                           "(export needs them); add the checkpoint's bitter7 section to --config", path)
         start, ppl_start, loss_start = client.get("step", engine.global_steps), client.get("ppl_start"), client.get("loss_start")
         ppl_start_step = client.get("ppl_start_step", 0)
         logger.info("resumed from %s at step %d", path, start)

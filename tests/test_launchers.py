@@ -55,6 +55,28 @@ def test_torchrun_with_checkpoint_and_resume(trained, tmp_path):
     assert [r["units_kept"] for r in resumed["layers"]] == [r["units_kept"] for r in first["layers"]]
 
 
+def test_train_warns_and_refuses_in_one_process(tmp_path):
+    """A bad bitter7 key is refused before data and model are built; a run shorter than the
+    schedule says where it stops; resuming a pruned checkpoint with no bitter7 section says the
+    masks are dropped (one process: plain python, no launcher)."""
+    python = str(VENV_BIN / "python")
+    corpus, config = write_corpus(tmp_path / "corpus.jsonl"), tiny_ds_config(tmp_path / "ds.json")
+    cfg = json.loads(config.read_text())
+    base = [python, "launch/train.py", "--data", str(corpus), *TINY_MODEL, "--seq_len", "32",
+            "--eval_every", "0", "--eval_batches", "1", "--calibration_batches", "0"]
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps(dict(cfg, bitter7=dict(cfg["bitter7"], targt_sparsity=0.5))))
+    out = run(base + ["--config", str(bad), "--steps", "4"], tmp_path, fails=True)
+    assert "bitter7.targt_sparsity = 0.5: unknown key" in out and "data:" not in out
+    ckpt = tmp_path / "ckpt"
+    out = run(base + ["--config", str(config), "--steps", "4", "--save_dir", str(ckpt)], tmp_path)
+    assert "--steps 4 ends before schedule.end_step 6: the run stops at sparsity 0.0625 of target_sparsity 0.5" in out
+    dense = tmp_path / "dense.json"
+    dense.write_text(json.dumps({k: v for k, v in cfg.items() if k != "bitter7"}))
+    out = run(base + ["--config", str(dense), "--steps", "5", "--resume", str(ckpt)], tmp_path)
+    assert "carries ds_bitter7 pruner state but this run's config has no bitter7 section" in out
+
+
 def test_deepspeed_launcher(tmp_path):
     summary = tmp_path / "summary.json"
 
