@@ -183,17 +183,18 @@ class Bitter7Config(DeepSpeedConfigModel):
 
 
 def _describe(error: dict) -> str:
-    loc = ".".join(str(p) for p in error["loc"]) or "<section>"
-    where = f"{SECTION}.{loc}" if error["loc"] else SECTION
-    value = error.get("input")
     msg = error["msg"]
     if error["type"] == "extra_forbidden":
         msg = "unknown key"
-    ctx = error.get("ctx") or {}
-    allowed = ctx.get("expected")
-    if allowed:
+    if error["type"] == "value_error":
+        msg = msg.removeprefix("Value error, ")
+    allowed = (error.get("ctx") or {}).get("expected")
+    if allowed and str(allowed) not in msg:
         msg = f"{msg} (allowed: {allowed})"
-    return f"  {where} = {value!r}: {msg}"
+    if not error["loc"]:  # a check across keys: the section's value would be every key
+        return f"  {SECTION}: {msg}"
+    loc = ".".join(str(p) for p in error["loc"])
+    return f"  {SECTION}.{loc} = {error.get('input')!r}: {msg}"
 
 
 def load_ds_config(config: Union[str, os.PathLike, dict]) -> dict:
