@@ -197,8 +197,9 @@ def consolidate(checkpoint_dir: str, tag: str) -> Dict[str, torch.Tensor]:
     if not isinstance(module, Mapping):
         raise ExportError(f"{model_file!r} has no 'module' state dict")
     stage = zero_stage_of(saved)
-    if stage and not glob.glob(os.path.join(tag_dir, "*optim_states.pt")):
-        dtypes = sorted({str(v.dtype).replace("torch.", "") for v in module.values() if torch.is_tensor(v)})
+    dtypes = sorted({str(v.dtype).replace("torch.", "") for v in module.values() if torch.is_tensor(v)})
+    if stage and dtypes != ["float32"] and not glob.glob(os.path.join(tag_dir, "*optim_states.pt")):
+        # fp32 training: the module weights are the masters; otherwise they are rounded copies
         logger.warning("%s was saved with ZeRO stage %d but holds no *optim_states.pt: exporting the %s module "
                        "weights of %s, not the fp32 master weights (copy the optimizer files too for those)",
                        tag_dir, stage, "/".join(dtypes), MODEL_STATES_FILE)

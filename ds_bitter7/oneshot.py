@@ -506,6 +506,11 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
     pruner = ds_bitter7.attach(engine, cfg, calib)
     if info.client_bitter7 is not None:  # a ds_bitter7 checkpoint: units pruned in training stay pruned
         restore_training_masks(pruner, info.client_bitter7, info.folder)
+        already = already_pruned(pruner, args)
+        if already:
+            log_main("the checkpoint already prunes %s (in training): --sparsity %s removes no more of %s",
+                     ", ".join(f"{f:.1%} of {k}" for k, f in already.items()), args.sparsity,
+                     " or ".join(already), level=logging.WARNING, log=logger)
     summary: Dict[str, Any] = {"checkpoint": os.path.abspath(args.checkpoint_dir), "tag": info.tag,
                                "world_size": comm.world_size, "score": args.score,
                                "structures": list(args.structures), "sparsity": args.sparsity,
@@ -540,19 +545,31 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
     return summary
 
 
+def pruned_counts(pruner, kinds) -> Dict[str, Tuple[int, int]]:
+    """Per structure type in ``kinds``: (units the masks prune now, units)."""
+    out = {}
+    for kind in kinds:
+        masks = [pruner.masks[g.key] for g in pruner.groups if enum_name(g.kind) == kind]
+        if masks:
+            out[kind] = (sum(int((~m).sum()) for m in masks), sum(m.numel() for m in masks))
+    return out
+
+
+def already_pruned(pruner, args) -> Dict[str, float]:
+    """Per structure type whose units pruned in training already exceed ``floor(sparsity * n)``:
+    the fraction pruned (this run removes none of them)."""
+    return {kind: pruned / n for kind, (pruned, n) in pruned_counts(pruner, args.structures).items()
+            if n and pruned > n_to_prune(args.sparsity, n)}
+
+
 def shortfall(pruner, args) -> Dict[str, float]:
     """Per structure type whose pruned units fall short of ``floor(sparsity * n)`` under a global
     threshold (``min_units_per_layer`` held some back): the fraction reached. Counts, not float
     fractions; ``per_layer`` takes each layer's own floor, and keeps no minimum."""
     if args.scope == "per_layer" or args.min_units_per_layer == 0:
         return {}
-    out = {}
-    for kind in args.structures:
-        masks = [pruner.masks[g.key] for g in pruner.groups if enum_name(g.kind) == kind]
-        n, pruned = sum(m.numel() for m in masks), sum(int((~m).sum()) for m in masks)
-        if n and pruned < n_to_prune(args.sparsity, n):
-            out[kind] = pruned / n
-    return out
+    return {kind: pruned / n for kind, (pruned, n) in pruned_counts(pruner, args.structures).items()
+            if n and pruned < n_to_prune(args.sparsity, n)}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

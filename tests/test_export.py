@@ -166,11 +166,17 @@ def test_checkpoint_without_its_zero_files(gpt2_checkpoint, tmp_path, caplog):
         shard.unlink()
     problems = checkpoint_problems(str(ckpt))
     assert len(problems) == 1 and "holds no *optim_states.pt, but was saved with ZeRO stage 2 by 2" in problems[0]
+    states = ckpt / "global_step1" / "mp_rank_00_model_states.pt"
     with caplog.at_level("WARNING", logger="ds_bitter7.export"):
         export_checkpoint(str(ckpt), str(tmp_path / "out"))
-    assert "not the fp32 master weights" in caplog.text
-    assert_logits_match(str(tmp_path / "out"), str(ckpt))  # fp32 training: the same weights
-    (ckpt / "global_step1" / "mp_rank_00_model_states.pt").unlink()
+        assert "not the fp32 master weights" not in caplog.text  # fp32 training: they are the masters
+        assert_logits_match(str(tmp_path / "out"), str(ckpt))
+        saved = torch.load(states, weights_only=False)
+        saved["module"] = {k: v.bfloat16() for k, v in saved["module"].items()}  # as bf16 training saves it
+        torch.save(saved, states)
+        export_checkpoint(str(ckpt), str(tmp_path / "out_bf16"))
+    assert "exporting the bfloat16 module weights of mp_rank_00_model_states.pt, not the fp32 master" in caplog.text
+    states.unlink()
     assert checkpoint_problems(str(ckpt)) == [f"{str(ckpt / 'global_step1')!r} has no mp_rank_00_model_states.pt "
                                               "(an incomplete copy?)"]
 

@@ -274,7 +274,7 @@ def test_report_folder_and_ds_config_are_checked_first(checkpoint, tmp_path):
     oneshot.check_args(inside, None)  # a report inside OUTPUT_DIR: that folder is made by the export
 
 
-def test_shortfall_counts_units_and_ignores_per_layer():
+def test_shortfall_and_already_pruned_count_units():
     """0.6 of 192 is 115 units, whose fraction in float32 is below 0.6: not a shortfall; per_layer
     keeps no minimum, so it never warns."""
     from types import SimpleNamespace
@@ -293,6 +293,9 @@ def test_shortfall_counts_units_and_ignores_per_layer():
     assert oneshot.shortfall(pruner(115), args) == {}
     assert oneshot.shortfall(pruner(114), args) == {"mlp_neuron": 114 / 192}
     assert oneshot.shortfall(pruner(114), SimpleNamespace(**{**vars(args), "scope": "per_layer"})) == {}
+    # units pruned in training beyond the target: this run removes none (a warning says so)
+    assert oneshot.already_pruned(pruner(115), args) == {}
+    assert oneshot.already_pruned(pruner(116), args) == {"mlp_neuron": 116 / 192}
 
 
 def test_min_units_per_layer_shortfall_is_reported_and_can_be_lifted(checkpoint, tmp_path):
