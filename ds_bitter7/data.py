@@ -295,11 +295,12 @@ def load_text_datasets(data: Union[str, Sequence[str]], validation_fraction: flo
     return _split_train(dd["train"], validation_fraction, seed)
 
 
-def chunk_dataset(ds, tokenizer, seq_len: int, num_proc: Optional[int] = None):
+def chunk_dataset(ds, tokenizer, seq_len: int, num_proc: Optional[int] = None, what: str = "dataset"):
     """Tokenize, join documents with the end-of-document id and cut into ``seq_len`` blocks.
 
     Returns a ``datasets.Dataset`` with one column ``input_ids`` (torch format); the last
-    partial block of each map batch is dropped.
+    partial block of each map batch is dropped. ``what`` names the data in the error when no
+    block results.
     """
     column = _text_column(ds)
     eos = eos_id(tokenizer)
@@ -316,7 +317,7 @@ def chunk_dataset(ds, tokenizer, seq_len: int, num_proc: Optional[int] = None):
     blocks = ds.map(to_blocks, batched=True, batch_size=1000, remove_columns=ds.column_names,
                     num_proc=num_proc, desc=f"blocks of {seq_len}")
     if len(blocks) == 0:
-        raise ValueError(f"dataset too small for one block of {seq_len} tokens")
+        raise ValueError(f"{what} too small for one block of {seq_len} tokens")
     blocks.set_format("torch", columns=["input_ids"])
     return blocks
 
@@ -325,7 +326,8 @@ def build_lm_datasets(data: Union[str, Sequence[str]], tokenizer, seq_len: int,
                       validation_fraction: float = 0.05, seed: int = 0) -> Tuple[Any, Any]:
     """(train, validation) block datasets of ``input_ids`` of length ``seq_len``."""
     train, val = load_text_datasets(data, validation_fraction, seed)
-    return chunk_dataset(train, tokenizer, seq_len), chunk_dataset(val, tokenizer, seq_len)
+    return (chunk_dataset(train, tokenizer, seq_len, what="the train split"),
+            chunk_dataset(val, tokenizer, seq_len, what="the validation split"))
 
 
 # --------------------------------------------------------------------------- loaders

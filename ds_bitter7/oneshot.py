@@ -285,6 +285,8 @@ def _texts(spec: Sequence[str], split: str, seed: int):
     files = dsdata.local_files(spec)
     if files is None:  # check_data_spec ran first; a path removed since
         raise OneShotError(f"data paths do not exist: {[s for s in spec if not os.path.exists(s)]}")
+    if not files:
+        raise OneShotError(f"no .txt/.md/.json/.jsonl files in {list(spec)}")
     try:
         return dsdata.read_local_files(files)
     except ValueError as err:
@@ -293,7 +295,8 @@ def _texts(spec: Sequence[str], split: str, seed: int):
 
 def calibration_data(args, tokenizer, device) -> List[Dict[str, torch.Tensor]]:
     """``num_batches`` batches per rank (different blocks on each rank) from the calibration data."""
-    blocks = dsdata.chunk_dataset(_texts(args.calibration, "train", args.seed), tokenizer, args.seq_len)
+    blocks = dsdata.chunk_dataset(_texts(args.calibration, "train", args.seed), tokenizer, args.seq_len,
+                                  what=f"--calibration {' '.join(args.calibration)}")
     return [{k: v.to(device) for k, v in b.items()}
             for b in dsdata.calibration_batches(blocks, args.batch_size, args.num_batches, args.seed)]
 
@@ -348,7 +351,8 @@ def restore_training_masks(pruner, saved: dict, source: str) -> None:
 
 
 def validation_loader(args, tokenizer):
-    blocks = dsdata.chunk_dataset(_texts(args.validation, "validation", args.seed), tokenizer, args.seq_len)
+    blocks = dsdata.chunk_dataset(_texts(args.validation, "validation", args.seed), tokenizer, args.seq_len,
+                                  what=f"--validation {' '.join(args.validation)}")
     return dsdata.make_dataloader(blocks, args.batch_size, shuffle=False, drop_last=False)
 
 
@@ -582,7 +586,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         with abort_job_on_error(unless=(OneShotError,)):  # under mpirun, a rank failing alone stops the job
             summary = run(args)
     except OneShotError as err:
-        print(f"error (rank {rank}): {err}", file=sys.stderr)
+        sys.stderr.write(f"error (rank {rank}): {err}\n")  # one write: ranks' lines do not run together
+        sys.stderr.flush()
         return 2
     finally:
         import torch.distributed as dist

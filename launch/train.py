@@ -96,7 +96,8 @@ def rank0_first(fn, rank: int):
 def build_data(args, tokenizer, rank: int):
     if args.data == [dsdata.BUILTIN]:  # in memory: only the corpus file cache is shared
         train, val = rank0_first(lambda: dsdata.load_text_datasets(args.data, seed=args.seed), rank)
-        return dsdata.chunk_dataset(train, tokenizer, args.seq_len), dsdata.chunk_dataset(val, tokenizer, args.seq_len)
+        return (dsdata.chunk_dataset(train, tokenizer, args.seq_len, what="the built-in train split"),
+                dsdata.chunk_dataset(val, tokenizer, args.seq_len, what="the built-in validation split"))
     return rank0_first(lambda: dsdata.build_lm_datasets(args.data, tokenizer, args.seq_len, seed=args.seed), rank)
 
 
