@@ -110,11 +110,13 @@ def zero_file_problems(tag_dir: str, dp_world_size: Optional[int] = None) -> Lis
     return problems
 
 
-def checkpoint_problems(checkpoint_dir: str, tag: Optional[str] = None) -> List[str]:
+def checkpoint_problems(checkpoint_dir: str, tag: Optional[str] = None,
+                        world_size: Optional[int] = None) -> List[str]:
     """What stops loading a checkpoint's tag (``latest`` by default) with its optimizer state: a
     tag or model-states file that cannot be found or read, ``zero_file_problems`` for the saved
-    data-parallel world size, and no ``*optim_states.pt`` at all although the model-states file
-    says the optimizer state was saved in them (ZeRO)."""
+    data-parallel world size, no ``*optim_states.pt`` at all although the model-states file says
+    the optimizer state was saved in them (ZeRO), and, given the loading run's ``world_size``, a
+    ZeRO checkpoint saved by another number of ranks (how to convert it)."""
     try:
         tag_dir = os.path.join(checkpoint_dir, resolve_tag(checkpoint_dir, tag))
         states = os.path.join(tag_dir, MODEL_STATES_FILE)
@@ -130,7 +132,14 @@ def checkpoint_problems(checkpoint_dir: str, tag: Optional[str] = None) -> List[
         return [f"{tag_dir!r} holds no *optim_states.pt, but was saved with ZeRO stage {stage}"
                 + (f" by {world} data-parallel ranks" if world else "")
                 + ": the optimizer state is missing (an incomplete copy?)"]
-    return zero_file_problems(tag_dir, world)
+    problems = zero_file_problems(tag_dir, world)
+    if not problems and stage and world and world_size and world != world_size:
+        problems.append(f"{tag_dir!r} was saved with ZeRO stage {stage} by {world} data-parallel ranks, not "
+                        f"{world_size}: convert it with python -m deepspeed.checkpoint.ds_to_universal "
+                        f"--input_folder {tag_dir} --output_folder {tag_dir}_universal --inject_missing_state, "
+                        "then set \"checkpoint\": {\"load_universal\": true} in the DeepSpeed config (README: "
+                        "resuming at another world size)")
+    return problems
 
 
 def zero_stage_of(saved) -> int:

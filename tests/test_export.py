@@ -157,6 +157,13 @@ def test_truncated_optimizer_shard_is_named(gpt2_checkpoint, tmp_path):
         export_checkpoint(str(ckpt), str(tmp_path / "out"))
 
 
+def test_resuming_at_another_world_size_says_how_to_convert(gpt2_checkpoint):
+    assert checkpoint_problems(gpt2_checkpoint, world_size=2) == []
+    problems = checkpoint_problems(gpt2_checkpoint, world_size=1)
+    assert len(problems) == 1 and "saved with ZeRO stage 2 by 2 data-parallel ranks, not 1" in problems[0]
+    assert "python -m deepspeed.checkpoint.ds_to_universal --input_folder" in problems[0]
+
+
 def test_checkpoint_without_its_zero_files(gpt2_checkpoint, tmp_path, caplog):
     """Every *optim_states.pt of a ZeRO-2 checkpoint gone: resuming needs them (a problem naming
     the stage and ranks); export falls back to the module weights, with a warning saying so."""
