@@ -245,6 +245,18 @@ def _split_train(ds, validation_fraction: float, seed: int) -> Tuple[Any, Any]:
     return parts["train"], parts["test"]
 
 
+def refuse_near_miss(name: str, builtins: Sequence[str], what: str) -> None:
+    """Raise ``ValueError`` when ``name`` (no local path) is a typo of a built-in name, before it
+    goes to the Hugging Face hub (which, offline, retries for half a minute and says only that
+    it cannot connect)."""
+    import difflib
+
+    close = difflib.get_close_matches(name, builtins, n=1, cutoff=0.75)
+    if close and name not in builtins:
+        raise ValueError(f"{what} {name!r} is no local path and no built-in name: did you mean {close[0]!r}? "
+                         f"(other names are fetched from the Hugging Face hub; built-in: {', '.join(builtins)})")
+
+
 def local_files(spec: Sequence[str]) -> Optional[List[str]]:
     """The data files of ``spec`` (files, and the data files in folders), or None if a path is missing.
 
@@ -289,6 +301,7 @@ def load_text_datasets(data: Union[str, Sequence[str]], validation_fraction: flo
         return _split_train(ds, validation_fraction, seed)
     if len(spec) != 1:
         raise ValueError(f"data paths do not exist: {[s for s in spec if not os.path.exists(s)]}")
+    refuse_near_miss(spec[0], [BUILTIN], "data")
     dd = datasets.load_dataset(spec[0], hub_config)  # hub name: needs network access
     if "validation" in dd:
         return dd["train"], dd["validation"]

@@ -67,6 +67,10 @@ def build_config(name_or_path: str, vocab_size: Optional[int] = None, max_positi
         return BUILTIN_MODELS[name_or_path](vocab, max_positions, **overrides)
     from transformers import AutoConfig
 
+    from .data import refuse_near_miss
+
+    if not os.path.exists(name_or_path):
+        refuse_near_miss(name_or_path, list(BUILTIN_MODELS), "model")
     config = AutoConfig.from_pretrained(name_or_path)  # a hub name needs network access
     for key, value in overrides.items():
         setattr(config, key, value)

@@ -135,3 +135,12 @@ def test_local_model_with_weights_is_checked_and_overridden(tmp_path):
     loaded = modeling.build_model(str(tmp_path), vocab_size=257, overrides={"resid_pdrop": 0.3})
     assert loaded.config.resid_pdrop == 0.3
     assert modeling.build_config("tiny-llama", vocab_size=32000, eos_token_id=2).eos_token_id == 2
+
+
+def test_typos_of_builtin_names_are_refused_before_the_hub():
+    from ds_bitter7 import modeling
+
+    with pytest.raises(ValueError, match="data 'builtn' .* did you mean 'builtin'"):
+        data.load_text_datasets(["builtn"])
+    with pytest.raises(ValueError, match="model 'tiny-gtp2' .* did you mean 'tiny-gpt2'"):
+        modeling.build_config("tiny-gtp2")
