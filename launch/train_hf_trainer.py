@@ -80,7 +80,7 @@ def main() -> None:
     prepare_model(model, ds_config)  # before DeepSpeed flattens the parameters
     training_args = TrainingArguments(
         output_dir=args.output_dir, deepspeed=ds_config, max_steps=args.max_steps,
-        save_steps=args.save_steps, save_strategy="steps", logging_steps=10, report_to=[],
+        save_steps=args.save_steps, save_strategy="steps", logging_steps=min(10, args.max_steps), report_to=[],
         seed=args.seed, dataloader_num_workers=0, remove_unused_columns=False,
         use_cpu=get_accelerator().device_name() == "cpu",  # else accelerate on CPU: every rank a world of one
         **trainer_settings(ds_config))
