@@ -14,6 +14,7 @@ model under ZeRO 1/2: the model's parameters are updated only after that hook, s
 from __future__ import annotations
 
 import logging
+import math
 import time
 from typing import Dict, List, Optional, Tuple
 
@@ -248,7 +249,9 @@ class Pruner:
         self.last_event = event
         self.events.append(event)
         log_main("bitter7 step %d: sparsity %s thresholds %s (%.3f s, %d bytes reduced)", event["step"],
-                 {k: round(v, 4) for k, v in event["sparsity"].items()}, event["thresholds"],
+                 {k: round(v, 4) for k, v in event["sparsity"].items()},
+                 {k: ("none: no unit pruned" if isinstance(v, float) and math.isnan(v) else v)
+                  for k, v in event["thresholds"].items()},
                  event["seconds"], event["bytes"], log=logger)
         return event
 
