@@ -147,7 +147,8 @@ def zero_stage_of(saved) -> int:
     model-states file, or 0 when the optimizer state is not in such files (stage 0)."""
     if not isinstance(saved, dict) or saved.get("optimizer") is not None:
         return 0
-    zero = (saved.get("ds_config") or {}).get("zero_optimization") if isinstance(saved.get("ds_config"), dict) else None
+    ds_config = saved.get("ds_config")
+    zero = ds_config.get("zero_optimization") if isinstance(ds_config, dict) else None
     stage = zero.get("stage", 0) if isinstance(zero, dict) else 0
     return stage if isinstance(stage, int) and stage > 0 else 0
 
@@ -187,7 +188,8 @@ def consolidate(checkpoint_dir: str, tag: str) -> Dict[str, torch.Tensor]:
 
     tag_dir = os.path.join(checkpoint_dir, tag)
     model_file = os.path.join(tag_dir, MODEL_STATES_FILE)
-    if glob.glob(os.path.join(tag_dir, "*optim_states.pt")):
+    zero_files = glob.glob(os.path.join(tag_dir, "*optim_states.pt"))
+    if zero_files:
         problems = checkpoint_problems(checkpoint_dir, tag)
         if problems:
             raise ExportError("; ".join(problems))
@@ -207,7 +209,7 @@ def consolidate(checkpoint_dir: str, tag: str) -> Dict[str, torch.Tensor]:
         raise ExportError(f"{model_file!r} has no 'module' state dict")
     stage = zero_stage_of(saved)
     dtypes = sorted({str(v.dtype).replace("torch.", "") for v in module.values() if torch.is_tensor(v)})
-    if stage and dtypes != ["float32"] and not glob.glob(os.path.join(tag_dir, "*optim_states.pt")):
+    if stage and dtypes != ["float32"] and not zero_files:
         # fp32 training: the module weights are the masters; otherwise they are rounded copies
         logger.warning("%s was saved with ZeRO stage %d but holds no *optim_states.pt: exporting the %s module "
                        "weights of %s, not the fp32 master weights (copy the optimizer files too for those)",

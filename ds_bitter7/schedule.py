@@ -48,3 +48,8 @@ def next_event_step(config: Bitter7Config, step: int) -> Optional[int]:
         return None
     k = -(-(nxt - sched.start_step) // sched.frequency)  # ceil
     return min(sched.start_step + k * sched.frequency, sched.end_step)
+
+
+def sparsity_reached(config: Bitter7Config, step: int) -> float:
+    """The fraction of the last event at or before ``step`` (0.0 when none has run by then)."""
+    return next((f for f in (sparsity_at(config, s) for s in range(step, 0, -1)) if f is not None), 0.0)

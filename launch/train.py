@@ -35,7 +35,7 @@ from ds_bitter7 import modeling
 from ds_bitter7.comm import Communicator, abort_job_on_error, init_distributed
 from ds_bitter7.config import load_ds_config, parse_config
 from ds_bitter7.export import checkpoint_problems
-from ds_bitter7.schedule import sparsity_at
+from ds_bitter7.schedule import sparsity_reached
 from ds_bitter7.state import CLIENT_KEY as PRUNER_STATE_KEY
 
 logger = logging.getLogger("train")
@@ -171,11 +171,6 @@ def write_json_atomic(path: str, obj: Dict[str, Any]) -> None:
     os.replace(tmp, path)
 
 
-def _last_sparsity(config, steps: int) -> float:
-    """The fraction of the last scheduled event at or before step ``steps`` (0 if none)."""
-    return next((f for f in (sparsity_at(config, s) for s in range(steps, 0, -1)) if f is not None), 0.0)
-
-
 def train(args) -> Dict[str, Any]:
     world_size, rank = init_distributed()
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
@@ -191,7 +186,7 @@ def train(args) -> Dict[str, Any]:
     if rank == 0 and bitter7.enabled and bitter7.schedule.end_step > args.steps:
         logger.warning("--steps %d ends before schedule.end_step %d: the run stops at sparsity %s of "
                        "target_sparsity %s", args.steps, bitter7.schedule.end_step,
-                       _last_sparsity(bitter7, args.steps), bitter7.target_sparsity)
+                       sparsity_reached(bitter7, args.steps), bitter7.target_sparsity)
     tokenizer = dsdata.get_tokenizer(args.tokenizer)
     train_blocks, val_blocks = build_data(args, tokenizer, rank)
     logger.info("data: %d train / %d validation blocks of %d tokens, %d ranks",

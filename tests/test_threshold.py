@@ -7,7 +7,7 @@ import torch
 
 from ds_bitter7.comm import Communicator
 from ds_bitter7.config import parse_config
-from ds_bitter7.schedule import sparsity_at
+from ds_bitter7.schedule import sparsity_at, sparsity_reached
 from ds_bitter7.threshold import key_to_score, kth_keys, n_to_prune, score_keys, select_units, standardize
 
 
@@ -91,6 +91,9 @@ def test_cubic_and_linear_schedules():
                                                                          "frequency": 10, "shape": "linear"}}})
     assert sparsity_at(cfg, 20) == pytest.approx(0.64)
     assert sparsity_at(cfg, 25) == pytest.approx(0.8)  # the end step is always an event
+    # the last event's fraction by a step (launch/train.py warns with it when a run ends early)
+    assert [sparsity_reached(cfg, s) for s in (0, 1, 19, 20, 24, 100)] == pytest.approx(
+        [0.0, 0.0, 0.32, 0.64, 0.64, 0.8])
 
 
 def test_default_schedule_prunes_after_the_first_step():
