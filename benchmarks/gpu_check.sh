@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # One-GPU check of ds_bitter7 (about 8 minutes at most): the machine, the overhead benchmark on
-# the GPU, and a few hundred steps of the reference workload (launch/train.py, tiny GPT-2 on the
-# built-in corpus, ZeRO-2, bf16). Every figure goes to one file, $OUT_DIR/gpu_check.txt.
+# the GPU, a few hundred steps of the reference workload (launch/train.py, tiny GPT-2 on the
+# built-in corpus, ZeRO-2, bf16, pruning neurons and heads with least squares on the training
+# window), one-shot pruning of its checkpoint (bitter7_obs, least squares) and the cost of the
+# obs greedy on the GPU. Every figure goes to one file, $OUT_DIR/gpu_check.txt.
 #
 #   bash benchmarks/gpu_check.sh
 #
@@ -12,6 +14,9 @@
 #            has a CUDA torch, the venv sees it (--system-site-packages): CPU torch is never installed.
 #   STEPS    training steps of the reference workload (default 300)
 #   TOTAL_LIMIT  seconds for the whole script (default 470): each section's limit is cut to what is left
+#   OBS_WIDTHS, OBS_WIDE  MLP widths of the two obs cost sections (default "2048 4096" and 11008,
+#            LLaMA-7B's)
+#   COMMIT   the commit to name in the report (default: git rev-parse, where .git is there)
 #   PIP_FIND_LINKS / PIP_NO_INDEX  pip's own variables, for an offline wheel folder
 # Network: only pip's, during the install section. Each section has its own time limit; a failed
 # section is logged and the script goes on.
@@ -93,6 +98,7 @@ cfg["scheduler"]["params"]["warmup_num_steps"] = max(1, steps // 10)
 cfg["bitter7"]["schedule"] = {"start_step": steps // 5, "end_step": 4 * steps // 5,
                               "frequency": max(1, steps // 20), "shape": "cubic"}
 cfg["bitter7"]["structures"] = ["mlp_neuron", "attention_head"]
+cfg["bitter7"]["bias_compensation"].update(source="training", mode="least_squares", window=4)
 json.dump(cfg, open(sys.argv[1], "w"), indent=2)
 print(json.dumps(cfg["bitter7"]))
 EOF
@@ -100,7 +106,7 @@ EOF
 
 show() { [ -f "$1" ] && cat "$1" >>"$REPORT" || log "(missing: $1)"; }
 
-log "ds_bitter7 GPU check, $(date -u +%Y-%m-%dT%H:%M:%SZ), commit $(git rev-parse --short HEAD 2>/dev/null || echo '?')"
+log "ds_bitter7 GPU check, $(date -u +%Y-%m-%dT%H:%M:%SZ), commit ${COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo '?')}"
 section "machine" 30 bash -c 'nvidia-smi; echo; nproc; grep -m1 "model name" /proc/cpuinfo; free -g'
 export VENV OUT_DIR STEPS PYTHON="${PYTHON:-}"
 export -f install_env train_config
@@ -118,18 +124,28 @@ section "reference workload config" 30 bash -c train_config
 section "reference workload: $STEPS steps, tiny GPT-2, ZeRO-2 bf16, 1 GPU" 150 "$PY" -m torch.distributed.run \
   --standalone --nproc_per_node 1 launch/train.py --config "$OUT_DIR/gpu/zero2_bf16_short.json" \
   --model tiny-gpt2 --steps "$STEPS" --seq_len 256 --eval_every "$((STEPS / 3))" --eval_batches 16 \
-  --summary "$OUT_DIR/gpu/train_summary.json"
+  --summary "$OUT_DIR/gpu/train_summary.json" --save_dir "$OUT_DIR/gpu/checkpoint"
 show "$OUT_DIR/gpu/train_summary.json"
 
-section "overhead, 2 ranks sharing the GPU, NCCL" 60 "$PY" benchmarks/overhead.py --world-sizes 2 \
-  --widths 768 --layers 4 --repeats 5 --backend nccl --timeout 50 --out "$OUT_DIR/gpu/nccl2"
-if [ -f "$OUT_DIR/gpu/nccl2/overhead.md" ]; then
-  show "$OUT_DIR/gpu/nccl2/overhead.md"
-else
-  section "overhead, 2 ranks sharing the GPU, gloo" 60 "$PY" benchmarks/overhead.py --world-sizes 2 \
-    --widths 768 --layers 4 --repeats 5 --backend gloo --timeout 50 --out "$OUT_DIR/gpu/gloo2"
-  show "$OUT_DIR/gpu/gloo2/overhead.md"
-fi
+section "one-shot 75% of the checkpoint's neurons and heads, bitter7_obs + least squares, 1 GPU" 120 "$PY" \
+  -m torch.distributed.run --standalone --nproc_per_node 1 -m ds_bitter7.oneshot "$OUT_DIR/gpu/checkpoint" \
+  "$OUT_DIR/gpu/oneshot_model" --sparsity 0.75 --structures mlp_neuron attention_head \
+  --calibration builtin --validation builtin \
+  --report "$OUT_DIR/gpu/oneshot_report.json"
+show "$OUT_DIR/gpu/oneshot_report.json"
+
+# Two runs, so that the widest one timing out loses only its own row.
+section "obs greedy and float64 inverses on the GPU" 90 "$PY" benchmarks/obs_cost.py --device cuda \
+  --widths ${OBS_WIDTHS:-2048 4096} --repeats 3 --out "$OUT_DIR/gpu/obs_cost"
+show "$OUT_DIR/gpu/obs_cost/obs_cost.md"
+section "obs greedy on the GPU, LLaMA-7B's MLP width" 120 "$PY" benchmarks/obs_cost.py --device cuda \
+  --widths ${OBS_WIDE:-11008} --out "$OUT_DIR/gpu/obs_cost_wide"
+show "$OUT_DIR/gpu/obs_cost_wide/obs_cost.md"
+
+# NCCL refuses two ranks on one GPU (seen on the H200): two ranks share it over gloo.
+section "overhead, 2 ranks sharing the GPU, gloo" 60 "$PY" benchmarks/overhead.py --world-sizes 2 \
+  --widths 768 --layers 4 --repeats 5 --backend gloo --timeout 50 --out "$OUT_DIR/gpu/gloo2"
+show "$OUT_DIR/gpu/gloo2/overhead.md"
 
 log ""
 log "report: $REPORT"
