@@ -3,12 +3,12 @@
 # the GPU, a few hundred steps of the reference workload (launch/train.py, tiny GPT-2 on the
 # built-in corpus, ZeRO-2, bf16, pruning neurons and heads with least squares on the training
 # window), one-shot pruning of its checkpoint (bitter7_obs, least squares) and the cost of the
-# obs greedy on the GPU. Every figure goes to one file, $OUT_DIR/gpu_check.txt.
+# obs greedy on the GPU. Every figure goes to one file, $OUT_DIR/gpu/gpu_check.txt.
 #
 #   bash benchmarks/gpu_check.sh
 #
 # Environment (all optional):
-#   OUT_DIR  where results go (default benchmarks/results; the overhead tables in $OUT_DIR/gpu/)
+#   OUT_DIR  results go to $OUT_DIR/gpu/, emptied first (default benchmarks/results)
 #   PYTHON   a Python that already has the project installed: no venv, no pip
 #   VENV     venv to create/use otherwise (default .venv-gpu). When the system python3 already
 #            has a CUDA torch, the venv sees it (--system-site-packages): CPU torch is never installed.
@@ -26,7 +26,7 @@ OUT_DIR=${OUT_DIR:-benchmarks/results}
 STEPS=${STEPS:-300}
 VENV=${VENV:-.venv-gpu}
 TOTAL_LIMIT=${TOTAL_LIMIT:-470}
-REPORT="$OUT_DIR/gpu_check.txt"
+REPORT="$OUT_DIR/gpu/gpu_check.txt"
 rm -rf "$OUT_DIR/gpu"  # this script's own outputs of an earlier run
 mkdir -p "$OUT_DIR/gpu"
 : >"$REPORT"
@@ -117,8 +117,7 @@ log "python: $PY"
 section "versions" 40 "$PY" -c "import torch, deepspeed, transformers; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'available', torch.cuda.is_available()); print('deepspeed', deepspeed.__version__, 'accelerator', deepspeed.get_accelerator().device_name()); print('transformers', transformers.__version__)"
 
 section "overhead, 1 rank, NCCL" 120 "$PY" benchmarks/overhead.py --world-sizes 1 --widths 768,1536 \
-  --layers 4 --repeats 10 --backend nccl --out "$OUT_DIR/gpu/nccl1"
-show "$OUT_DIR/gpu/nccl1/overhead.md"
+  --layers 4 --repeats 10 --backend nccl --out "$OUT_DIR/gpu/nccl1"  # prints its own table
 export PY
 section "reference workload config" 30 bash -c train_config
 section "reference workload: $STEPS steps, tiny GPT-2, ZeRO-2 bf16, 1 GPU" 150 "$PY" -m torch.distributed.run \
@@ -135,17 +134,14 @@ section "one-shot 75% of the checkpoint's neurons and heads, bitter7_obs + least
 show "$OUT_DIR/gpu/oneshot_report.json"
 
 # Two runs, so that the widest one timing out loses only its own row.
-section "obs greedy and float64 inverses on the GPU" 90 "$PY" benchmarks/obs_cost.py --device cuda \
-  --widths ${OBS_WIDTHS:-2048 4096} --repeats 3 --out "$OUT_DIR/gpu/obs_cost"
-show "$OUT_DIR/gpu/obs_cost/obs_cost.md"
+section "obs greedy and float64 inverses on the GPU" 120 "$PY" benchmarks/obs_cost.py --device cuda \
+  --widths ${OBS_WIDTHS:-2048 4096} --repeats 1 --out "$OUT_DIR/gpu/obs_cost"
 section "obs greedy on the GPU, LLaMA-7B's MLP width" 120 "$PY" benchmarks/obs_cost.py --device cuda \
   --widths ${OBS_WIDE:-11008} --out "$OUT_DIR/gpu/obs_cost_wide"
-show "$OUT_DIR/gpu/obs_cost_wide/obs_cost.md"
 
 # NCCL refuses two ranks on one GPU (seen on the H200): two ranks share it over gloo.
 section "overhead, 2 ranks sharing the GPU, gloo" 60 "$PY" benchmarks/overhead.py --world-sizes 2 \
   --widths 768 --layers 4 --repeats 5 --backend gloo --timeout 50 --out "$OUT_DIR/gpu/gloo2"
-show "$OUT_DIR/gpu/gloo2/overhead.md"
 
 log ""
 log "report: $REPORT"
