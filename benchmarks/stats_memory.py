@@ -13,6 +13,12 @@ raised the process's resident set above what it held just before: the peak (``Vm
 first (``/proc/self/clear_refs``), so earlier high-water marks do not hide it. With calibration
 the peak also holds the calibration forwards' activations. Single process: the all-reduce is the
 identity copy. Linux only.
+
+``--device cuda`` runs the model on the GPU (one process, NCCL) and also reports the growth of the
+GPU's allocated peak; ``--event obs`` then times one pruning event at ``--fraction`` (score
+``obs``, least squares, statistics gathered again), with its host and GPU peak growth. The
+``ds_bitter7`` imported is the first on ``PYTHONPATH``, else this checkout's (each row records
+which), so two versions can be measured side by side.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ import argparse
 import json
 import os
 import sys
+import time
 from typing import Dict
 
 from _common import ROOT, command_line, cpu_env, spawn_ranks
@@ -33,21 +40,46 @@ def _status_kib(field: str) -> int:
         return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
 
 
+def _gpu_peak_reset(torch) -> int:
+    """Reset the GPU's allocated peak; the bytes allocated now (0 without a GPU)."""
+    if not torch.cuda.is_available():
+        return 0
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    return torch.cuda.memory_allocated()
+
+
+def _gpu_peak_growth(torch, before: int) -> float:
+    if not torch.cuda.is_available():
+        return 0.0
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - before) / MIB
+
+
+def _reset_rss_peak() -> int:
+    """Reset the peak resident set (VmHWM) to the current one; the current one, KiB."""
+    with open("/proc/self/clear_refs", "w", encoding="ascii") as f:
+        f.write("5")
+    return _status_kib("VmRSS")
+
+
 def measure(rank: int, world: int, source: str, args: argparse.Namespace) -> Dict:
-    os.environ.update({k: v for k, v in cpu_env().items() if k not in os.environ})
+    if args.device == "cpu":
+        os.environ.update({k: v for k, v in cpu_env().items() if k not in os.environ})
     import torch
     from transformers import GPT2Config, GPT2LMHeadModel
 
     import ds_bitter7
 
     torch.manual_seed(0)
-    model = GPT2LMHeadModel(GPT2Config(n_layer=args.layers, n_embd=64, n_head=4, n_inner=args.width,
-                                       vocab_size=128, n_positions=args.seq_len))
+    model = GPT2LMHeadModel(GPT2Config(n_layer=args.layers, n_embd=args.embd, n_head=4, n_inner=args.width,
+                                       vocab_size=128, n_positions=args.seq_len)).to(args.device)
     event = args.window  # steps 1 .. window are the window before the event
     cfg = {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": args.grad_accum,
            "zero_optimization": {"stage": 0}, "steps_per_print": 10**9,
            "optimizer": {"type": "AdamW", "params": {"lr": 1e-3, "torch_adam": True}},
            "bitter7": {"structures": ["mlp_neuron"], "schedule": {"start_step": event, "end_step": event},
+                       "score": args.event or "bitter7",
                        "bias_compensation": {"enabled": True, "mode": "least_squares", "source": source,
                                              "num_batches": args.num_batches, "window": args.window}}}
     gen = torch.Generator().manual_seed(1)
@@ -58,19 +90,29 @@ def measure(rank: int, world: int, source: str, args: argparse.Namespace) -> Dic
     stats = ds_bitter7.get_pruner(engine).stats
     forwards = args.window * args.grad_accum if source == "training" else 0
     for i, x in enumerate(data[:forwards]):  # steps 1 .. window; the event would follow the last
+        x = x.to(args.device)
         engine.backward(engine(input_ids=x, labels=x).loss)
         if i < forwards - 1:
             engine.step()
     held = sum(s.xtx.numel() * 8 for recent in stats._recent.values() for _, s in recent)
-    with open("/proc/self/clear_refs", "w", encoding="ascii") as f:
-        f.write("5")  # reset the peak resident set (VmHWM) to the current one
-    before = _status_kib("VmRSS")
+    gpu_before, before = _gpu_peak_reset(torch), _reset_rss_peak()
     gathered = stats.gather()
-    peak = _status_kib("VmHWM")
+    peak, gpu_growth = _status_kib("VmHWM"), _gpu_peak_growth(torch, gpu_before)
     returned = sum(s.second_moment.numel() * 8 for s in gathered.values())
     rows = sum(s.count for s in gathered.values()) // len(gathered)
-    return {"source": source, "held_mib": held / MIB, "returned_mib": returned / MIB,
-            "gather_peak_growth_mib": (peak - before) * 1024 / MIB, "forwards": forwards, "rows": rows}
+    out = {"source": source, "held_mib": held / MIB, "returned_mib": returned / MIB,
+           "gather_peak_growth_mib": (peak - before) * 1024 / MIB, "gather_gpu_peak_growth_mib": gpu_growth,
+           "forwards": forwards, "rows": rows, "package": os.path.dirname(ds_bitter7.__file__)}
+    if args.event:  # the event gathers again (for training, the window gather() above left in place)
+        del gathered
+        gpu_before, before = _gpu_peak_reset(torch), _reset_rss_peak()
+        t0 = time.perf_counter()
+        record = ds_bitter7.get_pruner(engine).prune_to(args.fraction)
+        seconds = time.perf_counter() - t0
+        out.update(event_seconds=seconds, event_peak_growth_mib=(_status_kib("VmHWM") - before) * 1024 / MIB,
+                   event_gpu_peak_growth_mib=_gpu_peak_growth(torch, gpu_before),
+                   compensation_seconds=record["compensation"]["seconds"])
+    return out
 
 
 def main() -> None:
@@ -81,24 +123,42 @@ def main() -> None:
     p.add_argument("--num_batches", type=int, default=8)
     p.add_argument("--window", type=int, default=8)
     p.add_argument("--grad_accum", type=int, default=2)
-    p.add_argument("--out", default="stats_memory")
+    p.add_argument("--embd", type=int, default=64, help="model width (the out projection's outputs)")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--event", choices=["obs"], help="also time one pruning event with this score")
+    p.add_argument("--fraction", type=float, default=0.75, help="of MLP neurons, with --event")
+    p.add_argument("--out", default="stats_memory", help="results file stem, under benchmarks/results")
     args = p.parse_args()
-    sys.path.insert(0, ROOT)
+    sys.path.append(ROOT)  # after PYTHONPATH: a ds_bitter7 there is the one measured
     rows = [spawn_ranks(measure, 1, (source, args), timeout=1800)[0] for source in ("calibration", "training")]
     info = {"command": command_line(), "args": vars(args), "rows": rows}
     base = os.path.join(ROOT, "benchmarks", "results", args.out)
     with open(base + ".json", "w", encoding="utf-8") as f:
         json.dump(info, f, indent=2)
+    gpu = args.device == "cuda"
     lines = [f"# F x F statistics memory ({args.layers} blocks, MLP width {args.width})", "",
-             f"`{info['command']}`; one CPU process per row; growth: the peak resident set during "
-             "`gather()` (`VmHWM`, reset just before) minus the resident set before it.", "",
+             f"`{info['command']}`; one {'GPU' if gpu else 'CPU'} process per row; growth: the peak resident set during "
+             "`gather()` (`VmHWM`, reset just before) minus the resident set before it"
+             + ("; GPU: the allocated peak minus what was allocated before" if gpu else "")
+             + (f"; event: `prune_to({args.fraction})` with score `{args.event}` and least squares, its own "
+                "gather included" if args.event else "") + f". Package: `{rows[0]['package']}`.", "",
              "| source | forwards summed | rows per group | F x F held before gather | returned by gather "
-             "| gather's peak RSS growth | growth / returned |", "|---|---:|---:|---:|---:|---:|---:|"]
+             "| gather's peak RSS growth | growth / returned |"
+             + (" gather's GPU peak growth |" if gpu else "")
+             + (" event s | refit s | event's peak RSS growth | event's GPU peak growth |" if args.event else ""),
+             "|---|---:|---:|---:|---:|---:|---:|" + ("---:|" if gpu else "") + ("---:|---:|---:|---:|" if args.event else "")]
     for r in rows:
         held = "-" if r["source"] == "calibration" else f"{r['held_mib']:.0f} MiB"  # summed inside gather
-        lines.append(f"| {r['source']} | {r['forwards'] or args.num_batches} | {r['rows']} | {held} "
-                     f"| {r['returned_mib']:.0f} MiB | {r['gather_peak_growth_mib']:.0f} MiB "
-                     f"| {r['gather_peak_growth_mib'] / r['returned_mib']:.2f}x |")
+        line = (f"| {r['source']} | {r['forwards'] or args.num_batches} | {r['rows']} | {held} "
+                f"| {r['returned_mib']:.0f} MiB | {r['gather_peak_growth_mib']:.0f} MiB "
+                f"| {r['gather_peak_growth_mib'] / r['returned_mib']:.2f}x |")
+        if gpu:
+            line += f" {r['gather_gpu_peak_growth_mib']:.0f} MiB |"
+        if args.event:
+            on_gpu = f"{r['event_gpu_peak_growth_mib']:.0f} MiB" if gpu else "-"
+            line += (f" {r['event_seconds']:.2f} | {r['compensation_seconds']:.2f} "
+                     f"| {r['event_peak_growth_mib']:.0f} MiB | {on_gpu} |")
+        lines.append(line)
     with open(base + ".md", "w", encoding="utf-8") as f:
         f.write("\n".join(lines) + "\n")
     print("\n".join(lines))

@@ -50,7 +50,8 @@ class UnitStats:
     count: int  # rows (tokens) seen, summed over ranks
     mean: torch.Tensor  # float64[n_features]
     var: torch.Tensor  # float64[n_features], population variance (divides by count)
-    second_moment: Optional[torch.Tensor] = None  # float64[n_features, n_features]: E[x x^T]
+    second_moment: Optional[torch.Tensor] = None  # float64[n_features, n_features]: E[x x^T], on the
+    # device the activations were on (the vectors above are on the CPU)
 
 
 class _Sums:
@@ -193,10 +194,15 @@ class ActivationStats:
         return pre_hook
 
     # -- gathering ---------------------------------------------------------------------------------
-    def gather(self) -> Dict[str, UnitStats]:
-        """Statistics per group key, identical on every rank (the union of all ranks' data).
+    def gather(self, release: bool = False) -> Dict[str, UnitStats]:
+        """Statistics per group key, identical on every rank (the union of all ranks' data). The
+        vectors are on the CPU; the F x F second moments stay on the device they were summed on
+        (the activations'), where ``obs`` and least squares then work.
 
-        Collective: every rank must call this, in the same order.
+        ``release`` (the pruning event): with source ``training``, free the window's sums as they
+        are reduced, so the device never holds both (an event starts a new window anyway); without
+        it (``unit_scores()`` between events) they are kept. Collective: every rank must call this,
+        in the same order.
         """
         if self.source == StatsSource.calibration:
             return self._reduce(self._run_calibration(), consume=True)
@@ -209,7 +215,11 @@ class ActivationStats:
                 local[g.key] = _Sums(self._n_features[g.key], self.with_matrix)
                 for s in entries:
                     local[g.key].add(s)
-        return self._reduce(local, consume=False)
+        out = self._reduce(local, consume=release)
+        if release:
+            for recent in self._recent.values():
+                recent.clear()  # a forward after this (same window, no event yet) starts new sums
+        return out
 
     def _window_tag(self) -> Optional[Tuple[int, int]]:
         """(events so far, step) under which a training forward's rows are summed, or None when they
@@ -260,7 +270,7 @@ class ActivationStats:
 
     def _reduce(self, local: Dict[str, _Sums], consume: bool) -> Dict[str, UnitStats]:
         """Every group's statistics summed over ranks; with ``consume``, each local F x F is freed
-        once reduced (the calibration pass's own sums; training window entries are kept)."""
+        once reduced (the calibration pass's own sums, or the training window's at an event)."""
         comm = self.pruner.comm
         parts = [p for g in self.groups for p in local[g.key].pack()]
         total = comm.all_reduce_sum(torch.cat(parts))  # one reduce for every group's vectors
@@ -280,7 +290,7 @@ class ActivationStats:
             var = (sq / count - mean.square()).clamp_(min=0.0)
             second = None
             if self.with_matrix:  # one reduce per group, where it was summed: no copy of every F x F at once
-                second = comm.all_reduce_sum(local[g.key].xtx).div_(count).cpu()
+                second = comm.all_reduce_sum(local[g.key].xtx).div_(count)
                 if consume:
                     local[g.key].xtx = None
             out[g.key] = UnitStats(count, mean, var, second)

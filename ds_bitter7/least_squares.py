@@ -43,24 +43,32 @@ def solve_update(cov: torch.Tensor, mean: torch.Tensor, keep: torch.Tensor, remo
     indices (LongTensor); ``w_removed``: the rows of ``W`` (``[F, out]`` layout) of ``removed``.
     """
     cov, mean, w_r = cov.to(torch.float64), mean.to(torch.float64), w_removed.to(torch.float64)
-    return solve_products(cov, mean, keep, cov[keep][:, removed] @ w_r, mean[removed] @ w_r, ridge)
+    return solve_products(cov[keep][:, keep], mean[keep], cov[keep][:, removed] @ w_r, mean[removed] @ w_r, ridge)
 
 
-def solve_products(cov: torch.Tensor, mean: torch.Tensor, keep: torch.Tensor, rhs: torch.Tensor,
-                   bias: torch.Tensor, ridge: float) -> Tuple[torch.Tensor, torch.Tensor]:
-    """``solve_update`` from the products it needs: ``rhs = S_KR W_R`` ``[|K|, out]`` and
-    ``bias = mu_R W_R`` ``[out]`` (the removed features' mean contribution); float64."""
-    cov, mean = cov.to(torch.float64), mean.to(torch.float64)
-    rhs, bias = rhs.to(torch.float64), bias.to(torch.float64)
-    if keep.numel() == 0 or not bool(rhs.any()):  # nothing to refit (no kept or no removed feature)
-        return rhs.new_zeros(keep.numel(), bias.numel()), bias
-    s_kk = cov[keep][:, keep]
+def solve_products(s_kk: torch.Tensor, mean_k: torch.Tensor, rhs: torch.Tensor, bias: torch.Tensor,
+                   ridge: float) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``solve_update`` from the blocks it needs: ``s_kk = S_KK``, ``mean_k = mu_K``, ``rhs = S_KR W_R``
+    ``[|K|, out]`` and ``bias = mu_R W_R`` ``[out]`` (the removed features' mean contribution);
+    float64, on the device of ``s_kk``."""
+    s_kk = s_kk.to(torch.float64)
+    mean_k, rhs, bias = (t.to(device=s_kk.device, dtype=torch.float64) for t in (mean_k, rhs, bias))
+    if mean_k.numel() == 0 or not bool(rhs.any()):  # nothing to refit (no kept or no removed feature)
+        return rhs.new_zeros(mean_k.numel(), bias.numel()), bias
     lam = ridge * float(s_kk.diagonal().mean().clamp(min=0.0))
-    a = s_kk + lam * torch.eye(keep.numel(), dtype=torch.float64)
+    a = s_kk + lam * torch.eye(mean_k.numel(), dtype=torch.float64, device=s_kk.device)
     delta, info = torch.linalg.solve_ex(a, rhs)
     if int(info) != 0 or not bool(torch.isfinite(delta).all()):
         delta = torch.linalg.pinv(a, hermitian=True) @ rhs  # singular (ridge 0, dead features)
-    return delta, bias - mean[keep] @ delta
+    return delta, bias - mean_k @ delta
+
+
+def _centered(stats, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    """``S[rows][:, cols]`` of the centered covariance ``E[x x^T] - mu mu^T``, formed for that
+    block only (never the whole ``F x F``), on the device of the second moment."""
+    device = stats.second_moment.device
+    rows, cols, mean = rows.to(device), cols.to(device), stats.mean.to(device)
+    return stats.second_moment[rows][:, cols] - torch.outer(mean[rows], mean[cols])
 
 
 def _features(group: UnitGroup, before: torch.Tensor, after: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -111,30 +119,32 @@ def compensate_least_squares(pruner, masks_before: Dict[str, torch.Tensor], stat
         keep, removed = _features(g, masks_before[g.key], pruner.masks[g.key])
         if removed.numel():
             todo.append((g, keep, removed))
-    covs = {g.key: stats[g.key].second_moment - torch.outer(stats[g.key].mean, stats[g.key].mean)
-            for g, _, _ in todo}  # centered, [F, F]
-    # per group the smaller message: W_R ([|R|, out]) or this rank's products ([|K| + 1, out])
+    # per group the smaller message: W_R ([|R|, out]) or this rank's products ([|K| + 1, out]);
+    # the products are formed where the second moment is (the GPU's, when statistics came from it)
     products = [keep.numel() + 1 < removed.numel() for _, keep, removed in todo]
     parts = []
     for (g, keep, removed), by_products in zip(todo, products):
         w_own = _rows(_owned(pruner, g.out_weight), g.out_in_dim, removed)  # [|R|, out], 0 where not owned
         if by_products:
-            w_own = torch.cat([covs[g.key][keep][:, removed] @ w_own, (stats[g.key].mean[removed] @ w_own)[None]])
-        parts.append(w_own.reshape(-1))
+            st = stats[g.key]
+            w_own = w_own.to(st.second_moment.device)
+            w_own = torch.cat([_centered(st, keep, removed) @ w_own, (st.mean[removed].to(w_own) @ w_own)[None]])
+        parts.append(w_own.reshape(-1).cpu())
     gathered = pruner.score_comm.all_reduce_sum(torch.cat(parts)) if parts else torch.zeros(0)
     offset, cov_bytes, units = 0, 0, 0
     for (g, keep, removed), part, by_products in zip(todo, parts, products):
+        st = stats[g.key]
+        device = st.second_moment.device
         rows = keep.numel() + 1 if by_products else removed.numel()
-        summed = gathered[offset:offset + part.numel()].view(rows, -1)
+        summed = gathered[offset:offset + part.numel()].view(rows, -1).to(device)
         offset += part.numel()
-        cov, mean = covs[g.key], stats[g.key].mean
         if not by_products:  # summed is W_R: form the products here
-            summed = torch.cat([cov[keep][:, removed] @ summed, (mean[removed] @ summed)[None]])
-        delta, bias_delta = solve_products(cov, mean, keep, summed[:-1], summed[-1], ridge)
+            summed = torch.cat([_centered(st, keep, removed) @ summed, (st.mean[removed].to(summed) @ summed)[None]])
+        delta, bias_delta = solve_products(_centered(st, keep, keep), st.mean[keep], summed[:-1], summed[-1], ridge)
         shape = pruner.model.get_parameter(g.out_weight).shape
-        add_to_param(pruner, g.out_weight, _weight_update(g, shape, keep, delta))
-        add_to_param(pruner, g.out_bias, bias_delta)
-        cov_bytes += cov.numel() * 8
+        add_to_param(pruner, g.out_weight, _weight_update(g, shape, keep, delta.cpu()))
+        add_to_param(pruner, g.out_bias, bias_delta.cpu())
+        cov_bytes += st.second_moment.numel() * 8
         units += int((masks_before[g.key] & ~pruner.masks[g.key]).sum())
     event["compensation"] = {"mode": "least_squares", "units": units, "groups": len(todo),
                              "groups_by_products": sum(products),

@@ -225,7 +225,8 @@ def _state(g: UnitGroup, model, stats: Dict, masks: Dict[str, torch.Tensor], rid
     if output_weights is not None:
         w.mul_(output_weights.to(w).clamp(min=0.0).sqrt())  # the greedy on W D^(1/2)
     st = stats[g.key]
-    cov = (st.second_moment - torch.outer(st.mean, st.mean)).to(device=w.device, dtype=torch.float64)  # a new tensor
+    mean = st.mean.to(st.second_moment.device)
+    cov = (st.second_moment - torch.outer(mean, mean)).to(device=w.device, dtype=torch.float64)  # a new tensor
     if not (bool(torch.isfinite(cov).all()) and bool(torch.isfinite(w).all())):
         return None
     return _GroupState(g, w, cov, ~masks[g.key], ridge)

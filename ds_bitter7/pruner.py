@@ -213,7 +213,7 @@ class Pruner:
         bytes0 = self.comm.bytes_sent + self.score_comm.bytes_sent
         event = {"step": self.step_count, "fraction": fraction, "sparsity": {}, "thresholds": {},
                  "skipped": []}
-        stats = self.stats.gather() if self.stats is not None else None  # collective
+        stats = self.stats.gather(release=True) if self.stats is not None else None  # collective
         if stats:
             event["stats_rows"] = min(s.count for s in stats.values())  # token rows, all ranks
         masks_before = {k: v.clone() for k, v in self.masks.items()}
