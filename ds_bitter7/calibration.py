@@ -57,11 +57,13 @@ class UnitStats:
 class _Sums:
     """Running float64 sums over the rows of one module input."""
 
-    def __init__(self, n_features: int, with_matrix: bool):
+    def __init__(self, n_features: int, with_matrix: bool, device: Optional[torch.device] = None):
+        """Zero sums on ``device`` (default the CPU): that of the activations they will sum, so no
+        ``F x F`` of zeros is made on the host for a GPU's rows."""
         self.count = 0
-        self.sum = torch.zeros(n_features, dtype=torch.float64)
-        self.sumsq = torch.zeros(n_features, dtype=torch.float64)
-        self.xtx = torch.zeros(n_features, n_features, dtype=torch.float64) if with_matrix else None
+        self.sum = torch.zeros(n_features, dtype=torch.float64, device=device)
+        self.sumsq = torch.zeros(n_features, dtype=torch.float64, device=device)
+        self.xtx = torch.zeros(n_features, n_features, dtype=torch.float64, device=device) if with_matrix else None
 
     def add_rows(self, x: torch.Tensor) -> None:
         x = x.detach().reshape(-1, x.shape[-1]).to(torch.float64)  # [rows, n_features]
@@ -189,7 +191,7 @@ class ActivationStats:
                     recent.clear()  # passes before the last event never count again: free them now
                 if tag is not None:
                     if not recent or recent[-1][0] != tag:
-                        recent.append((tag, _Sums(n, self.with_matrix)))
+                        recent.append((tag, _Sums(n, self.with_matrix, x.device)))
                     recent[-1][1].add_rows(x)
         return pre_hook
 
@@ -251,7 +253,7 @@ class ActivationStats:
                      level=logging.WARNING, log=logger)
         device = _model_device(self.model)
         was_training = self.model.training
-        self._current = {g.key: _Sums(self._n_features[g.key], self.with_matrix) for g in self.groups}
+        self._current = {g.key: _Sums(self._n_features[g.key], self.with_matrix, device) for g in self.groups}
         self._register()
         error = None
         try:
