@@ -15,7 +15,15 @@ from enum import Enum
 from typing import Any, List, Union
 
 from deepspeed.runtime.config_utils import DeepSpeedConfigModel
-from pydantic import Field, StrictBool, ValidationError, field_validator, model_validator
+from pydantic import (
+    Field,
+    StrictBool,
+    StrictFloat,
+    StrictInt,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 SECTION = "bitter7"
 
@@ -71,11 +79,11 @@ class MaskUpkeep(str, Enum):
 class ScheduleConfig(DeepSpeedConfigModel):
     """When pruning events happen and how far each one goes."""
 
-    start_step: int = Field(0, ge=0)
+    start_step: StrictInt = Field(0, ge=0)
     """Optimizer step of the first event; nothing is pruned before it."""
-    end_step: int = Field(0, ge=0)
+    end_step: StrictInt = Field(0, ge=0)
     """Optimizer step of the last event, where ``target_sparsity`` is reached."""
-    frequency: int = Field(100, ge=1)
+    frequency: StrictInt = Field(100, ge=1)
     """Steps between events."""
     shape: Shape = Shape.cubic
     """Sparsity curve between start and end: ``target * progress**3`` (cubic) or linear."""
@@ -98,12 +106,12 @@ class BiasCompensationConfig(DeepSpeedConfigModel):
     training forward passes in a window before each event."""
     mode: CompensationMode = CompensationMode.mean
     """``mean``: ``b += W[:, i] * mu_i``; ``least_squares``: refit the next layer on kept units."""
-    num_batches: int = Field(8, ge=1)
+    num_batches: StrictInt = Field(8, ge=1)
     """Calibration batches run before each event (source ``calibration``)."""
-    window: int = Field(8, ge=1)
+    window: StrictInt = Field(8, ge=1)
     """Optimizer steps whose training forward passes (every micro-batch) are observed before each
     event (source ``training``)."""
-    ridge: float = Field(1e-3, ge=0.0)
+    ridge: StrictFloat = Field(1e-3, ge=0.0)
     """Ridge damping of least squares, relative to the mean diagonal of the covariance."""
 
 
@@ -119,14 +127,14 @@ class Bitter7Config(DeepSpeedConfigModel):
     structures: List[StructureName] = Field(default_factory=lambda: [StructureName.mlp_neuron],
                                             min_length=1)
     """Unit types to prune; each type has its own threshold."""
-    target_sparsity: float = Field(0.5, ge=0.0, lt=1.0)
+    target_sparsity: StrictFloat = Field(0.5, ge=0.0, lt=1.0)
     """Fraction of units of each type removed at the end of the schedule, in [0, 1)."""
     scope: Scope = Scope.global_
     """``global``: one threshold per type over all layers; ``per_layer``: the same fraction in
     every layer (exports to a standard architecture); ``standardized``: one global threshold over
     scores standardised per layer (FLAP's adaptive structure search: each layer's unpruned units
     are scaled to mean 0, std 1, so layers whose scores differ in scale compete on rank)."""
-    min_units_per_layer: int = Field(1, ge=0)
+    min_units_per_layer: StrictInt = Field(1, ge=0)
     """With global scope, the units each layer keeps whatever their scores (a layer with no
     attention head left cannot be exported as a standard model)."""
     schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
@@ -138,9 +146,9 @@ class Bitter7Config(DeepSpeedConfigModel):
     every optimizer step (one tensor; exact for Adam/AdamW, whose update of a zero weight with zero
     moments and zero gradient is zero); ``state`` re-zeroes the fp32 masters and every moment after
     every step (three tensors; for optimizers that move a weight whose gradient is zero)."""
-    eps: float = Field(1e-8, gt=0.0)
+    eps: StrictFloat = Field(1e-8, gt=0.0)
     """Added to ``exp_avg_sq`` before the power."""
-    exponent: float = Field(0.25, gt=0.0)
+    exponent: StrictFloat = Field(0.25, gt=0.0)
     """Power applied to ``exp_avg_sq + eps`` (the fourth root by default)."""
 
     @field_validator("structures")

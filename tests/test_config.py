@@ -59,6 +59,10 @@ def test_checks_across_keys_are_named_with_the_bad_keys():
     ({"enabled": "maybe"}, "bitter7.enabled = 'maybe'"),
     ({"enabled": "no"}, "bitter7.enabled = 'no': Input should be a valid boolean"),  # no lax strings
     ({"bias_compensation": {"enabled": "yes"}}, "bitter7.bias_compensation.enabled = 'yes'"),
+    ({"target_sparsity": "0.5"}, "bitter7.target_sparsity = '0.5': Input should be a valid number"),  # no lax numbers
+    ({"target_sparsity": True}, "bitter7.target_sparsity = True: Input should be a valid number"),
+    ({"schedule": {"frequency": 10.0}}, "bitter7.schedule.frequency = 10.0: Input should be a valid integer"),
+    ({"bias_compensation": {"num_batches": "8"}}, "bitter7.bias_compensation.num_batches = '8'"),
     ({"structures": ["unstructured"], "bias_compensation": {"enabled": True}}, "removes no units"),
     ({"structures": ["unstructured"], "score": "bitter7_variance"}, "does not apply to structures ['unstructured']"),
     ({"structures": ["unstructured"], "score": "obs"}, "does not apply to structures ['unstructured']"),
@@ -137,3 +141,9 @@ def test_every_bad_combination_is_named_at_once():
     for needle in ("scope 'standardized' ranks whole units", "score 'obs' ranks units by the step",
                    "score 'obs' scores whole units"):
         assert needle in msg, (needle, msg)
+
+
+def test_json_integers_are_numbers():
+    """Strict numbers still take a JSON integer where a float is asked (`"ridge": 0`)."""
+    cfg = parse_config({"bitter7": {"target_sparsity": 0, "bias_compensation": {"ridge": 0}, "exponent": 1}})
+    assert cfg.target_sparsity == 0.0 and cfg.bias_compensation.ridge == 0.0 and cfg.exponent == 1.0
