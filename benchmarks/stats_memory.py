@@ -15,8 +15,9 @@ the peak also holds the calibration forwards' activations. Single process: the a
 identity copy. Linux only.
 
 ``--device cuda`` runs the model on the GPU (one process, NCCL) and also reports the growth of the
-GPU's allocated peak; ``--event obs`` then times one pruning event at ``--fraction`` (score
-``obs``, least squares, statistics gathered again), with its host and GPU peak growth. The
+GPU's allocated peak. ``--event SCORE`` also times one pruning event at ``--fraction`` (that
+score, least squares, statistics gathered again), with its host (and GPU) peak growth;
+``--layers_per_pass N`` sums the matrices N layers per calibration pass (calibration row only). The
 ``ds_bitter7`` imported is the first on ``PYTHONPATH``, else this checkout's (each row records
 which), so two versions can be measured side by side.
 """
@@ -81,7 +82,8 @@ def measure(rank: int, world: int, source: str, args: argparse.Namespace) -> Dic
            "bitter7": {"structures": ["mlp_neuron"], "schedule": {"start_step": event, "end_step": event},
                        "score": args.event or "bitter7",
                        "bias_compensation": {"enabled": True, "mode": "least_squares", "source": source,
-                                             "num_batches": args.num_batches, "window": args.window}}}
+                                             "num_batches": args.num_batches, "window": args.window,
+                                             "layers_per_pass": args.layers_per_pass}}}
     gen = torch.Generator().manual_seed(1)
     data = [torch.randint(0, 128, (2, args.seq_len), generator=gen)
             for _ in range(max(args.num_batches, args.window * args.grad_accum))]
@@ -111,7 +113,7 @@ def measure(rank: int, world: int, source: str, args: argparse.Namespace) -> Dic
         seconds = time.perf_counter() - t0
         out.update(event_seconds=seconds, event_peak_growth_mib=(_status_kib("VmHWM") - before) * 1024 / MIB,
                    event_gpu_peak_growth_mib=_gpu_peak_growth(torch, gpu_before),
-                   compensation_seconds=record["compensation"]["seconds"])
+                   compensation_seconds=record["compensation"]["seconds"], passes=record.get("stats_passes", 0))
     return out
 
 
@@ -125,12 +127,15 @@ def main() -> None:
     p.add_argument("--grad_accum", type=int, default=2)
     p.add_argument("--embd", type=int, default=64, help="model width (the out projection's outputs)")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    p.add_argument("--event", choices=["obs"], help="also time one pruning event with this score")
+    p.add_argument("--event", choices=["obs", "magnitude"], help="also time one pruning event with this score")
+    p.add_argument("--layers_per_pass", type=int, default=0, help="F x F of this many layers per calibration "
+                   "pass (0: all; only the calibration row is run)")
     p.add_argument("--fraction", type=float, default=0.75, help="of MLP neurons, with --event")
     p.add_argument("--out", default="stats_memory", help="results file stem, under benchmarks/results")
     args = p.parse_args()
     sys.path.append(ROOT)  # after PYTHONPATH: a ds_bitter7 there is the one measured
-    rows = [spawn_ranks(measure, 1, (source, args), timeout=1800)[0] for source in ("calibration", "training")]
+    sources = ("calibration",) if args.layers_per_pass else ("calibration", "training")
+    rows = [spawn_ranks(measure, 1, (source, args), timeout=1800)[0] for source in sources]
     info = {"command": command_line(), "args": vars(args), "rows": rows}
     base = os.path.join(ROOT, "benchmarks", "results", args.out)
     with open(base + ".json", "w", encoding="utf-8") as f:
@@ -145,8 +150,8 @@ def main() -> None:
              "| source | forwards summed | rows per group | F x F held before gather | returned by gather "
              "| gather's peak RSS growth | growth / returned |"
              + (" gather's GPU peak growth |" if gpu else "")
-             + (" event s | refit s | event's peak RSS growth | event's GPU peak growth |" if args.event else ""),
-             "|---|---:|---:|---:|---:|---:|---:|" + ("---:|" if gpu else "") + ("---:|---:|---:|---:|" if args.event else "")]
+             + (" event s | calibration passes | refit s | event's peak RSS growth | event's GPU peak growth |" if args.event else ""),
+             "|---|---:|---:|---:|---:|---:|---:|" + ("---:|" if gpu else "") + ("---:|---:|---:|---:|---:|" if args.event else "")]
     for r in rows:
         held = "-" if r["source"] == "calibration" else f"{r['held_mib']:.0f} MiB"  # summed inside gather
         line = (f"| {r['source']} | {r['forwards'] or args.num_batches} | {r['rows']} | {held} "
@@ -156,7 +161,7 @@ def main() -> None:
             line += f" {r['gather_gpu_peak_growth_mib']:.0f} MiB |"
         if args.event:
             on_gpu = f"{r['event_gpu_peak_growth_mib']:.0f} MiB" if gpu else "-"
-            line += (f" {r['event_seconds']:.2f} | {r['compensation_seconds']:.2f} "
+            line += (f" {r['event_seconds']:.2f} | {r['passes']} | {r['compensation_seconds']:.2f} "
                      f"| {r['event_peak_growth_mib']:.0f} MiB | {on_gpu} |")
         lines.append(line)
     with open(base + ".md", "w", encoding="utf-8") as f:

@@ -13,7 +13,9 @@ masked-out positions are dropped (a forward pre-hook on the model reads the mask
 
 Two sources (``bias_compensation.source``):
 - ``calibration``: ``gather()`` runs ``num_batches`` batches of ``calibration_data`` (every rank
-  the same number: the minimum over ranks) in eval mode under ``torch.no_grad()``.
+  the same number: the minimum over ranks) in eval mode under ``torch.no_grad()``. With
+  ``layers_per_pass`` the pruner asks for the F x F matrices a few groups per pass
+  (``gather(matrices=...)``, ``with_matrices``), so no rank holds every group's at once.
 - ``training``: the hooks stay registered and keep the training forward passes (train mode only,
   not activation-checkpoint recomputes; every micro-batch under gradient accumulation) of the last
   ``window`` optimizer steps made since the last pruning event, summed per step (steps as the
@@ -29,10 +31,11 @@ from __future__ import annotations
 
 import collections
 import collections.abc
+import dataclasses
 import itertools
 import logging
 from dataclasses import dataclass
-from typing import Deque, Dict, List, Optional, Tuple
+from typing import Callable, Collection, Deque, Dict, List, Optional, Tuple
 
 import torch
 
@@ -128,8 +131,11 @@ class ActivationStats:
         self.source = StatsSource(cfg.source)
         self.num_batches = cfg.num_batches
         self.window = cfg.window
+        self.passes = 0  # calibration passes run so far (each over num_batches batches)
         self.with_matrix = (CompensationMode(cfg.mode) == CompensationMode.least_squares
                             or pruner.scorer.uses_covariance)
+        # F x F of at most this many groups per calibration pass (0: all in one pass)
+        self.layers_per_pass = cfg.layers_per_pass if self.with_matrix else 0
         if self.source == StatsSource.calibration and calibration_data is None:
             raise ValueError(_calibration_error(pruner.config))  # on every rank, before any collective
         from .compensation import check_compensation
@@ -196,18 +202,20 @@ class ActivationStats:
         return pre_hook
 
     # -- gathering ---------------------------------------------------------------------------------
-    def gather(self, release: bool = False) -> Dict[str, UnitStats]:
+    def gather(self, release: bool = False, matrices: Optional[Collection[str]] = None) -> Dict[str, UnitStats]:
         """Statistics per group key, identical on every rank (the union of all ranks' data). The
         vectors are on the CPU; the F x F second moments stay on the device they were summed on
         (the activations'), where ``obs`` and least squares then work.
 
         ``release`` (the pruning event): with source ``training``, free the window's sums as they
         are reduced, so the device never holds both (an event starts a new window anyway); without
-        it (``unit_scores()`` between events) they are kept. Collective: every rank must call this,
-        in the same order.
+        it (``unit_scores()`` between events) they are kept. ``matrices`` (source ``calibration``):
+        the group keys whose F x F this pass sums (default: every group's, when they are needed);
+        the others' ``second_moment`` is None. Collective: every rank must call this, in the same
+        order, with the same ``matrices``.
         """
         if self.source == StatsSource.calibration:
-            return self._reduce(self._run_calibration(), consume=True)
+            return self._reduce(self._run_calibration(matrices), consume=True)
         local = {}
         for g in self.groups:
             entries = [s for (epoch, _), s in self._recent[g.key] if epoch == self._epoch()]  # since the last event
@@ -241,7 +249,23 @@ class ActivationStats:
         """Pruning events so far: training passes are tagged with it."""
         return len(self.pruner.events)
 
-    def _run_calibration(self) -> Dict[str, _Sums]:
+    def with_matrices(self, stats: Dict[str, UnitStats], keys: List[str],
+                      keep: Callable[[str], bool]) -> Dict[str, UnitStats]:
+        """``stats`` with the F x F of the ``keys`` that ``keep``, summed ``layers_per_pass`` groups
+        per calibration pass; a pass's other matrices are freed as soon as it is reduced. So a
+        rank holds at most its kept matrices and one pass's. Collective: every rank must call
+        this with the same ``keys``."""
+        out = dict(stats)
+        step = self.layers_per_pass or max(1, len(keys))
+        for i in range(0, len(keys), step):
+            chunk = self.gather(matrices=keys[i:i + step])
+            for key in keys[i:i + step]:
+                if keep(key):
+                    out[key] = dataclasses.replace(out[key], second_moment=chunk[key].second_moment)
+            del chunk
+        return out
+
+    def _run_calibration(self, matrices: Optional[Collection[str]] = None) -> Dict[str, _Sums]:
         comm = self.pruner.comm
         batches = list(itertools.islice(iter(self.calibration_data), self.num_batches))
         # Every rank runs the same number of batches: the minimum over ranks (no rank waits).
@@ -253,7 +277,10 @@ class ActivationStats:
                      level=logging.WARNING, log=logger)
         device = _model_device(self.model)
         was_training = self.model.training
-        self._current = {g.key: _Sums(self._n_features[g.key], self.with_matrix, device) for g in self.groups}
+        self.passes += 1
+        self._current = {g.key: _Sums(self._n_features[g.key],
+                                      self.with_matrix and (matrices is None or g.key in matrices), device)
+                         for g in self.groups}
         self._register()
         error = None
         try:
@@ -291,7 +318,7 @@ class ActivationStats:
             mean = s / count
             var = (sq / count - mean.square()).clamp_(min=0.0)
             second = None
-            if self.with_matrix:  # one reduce per group, where it was summed: no copy of every F x F at once
+            if local[g.key].xtx is not None:  # one reduce per group, where it was summed: no copy of every F x F at once
                 second = comm.all_reduce_sum(local[g.key].xtx).div_(count)
                 if consume:
                     local[g.key].xtx = None

@@ -113,6 +113,20 @@ class BiasCompensationConfig(DeepSpeedConfigModel):
     event (source ``training``)."""
     ridge: StrictFloat = Field(1e-3, ge=0.0)
     """Ridge damping of least squares, relative to the mean diagonal of the covariance."""
+    layers_per_pass: StrictInt = Field(0, ge=0)
+    """Source ``calibration``, with the ``F x F`` matrices (least squares, ``obs``,
+    ``bitter7_obs``): sum the matrices of at most this many layers per calibration pass, so a
+    rank never holds every layer's at once (one pass per chunk of layers for the score's greedy,
+    whose ranks keep only the layers they order, and one per chunk for the refit: more forward
+    passes, the same result). ``0``: every layer in one pass."""
+
+    @model_validator(mode="after")
+    def _passes_need_calibration(self):
+        if self.layers_per_pass and self.source == StatsSource.training:
+            raise ValueError("layers_per_pass runs calibration passes; source 'training' sums the "
+                             "training forwards, which cannot be run again (use source 'calibration', "
+                             "or layers_per_pass 0)")
+        return self
 
 
 class Bitter7Config(DeepSpeedConfigModel):

@@ -109,8 +109,12 @@ def _weight_update(group: UnitGroup, shape, keep: torch.Tensor, delta: torch.Ten
 def compensate_least_squares(pruner, masks_before: Dict[str, torch.Tensor], stats, event: dict) -> None:
     """Refit every group's out projection on its kept features (module docstring).
 
-    Must run before the masks zero the weights. Collective: every rank must call this, in the
-    same order (one all-reduce of the removed rows of every W_next, skipped at stage 0).
+    Must run before the masks zero the weights. With ``layers_per_pass`` the groups are refit a
+    chunk at a time, each chunk's matrices from its own calibration pass (``stats`` then holds the
+    vectors only); every update (``D``, ``|K| x out`` float64 per group, held on the CPU) is
+    applied after the last chunk, so every pass sees the same model and the result is that of one
+    pass. Collective: every rank must call this, in the same order
+    (one all-reduce of the removed rows of every W_next per chunk, skipped at stage 0).
     """
     t0 = time.perf_counter()
     ridge = float(pruner.config.bias_compensation.ridge)
@@ -119,6 +123,26 @@ def compensate_least_squares(pruner, masks_before: Dict[str, torch.Tensor], stat
         keep, removed = _features(g, masks_before[g.key], pruner.masks[g.key])
         if removed.numel():
             todo.append((g, keep, removed))
+    step = pruner.stats.layers_per_pass or max(1, len(todo))
+    updates, record = [], {"groups_by_products": 0, "covariance_bytes": 0, "gathered_bytes": 0}
+    for i in range(0, len(todo), step):
+        chunk = todo[i:i + step]
+        chunk_stats = pruner.stats.gather(matrices=[g.key for g, _, _ in chunk]) if pruner.stats.layers_per_pass else stats
+        updates += _refit(pruner, chunk, chunk_stats, ridge, record)
+        del chunk_stats  # this chunk's matrices
+    for g, keep, delta, bias_delta in updates:
+        shape = pruner.model.get_parameter(g.out_weight).shape
+        add_to_param(pruner, g.out_weight, _weight_update(g, shape, keep, delta))
+        add_to_param(pruner, g.out_bias, bias_delta)
+    units = sum(int((masks_before[g.key] & ~pruner.masks[g.key]).sum()) for g, _, _ in todo)
+    event["compensation"] = {"mode": "least_squares", "units": units, "groups": len(todo), **record,
+                             "ridge": ridge, "seconds": time.perf_counter() - t0}
+
+
+def _refit(pruner, todo: List[Tuple[UnitGroup, torch.Tensor, torch.Tensor]], stats, ridge: float,
+           record: dict) -> List[Tuple[UnitGroup, torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """(group, kept features, D, bias delta) of each of ``todo`` (D and the bias delta on the
+    CPU), from one all-reduce; ``record``'s counts grow by these groups'. Collective."""
     # per group the smaller message: W_R ([|R|, out]) or this rank's products ([|K| + 1, out]);
     # the products are formed where the second moment is (the GPU's, when statistics came from it)
     products = [keep.numel() + 1 < removed.numel() for _, keep, removed in todo]
@@ -131,7 +155,7 @@ def compensate_least_squares(pruner, masks_before: Dict[str, torch.Tensor], stat
             w_own = torch.cat([_centered(st, keep, removed) @ w_own, (st.mean[removed].to(w_own) @ w_own)[None]])
         parts.append(w_own.reshape(-1).cpu())
     gathered = pruner.score_comm.all_reduce_sum(torch.cat(parts)) if parts else torch.zeros(0)
-    offset, cov_bytes, units = 0, 0, 0
+    out, offset = [], 0
     for (g, keep, removed), part, by_products in zip(todo, parts, products):
         st = stats[g.key]
         device = st.second_moment.device
@@ -141,12 +165,8 @@ def compensate_least_squares(pruner, masks_before: Dict[str, torch.Tensor], stat
         if not by_products:  # summed is W_R: form the products here
             summed = torch.cat([_centered(st, keep, removed) @ summed, (st.mean[removed].to(summed) @ summed)[None]])
         delta, bias_delta = solve_products(_centered(st, keep, keep), st.mean[keep], summed[:-1], summed[-1], ridge)
-        shape = pruner.model.get_parameter(g.out_weight).shape
-        add_to_param(pruner, g.out_weight, _weight_update(g, shape, keep, delta.cpu()))
-        add_to_param(pruner, g.out_bias, bias_delta.cpu())
-        cov_bytes += st.second_moment.numel() * 8
-        units += int((masks_before[g.key] & ~pruner.masks[g.key]).sum())
-    event["compensation"] = {"mode": "least_squares", "units": units, "groups": len(todo),
-                             "groups_by_products": sum(products),
-                             "covariance_bytes": cov_bytes, "gathered_bytes": int(gathered.numel()) * 8,
-                             "ridge": ridge, "seconds": time.perf_counter() - t0}
+        out.append((g, keep, delta.cpu(), bias_delta.cpu()))
+        record["covariance_bytes"] += st.second_moment.numel() * 8
+    record["groups_by_products"] += sum(products)
+    record["gathered_bytes"] += int(gathered.numel()) * 8
+    return out

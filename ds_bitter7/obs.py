@@ -63,6 +63,7 @@ about ``STEPS`` steps.
 from __future__ import annotations
 
 import bisect
+import dataclasses
 import math
 from typing import Dict, List, Optional, Tuple
 
@@ -245,10 +246,16 @@ def _merge(groups: List[UnitGroup], starts: List[int], keys: torch.Tensor,
     return {g.key: order[starts[i]:starts[i + 1]].clone() for i, g in enumerate(groups)}
 
 
+def owned(n_groups: int, comm: Communicator) -> List[int]:
+    """Indices of the groups (of one structure type) whose greedy this rank runs and whose
+    matrices only it needs: group ``i`` on rank ``i % world_size``."""
+    return list(range(comm.rank, n_groups, comm.world_size))
+
+
 def removal_order(groups: List[UnitGroup], model, stats: Dict, masks: Dict[str, torch.Tensor], ridge: float,
                   per_layer: bool = False, fraction: Optional[float] = None, min_keep: int = 0,
                   output_weights: Optional[Dict[str, torch.Tensor]] = None,
-                  comm: Communicator = LOCAL) -> Dict[str, torch.Tensor]:
+                  comm: Communicator = LOCAL, free_stats: bool = False) -> Dict[str, torch.Tensor]:
     """float64[n_units] per group key: the greedy step at which each unit is removed (module
     docstring); all NaN (the event then prunes nothing) when weights or statistics are not
     finite or a cost the greedy computes is NaN. ``masks``: True = kept; units already pruned
@@ -257,11 +264,12 @@ def removal_order(groups: List[UnitGroup], model, stats: Dict, masks: Dict[str, 
     ``min_keep`` units per group that a global threshold keeps; the rest follow in an order of no
     meaning. ``output_weights``: per group key, the weight of each output feature's squared error
     (``bitter7_obs``: ``output_fisher``); None weighs all alike. ``comm``: the ranks that share the
-    work, group ``i`` on rank ``i % world_size`` (default: this process alone). Collective over
-    ``comm``; the result is identical on every rank."""
+    work, group ``i`` on rank ``i % world_size`` (default: this process alone). ``free_stats``:
+    drop each group's ``F x F`` from ``stats`` (the caller's dict) once its greedy state holds its
+    own copy. Collective over ``comm``; the result is identical on every rank."""
     weights = output_weights or {}
     n = [g.n_units for g in groups]
-    mine = list(range(comm.rank, len(groups), comm.world_size))
+    mine = owned(len(groups), comm)
     starts = [0] + torch.tensor(n).cumsum(0).tolist()
     # Units per step: ceil(n / STEPS) of those not yet pruned, per group with ``per_layer``, else of
     # the whole type (so at most about STEPS refits of a layer's H on all ranks together).
@@ -271,6 +279,8 @@ def removal_order(groups: List[UnitGroup], model, stats: Dict, masks: Dict[str, 
 
     def build(i: int) -> Optional[_GroupState]:
         state = _state(groups[i], model, stats, masks, ridge, weights.get(groups[i].key))
+        if free_stats:
+            stats[groups[i].key] = dataclasses.replace(stats[groups[i].key], second_moment=None)
         if state is not None and not per_layer and fraction is not None:
             state.floor = min(min_keep, int(state.alive.sum()))
         return state

@@ -103,6 +103,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--validation", nargs="+", default=None,
                    help="builtin (its validation split) | local files; omit to skip perplexity")
     p.add_argument("--num_batches", type=int, default=8, help="calibration batches per rank")
+    p.add_argument("--layers_per_pass", type=int, default=0,
+                   help="sum the float64 F x F of at most this many layers per calibration pass (least squares, "
+                   "obs, bitter7_obs): less memory, more forward passes, the same result (default 0: all at once)")
     p.add_argument("--eval_batches", type=int, default=32, help="validation batches per rank")
     p.add_argument("--batch_size", type=int, default=8)
     p.add_argument("--seq_len", type=int, default=None,
@@ -190,6 +193,8 @@ def check_args(args: argparse.Namespace, info: Optional[CheckpointInfo]) -> None
         problems.append(f"--min_units_per_layer must be >= 0, got {args.min_units_per_layer}")
     if args.ridge < 0:
         problems.append(f"--ridge must be >= 0, got {args.ridge}")
+    if args.layers_per_pass < 0:
+        problems.append(f"--layers_per_pass must be >= 0, got {args.layers_per_pass}")
     folder = os.path.dirname(os.path.abspath(args.report)) if args.report is not None else None
     out = os.path.abspath(args.output_dir)
     if folder is not None and not (os.path.isdir(folder) or folder == out or folder.startswith(out + os.sep)):
@@ -253,7 +258,8 @@ def bitter7_section(args: argparse.Namespace) -> dict:
             "schedule": {"start_step": 10**9, "end_step": 10**9},
             "bias_compensation": {"enabled": comp != "none", "source": "calibration",
                                   "mode": "mean" if comp == "none" else comp,
-                                  "num_batches": args.num_batches, "ridge": args.ridge}}
+                                  "num_batches": args.num_batches, "ridge": args.ridge,
+                                  "layers_per_pass": args.layers_per_pass}}
 
 
 def loading_config(args: argparse.Namespace, info: CheckpointInfo) -> dict:
@@ -523,7 +529,7 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
         summary["ppl_before"] = perplexity(engine.module, val, args.eval_batches, comm)
     event = pruner.prune_to(args.sparsity)
     summary["event"] = {k: v for k, v in event.items() if k in ("sparsity", "thresholds", "compensation",
-                                                                "seconds", "bytes")}
+                                                                "seconds", "bytes", "stats_rows", "stats_passes")}
     short = shortfall(pruner, args)
     if short:
         summary["warning"] = (f"reached {', '.join(f'{v:.1%} of {k}' for k, v in short.items())}, not "

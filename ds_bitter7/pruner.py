@@ -25,6 +25,7 @@ from .comm import LOCAL, Communicator, log_main
 from .compensation import compensate
 from .config import Bitter7Config, MaskUpkeep, Scope, StatsSource, StructureName, enum_name
 from .obs import output_fisher
+from .obs import owned as obs_owned
 from .schedule import sparsity_at
 from .scores import ScoreInputs, get_scorer
 from .state import CheckpointError
@@ -92,7 +93,7 @@ class Pruner:
 
         Collective: every rank must call this, in the same order.
         """
-        stats = self.stats.gather() if self.stats is not None and self.scorer.uses_activation_std else None
+        stats = self._gather() if self.stats is not None and self.scorer.uses_activation_std else None
         out = {}
         for kind in self.kinds:
             out.update(self._kind_scores(kind, stats))
@@ -106,7 +107,8 @@ class Pruner:
         Returns the event's record (also ``last_event``, appended to ``events``): ``step``,
         ``fraction``, per type ``sparsity`` and ``thresholds``, ``skipped`` types (NaN scores),
         ``stats_rows`` (token rows the activation statistics cover, all ranks; with statistics
-        only), ``compensation`` (when enabled), ``seconds`` and ``bytes`` reduced.
+        only), ``stats_passes`` (calibration passes this event ran; source ``calibration``),
+        ``compensation`` (when enabled), ``seconds`` and ``bytes`` reduced.
         """
         if not 0.0 <= fraction < 1.0:
             raise ValueError(f"prune_to: fraction must be in [0, 1), got {fraction!r}")
@@ -178,6 +180,11 @@ class Pruner:
         if self.scorer.unit_fn is not None:  # from gathered statistics and replicated weights: same everywhere
             return {g.key: self.scorer.unit_fn(g, self.model, stats[g.key]) for g in groups}
         if self.scorer.kind_fn is not None:  # a greedy order: each rank runs its share of the groups
+            if self.stats.layers_per_pass:  # this rank's groups' matrices, a few layers per pass (freed
+                # by the greedy as it copies them)
+                keys = [g.key for g in groups]
+                mine = {keys[i] for i in obs_owned(len(groups), self.comm)}
+                stats = self.stats.with_matrices(stats, keys, mine.__contains__)
             weights = None
             if self.scorer.output_fisher:  # collective: every rank reads its share of exp_avg_sq
                 weights = output_fisher(groups, self._output_column_sums(groups), stats)
@@ -185,7 +192,7 @@ class Pruner:
                 groups, self.model, stats, self.masks, float(self.config.bias_compensation.ridge),
                 per_layer=self.config.scope == Scope.per_layer, fraction=fraction,
                 min_keep=self.config.min_units_per_layer if self.config.scope == Scope.global_ else 0,
-                output_weights=weights, comm=self.comm)
+                output_weights=weights, comm=self.comm, free_stats=bool(self.stats.layers_per_pass))
         sums = self._reduced_sums([(g.n_units, g.slices) for g in groups],
                                   lambda frag, start, numel: self.scorer.fn(self._score_inputs(frag, start, numel)))
         out = _by_group(sums, groups)  # [n_units of this kind, all layers]
@@ -213,7 +220,8 @@ class Pruner:
         bytes0 = self.comm.bytes_sent + self.score_comm.bytes_sent
         event = {"step": self.step_count, "fraction": fraction, "sparsity": {}, "thresholds": {},
                  "skipped": []}
-        stats = self.stats.gather(release=True) if self.stats is not None else None  # collective
+        passes = self.stats.passes if self.stats is not None else 0
+        stats = self._gather(release=True) if self.stats is not None else None  # collective
         if stats:
             event["stats_rows"] = min(s.count for s in stats.values())  # token rows, all ranks
         masks_before = {k: v.clone() for k, v in self.masks.items()}
@@ -244,6 +252,8 @@ class Pruner:
         if self.config.bias_compensation.enabled and stats is not None:
             compensate(self, masks_before, stats, event)  # before zeroing: it reads W_next
         self._apply_masks_now()
+        if self.stats is not None and self.stats.source == StatsSource.calibration:
+            event["stats_passes"] = self.stats.passes - passes
         event["seconds"] = time.perf_counter() - t0
         event["bytes"] = self.comm.bytes_sent + self.score_comm.bytes_sent - bytes0
         self.last_event = event
@@ -254,6 +264,11 @@ class Pruner:
                   for k, v in event["thresholds"].items()},
                  event["seconds"], event["bytes"], log=logger)
         return event
+
+    def _gather(self, release: bool = False) -> dict:
+        """The activation statistics an event starts from (collective): with ``layers_per_pass``,
+        the vectors only; the matrices come later, a few layers per pass, where they are used."""
+        return self.stats.gather(release=release, matrices=() if self.stats.layers_per_pass else None)
 
     def _apply_masks_now(self) -> None:
         """Rebuild the per-fragment zeroing plans and apply them to masters, moments and the model."""

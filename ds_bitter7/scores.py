@@ -36,7 +36,7 @@ class Scorer:
     uses_activation_std: bool = False  # needs activation statistics (bitter7_variance: x unit std)
     unit_fn: Optional[Callable] = None  # (group, model, UnitStats) -> float64[n_units], no element sums
     kind_fn: Optional[Callable] = None  # (groups, model, stats, masks, ridge, per_layer=, fraction=, min_keep=,
-    #                                      output_weights=, comm=): collective, identical on every rank
+    #                                      output_weights=, comm=, free_stats=): collective, identical on every rank
     uses_covariance: bool = False  # needs each group's feature covariance (as least squares does)
     output_fisher: bool = False  # kind_fn weighs output errors by Adam's exp_avg_sq (``obs.output_fisher``)
 

@@ -63,6 +63,7 @@ def test_checks_across_keys_are_named_with_the_bad_keys():
     ({"target_sparsity": True}, "bitter7.target_sparsity = True: Input should be a valid number"),
     ({"schedule": {"frequency": 10.0}}, "bitter7.schedule.frequency = 10.0: Input should be a valid integer"),
     ({"bias_compensation": {"num_batches": "8"}}, "bitter7.bias_compensation.num_batches = '8'"),
+    ({"bias_compensation": {"source": "training", "layers_per_pass": 2}}, "training forwards, which cannot be run again"),
     ({"structures": ["unstructured"], "bias_compensation": {"enabled": True}}, "removes no units"),
     ({"structures": ["unstructured"], "score": "bitter7_variance"}, "does not apply to structures ['unstructured']"),
     ({"structures": ["unstructured"], "score": "obs"}, "does not apply to structures ['unstructured']"),

@@ -190,3 +190,36 @@ def duplicate_neuron_case(stage: int) -> float:
 def test_duplicate_neuron_is_removed_without_changing_logits():
     errors = run_distributed(duplicate_neuron_case, 2, 2, timeout=90)
     assert max(errors) <= 1e-5, errors
+
+
+# -- layers_per_pass ----------------------------------------------------------------------------------
+def passes_case(family: str, layers_per_pass: int) -> dict:
+    """``obs`` + least squares at 75% of neurons and heads; what the comparison needs."""
+    world, rank = dist.get_world_size(), dist.get_rank()
+    model = small_model(family)
+    bitter7 = {"structures": ["mlp_neuron", "attention_head"], "score": "obs",
+               "schedule": {"start_step": 1000, "end_step": 1000},
+               "bias_compensation": {"enabled": True, "mode": "least_squares", "layers_per_pass": layers_per_pass}}
+    engine, *_ = ds_bitter7.initialize(model=model, model_parameters=model.parameters(),
+                                       config=ds_config(2, "fp32", bitter7), calibration_data=calibration(rank, world))
+    pruner = ds_bitter7.get_pruner(engine)
+    event = pruner.prune_to(0.75)
+    return {"params": {n: p.detach().clone() for n, p in model.named_parameters()},
+            "masks": {k: m.clone() for k, m in pruner.masks.items()}, "passes": event["stats_passes"],
+            "groups": len(pruner.groups), "refit": event["compensation"]["groups"]}
+
+
+def passes_suite(family: str) -> list:
+    return [passes_case(family, 0), passes_case(family, 1)]
+
+
+@pytest.mark.parametrize("world_size,family", [(1, "llama"), (2, "gpt2")])
+def test_layers_per_pass_gives_the_one_pass_result(world_size, family):
+    """One layer's F x F per calibration pass: the same masks and bit-identical weights as every
+    layer in one pass, from one pass for the vectors, one per group for the greedy and one per
+    refit group."""
+    for one, chunked in run_distributed(passes_suite, world_size, family, timeout=120):
+        assert one["passes"] == 1 and chunked["passes"] == 1 + one["groups"] + one["refit"]
+        assert all(torch.equal(one["masks"][k], chunked["masks"][k]) for k in one["masks"])
+        assert not all(bool(m.all()) for m in one["masks"].values())  # the event pruned
+        assert all(torch.equal(one["params"][n], chunked["params"][n]) for n in one["params"])

@@ -158,10 +158,12 @@ def test_structures_must_include_those_pruned_in_training(tmp_path):
 
 def test_bad_arguments_fail_on_every_rank(checkpoint):
     root, ckpt, text = checkpoint
-    argv = [ckpt, str(root / "bad"), "--sparsity", "1.0", "--calibration", str(root / "nope.txt")]
+    argv = [ckpt, str(root / "bad"), "--sparsity", "1.0", "--calibration", str(root / "nope.txt"),
+            "--layers_per_pass", "-1"]
     out = run_distributed(run_oneshot, 2, argv, timeout=60)
     for msg in out:
         assert msg.startswith("OneShotError") and "--sparsity must be in [0, 1)" in msg and "nope.txt" in msg
+        assert "--layers_per_pass must be >= 0, got -1" in msg
 
 
 def test_existing_output_dir_fails_before_any_work(checkpoint, tmp_path):
