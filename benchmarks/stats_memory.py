@@ -133,6 +133,8 @@ def main() -> None:
     p.add_argument("--fraction", type=float, default=0.75, help="of MLP neurons, with --event")
     p.add_argument("--out", default="stats_memory", help="results file stem, under benchmarks/results")
     args = p.parse_args()
+    if args.layers_per_pass and not args.event:
+        p.error("--layers_per_pass needs --event: gather() alone sums every layer's matrix")
     sys.path.append(ROOT)  # after PYTHONPATH: a ds_bitter7 there is the one measured
     sources = ("calibration",) if args.layers_per_pass else ("calibration", "training")
     rows = [spawn_ranks(measure, 1, (source, args), timeout=1800)[0] for source in sources]

@@ -15,7 +15,8 @@ Two sources (``bias_compensation.source``):
 - ``calibration``: ``gather()`` runs ``num_batches`` batches of ``calibration_data`` (every rank
   the same number: the minimum over ranks) in eval mode under ``torch.no_grad()``. With
   ``layers_per_pass`` the pruner asks for the F x F matrices a few groups per pass
-  (``gather(matrices=...)``, ``with_matrices``), so no rank holds every group's at once.
+  (``gather(matrices=...)``, ``with_matrices``), every pass of one event over the same batches
+  (``same_batches``), and keeps only those it needs next.
 - ``training``: the hooks stay registered and keep the training forward passes (train mode only,
   not activation-checkpoint recomputes; every micro-batch under gradient accumulation) of the last
   ``window`` optimizer steps made since the last pruning event, summed per step (steps as the
@@ -31,7 +32,7 @@ from __future__ import annotations
 
 import collections
 import collections.abc
-import dataclasses
+import contextlib
 import itertools
 import logging
 from dataclasses import dataclass
@@ -132,6 +133,8 @@ class ActivationStats:
         self.num_batches = cfg.num_batches
         self.window = cfg.window
         self.passes = 0  # calibration passes run so far (each over num_batches batches)
+        self._batches: Optional[list] = None  # inside ``same_batches``: the batches every pass reads
+        self._pinned = False
         self.with_matrix = (CompensationMode(cfg.mode) == CompensationMode.least_squares
                             or pruner.scorer.uses_covariance)
         # F x F of at most this many groups per calibration pass (0: all in one pass)
@@ -215,21 +218,32 @@ class ActivationStats:
         order, with the same ``matrices``.
         """
         if self.source == StatsSource.calibration:
-            return self._reduce(self._run_calibration(matrices), consume=True)
+            return self._reduce(self._run_calibration(matrices), consume=True, matrices=matrices)
         local = {}
         for g in self.groups:
             entries = [s for (epoch, _), s in self._recent[g.key] if epoch == self._epoch()]  # since the last event
             if len(entries) == 1:  # always so with the F x F matrix: read in place, not copied
                 local[g.key] = entries[0]
             else:
-                local[g.key] = _Sums(self._n_features[g.key], self.with_matrix)
+                local[g.key] = _Sums(self._n_features[g.key], self.with_matrix, _model_device(self.model))
                 for s in entries:
                     local[g.key].add(s)
-        out = self._reduce(local, consume=release)
-        if release:
-            for recent in self._recent.values():
-                recent.clear()  # a forward after this (same window, no event yet) starts new sums
-        return out
+        try:
+            return self._reduce(local, consume=release)
+        finally:
+            if release:
+                for recent in self._recent.values():
+                    recent.clear()  # a forward after this (same window, no event yet) starts new sums
+
+    @contextlib.contextmanager
+    def same_batches(self):
+        """Inside, every calibration pass reads the batches the first one took (one event's passes
+        see the same data however ``calibration_data`` iterates)."""
+        self._batches, self._pinned = None, True
+        try:
+            yield
+        finally:
+            self._batches, self._pinned = None, False
 
     def _window_tag(self) -> Optional[Tuple[int, int]]:
         """(events so far, step) under which a training forward's rows are summed, or None when they
@@ -256,18 +270,19 @@ class ActivationStats:
         rank holds at most its kept matrices and one pass's. Collective: every rank must call
         this with the same ``keys``."""
         out = dict(stats)
-        step = self.layers_per_pass or max(1, len(keys))
-        for i in range(0, len(keys), step):
-            chunk = self.gather(matrices=keys[i:i + step])
-            for key in keys[i:i + step]:
-                if keep(key):
-                    out[key] = dataclasses.replace(out[key], second_moment=chunk[key].second_moment)
+        for part in chunks(keys, self.layers_per_pass):
+            chunk = self.gather(matrices=part)
+            out.update({key: chunk[key] for key in part if keep(key)})
             del chunk
         return out
 
     def _run_calibration(self, matrices: Optional[Collection[str]] = None) -> Dict[str, _Sums]:
         comm = self.pruner.comm
-        batches = list(itertools.islice(iter(self.calibration_data), self.num_batches))
+        batches = self._batches
+        if batches is None:
+            batches = list(itertools.islice(iter(self.calibration_data), self.num_batches))
+            if self._pinned:
+                self._batches = batches
         # Every rank runs the same number of batches: the minimum over ranks (no rank waits).
         n = -int(comm.all_reduce_max(torch.tensor([-len(batches)], dtype=torch.int64)).item())
         if n == 0:
@@ -297,33 +312,43 @@ class ActivationStats:
         comm.raise_if_any(error, "the calibration forward pass")
         return current
 
-    def _reduce(self, local: Dict[str, _Sums], consume: bool) -> Dict[str, UnitStats]:
-        """Every group's statistics summed over ranks; with ``consume``, each local F x F is freed
-        once reduced (the calibration pass's own sums, or the training window's at an event)."""
+    def _reduce(self, local: Dict[str, _Sums], consume: bool,
+                matrices: Optional[Collection[str]] = None) -> Dict[str, UnitStats]:
+        """Every group's statistics summed over ranks (the F x F of ``matrices``, default all, when
+        the matrix is needed); with ``consume``, each local F x F is freed once reduced (the
+        calibration pass's own sums, or the training window's at an event). Every count is
+        checked before any matrix is reduced or freed."""
         comm = self.pruner.comm
         parts = [p for g in self.groups for p in local[g.key].pack()]
         total = comm.all_reduce_sum(torch.cat(parts))  # one reduce for every group's vectors
-        out, pos = {}, 0
+        sizes = [1 + 2 * self._n_features[g.key] for g in self.groups]
+        rows = dict(zip([g.key for g in self.groups], torch.split(total, sizes)))
         for g in self.groups:
-            f = self._n_features[g.key]
-            count = int(total[pos].item())
-            s, sq = total[pos + 1:pos + 1 + f], total[pos + 1 + f:pos + 1 + 2 * f]
-            pos += 1 + 2 * f
-            if count == 0:
+            if int(rows[g.key][0].item()) == 0:
                 raise RuntimeError(f"ds_bitter7: no activations of {g.key} were observed on any rank "
                                    "(source 'training' needs training forward passes before each event; "
                                    "with least squares or score 'obs' / 'bitter7_obs' only those of the "
                                    "`window` steps before a scheduled event are kept: for an event at "
                                    "another time use source 'calibration')")
+        out = {}
+        for g in self.groups:
+            count, (s, sq) = int(rows[g.key][0].item()), rows[g.key][1:].chunk(2)
             mean = s / count
             var = (sq / count - mean.square()).clamp_(min=0.0)
             second = None
-            if local[g.key].xtx is not None:  # one reduce per group, where it was summed: no copy of every F x F at once
+            if self.with_matrix and (matrices is None or g.key in matrices):  # the same on every rank
+                # one reduce per group, where it was summed: no copy of every F x F at once
                 second = comm.all_reduce_sum(local[g.key].xtx).div_(count)
                 if consume:
                     local[g.key].xtx = None
             out[g.key] = UnitStats(count, mean, var, second)
         return out
+
+
+def chunks(items: list, size: int) -> List[list]:
+    """``items`` in runs of ``size`` (``0``: one run of all; none when ``items`` is empty)."""
+    size = size or max(1, len(items))
+    return [items[i:i + size] for i in range(0, len(items), size)]
 
 
 def unit_std(group, stats: UnitStats) -> torch.Tensor:

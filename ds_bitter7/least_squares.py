@@ -31,6 +31,7 @@ from typing import Dict, List, Tuple
 
 import torch
 
+from .calibration import chunks
 from .compensation import add_to_param
 from .structures import UnitGroup
 
@@ -123,11 +124,10 @@ def compensate_least_squares(pruner, masks_before: Dict[str, torch.Tensor], stat
         keep, removed = _features(g, masks_before[g.key], pruner.masks[g.key])
         if removed.numel():
             todo.append((g, keep, removed))
-    step = pruner.stats.layers_per_pass or max(1, len(todo))
+    chunked = bool(pruner.stats.layers_per_pass)
     updates, record = [], {"groups_by_products": 0, "covariance_bytes": 0, "gathered_bytes": 0}
-    for i in range(0, len(todo), step):
-        chunk = todo[i:i + step]
-        chunk_stats = pruner.stats.gather(matrices=[g.key for g, _, _ in chunk]) if pruner.stats.layers_per_pass else stats
+    for chunk in chunks(todo, pruner.stats.layers_per_pass):
+        chunk_stats = pruner.stats.gather(matrices=[g.key for g, _, _ in chunk]) if chunked else stats
         updates += _refit(pruner, chunk, chunk_stats, ridge, record)
         del chunk_stats  # this chunk's matrices
     for g, keep, delta, bias_delta in updates:
@@ -142,31 +142,41 @@ def compensate_least_squares(pruner, masks_before: Dict[str, torch.Tensor], stat
 def _refit(pruner, todo: List[Tuple[UnitGroup, torch.Tensor, torch.Tensor]], stats, ridge: float,
            record: dict) -> List[Tuple[UnitGroup, torch.Tensor, torch.Tensor, torch.Tensor]]:
     """(group, kept features, D, bias delta) of each of ``todo`` (D and the bias delta on the
-    CPU), from one all-reduce; ``record``'s counts grow by these groups'. Collective."""
+    CPU), from one all-reduce; ``record``'s counts grow by these groups'. Collective: a failure
+    of one rank's own work (an out-of-memory solve, say) fails every rank, none waits."""
+    comm = pruner.score_comm
     # per group the smaller message: W_R ([|R|, out]) or this rank's products ([|K| + 1, out]);
     # the products are formed where the second moment is (the GPU's, when statistics came from it)
     products = [keep.numel() + 1 < removed.numel() for _, keep, removed in todo]
-    parts = []
-    for (g, keep, removed), by_products in zip(todo, products):
-        w_own = _rows(_owned(pruner, g.out_weight), g.out_in_dim, removed)  # [|R|, out], 0 where not owned
-        if by_products:
+
+    def own_parts() -> List[torch.Tensor]:
+        parts = []
+        for (g, keep, removed), by_products in zip(todo, products):
+            w_own = _rows(_owned(pruner, g.out_weight), g.out_in_dim, removed)  # [|R|, out], 0 where not owned
+            if by_products:
+                st = stats[g.key]
+                w_own = w_own.to(st.second_moment.device)
+                w_own = torch.cat([_centered(st, keep, removed) @ w_own, (st.mean[removed].to(w_own) @ w_own)[None]])
+            parts.append(w_own.reshape(-1).cpu())
+        return parts
+
+    def solve_all(parts: List[torch.Tensor], gathered: torch.Tensor) -> list:
+        out, offset = [], 0
+        for (g, keep, removed), part, by_products in zip(todo, parts, products):
             st = stats[g.key]
-            w_own = w_own.to(st.second_moment.device)
-            w_own = torch.cat([_centered(st, keep, removed) @ w_own, (st.mean[removed].to(w_own) @ w_own)[None]])
-        parts.append(w_own.reshape(-1).cpu())
-    gathered = pruner.score_comm.all_reduce_sum(torch.cat(parts)) if parts else torch.zeros(0)
-    out, offset = [], 0
-    for (g, keep, removed), part, by_products in zip(todo, parts, products):
-        st = stats[g.key]
-        device = st.second_moment.device
-        rows = keep.numel() + 1 if by_products else removed.numel()
-        summed = gathered[offset:offset + part.numel()].view(rows, -1).to(device)
-        offset += part.numel()
-        if not by_products:  # summed is W_R: form the products here
-            summed = torch.cat([_centered(st, keep, removed) @ summed, (st.mean[removed].to(summed) @ summed)[None]])
-        delta, bias_delta = solve_products(_centered(st, keep, keep), st.mean[keep], summed[:-1], summed[-1], ridge)
-        out.append((g, keep, delta.cpu(), bias_delta.cpu()))
-        record["covariance_bytes"] += st.second_moment.numel() * 8
+            rows = keep.numel() + 1 if by_products else removed.numel()
+            summed = gathered[offset:offset + part.numel()].view(rows, -1).to(st.second_moment.device)
+            offset += part.numel()
+            if not by_products:  # summed is W_R: form the products here
+                summed = torch.cat([_centered(st, keep, removed) @ summed, (st.mean[removed].to(summed) @ summed)[None]])
+            delta, bias_delta = solve_products(_centered(st, keep, keep), st.mean[keep], summed[:-1], summed[-1], ridge)
+            out.append((g, keep, delta.cpu(), bias_delta.cpu()))
+        return out
+
+    parts = comm.call("the least-squares products", own_parts)
+    gathered = comm.all_reduce_sum(torch.cat(parts)) if parts else torch.zeros(0)
+    out = comm.call("the least-squares solve", solve_all, parts, gathered)
+    record["covariance_bytes"] += sum(stats[g.key].second_moment.numel() * 8 for g, _, _ in todo)
     record["groups_by_products"] += sum(products)
     record["gathered_bytes"] += int(gathered.numel()) * 8
     return out

@@ -246,7 +246,7 @@ def _merge(groups: List[UnitGroup], starts: List[int], keys: torch.Tensor,
     return {g.key: order[starts[i]:starts[i + 1]].clone() for i, g in enumerate(groups)}
 
 
-def owned(n_groups: int, comm: Communicator) -> List[int]:
+def greedy_groups(n_groups: int, comm: Communicator) -> List[int]:
     """Indices of the groups (of one structure type) whose greedy this rank runs and whose
     matrices only it needs: group ``i`` on rank ``i % world_size``."""
     return list(range(comm.rank, n_groups, comm.world_size))
@@ -269,7 +269,7 @@ def removal_order(groups: List[UnitGroup], model, stats: Dict, masks: Dict[str, 
     own copy. Collective over ``comm``; the result is identical on every rank."""
     weights = output_weights or {}
     n = [g.n_units for g in groups]
-    mine = owned(len(groups), comm)
+    mine = greedy_groups(len(groups), comm)
     starts = [0] + torch.tensor(n).cumsum(0).tolist()
     # Units per step: ceil(n / STEPS) of those not yet pruned, per group with ``per_layer``, else of
     # the whole type (so at most about STEPS refits of a layer's H on all ranks together).

@@ -13,6 +13,7 @@ model under ZeRO 1/2: the model's parameters are updated only after that hook, s
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
@@ -24,8 +25,7 @@ from .calibration import ActivationStats, unit_std
 from .comm import LOCAL, Communicator, log_main
 from .compensation import compensate
 from .config import Bitter7Config, MaskUpkeep, Scope, StatsSource, StructureName, enum_name
-from .obs import output_fisher
-from .obs import owned as obs_owned
+from .obs import greedy_groups, output_fisher
 from .schedule import sparsity_at
 from .scores import ScoreInputs, get_scorer
 from .state import CheckpointError
@@ -93,10 +93,11 @@ class Pruner:
 
         Collective: every rank must call this, in the same order.
         """
-        stats = self._gather() if self.stats is not None and self.scorer.uses_activation_std else None
-        out = {}
-        for kind in self.kinds:
-            out.update(self._kind_scores(kind, stats))
+        with self._one_batch_list():
+            stats = self._gather() if self.stats is not None and self.scorer.uses_activation_std else None
+            out = {}
+            for kind in self.kinds:
+                out.update(self._kind_scores(kind, stats))
         return out
 
     def prune_to(self, fraction: float) -> dict:
@@ -112,7 +113,8 @@ class Pruner:
         """
         if not 0.0 <= fraction < 1.0:
             raise ValueError(f"prune_to: fraction must be in [0, 1), got {fraction!r}")
-        event = self._event(fraction)
+        with self._one_batch_list():
+            event = self._event(fraction)
         if self.unstructured is not None and not self.access.replicated and not self._stepping:
             self.access.update_lp_params()  # unstructured masks are per rank: let DeepSpeed gather
         return event
@@ -180,10 +182,10 @@ class Pruner:
         if self.scorer.unit_fn is not None:  # from gathered statistics and replicated weights: same everywhere
             return {g.key: self.scorer.unit_fn(g, self.model, stats[g.key]) for g in groups}
         if self.scorer.kind_fn is not None:  # a greedy order: each rank runs its share of the groups
-            if self.stats.layers_per_pass:  # this rank's groups' matrices, a few layers per pass (freed
-                # by the greedy as it copies them)
+            chunked = self.stats is not None and bool(self.stats.layers_per_pass)
+            if chunked:  # this rank's groups' matrices, a few layers per pass (freed by the greedy as it copies them)
                 keys = [g.key for g in groups]
-                mine = {keys[i] for i in obs_owned(len(groups), self.comm)}
+                mine = {keys[i] for i in greedy_groups(len(groups), self.comm)}
                 stats = self.stats.with_matrices(stats, keys, mine.__contains__)
             weights = None
             if self.scorer.output_fisher:  # collective: every rank reads its share of exp_avg_sq
@@ -192,7 +194,7 @@ class Pruner:
                 groups, self.model, stats, self.masks, float(self.config.bias_compensation.ridge),
                 per_layer=self.config.scope == Scope.per_layer, fraction=fraction,
                 min_keep=self.config.min_units_per_layer if self.config.scope == Scope.global_ else 0,
-                output_weights=weights, comm=self.comm, free_stats=bool(self.stats.layers_per_pass))
+                output_weights=weights, comm=self.comm, free_stats=chunked)
         sums = self._reduced_sums([(g.n_units, g.slices) for g in groups],
                                   lambda frag, start, numel: self.scorer.fn(self._score_inputs(frag, start, numel)))
         out = _by_group(sums, groups)  # [n_units of this kind, all layers]
@@ -264,6 +266,11 @@ class Pruner:
                   for k, v in event["thresholds"].items()},
                  event["seconds"], event["bytes"], log=logger)
         return event
+
+    def _one_batch_list(self):
+        """Every calibration pass inside reads the same batches (several per event with
+        ``layers_per_pass``)."""
+        return self.stats.same_batches() if self.stats is not None else contextlib.nullcontext()
 
     def _gather(self, release: bool = False) -> dict:
         """The activation statistics an event starts from (collective): with ``layers_per_pass``,

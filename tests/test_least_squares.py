@@ -193,15 +193,30 @@ def test_duplicate_neuron_is_removed_without_changing_logits():
 
 
 # -- layers_per_pass ----------------------------------------------------------------------------------
+class Reshuffled:
+    """Calibration data that yields its batches in another order, and so another 2 of them, each
+    time it is iterated (a shuffling DataLoader)."""
+
+    def __init__(self, batches):
+        self.batches, self.calls = batches, 0
+
+    def __iter__(self):
+        self.calls += 1
+        order = torch.randperm(len(self.batches), generator=torch.Generator().manual_seed(self.calls))
+        return iter([self.batches[i] for i in order])
+
+
 def passes_case(family: str, layers_per_pass: int) -> dict:
     """``obs`` + least squares at 75% of neurons and heads; what the comparison needs."""
     world, rank = dist.get_world_size(), dist.get_rank()
     model = small_model(family)
     bitter7 = {"structures": ["mlp_neuron", "attention_head"], "score": "obs",
                "schedule": {"start_step": 1000, "end_step": 1000},
-               "bias_compensation": {"enabled": True, "mode": "least_squares", "layers_per_pass": layers_per_pass}}
+               "bias_compensation": {"enabled": True, "mode": "least_squares", "num_batches": 2,
+                                     "layers_per_pass": layers_per_pass}}
     engine, *_ = ds_bitter7.initialize(model=model, model_parameters=model.parameters(),
-                                       config=ds_config(2, "fp32", bitter7), calibration_data=calibration(rank, world))
+                                       config=ds_config(2, "fp32", bitter7),
+                                       calibration_data=Reshuffled(calibration(0, 1)[rank::world]))
     pruner = ds_bitter7.get_pruner(engine)
     event = pruner.prune_to(0.75)
     return {"params": {n: p.detach().clone() for n, p in model.named_parameters()},
@@ -217,7 +232,7 @@ def passes_suite(family: str) -> list:
 def test_layers_per_pass_gives_the_one_pass_result(world_size, family):
     """One layer's F x F per calibration pass: the same masks and bit-identical weights as every
     layer in one pass, from one pass for the vectors, one per group for the greedy and one per
-    refit group."""
+    refit group, every pass over the batches the first took (the data reshuffles per iteration)."""
     for one, chunked in run_distributed(passes_suite, world_size, family, timeout=120):
         assert one["passes"] == 1 and chunked["passes"] == 1 + one["groups"] + one["refit"]
         assert all(torch.equal(one["masks"][k], chunked["masks"][k]) for k in one["masks"])
