@@ -7,7 +7,6 @@ import os
 import signal
 import subprocess
 import sys
-import uuid
 from pathlib import Path
 from typing import Dict, List
 
@@ -52,39 +51,18 @@ def tiny_ds_config(path: Path, bias_compensation: bool = False, structures=("mlp
 
 
 def run(cmd: List[str], tmp_path: Path, timeout: int = 120, fails: bool = False) -> str:
-    """Run a launcher and return its output; on timeout kill its process group and every process
-    it started (ranks a launcher puts in sessions of their own too), then fail. Asserts it exits 0,
-    or, with ``fails``, that it does not. The output goes through a file, so a rank left alive can
-    never keep this waiting for the end of a pipe."""
-    tag = uuid.uuid4().hex
-    run_env = dict(env(tmp_path), DS_BITTER7_TEST_RUN=tag)
-    log = tmp_path / f"launcher_{tag[:8]}.log"
-    with open(log, "w", encoding="utf-8") as sink:
-        proc = subprocess.Popen(cmd, cwd=REPO, env=run_env, stdout=sink, stderr=subprocess.STDOUT,
-                                start_new_session=True)
-        try:
-            proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            _kill_tagged(tag)
-            proc.wait()
-            raise AssertionError(f"{' '.join(cmd)} timed out after {timeout} s:\n"
-                                 f"{log.read_text(encoding='utf-8', errors='replace')[-6000:]}") from None
-    out = log.read_text(encoding="utf-8", errors="replace")
+    """Run a launcher and return its output; on timeout kill its whole process group (the ranks
+    too), then fail. Asserts it exits 0, or, with ``fails``, that it does not."""
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, _ = proc.communicate()
+        raise AssertionError(f"{' '.join(cmd)} timed out after {timeout} s:\n{out[-6000:]}") from None
     if fails:
         assert proc.returncode != 0, f"{' '.join(cmd)} succeeded, expected to fail:\n{out[-6000:]}"
     else:
         assert proc.returncode == 0, f"{' '.join(cmd)} failed ({proc.returncode}):\n{out[-6000:]}"
     return out
-
-
-def _kill_tagged(tag: str) -> None:
-    """SIGKILL every process whose environment has ``DS_BITTER7_TEST_RUN=tag`` (Linux)."""
-    entry = f"DS_BITTER7_TEST_RUN={tag}".encode()
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            with open(f"/proc/{pid}/environ", "rb") as f:
-                if entry in f.read().split(b"\0"):
-                    os.kill(int(pid), signal.SIGKILL)
-        except OSError:  # gone, or not ours to read
-            continue

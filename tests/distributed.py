@@ -88,12 +88,8 @@ def run_distributed(fn: Callable, world_size: int, *args: Any, timeout: float = 
             if errors:
                 break
     finally:
-        # The others get time to end on their own, also after an error (they raise too): a rank
-        # killed inside DeepSpeed's start, which JIT-loads its CPU communication op under a file
-        # lock, would leave that lock behind and stall every later DeepSpeed start.
-        grace = time.monotonic() + 20
         for p in procs:
-            p.join(timeout=max(0.1, grace - time.monotonic()))
+            p.join(timeout=5 if not errors else 0.5)
             if p.is_alive():
                 p.kill()
     if errors:
