@@ -8,6 +8,10 @@ TORCH_INDEX ?=
 export DS_ACCELERATOR ?= cpu
 export GLOO_SOCKET_IFNAME ?= lo
 export TOKENIZERS_PARALLELISM ?= false
+# The venv's tools first, for every process the tests start: DeepSpeed JIT-builds its CPU
+# communication op with the first `ninja` on PATH, and the launcher tests put the venv's first;
+# two ninja versions on one build folder rebuild the op (a minute) each time they alternate.
+export PATH := $(abspath $(VENV))/bin:$(PATH)
 
 .PHONY: install test lint demo bench clean
 
