@@ -276,6 +276,11 @@ class ActivationStats:
             del chunk
         return out
 
+    def _wants_matrix(self, key: str, matrices: Optional[Collection[str]]) -> bool:
+        """Whether a pass sums (and ``_reduce`` reduces) group ``key``'s F x F: ``matrices`` None
+        means every group's, when the matrix is needed at all."""
+        return self.with_matrix and (matrices is None or key in matrices)
+
     def _run_calibration(self, matrices: Optional[Collection[str]] = None) -> Dict[str, _Sums]:
         comm = self.pruner.comm
         batches = self._batches
@@ -293,8 +298,7 @@ class ActivationStats:
         device = _model_device(self.model)
         was_training = self.model.training
         self.passes += 1
-        self._current = {g.key: _Sums(self._n_features[g.key],
-                                      self.with_matrix and (matrices is None or g.key in matrices), device)
+        self._current = {g.key: _Sums(self._n_features[g.key], self._wants_matrix(g.key, matrices), device)
                          for g in self.groups}
         self._register()
         error = None
@@ -323,8 +327,9 @@ class ActivationStats:
         total = comm.all_reduce_sum(torch.cat(parts))  # one reduce for every group's vectors
         sizes = [1 + 2 * self._n_features[g.key] for g in self.groups]
         rows = dict(zip([g.key for g in self.groups], torch.split(total, sizes)))
+        counts = {key: int(row[0].item()) for key, row in rows.items()}
         for g in self.groups:
-            if int(rows[g.key][0].item()) == 0:
+            if counts[g.key] == 0:
                 raise RuntimeError(f"ds_bitter7: no activations of {g.key} were observed on any rank "
                                    "(source 'training' needs training forward passes before each event; "
                                    "with least squares or score 'obs' / 'bitter7_obs' only those of the "
@@ -332,11 +337,11 @@ class ActivationStats:
                                    "another time use source 'calibration')")
         out = {}
         for g in self.groups:
-            count, (s, sq) = int(rows[g.key][0].item()), rows[g.key][1:].chunk(2)
+            count, (s, sq) = counts[g.key], rows[g.key][1:].chunk(2)
             mean = s / count
             var = (sq / count - mean.square()).clamp_(min=0.0)
             second = None
-            if self.with_matrix and (matrices is None or g.key in matrices):  # the same on every rank
+            if self._wants_matrix(g.key, matrices):  # decided alike on every rank, as the pass's sums were
                 # one reduce per group, where it was summed: no copy of every F x F at once
                 second = comm.all_reduce_sum(local[g.key].xtx).div_(count)
                 if consume:
