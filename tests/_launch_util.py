@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import uuid
 from pathlib import Path
 from typing import Dict, List
 
@@ -50,16 +51,34 @@ def tiny_ds_config(path: Path, bias_compensation: bool = False, structures=("mlp
     return path
 
 
+def _kill_tagged(tag: str) -> None:
+    """SIGKILL every process whose environment carries ``tag``: a launcher's ranks can sit in
+    sessions of their own (torch elastic), out of reach of its process group, and hold its pipe."""
+    for proc_dir in Path("/proc").iterdir():
+        if not proc_dir.name.isdigit():
+            continue
+        try:
+            if tag.encode() in (proc_dir / "environ").read_bytes().split(b"\0"):
+                os.kill(int(proc_dir.name), signal.SIGKILL)
+        except (OSError, ProcessLookupError):
+            continue
+
+
 def run(cmd: List[str], tmp_path: Path, timeout: int = 120, fails: bool = False) -> str:
-    """Run a launcher and return its output; on timeout kill its whole process group (the ranks
+    """Run a launcher and return its output; on timeout kill every process it started (the ranks
     too), then fail. Asserts it exits 0, or, with ``fails``, that it does not."""
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, start_new_session=True)
+    run_id = uuid.uuid4().hex
+    proc = subprocess.Popen(cmd, cwd=REPO, env=dict(env(tmp_path), DS_BITTER7_TEST_RUN=run_id),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:
         out, _ = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
-        out, _ = proc.communicate()
+        _kill_tagged(f"DS_BITTER7_TEST_RUN={run_id}")
+        try:
+            out, _ = proc.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            out = "(its output could not be read: a process it started still holds the pipe)"
         raise AssertionError(f"{' '.join(cmd)} timed out after {timeout} s:\n{out[-6000:]}") from None
     if fails:
         assert proc.returncode != 0, f"{' '.join(cmd)} succeeded, expected to fail:\n{out[-6000:]}"

@@ -4,19 +4,18 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
+
+from _launch_util import run
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_overhead_benchmark_smoke(tmp_path):
-    env = dict(os.environ, DS_ACCELERATOR="cpu", GLOO_SOCKET_IFNAME="lo")
     cmd = [sys.executable, os.path.join(ROOT, "benchmarks", "overhead.py"), "--world-sizes", "2",
            "--widths", "64", "--layers", "1", "--repeats", "2", "--vocab", "64", "--timeout", "150",
            "--out", str(tmp_path)]
-    proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=180)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    run(cmd, tmp_path, timeout=180)
     doc = json.loads((tmp_path / "overhead.json").read_text())
     assert {"command", "machine", "gpt2_124m", "rows", "verdicts"} <= set(doc)
     assert set(doc["verdicts"]) == {"event_over_step", "masks_over_step", "peak_over_partition",
