@@ -8,13 +8,15 @@ serves 1 and N ranks. Bytes handed to collectives are counted (DESIGN invariant 
 from __future__ import annotations
 
 import contextlib
+import glob
 import logging
 import os
 import socket
 import sys
+import time
 import traceback
 from dataclasses import dataclass, field
-from typing import Callable, Dict, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -36,12 +38,32 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def stale_build_locks(max_age_s: float = 600.0) -> List[str]:
+    """Lock files of torch JIT extension builds older than ``max_age_s``. DeepSpeed builds its CPU
+    communication op at its first start (a few minutes at most) under such a lock; a build killed
+    on the way leaves the lock, and every later start waits on it, silently and for good."""
+    root = os.environ.get("TORCH_EXTENSIONS_DIR")
+    if root:
+        pattern = os.path.join(root, "*", "lock")
+    else:
+        from torch.utils.cpp_extension import get_default_build_root
+
+        pattern = os.path.join(get_default_build_root(), "*", "*", "lock")
+    now = time.time()
+    return sorted(p for p in glob.glob(pattern) if now - os.path.getmtime(p) > max_age_s)
+
+
 def init_distributed() -> Tuple[int, int]:
     """Start torch.distributed: from the launcher's env (torchrun, the deepspeed launcher), from
     MPI (mpirun, through mpi4py), or as a one-rank group for a plain ``python``. Returns
     (world size, rank)."""
     import deepspeed
 
+    if os.environ.get("LOCAL_RANK", "0") == "0":
+        for lock in stale_build_locks():
+            logger.warning("%s is %.0f min old: if no extension build is running, a killed build left it and "
+                           "DeepSpeed's start will wait on it for good; remove it", lock,
+                           (time.time() - os.path.getmtime(lock)) / 60)
     launched = all(k in os.environ for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"))
     mpi = any(k in os.environ for k in ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK"))
     if not launched and not mpi:

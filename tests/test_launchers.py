@@ -4,10 +4,14 @@ mpirun: 2 CPU ranks, a few steps."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import time
 
 import pytest
 from _launch_util import REPO, TINY_MODEL, VENV_BIN, env, free_port, run, tiny_ds_config, write_corpus
+
+from ds_bitter7.comm import stale_build_locks
 
 STEPS = 8
 
@@ -37,6 +41,19 @@ def trained(tmp_path_factory):
     run([str(VENV_BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", str(free_port()),
          *train_args(root, summary, ["--save_dir", str(ckpt)])], root)
     return root, summary, ckpt
+
+
+def test_a_build_lock_left_by_a_killed_build_is_named(tmp_path, monkeypatch):
+    """init_distributed warns about it: DeepSpeed's start would otherwise wait on it silently."""
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    for op in ("deepspeed_shm_comm", "cpu_adam"):
+        (tmp_path / op).mkdir()
+        (tmp_path / op / "lock").touch()
+    hour_ago = time.time() - 3600
+    os.utime(tmp_path / "deepspeed_shm_comm" / "lock", (hour_ago, hour_ago))
+    assert stale_build_locks() == [str(tmp_path / "deepspeed_shm_comm" / "lock")]  # a fresh one may be a build
+    assert stale_build_locks(max_age_s=-1) == sorted(str(tmp_path / op / "lock") for op in ("cpu_adam",
+                                                                                           "deepspeed_shm_comm"))
 
 
 def test_torchrun_with_checkpoint_and_resume(trained, tmp_path):
