@@ -18,7 +18,7 @@ export PATH := $(abspath $(VENV))/bin:$(PATH)
 # later DeepSpeed start would wait on it for good.
 export TORCH_EXTENSIONS_DIR ?= $(abspath $(VENV))/torch_extensions
 
-.PHONY: install test lint demo bench clean
+.PHONY: install ds_ops test lint demo bench clean
 
 $(VENV)/.installed: setup.py
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -28,25 +28,24 @@ $(VENV)/.installed: setup.py
 	$(PY) -m pip install -q -e ".[test]"
 	touch $@
 
-# Exactly what DeepSpeed's torch backend calls at its start; a lock left by an interrupted build is
-# removed first (nothing else uses this venv's folder before this stamp exists).
-$(VENV)/.ds_ops: $(VENV)/.installed
-	rm -f $(TORCH_EXTENSIONS_DIR)/*/lock
+# Exactly what DeepSpeed's torch backend calls at its start (2 s once built, so it runs every time:
+# a deleted build folder is rebuilt here too); a lock older than 10 minutes is a killed build's.
+ds_ops: install
+	mkdir -p $(TORCH_EXTENSIONS_DIR) && find $(TORCH_EXTENSIONS_DIR) -name lock -mmin +10 -delete
 	$(PY) -c "from deepspeed.comm.torch import build_shm_op; build_shm_op()"
-	touch $@
 
 install: $(VENV)/.installed
 
 lint: install
 	$(VENV)/bin/ruff check .
 
-test: lint $(VENV)/.ds_ops
+test: lint ds_ops
 	$(PY) -m pytest -q tests
 
-demo: install
+demo: ds_ops
 	$(VENV)/bin/torchrun --nproc_per_node 2 --master_port 29517 launch/train.py --config ds_configs/cpu_demo.json --demo
 
-bench: install
+bench: ds_ops
 	$(PY) benchmarks/overhead.py
 
 clean:
