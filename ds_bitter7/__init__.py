@@ -11,6 +11,7 @@ import copy
 from typing import List, Optional
 
 from . import models as models  # noqa: F401  (registers bitter7_gpt2 / bitter7_llama with the Auto classes)
+from .comm import release_shm_buffers
 from .config import Bitter7Config, check_deepspeed_support, load_ds_config, parse_config
 from .structures import get_adapter, register_adapter
 
@@ -65,6 +66,7 @@ def initialize(args=None, model=None, optimizer=None, model_parameters=None, tra
     engine, opt, loader, sched = deepspeed.initialize(
         args=args, model=model, optimizer=optimizer, model_parameters=model_parameters,
         training_data=training_data, lr_scheduler=lr_scheduler, config=ds_only, **kwargs)
+    release_shm_buffers()  # DeepSpeed's own start may have made them
     if cfg.enabled:
         attach(engine, cfg, calibration_data)
     return engine, opt, loader, sched

@@ -53,6 +53,30 @@ def stale_build_locks(max_age_s: float = 600.0) -> List[str]:
     return sorted(p for p in glob.glob(pattern) if now - os.path.getmtime(p) > max_age_s)
 
 
+_SHM_RELEASED = False
+
+
+def release_shm_buffers() -> None:
+    """Unlink the names of DeepSpeed's CPU shared-memory all-reduce buffers.
+
+    When every rank is on one node (the deepspeed launcher sets ``LOCAL_SIZE``), DeepSpeed's CPU
+    backend gives each rank a 69 MB buffer, ``/dev/shm/deepspeed_allreduce_buffer_<uid>_<addr>_<port>_<rank>``,
+    and never unlinks it: every run leaves its ranks' buffers in RAM until the machine restarts.
+    Each rank maps all of them at start-up; after a barrier every rank has, so each unlinks its
+    own name and the memory goes when the last rank exits, killed or not. Collective (once; a
+    no-op where DeepSpeed makes no such buffers: other launchers, several nodes, NCCL)."""
+    global _SHM_RELEASED
+    world, rank = world_size_and_rank()
+    if _SHM_RELEASED or world < 2 or os.environ.get("LOCAL_SIZE") != str(world) or dist.get_backend() == "nccl":
+        return
+    _SHM_RELEASED = True
+    dist.barrier()
+    name = "_".join(("deepspeed_allreduce_buffer", str(os.getuid()), os.environ.get("MASTER_ADDR", ""),
+                     os.environ.get("MASTER_PORT", ""), str(rank)))
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(os.path.join("/dev/shm", name))
+
+
 def init_distributed() -> Tuple[int, int]:
     """Start torch.distributed: from the launcher's env (torchrun, the deepspeed launcher), from
     MPI (mpirun, through mpi4py), or as a one-rank group for a plain ``python``. Returns
@@ -78,6 +102,7 @@ def init_distributed() -> Tuple[int, int]:
                                distributed_port=int(os.environ.get("MASTER_PORT", 29500)))
     if backend == "nccl":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    release_shm_buffers()
     return dist.get_world_size(), dist.get_rank()
 
 
