@@ -16,7 +16,7 @@ import sys
 import time
 import traceback
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, Dict, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -38,10 +38,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def stale_build_locks(max_age_s: float = 600.0) -> List[str]:
-    """Lock files of torch JIT extension builds older than ``max_age_s``. DeepSpeed builds its CPU
-    communication op at its first start (a few minutes at most) under such a lock; a build killed
-    on the way leaves the lock, and every later start waits on it, silently and for good."""
+def stale_build_locks(max_age_s: float = 600.0) -> Dict[str, float]:
+    """Lock files of torch JIT extension builds older than ``max_age_s``, with their ages in
+    seconds. DeepSpeed builds its CPU communication op at its first start (a few minutes at most)
+    under such a lock; a build killed on the way leaves the lock, and every later start waits on
+    it, silently and for good."""
     root = os.environ.get("TORCH_EXTENSIONS_DIR")
     if root:
         pattern = os.path.join(root, "*", "lock")
@@ -49,8 +50,11 @@ def stale_build_locks(max_age_s: float = 600.0) -> List[str]:
         from torch.utils.cpp_extension import get_default_build_root
 
         pattern = os.path.join(get_default_build_root(), "*", "*", "lock")
-    now = time.time()
-    return sorted(p for p in glob.glob(pattern) if now - os.path.getmtime(p) > max_age_s)
+    ages = {}
+    for path in sorted(glob.glob(pattern)):
+        with contextlib.suppress(FileNotFoundError):  # a build that just ended
+            ages[path] = time.time() - os.path.getmtime(path)
+    return {path: age for path, age in ages.items() if age > max_age_s}
 
 
 _SHM_RELEASED = False
@@ -84,10 +88,9 @@ def init_distributed() -> Tuple[int, int]:
     import deepspeed
 
     if os.environ.get("LOCAL_RANK", "0") == "0":
-        for lock in stale_build_locks():
+        for lock, age in stale_build_locks().items():
             logger.warning("%s is %.0f min old: if no extension build is running, a killed build left it and "
-                           "DeepSpeed's start will wait on it for good; remove it", lock,
-                           (time.time() - os.path.getmtime(lock)) / 60)
+                           "DeepSpeed's start will wait on it for good; remove it", lock, age / 60)
     launched = all(k in os.environ for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"))
     mpi = any(k in os.environ for k in ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK"))
     if not launched and not mpi:
