@@ -28,11 +28,12 @@ $(VENV)/.installed: setup.py
 	$(PY) -m pip install -q -e ".[test]"
 	touch $@
 
-# Exactly what DeepSpeed's torch backend calls at its start (2 s once built, so it runs every time:
-# a deleted build folder is rebuilt here too); a lock older than 10 minutes is a killed build's.
+# Removes the locks a killed build left (those init_distributed warns about), then calls exactly what
+# DeepSpeed's torch backend calls at its start (2 s once built, so it runs every time: a deleted
+# build folder is rebuilt here too).
 ds_ops: install
-	mkdir -p $(TORCH_EXTENSIONS_DIR) && find $(TORCH_EXTENSIONS_DIR) -name lock -mmin +10 -delete
-	$(PY) -c "from deepspeed.comm.torch import build_shm_op; build_shm_op()"
+	$(PY) -c "import os; from ds_bitter7.comm import stale_build_locks; [os.remove(p) for p in stale_build_locks()]; \
+	from deepspeed.comm.torch import build_shm_op; build_shm_op()"
 
 install: $(VENV)/.installed
 

@@ -60,7 +60,7 @@ def _kill_tagged(tag: str) -> None:
         try:
             if tag.encode() in (proc_dir / "environ").read_bytes().split(b"\0"):
                 os.kill(int(proc_dir.name), signal.SIGKILL)
-        except (OSError, ProcessLookupError):
+        except OSError:  # ended meanwhile (ProcessLookupError), or not ours to read
             continue
 
 

@@ -3,16 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
 import sys
 
-from _launch_util import run
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from _launch_util import REPO, run
 
 
 def test_overhead_benchmark_smoke(tmp_path):
-    cmd = [sys.executable, os.path.join(ROOT, "benchmarks", "overhead.py"), "--world-sizes", "2",
+    cmd = [sys.executable, str(REPO / "benchmarks" / "overhead.py"), "--world-sizes", "2",
            "--widths", "64", "--layers", "1", "--repeats", "2", "--vocab", "64", "--timeout", "150",
            "--out", str(tmp_path)]
     run(cmd, tmp_path, timeout=180)
