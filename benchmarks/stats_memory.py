@@ -140,6 +140,7 @@ def main() -> None:
     rows = [spawn_ranks(measure, 1, (source, args), timeout=1800)[0] for source in sources]
     info = {"command": command_line(), "args": vars(args), "rows": rows}
     base = os.path.join(ROOT, "benchmarks", "results", args.out)
+    os.makedirs(os.path.dirname(base), exist_ok=True)
     with open(base + ".json", "w", encoding="utf-8") as f:
         json.dump(info, f, indent=2)
     gpu = args.device == "cuda"
