@@ -77,7 +77,7 @@ class _Sums:
         self.sum += x.sum(0)
         self.sumsq += x.square().sum(0)
         if self.xtx is not None:
-            self.xtx += x.T @ x
+            self.xtx.addmm_(x.T, x)  # in place: no F x F product beside the sum
 
     def _to(self, device: torch.device) -> None:
         self.sum, self.sumsq = self.sum.to(device), self.sumsq.to(device)
@@ -342,10 +342,12 @@ class ActivationStats:
             var = (sq / count - mean.square()).clamp_(min=0.0)
             second = None
             if self._wants_matrix(g.key, matrices):  # decided alike on every rank, as the pass's sums were
-                # one reduce per group, where it was summed: no copy of every F x F at once
-                second = comm.all_reduce_sum(local[g.key].xtx).div_(count)
+                # one reduce per group, where it was summed: no copy of every F x F at once, and
+                # none at all of the sums this reduce consumes (summed in place)
                 if consume:
-                    local[g.key].xtx = None
+                    second, local[g.key].xtx = comm.all_reduce_sum_(local[g.key].xtx).div_(count), None
+                else:
+                    second = comm.all_reduce_sum(local[g.key].xtx).div_(count)
             out[g.key] = UnitStats(count, mean, var, second)
         return out
 

@@ -191,6 +191,21 @@ class Communicator:
         """
         return self._reduce("all_reduce_sum", t, dist.ReduceOp.SUM)
 
+    def all_reduce_sum_(self, t: torch.Tensor) -> torch.Tensor:
+        """``all_reduce_sum`` for a caller that gives ``t`` up: where ``t`` is already on the
+        collective's device it is summed in place and returned (no copy of a large matrix, which
+        would double the peak); elsewhere a new tensor, as ``all_reduce_sum``.
+
+        Collective: every rank must call this, in the same order.
+        """
+        if self.world_size == 1:
+            return t
+        if t.device != self._device() or not t.is_contiguous():
+            return self.all_reduce_sum(t)
+        self._count("all_reduce_sum", t)
+        dist.all_reduce(t, op=dist.ReduceOp.SUM, group=self.group)
+        return t
+
     def all_reduce_max(self, t: torch.Tensor) -> torch.Tensor:
         """Element-wise max over ranks, returned as a new tensor.
 

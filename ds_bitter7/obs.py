@@ -219,15 +219,21 @@ def output_fisher(groups: List[UnitGroup], column_sums: Dict[str, torch.Tensor],
 
 
 def _state(g: UnitGroup, model, stats: Dict, masks: Dict[str, torch.Tensor], ridge: float,
-           output_weights: Optional[torch.Tensor] = None) -> Optional[_GroupState]:
-    """A group's greedy state, or None when its weights, statistics or output weights are not finite."""
+           output_weights: Optional[torch.Tensor] = None, consume: bool = False) -> Optional[_GroupState]:
+    """A group's greedy state, or None when its weights, statistics or output weights are not
+    finite. ``consume``: the caller gives up the group's ``F x F`` second moment, which becomes
+    the covariance in place (one ``F x F`` fewer at the peak)."""
     w = model.get_parameter(g.out_weight).detach().to(torch.float64)
     w = (w if g.out_in_dim == 0 else w.T).clone(memory_format=torch.contiguous_format)  # [F, out]
     if output_weights is not None:
         w.mul_(output_weights.to(w).clamp(min=0.0).sqrt())  # the greedy on W D^(1/2)
     st = stats[g.key]
     mean = st.mean.to(st.second_moment.device)
-    cov = (st.second_moment - torch.outer(mean, mean)).to(device=w.device, dtype=torch.float64)  # a new tensor
+    if consume:
+        cov = st.second_moment.addr_(mean, mean, alpha=-1.0)
+    else:  # a new tensor (no F x F of mean products beside it)
+        cov = torch.addr(st.second_moment, mean, mean, alpha=-1.0)
+    cov = cov.to(device=w.device, dtype=torch.float64)
     if not (bool(torch.isfinite(cov).all()) and bool(torch.isfinite(w).all())):
         return None
     return _GroupState(g, w, cov, ~masks[g.key], ridge)
@@ -278,7 +284,7 @@ def removal_order(groups: List[UnitGroup], model, stats: Dict, masks: Dict[str, 
     keys, positions = torch.zeros(sum(n), dtype=torch.float64), torch.zeros(sum(n), dtype=torch.float64)
 
     def build(i: int) -> Optional[_GroupState]:
-        state = _state(groups[i], model, stats, masks, ridge, weights.get(groups[i].key))
+        state = _state(groups[i], model, stats, masks, ridge, weights.get(groups[i].key), consume=free_stats)
         if free_stats:
             stats[groups[i].key] = dataclasses.replace(stats[groups[i].key], second_moment=None)
         if state is not None and not per_layer and fraction is not None:
