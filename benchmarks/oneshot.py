@@ -20,13 +20,16 @@ each next layer's input covariance (``ds_bitter7/obs.py``), the selection that l
 the refit of, and ``score: bitter7_obs``: the same greedy with each output's error weighted by
 Adam's second moment of the next layer (the loss's sensitivity to that output).
 
-Writes ``benchmarks/results/oneshot[_quick].{json,md,png}``.
+``--scope per_layer``: the rows of one global threshold prune every layer by the same fraction
+instead (``scope: per_layer``, the same allocation for every score); the standardised rows, which
+have an allocation of their own, are left out. Writes ``benchmarks/results/oneshot[_quick][_per_layer].{json,md,png}``.
 
     python benchmarks/oneshot.py --quick     # 1 seed, 800 training steps (about 5 min on 2 CPU cores)
     python benchmarks/oneshot.py             # 3 seeds, 800 training steps
     python benchmarks/oneshot.py --workdir /tmp/oneshot   # keep (and reuse) the dense checkpoints
     python benchmarks/oneshot.py --workdir /tmp/oneshot --rows bitter7_obs   # prune only these rows;
         # the other rows' cells come from that workdir's earlier run (same arguments)
+    python benchmarks/oneshot.py --workdir /tmp/oneshot --scope per_layer   # the same layer fraction
 """
 
 from __future__ import annotations
@@ -52,6 +55,20 @@ ROWS = {"magnitude": ("magnitude", "global"), "bitter7": ("bitter7", "global"),
         "flap raw": ("fluctuation", "global"), "obs": ("obs", "global"),
         "bitter7_obs": ("bitter7_obs", "global")}
 SCORES = list(ROWS)
+SCOPES = ("global", "per_layer")
+
+
+def rows_for(scope: str) -> Dict[str, tuple]:
+    """The rows of a run: ``ROWS``, or with ``per_layer`` the global-threshold rows pruned layer by
+    layer (the standardised rows keep an allocation of their own and are left out)."""
+    if scope == "global":
+        return dict(ROWS)
+    return {row: (score, scope) for row, (score, row_scope) in ROWS.items() if row_scope == "global"}
+
+
+def cells_file(workdir: str, seed: int, scope: str) -> str:
+    """A seed's cells in ``workdir``: one file per scope (``global`` keeps the older name)."""
+    return os.path.join(workdir, f"cells_{seed}.json" if scope == "global" else f"cells_{seed}_{scope}.json")
 COMPENSATIONS = ["none", "mean", "least_squares"]
 SPARSITIES = [0.5, 0.75]
 QUICK = {"steps": 800, "seeds": [1]}
@@ -83,9 +100,10 @@ def train_dense(seed: int, args, workdir: str) -> str:
 def prune_matrix(checkpoint: str, seed: int, args, workdir: str) -> List[Dict]:
     """Every (score, compensation, sparsity) cell of ``args.rows`` on 2 ranks, with the other rows'
     cells from the workdir's earlier ``cells_{seed}.json``; returns (and saves) all of them."""
-    out = os.path.join(workdir, f"cells_{seed}.json")
+    out = cells_file(workdir, seed, args.scope)
+    every = list(rows_for(args.scope))
     kept = []
-    if set(args.rows) != set(SCORES):
+    if set(args.rows) != set(every):
         with open(out, encoding="utf-8") as f:
             kept = [c for c in json.load(f) if c["score"] not in args.rows]
         other = {f"--{k} {c.get(k, default)}" for c in kept for k, default in PRUNING_ARGS.items()
@@ -93,7 +111,7 @@ def prune_matrix(checkpoint: str, seed: int, args, workdir: str) -> List[Dict]:
         if other:
             raise SystemExit(f"--rows: {out}'s other rows were pruned with {', '.join(sorted(other))}, "
                              "not this run's: prune every row again (leave out --rows)")
-        missing = [r for r in SCORES if r not in args.rows and sum(c["score"] == r for c in kept)
+        missing = [r for r in every if r not in args.rows and sum(c["score"] == r for c in kept)
                    != len(COMPENSATIONS) * len(SPARSITIES)]
         if missing:
             raise SystemExit(f"--rows: {out} lacks cells of rows {missing}: add them to --rows")
@@ -102,8 +120,8 @@ def prune_matrix(checkpoint: str, seed: int, args, workdir: str) -> List[Dict]:
            os.path.abspath(__file__), "--worker", checkpoint, new, "--seq_len", str(args.seq_len),
            "--micro_batch", str(args.micro_batch), "--num_batches", str(args.num_batches),
            "--eval_batches", str(args.eval_batches), "--seed", str(seed), "--ridge", str(args.ridge),
-           "--rows", *args.rows]
-    run_logged(cmd, os.path.join(workdir, f"cells_{seed}.log"), args.run_timeout, f"one-shot cells, seed {seed}")
+           "--scope", args.scope, "--rows", *args.rows]
+    run_logged(cmd, out[:-len(".json")] + ".log", args.run_timeout, f"one-shot cells, seed {seed}")
     with open(new, encoding="utf-8") as f:
         fresh = json.load(f)
     if kept and kept[0]["dense_ppl"] != fresh[0]["dense_ppl"]:  # another checkpoint or validation setup
@@ -132,6 +150,7 @@ def worker(argv: List[str]) -> None:
     for name, typ in (("--seq_len", int), ("--micro_batch", int), ("--num_batches", int), ("--eval_batches", int),
                       ("--seed", int), ("--ridge", float)):
         p.add_argument(name, type=typ)
+    p.add_argument("--scope", choices=SCOPES)
     p.add_argument("--rows", nargs="+", choices=SCORES)
     p.add_argument("checkpoint")
     p.add_argument("out")
@@ -149,7 +168,7 @@ def worker(argv: List[str]) -> None:
     val = oneshot.validation_loader(base, tok)
     rows, dense = [], None
     for sparsity in SPARSITIES:
-        for row, (score, scope) in ROWS.items():
+        for row, (score, scope) in rows_for(a.scope).items():
             if row not in a.rows:
                 continue
             for comp in COMPENSATIONS:
@@ -231,10 +250,15 @@ def targets(rows: List[Dict], dense: float) -> List[Dict]:
 
 
 def markdown(rows: List[Dict], checks: List[Dict], info: Dict) -> str:
-    lines = ["# One-shot pruning: score x compensation", "",
+    scope = info.get("scope", "global")
+    allocation = ("one global threshold per structure type, except the standardized rows (per-layer z-scores, "
+                  "then one threshold)" if scope == "global" else
+                  "every layer pruned by the same fraction (`scope: per_layer`) for every score")
+    lines = ["# One-shot pruning: score x compensation" + ("" if scope == "global" else f" ({scope})"), "",
              f"Command: `{info['command']}`  ", f"Dense validation perplexity: **{info['dense']:.3f}** "
              f"(mean of {len(info['seeds'])} seed(s); tiny GPT-2 trained {info['steps']} steps, ZeRO-2, 2 ranks). "
-             f"MLP neurons pruned in one event; calibration: {info['num_batches']} train-split batches per rank; "
+             f"MLP neurons pruned in one event; allocation: {allocation}; "
+             f"calibration: {info['num_batches']} train-split batches per rank; "
              f"wall time {info['seconds'] / 60:.1f} min on {info['nproc']} CPU cores"
              + (f" (dense checkpoints of seeds {info['reused_seeds']} reused from `--workdir`, trained by an "
                 "earlier invocation with the same arguments: "
@@ -243,7 +267,7 @@ def markdown(rows: List[Dict], checks: List[Dict], info: Dict) -> str:
                 if info.get("reused_seeds") else ".")
              + (f" Rows pruned by this invocation: {', '.join(info['rows'])}; the other rows' cells are from an "
                 "earlier run in that `--workdir` (same dense checkpoints; each seed's dense perplexity checked equal)."
-                if set(info.get("rows", SCORES)) != set(SCORES) else ""), ""]
+                if set(info.get("rows", SCORES)) != set(rows_for(scope)) else ""), ""]
     for s in SPARSITIES:
         lines += [f"## {s:.0%} of MLP neurons removed", "",
                   "| score | none | mean | least squares |", "|---|---:|---:|---:|"]
@@ -303,14 +327,22 @@ def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
     p.add_argument("--workdir", help="keep checkpoints and logs here (default: a temp dir, removed)")
     p.add_argument("--out", help="output name under benchmarks/results (default: oneshot or oneshot_quick)")
     p.add_argument("--report_from", help="rewrite the report from this saved JSON (no training or pruning)")
-    p.add_argument("--rows", nargs="+", choices=SCORES, default=SCORES,
+    p.add_argument("--scope", choices=SCOPES, default="global",
+                   help="per_layer: the global-threshold rows prune every layer by the same fraction")
+    p.add_argument("--rows", nargs="+", choices=SCORES,
                    help="prune only these rows; the others' cells come from --workdir's earlier run")
     args = p.parse_args(argv)
     for key, value in (QUICK if args.quick else FULL).items():
         if getattr(args, key) is None:
             setattr(args, key, value)
-    args.out = args.out or ("oneshot_quick" if args.quick else "oneshot")
-    if set(args.rows) != set(SCORES) and not args.workdir:
+    args.out = args.out or ("oneshot_quick" if args.quick else "oneshot") + (
+        "" if args.scope == "global" else f"_{args.scope}")
+    every = list(rows_for(args.scope))
+    if args.rows is None:
+        args.rows = every
+    elif set(args.rows) - set(every):
+        p.error(f"--rows {sorted(set(args.rows) - set(every))}: not rows of --scope {args.scope} ({every})")
+    if set(args.rows) != set(every) and not args.workdir:
         p.error("--rows needs the --workdir of an earlier run (the other rows' cells)")
     return args
 
@@ -332,8 +364,8 @@ def main(argv: Optional[List[str]] = None) -> None:
     os.makedirs(workdir, exist_ok=True)
     cells: List[Dict] = []
     reused = [s for s in args.seeds if os.path.exists(os.path.join(workdir, f"dense_{s}", "latest"))]
-    if set(args.rows) != set(SCORES):  # before any training: the other rows' cells must be there
-        lacking = [s for s in args.seeds if s not in reused or not os.path.exists(os.path.join(workdir, f"cells_{s}.json"))]
+    if set(args.rows) != set(rows_for(args.scope)):  # before any training: the other rows' cells must be there
+        lacking = [s for s in args.seeds if s not in reused or not os.path.exists(cells_file(workdir, s, args.scope))]
         if lacking:
             raise SystemExit(f"--rows: seeds {lacking} have no dense checkpoint and cells in {workdir}: "
                              "run every row once with this --workdir first")
@@ -347,7 +379,7 @@ def main(argv: Optional[List[str]] = None) -> None:
             "seeds": args.seeds, "steps": args.steps, "seq_len": args.seq_len, "micro_batch": args.micro_batch,
             "num_batches": args.num_batches, "eval_batches": args.eval_batches, "ridge": args.ridge,
             "seconds": time.time() - t0, "nproc": len(os.sched_getaffinity(0)), "reused_seeds": reused,
-            "rows": args.rows}
+            "rows": args.rows, "scope": args.scope}
     report(cells, info, args)
     if tmp is not None:
         tmp.cleanup()
