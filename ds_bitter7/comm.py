@@ -175,8 +175,10 @@ class Communicator:
         self.bytes_sent += t.numel() * t.element_size()
         self.calls[name] = self.calls.get(name, 0) + 1
 
-    def _reduce(self, name: str, t: torch.Tensor, op) -> torch.Tensor:
-        out = t.detach().clone()
+    def _reduce(self, name: str, t: torch.Tensor, op, in_place: bool = False) -> torch.Tensor:
+        """``t`` reduced over ranks: a new tensor, or with ``in_place`` ``t`` itself where it is
+        contiguous and on the collective's device (no copy of a large matrix)."""
+        out = t if in_place and t.is_contiguous() else t.detach().clone()
         if self.world_size == 1:
             return out
         self._count(name, out)
@@ -198,13 +200,7 @@ class Communicator:
 
         Collective: every rank must call this, in the same order.
         """
-        if self.world_size == 1:
-            return t
-        if t.device != self._device() or not t.is_contiguous():
-            return self.all_reduce_sum(t)
-        self._count("all_reduce_sum", t)
-        dist.all_reduce(t, op=dist.ReduceOp.SUM, group=self.group)
-        return t
+        return self._reduce("all_reduce_sum", t, dist.ReduceOp.SUM, in_place=True)
 
     def all_reduce_max(self, t: torch.Tensor) -> torch.Tensor:
         """Element-wise max over ranks, returned as a new tensor.
