@@ -56,6 +56,13 @@ ROWS = {"magnitude": ("magnitude", "global"), "bitter7": ("bitter7", "global"),
         "bitter7_obs": ("bitter7_obs", "global")}
 SCORES = list(ROWS)
 SCOPES = ("global", "per_layer")
+COMPENSATIONS = ["none", "mean", "least_squares"]
+SPARSITIES = [0.5, 0.75]
+QUICK = {"steps": 800, "seeds": [1]}
+# what a cell depends on that the dense perplexity does not show, with its default: cells saved
+# before they recorded these were pruned with the defaults (every earlier run used them)
+PRUNING_ARGS = {"num_batches": 8, "ridge": 1e-3}
+FULL = {"steps": 800, "seeds": [1, 2, 3]}
 
 
 def rows_for(scope: str) -> Dict[str, tuple]:
@@ -69,13 +76,6 @@ def rows_for(scope: str) -> Dict[str, tuple]:
 def cells_file(workdir: str, seed: int, scope: str) -> str:
     """A seed's cells in ``workdir``: one file per scope (``global`` keeps the older name)."""
     return os.path.join(workdir, f"cells_{seed}.json" if scope == "global" else f"cells_{seed}_{scope}.json")
-COMPENSATIONS = ["none", "mean", "least_squares"]
-SPARSITIES = [0.5, 0.75]
-QUICK = {"steps": 800, "seeds": [1]}
-# what a cell depends on that the dense perplexity does not show, with its default: cells saved
-# before they recorded these were pruned with the defaults (every earlier run used them)
-PRUNING_ARGS = {"num_batches": 8, "ridge": 1e-3}
-FULL = {"steps": 800, "seeds": [1, 2, 3]}
 
 
 def train_dense(seed: int, args, workdir: str) -> str:
@@ -99,7 +99,7 @@ def train_dense(seed: int, args, workdir: str) -> str:
 
 def prune_matrix(checkpoint: str, seed: int, args, workdir: str) -> List[Dict]:
     """Every (score, compensation, sparsity) cell of ``args.rows`` on 2 ranks, with the other rows'
-    cells from the workdir's earlier ``cells_{seed}.json``; returns (and saves) all of them."""
+    cells from the workdir's earlier ``cells_file`` of this scope; returns (and saves) all of them."""
     out = cells_file(workdir, seed, args.scope)
     every = list(rows_for(args.scope))
     kept = []
@@ -325,7 +325,8 @@ def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
     p.add_argument("--port", type=int, default=29741)
     p.add_argument("--run_timeout", type=int, default=3600)
     p.add_argument("--workdir", help="keep checkpoints and logs here (default: a temp dir, removed)")
-    p.add_argument("--out", help="output name under benchmarks/results (default: oneshot or oneshot_quick)")
+    p.add_argument("--out", help="output name under benchmarks/results (default: oneshot or oneshot_quick, "
+                   "with _per_layer for --scope per_layer)")
     p.add_argument("--report_from", help="rewrite the report from this saved JSON (no training or pruning)")
     p.add_argument("--scope", choices=SCOPES, default="global",
                    help="per_layer: the global-threshold rows prune every layer by the same fraction")

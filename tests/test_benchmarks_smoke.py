@@ -1,10 +1,12 @@
-"""Smoke run of benchmarks/overhead.py at the smallest settings: it runs and writes its fields."""
+"""Smoke run of benchmarks/overhead.py at the smallest settings: it runs and writes its fields; the
+arguments of benchmarks/oneshot.py."""
 
 from __future__ import annotations
 
 import json
 import sys
 
+import pytest
 from _launch_util import REPO, run
 
 
@@ -25,3 +27,28 @@ def test_overhead_benchmark_smoke(tmp_path):
     assert row["event_bytes"] == row["event_bytes_formula"] == 8 * (256 + 1) + 8
     assert doc["gpt2_124m"]["ratio_scored"] > 1000
     assert (tmp_path / "overhead.md").exists() and (tmp_path / "overhead_scaling.png").exists()
+
+
+def _oneshot_benchmark():
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        import oneshot as bench  # benchmarks/oneshot.py (its imports are light)
+    finally:
+        sys.path.remove(str(REPO / "benchmarks"))
+    return bench
+
+
+def test_oneshot_benchmark_per_layer_scope_rows_and_files(capsys):
+    """--scope per_layer prunes the global-threshold rows layer by layer, keeps its cells in a file of
+    its own beside the global run's, and refuses a standardized row by name."""
+    bench = _oneshot_benchmark()
+    args = bench.parse_args(["--scope", "per_layer"])
+    assert args.out == "oneshot_per_layer"
+    assert args.rows == ["magnitude", "bitter7", "fisher", "bitter7_variance", "flap raw", "obs", "bitter7_obs"]
+    assert {scope for _, scope in bench.rows_for("per_layer").values()} == {"per_layer"}
+    assert bench.rows_for("global") == bench.ROWS
+    assert bench.cells_file("w", 1, "global").endswith("cells_1.json")
+    assert bench.cells_file("w", 1, "per_layer").endswith("cells_1_per_layer.json")
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--scope", "per_layer", "--rows", "flap", "--workdir", "w"])
+    assert "--rows ['flap']: not rows of --scope per_layer" in capsys.readouterr().err
