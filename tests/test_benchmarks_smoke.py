@@ -1,13 +1,15 @@
-"""Smoke run of benchmarks/overhead.py at the smallest settings: it runs and writes its fields; the
-arguments of benchmarks/oneshot.py."""
+"""Smoke runs of benchmarks/overhead.py and benchmarks/oneshot_headroom.py at the smallest settings:
+they run and write their fields; the arguments of benchmarks/oneshot.py."""
 
 from __future__ import annotations
 
 import json
+import math
 import sys
 
 import pytest
 from _launch_util import REPO, run
+from distributed import run_distributed
 
 
 def test_overhead_benchmark_smoke(tmp_path):
@@ -36,6 +38,32 @@ def _oneshot_benchmark():
     finally:
         sys.path.remove(str(REPO / "benchmarks"))
     return bench
+
+
+def test_oneshot_headroom_benchmark_smoke(tmp_path):
+    """benchmarks/oneshot_headroom.py on a 3-step plain DeepSpeed checkpoint (2 layers of 64 neurons):
+    the library's global allocation, the per-layer one, a search that keeps the total and never
+    raises the calibration loss, the reconstruction on the global allocation; a workdir without a
+    seed's checkpoint is refused with the command that makes it."""
+    from test_oneshot import make_checkpoint
+
+    run_distributed(make_checkpoint, 2, str(tmp_path / "dense_1"), timeout=120)
+    script = str(REPO / "benchmarks" / "oneshot_headroom.py")
+    run([sys.executable, script, str(tmp_path), "--seeds", "1", "--seq_len", "32", "--batch_size", "2",
+         "--num_batches", "2", "--eval_batches", "2", "--recon_steps", "3", "--threads", "1", "--out", "h",
+         "--results", str(tmp_path)], tmp_path, timeout=180)
+    (r,) = json.loads((tmp_path / "h.json").read_text())["results"]
+    assert r["steps"] == 3
+    kept = r["kept"]
+    assert sum(kept["global"]) == sum(kept["searched"]) == 32 and kept["per layer"] == [16, 16]
+    assert min(kept["global"]) >= 1 and kept["reconstructed"] == kept["global"]
+    assert r["calibration_loss"]["searched"] <= r["calibration_loss"]["global"]
+    assert set(r["ppl"]) == {"global", "per layer", "searched", "reconstructed"}
+    assert all(math.isfinite(v) for v in r["ppl"].values())
+    assert [x["layer"] for x in r["reconstruction"]] == [0, 1]
+    assert "| searched |" in (tmp_path / "h.md").read_text()
+    out = run([sys.executable, script, str(tmp_path), "--seeds", "2"], tmp_path, timeout=60, fails=True)
+    assert f"no dense checkpoint dense_2 (run `python benchmarks/oneshot.py --workdir {tmp_path}` first)" in out
 
 
 def test_oneshot_benchmark_per_layer_scope_rows_and_files(capsys):
