@@ -162,17 +162,20 @@ def search(refit: Refitter, start: List[int], batches) -> tuple:
     return best, evals
 
 
-def mlp_io(dense, layer: int, batches) -> tuple:
-    """(inputs, outputs) of the dense model's MLP ``layer`` over ``batches``, one row per token."""
-    pairs = []
+def mlp_io(dense, batches) -> List[tuple]:
+    """Per block, (inputs, outputs) of the dense model's MLP over ``batches``, one row per token."""
+    pairs: List[list] = [[] for _ in dense.transformer.h]
 
-    def keep(module, args, out):
-        pairs.append((args[0].reshape(-1, args[0].shape[-1]), out.reshape(-1, out.shape[-1])))
+    def keeper(i):
+        def keep(module, args, out):
+            pairs[i].append((args[0].reshape(-1, args[0].shape[-1]), out.reshape(-1, out.shape[-1])))
+        return keep
 
-    handle = dense.transformer.h[layer].mlp.register_forward_hook(keep)
+    handles = [block.mlp.register_forward_hook(keeper(i)) for i, block in enumerate(dense.transformer.h)]
     token_loss(dense, batches)
-    handle.remove()
-    return tuple(torch.cat(t) for t in zip(*pairs))
+    for h in handles:
+        h.remove()
+    return [tuple(torch.cat(t) for t in zip(*p)) for p in pairs]
 
 
 def fit_mlp(mlp, keep: torch.Tensor, x: torch.Tensor, y: torch.Tensor, steps: int, lr: float) -> dict:
@@ -204,8 +207,7 @@ def fit_mlp(mlp, keep: torch.Tensor, x: torch.Tensor, y: torch.Tensor, steps: in
 def reconstruct(model, dense, masks: Dict[str, torch.Tensor], batches, steps: int, lr: float) -> List[dict]:
     """Fit each pruned GPT-2 MLP's kept weights to the dense MLP's outputs on the dense MLP's inputs."""
     out = []
-    for i, block in enumerate(model.transformer.h):
-        x, y = mlp_io(dense, i, batches)
+    for i, (block, (x, y)) in enumerate(zip(model.transformer.h, mlp_io(dense, batches))):
         keep = masks[f"layers.{i}.mlp"].nonzero().flatten()
         out.append({"layer": i, **fit_mlp(block.mlp, keep, x, y, steps, lr)})
     return out
