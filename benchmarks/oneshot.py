@@ -78,12 +78,17 @@ def cells_file(workdir: str, seed: int, scope: str) -> str:
     return os.path.join(workdir, f"cells_{seed}.json" if scope == "global" else f"cells_{seed}_{scope}.json")
 
 
+def dense_folder(workdir: str, seed: int) -> str:
+    """A seed's dense checkpoint folder in ``workdir`` (``launch/train.py --save_dir``)."""
+    return os.path.join(workdir, f"dense_{seed}")
+
+
 def train_dense(seed: int, args, workdir: str) -> str:
     """Train once per seed with launch/train.py; returns the checkpoint folder (with config.json).
 
     A finished checkpoint already in ``workdir`` (``--workdir``, same arguments) is reused.
     """
-    folder = os.path.join(workdir, f"dense_{seed}")
+    folder = dense_folder(workdir, seed)
     if os.path.exists(os.path.join(folder, "latest")) and os.path.exists(os.path.join(folder, "config.json")):
         return folder
     cfg = os.path.join(workdir, f"dense_{seed}.json")
@@ -364,7 +369,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     workdir = args.workdir or tmp.name
     os.makedirs(workdir, exist_ok=True)
     cells: List[Dict] = []
-    reused = [s for s in args.seeds if os.path.exists(os.path.join(workdir, f"dense_{s}", "latest"))]
+    reused = [s for s in args.seeds if os.path.exists(os.path.join(dense_folder(workdir, s), "latest"))]
     if set(args.rows) != set(rows_for(args.scope)):  # before any training: the other rows' cells must be there
         lacking = [s for s in args.seeds if s not in reused or not os.path.exists(cells_file(workdir, s, args.scope))]
         if lacking:

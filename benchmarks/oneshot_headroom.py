@@ -36,6 +36,7 @@ import statistics
 import time
 from typing import Dict, List
 
+import oneshot as oneshot_bench  # benchmarks/oneshot.py: where its workdir keeps checkpoints and cells
 import torch
 from _common import ROOT, command_line
 from transformers import AutoModelForCausalLM
@@ -213,8 +214,9 @@ def reconstruct(model, dense, masks: Dict[str, torch.Tensor], batches, steps: in
     return out
 
 
-def run_seed(folder: str, seed: int, args) -> dict:
+def run_seed(workdir: str, seed: int, args) -> dict:
     t0 = time.perf_counter()
+    folder = oneshot_bench.dense_folder(workdir, seed)
     torch.manual_seed(seed)
     model, steps = load_dense(folder)
     dense = copy.deepcopy(model)
@@ -247,17 +249,17 @@ def run_seed(folder: str, seed: int, args) -> dict:
     result["reconstruction"] = reconstruct(model, dense, final, calib, args.recon_steps, args.lr)
     result["ppl"]["reconstructed"] = perplexity(model, val, n_val, LOCAL)
     result["calibration_loss"]["reconstructed"] = token_loss(model, calib)
-    result["oneshot_cell"] = oneshot_cell(folder, seed, args.sparsity)
+    result["oneshot_cell"] = oneshot_cell(workdir, seed, args.sparsity)
     result["seconds"] = time.perf_counter() - t0
     print(f"{folder}: dense {result['dense_ppl']:.3f} "
           + " ".join(f"{r} {result['ppl'][r]:.3f} {kept[r]}" for r in ROWS), flush=True)
     return result
 
 
-def oneshot_cell(folder: str, seed: int, sparsity: float):
-    """The 2-rank one-shot benchmark's ``obs`` + least-squares perplexity on this checkpoint, when
-    its ``cells_SEED.json`` is beside it (the ``global`` row should reproduce it), else None."""
-    path = os.path.join(os.path.dirname(folder), f"cells_{seed}.json")
+def oneshot_cell(workdir: str, seed: int, sparsity: float):
+    """The 2-rank one-shot benchmark's ``obs`` + least-squares perplexity on this seed's checkpoint,
+    when ``workdir`` holds its global cells (the ``global`` row should reproduce it), else None."""
+    path = oneshot_bench.cells_file(workdir, seed, "global")
     if not os.path.isfile(path):
         return None
     with open(path, encoding="utf-8") as f:
@@ -314,7 +316,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error(f"--sparsity must be in (0, 1), got {args.sparsity}")
     for w in args.workdirs:
         for s in args.seeds:
-            if not os.path.isfile(os.path.join(w, f"dense_{s}", "latest")):
+            if not os.path.isfile(os.path.join(oneshot_bench.dense_folder(w, s), "latest")):
                 p.error(f"{w}: no dense checkpoint dense_{s} (run `python benchmarks/oneshot.py --workdir {w}` first)")
     return args
 
@@ -323,7 +325,7 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     command = command_line(argv)
-    results = [run_seed(os.path.join(w, f"dense_{s}"), s, args) for w in args.workdirs for s in args.seeds]
+    results = [run_seed(w, s, args) for w in args.workdirs for s in args.seeds]
     os.makedirs(args.results, exist_ok=True)
     base = os.path.join(args.results, args.out)
     with open(base + ".json", "w", encoding="utf-8") as f:
