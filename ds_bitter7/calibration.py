@@ -92,6 +92,18 @@ class _Sums:
         if self.xtx is not None:
             self.xtx += other.xtx
 
+    def state_dict(self) -> dict:
+        return {"count": self.count, "sum": self.sum, "sumsq": self.sumsq, "xtx": self.xtx}
+
+    @classmethod
+    def from_state(cls, state: dict, device: torch.device) -> _Sums:
+        """Sums saved by :meth:`state_dict`, on ``device``."""
+        sums = cls.__new__(cls)
+        sums.count = int(state["count"])
+        sums.sum, sums.sumsq = (state[k].to(device, torch.float64) for k in ("sum", "sumsq"))
+        sums.xtx = None if state["xtx"] is None else state["xtx"].to(device, torch.float64)
+        return sums
+
     def pack(self) -> List[torch.Tensor]:
         """Count, sum and sum of squares (not the F x F matrix), on the CPU."""
         return [torch.tensor([float(self.count)], dtype=torch.float64), self.sum.cpu(), self.sumsq.cpu()]
@@ -235,6 +247,19 @@ class ActivationStats:
                 for recent in self._recent.values():
                     recent.clear()  # a forward after this (same window, no event yet) starts new sums
 
+    def window_state(self) -> Dict[str, list]:
+        """Source ``training``: this rank's sums of the window so far, per group (local; they go
+        into its checkpoint file, so a run resumed inside a window sees the same rows at the event)."""
+        return {key: [(tag, sums.state_dict()) for tag, sums in recent] for key, recent in self._recent.items()}
+
+    def load_window(self, saved: Dict[str, list]) -> None:
+        """Replace the window by ``saved`` (:meth:`window_state`; empty: the window restarts)."""
+        device = _model_device(self.model)
+        for key, recent in self._recent.items():
+            recent.clear()
+            for tag, state in saved.get(key, []):
+                recent.append((tuple(tag), _Sums.from_state(state, device)))
+
     @contextlib.contextmanager
     def same_batches(self):
         """Inside, every calibration pass reads the batches the first one took (one event's passes
@@ -285,7 +310,8 @@ class ActivationStats:
         comm = self.pruner.comm
         batches = self._batches
         if batches is None:
-            batches = list(itertools.islice(iter(self.calibration_data), self.num_batches))
+            batches = comm.call("reading calibration_data", lambda: list(itertools.islice(
+                iter(self.calibration_data), self.num_batches)))  # a failure on one rank fails every rank
             if self._pinned:
                 self._batches = batches
         # Every rank runs the same number of batches: the minimum over ranks (no rank waits).

@@ -354,7 +354,8 @@ class Pruner:
             return
         self._stepping = True
         try:
-            self._event(fraction)
+            with self._one_batch_list():
+                self._event(fraction)
         finally:
             self._stepping = False
 
@@ -405,7 +406,8 @@ class Pruner:
                 "events": list(self.events), "world_size": self.comm.world_size}
 
     def load_state_dict(self, state: dict, source: str = "the given state") -> None:
-        """Restore masks and schedule position; the error names ``source`` and every mismatch."""
+        """Restore masks and schedule position; the error names ``source`` and every mismatch.
+        This rank's unstructured masks come with :meth:`load_local_state_dict`, which must follow."""
         problems = []
         if not isinstance(state, dict) or state.get("version") != STATE_VERSION:
             version = state.get("version") if isinstance(state, dict) else type(state).__name__
@@ -424,15 +426,19 @@ class Pruner:
         self.step_count = int(state["step"])
         self.events = list(state.get("events", []))
         self.last_event = self.events[-1] if self.events else None
+        if self.unstructured is not None:
+            self.unstructured.forget()  # load_local_state_dict brings the checkpoint's own
         self._apply_masks_now()
 
     def local_state_dict(self) -> dict:
-        """This rank's own state: movement accumulators and unstructured masks over its fragments."""
+        """This rank's own state: movement accumulators and unstructured masks over its fragments,
+        and the activation sums of the training window so far (source ``training``)."""
         return {"version": STATE_VERSION, "rank": self.comm.rank, "world_size": self.comm.world_size,
                 "fragments": {n: (f.start, f.numel) for n, f in self.access.fragments.items()},
                 "movement": {n: t.clone() for n, t in self.movement.items()},
                 "unstructured": ({n: m.clone() for n, m in self.unstructured.pruned.items()}
-                                 if self.unstructured is not None else {})}
+                                 if self.unstructured is not None else {}),
+                "window": self.stats.window_state() if self.stats is not None else {}}
 
     def check_local_state(self, local: dict) -> None:
         """Raise ``CheckpointError`` when ``local`` was saved with another partitioning (local)."""
@@ -442,8 +448,10 @@ class Pruner:
                                   "resume at the same world size or through a universal checkpoint")
 
     def load_local_state_dict(self, local: Optional[dict]) -> None:
-        """Restore :meth:`local_state_dict`; None (world size changed) restarts movement and
-        re-derives unstructured masks from the weights that are exactly zero."""
+        """Restore :meth:`local_state_dict`; None (world size changed) restarts movement and the
+        training window, and re-derives unstructured masks from the weights that are exactly zero."""
+        if self.stats is not None:
+            self.stats.load_window(local.get("window", {}) if local is not None else {})
         if local is None:
             for t in self.movement.values():
                 t.zero_()
@@ -456,9 +464,7 @@ class Pruner:
             if n in self.movement:
                 self.movement[n].copy_(t)
         if self.unstructured is not None:
-            for n, m in local.get("unstructured", {}).items():
-                self.unstructured.pruned[n] = m.clone()
-            self.unstructured.recount()  # the next event keeps at least these (collective)
+            self.unstructured.restore(local.get("unstructured", {}))
         self._apply_masks_now()
 
 

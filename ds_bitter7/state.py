@@ -3,9 +3,10 @@
 ``attach`` wraps the engine's ``save_checkpoint``/``load_checkpoint``:
 - the replicated state (per-unit masks, schedule position, event log) goes into ``client_state``
   under ``"bitter7"``, which DeepSpeed writes from data-parallel rank 0 and every rank reads back;
-- per-rank state (movement accumulators, unstructured masks: both over this rank's fragments)
-  goes into ``bitter7_rank{r}.pt`` beside DeepSpeed's files, written atomically. Resuming at
-  another world size (universal checkpoint) cannot reuse it: movement accumulators restart and
+- per-rank state (movement accumulators and unstructured masks, both over this rank's fragments;
+  with ``source: training``, the activation sums of the window so far) goes into
+  ``bitter7_rank{r}.pt`` beside DeepSpeed's files, written atomically. Resuming at another world
+  size (universal checkpoint) cannot reuse it: movement accumulators and the window restart and
   unstructured masks are re-derived from the exactly-zero weights, with a warning.
 """
 
@@ -144,8 +145,9 @@ def _load_local(folder: str, pruner, state: dict, universal: bool = False) -> Op
     saved_world = state.get("world_size")
     if universal or (saved_world is not None and saved_world != pruner.comm.world_size):
         why = "a universal checkpoint" if universal else f"world size {pruner.comm.world_size} from {saved_world}"
-        log_main("bitter7: resuming through %s: movement accumulators restart, unstructured masks are "
-                 "re-derived from zero weights", why, level=logging.WARNING, log=logger)
+        log_main("bitter7: resuming through %s: movement accumulators and the training window (source "
+                 "'training') restart, unstructured masks are re-derived from zero weights", why,
+                 level=logging.WARNING, log=logger)
         return None
     path = _rank_file(folder, pruner.comm.rank)
     return load_file(path)

@@ -93,6 +93,20 @@ class UnstructuredMasks:
         event["sparsity"]["unstructured"] = float(self.pruned_counts.sum()) / float(sum(self.sizes))
         event["thresholds"]["unstructured"] = [float(v) for v in key_to_score(thresh)]
 
+    def forget(self) -> None:
+        """Drop every mask (local): a checkpoint being loaded brings its own, and the masks of a run
+        that pruned further than it must not zero weights it has alive."""
+        for m in self.pruned.values():
+            m.zero_()
+        self.pruned_counts.zero_()
+
+    def restore(self, saved: Dict[str, torch.Tensor]) -> None:
+        """This rank's masks from its state file, onto its fragments' devices (collective)."""
+        for n, m in saved.items():
+            if n in self.pruned:
+                self.pruned[n] = m.to(device=self.pruned[n].device, dtype=torch.bool).clone()
+        self.recount()  # the next event keeps at least these
+
     def rederive_from_zeros(self) -> None:
         """After a re-partitioned resume: pruned = weights that are exactly zero (collective)."""
         for n in self.names:

@@ -63,7 +63,7 @@ def calibration_suite(cases, extras: bool) -> dict:
         out["fluctuation"] = fluctuation_score()
         out["in_step"] = {score: model_score_in_step(score) for score in ("fluctuation", "bitter7_obs")}
         out["generator"] = generator_calibration()
-        out["bad_batch"] = bad_batch_on_one_rank()  # last: it raises inside gather
+        out["bad_batch"] = {where: bad_batch_on_one_rank(where) for where in ("forward", "fetch")}  # last: they raise
     return out
 
 
@@ -292,14 +292,24 @@ def generator_calibration() -> list:
     return [pruner.prune_to(f)["compensation"]["units"] for f in (0.25, 0.5)]
 
 
-def bad_batch_on_one_rank() -> str:
-    """Rank 1's calibration batch has a token id past the vocabulary: its forward raises, and
-    every rank must raise with it instead of waiting in the statistics' all-reduce."""
+class MissingOnThisNode:
+    """Calibration data whose iteration fails (a shard missing on this node)."""
+
+    def __iter__(self):
+        raise FileNotFoundError("calibration shard missing on this node")
+
+
+def bad_batch_on_one_rank(where: str) -> str:
+    """On rank 1 the calibration data fails: ``forward``, a batch has a token id past the
+    vocabulary; ``fetch``, iterating it raises. Every rank must raise with it instead of waiting in
+    the statistics' all-reduces."""
     rank = dist.get_rank()
     model = tiny_model("gpt2")
     data = batches(2)
-    if rank == 1:
+    if rank == 1 and where == "forward":
         data[1] = data[1].clone().fill_(VOCAB + 5)
+    if rank == 1 and where == "fetch":
+        data = MissingOnThisNode()
     cfg = ds_config(2, "fp32", {"structures": ["mlp_neuron"], "score": "bitter7_variance"})
     engine, *_ = ds_bitter7.initialize(model=model, model_parameters=model.parameters(), config=cfg,
                                        calibration_data=data)
@@ -420,9 +430,11 @@ def test_model_reading_score_event_in_step_gives_every_rank_the_same_masks(world
     assert first["zero"] == second["zero"] == {"master": True, "moments": True, "model": True}
 
 
-def test_a_failing_calibration_batch_on_one_rank_fails_every_rank(world2):
-    assert world2[0]["bad_batch"].startswith("RuntimeError: the calibration forward pass failed on another rank")
-    assert world2[1]["bad_batch"].startswith("IndexError"), world2[1]["bad_batch"]
+@pytest.mark.parametrize("where,error,what", [("forward", "IndexError", "the calibration forward pass"),
+                                              ("fetch", "FileNotFoundError", "reading calibration_data")])
+def test_a_failing_calibration_batch_on_one_rank_fails_every_rank(world2, where, error, what):
+    assert world2[0]["bad_batch"][where].startswith(f"RuntimeError: {what} failed on another rank")
+    assert world2[1]["bad_batch"][where].startswith(error), world2[1]["bad_batch"][where]
 
 
 def test_a_generator_of_calibration_batches_serves_every_event(world2):

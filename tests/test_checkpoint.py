@@ -31,17 +31,38 @@ def test_resume_same_world_size_matches_uninterrupted_run(full_run):
         assert b["zero"] == {"master": True, "moments": True, "model": True}
 
 
-def test_unstructured_resume_matches_uninterrupted_run(tmp_path):
+@pytest.mark.parametrize("phase", ["resume", "rollback"])
+def test_unstructured_resume_matches_uninterrupted_run(phase, tmp_path):
     """Each rank's unstructured masks come back from its rank file, and the global counts with them
-    (the sparsity report read zero after a resume)."""
+    (the sparsity report read zero after a resume). 'rollback': an engine that pruned further than
+    the checkpoint loads it; the later masks must not zero weights the checkpoint has alive."""
     bitter7 = {**BITTER7, "structures": ["unstructured"], "score": "bitter7",
                "schedule": {"start_step": 1, "end_step": 5, "frequency": 2}}  # pruned by step 3
+    full = run_distributed(workers.resume_run, 2, str(tmp_path / "full"), "full", bitter7, {})
+    if phase == "resume":
+        resumed = run_distributed(workers.resume_run, 2, str(tmp_path / "full"), "resume", bitter7, {})
+    else:
+        resumed = run_distributed(workers.resume_run, 2, str(tmp_path / "rollback"), "rollback", bitter7, {})
+    for a, b in zip(full, resumed):
+        assert b["losses"] == pytest.approx(a["losses"], rel=1e-6, abs=0)
+        assert b["unstructured"] == a["unstructured"] and sum(a["unstructured"][0]) > 0  # at step 3 and 6
+        assert b["unstructured"][1] > b["unstructured"][0]  # step 5 pruned further than the checkpoint
+        assert b["zero"] == {"master": True, "moments": True, "model": True}
+
+
+@pytest.mark.parametrize("mode", ["mean", "least_squares"])  # least squares: one F x F sum per group
+def test_resume_inside_the_training_window_matches_uninterrupted_run(mode, tmp_path):
+    """Source 'training': the forwards of the window a checkpoint was saved in come back with it
+    (step 3's, for the event at step 4), so the resumed event compensates on the same rows."""
+    bitter7 = {"structures": ["mlp_neuron"], "score": "bitter7", "target_sparsity": 0.5,
+               "schedule": {"start_step": 2, "end_step": 6, "frequency": 2, "shape": "linear"},
+               "bias_compensation": {"enabled": True, "source": "training", "window": 2, "mode": mode}}
     full = run_distributed(workers.resume_run, 2, str(tmp_path), "full", bitter7, {})
     resumed = run_distributed(workers.resume_run, 2, str(tmp_path), "resume", bitter7, {})
     for a, b in zip(full, resumed):
         assert b["losses"] == pytest.approx(a["losses"], rel=1e-6, abs=0)
-        assert b["unstructured"] == a["unstructured"] and sum(a["unstructured"][0]) > 0  # at step 3 and 6
-        assert b["zero"] == {"master": True, "moments": True, "model": True}
+        assert b["stats_rows"][1:] == a["stats_rows"][1:] == [2 * 2 * 2 * 16] * 2  # 2 steps, 2 ranks, 2 x 16 tokens
+        assert all(b["masks"][k].equal(a["masks"][k]) for k in a["masks"])
 
 
 @pytest.mark.parametrize("world_size", [1, 2, 3])  # 2: a universal checkpoint has no rank files

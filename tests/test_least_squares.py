@@ -206,34 +206,44 @@ class Reshuffled:
         return iter([self.batches[i] for i in order])
 
 
-def passes_case(family: str, layers_per_pass: int) -> dict:
-    """``obs`` + least squares at 75% of neurons and heads; what the comparison needs."""
+def passes_case(family: str, layers_per_pass: int, stage: int = 2, scheduled: bool = False) -> dict:
+    """``obs`` + least squares at 75% of neurons and heads; what the comparison needs. ``scheduled``:
+    the event comes from the schedule, at step 1 (inside the optimizer step at stage 0)."""
     world, rank = dist.get_world_size(), dist.get_rank()
     model = small_model(family)
-    bitter7 = {"structures": ["mlp_neuron", "attention_head"], "score": "obs",
-               "schedule": {"start_step": 1000, "end_step": 1000},
+    at = 1 if scheduled else 1000
+    bitter7 = {"structures": ["mlp_neuron", "attention_head"], "score": "obs", "target_sparsity": 0.75,
+               "schedule": {"start_step": at, "end_step": at},
                "bias_compensation": {"enabled": True, "mode": "least_squares", "num_batches": 2,
                                      "layers_per_pass": layers_per_pass}}
     engine, *_ = ds_bitter7.initialize(model=model, model_parameters=model.parameters(),
-                                       config=ds_config(2, "fp32", bitter7),
+                                       config=ds_config(stage, "fp32", bitter7),
                                        calibration_data=Reshuffled(calibration(0, 1)[rank::world]))
     pruner = ds_bitter7.get_pruner(engine)
-    event = pruner.prune_to(0.75)
+    if scheduled:
+        x = calibration(0, 1)[rank]  # a training batch
+        engine.backward(engine(input_ids=x, labels=x).loss)
+        engine.step()
+        event = pruner.last_event
+    else:
+        event = pruner.prune_to(0.75)
     return {"params": {n: p.detach().clone() for n, p in model.named_parameters()},
             "masks": {k: m.clone() for k, m in pruner.masks.items()}, "passes": event["stats_passes"],
             "groups": len(pruner.groups), "refit": event["compensation"]["groups"]}
 
 
-def passes_suite(family: str) -> list:
-    return [passes_case(family, 0), passes_case(family, 1)]
+def passes_suite(family: str, stage: int, scheduled: bool) -> list:
+    return [passes_case(family, 0, stage, scheduled), passes_case(family, 1, stage, scheduled)]
 
 
-@pytest.mark.parametrize("world_size,family", [(1, "llama"), (2, "gpt2")])
-def test_layers_per_pass_gives_the_one_pass_result(world_size, family):
+@pytest.mark.parametrize("world_size,family,stage,scheduled", [(1, "llama", 2, False), (2, "gpt2", 2, False),
+                                                               (1, "gpt2", 0, True)])
+def test_layers_per_pass_gives_the_one_pass_result(world_size, family, stage, scheduled):
     """One layer's F x F per calibration pass: the same masks and bit-identical weights as every
     layer in one pass, from one pass for the vectors, one per group for the greedy and one per
-    refit group, every pass over the batches the first took (the data reshuffles per iteration)."""
-    for one, chunked in run_distributed(passes_suite, world_size, family, timeout=120):
+    refit group, every pass over the batches the first took (the data reshuffles per iteration).
+    Also for an event of the schedule that runs inside the optimizer step (stage 0)."""
+    for one, chunked in run_distributed(passes_suite, world_size, family, stage, scheduled, timeout=120):
         assert one["passes"] == 1 and chunked["passes"] == 1 + one["groups"] + one["refit"]
         assert all(torch.equal(one["masks"][k], chunked["masks"][k]) for k in one["masks"])
         assert not all(bool(m.all()) for m in one["masks"].values())  # the event pruned

@@ -255,7 +255,8 @@ def _steps(engine, first: int, last: int) -> List[float]:
 
 
 def resume_run(ckpt: str, phase: str, bitter7: dict, extra: dict) -> dict:
-    """'full': 6 steps, checkpoint after step 3. 'resume': load it, steps 4..6."""
+    """'full': 6 steps, checkpoint after step 3. 'resume': load it, steps 4..6. 'rollback': 'full',
+    then the same engine loads the step-3 checkpoint and takes steps 4..6 again."""
     model = tiny_model("gpt2")
     cfg = ds_config(2, "fp32", bitter7, **extra)
     engine, *_ = ds_bitter7.initialize(model=model, model_parameters=model.parameters(), config=cfg)
@@ -263,11 +264,15 @@ def resume_run(ckpt: str, phase: str, bitter7: dict, extra: dict) -> dict:
     def counts():
         return pruner.unstructured.pruned_counts.tolist() if pruner.unstructured is not None else None
 
-    if phase == "full":
+    if phase in ("full", "rollback"):
         _steps(engine, 1, 3)
         engine.save_checkpoint(ckpt)
         at_step3 = counts()
         losses = _steps(engine, 4, 6)
+        if phase == "rollback":  # the same engine goes back to step 3 and takes steps 4..6 again
+            engine.load_checkpoint(ckpt)
+            assert pruner.step_count == 3 and counts() == at_step3
+            losses = _steps(engine, 4, 6)
     else:
         engine.load_checkpoint(ckpt)
         assert pruner.step_count == 3
@@ -275,6 +280,7 @@ def resume_run(ckpt: str, phase: str, bitter7: dict, extra: dict) -> dict:
         losses = _steps(engine, 4, 6)
     return {"losses": losses, "masks": pruner.masks, "zero": pruned_elements_zero(pruner),
             "steps": pruner.step_count, "events": [e["step"] for e in pruner.events],
+            "stats_rows": [e.get("stats_rows") for e in pruner.events],
             "unstructured": (at_step3, counts())}
 
 
