@@ -40,6 +40,9 @@ _SKIP_DIRS = {"site-packages", "dist-packages", "__pycache__", "idle_test", "lib
 
 
 # --------------------------------------------------------------------------- tokenizers
+BYTE_MODEL_VOCAB = 264  # the built-in models' vocabulary under the byte tokenizer: 257 ids, rounded up to 8
+
+
 class ByteTokenizer:
     """UTF-8 bytes as token ids 0..255, plus an end-of-document id 256 (vocabulary 257)."""
 

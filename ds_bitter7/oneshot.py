@@ -308,11 +308,16 @@ def calibration_data(args, tokenizer, device) -> List[Dict[str, torch.Tensor]]:
 
 
 def load_tokenizer(args, config, config_dir: str):
-    """``--tokenizer``, else the one saved beside ``config.json``, else bytes; its ids must fit the model."""
+    """``--tokenizer``, else the one saved beside ``config.json``, else bytes (only for a model whose
+    vocabulary is the byte tokenizer's); its ids must fit the model."""
     path = args.tokenizer
     if path is None and any(os.path.isfile(os.path.join(config_dir, f))
                             for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
         path = config_dir
+    if path is None and config.vocab_size > dsdata.BYTE_MODEL_VOCAB:
+        raise OneShotError(f"no tokenizer files beside {os.path.join(config_dir, 'config.json')} and no --tokenizer: "
+                           f"the byte tokenizer would feed this model of {config.vocab_size} token ids the wrong "
+                           "ids; pass the training run's tokenizer with --tokenizer DIR")
     try:
         tokenizer = dsdata.get_tokenizer(path)
     except Exception as err:
@@ -542,7 +547,8 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
     if comm.rank == 0:
         try:
             report = export_model(engine.module, pruner.masks, args.output_dir, overwrite=args.overwrite,
-                                  source=os.path.abspath(args.checkpoint_dir), copy_from=config_dir,
+                                  source=os.path.abspath(args.checkpoint_dir),
+                                  copy_from=args.tokenizer or config_dir,  # the tokenizer files
                                   extra={"oneshot": summary, "tag": info.tag, "step": info.step})
             summary["params_before"], summary["params_after"] = report["params_before"], report["params_after"]
             if args.report:

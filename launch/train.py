@@ -155,12 +155,14 @@ def pruning_events(pruner, seen_step: Optional[int]) -> Tuple[List[Tuple[str, fl
     return out, step
 
 
-def save(engine, pruner, save_dir: str, step: int, extra: Dict[str, Any]) -> None:
+def save(engine, tokenizer, save_dir: str, step: int, extra: Dict[str, Any]) -> None:
     """DeepSpeed checkpoint (ds_bitter7 adds the pruner's state itself). Collective."""
     client = dict(extra, step=step)
     engine.save_checkpoint(save_dir, tag=f"global_step{step}", client_state=client)
-    if engine.global_rank == 0:  # export and one-shot read the model config beside the checkpoints
+    if engine.global_rank == 0:  # export and one-shot read the model config and tokenizer beside the checkpoints
         engine.module.config.save_pretrained(save_dir)
+        if not isinstance(tokenizer, dsdata.ByteTokenizer):  # bytes: what they use when no files are there
+            tokenizer.save_pretrained(save_dir)
 
 
 def write_json_atomic(path: str, obj: Dict[str, Any]) -> None:
@@ -208,10 +210,11 @@ def train(args) -> Dict[str, Any]:
             raise SystemExit(f"{err}\n(launch/train.py: pass --calibration_batches N > 0)") from None
         raise
     pruner = ds_bitter7.get_pruner(engine)
-    return run_loop(args, engine, pruner, train_blocks, val_blocks, world_size, rank)
+    return run_loop(args, engine, pruner, tokenizer, train_blocks, val_blocks, world_size, rank)
 
 
-def run_loop(args, engine, pruner, train_blocks, val_blocks, world_size: int, rank: int) -> Dict[str, Any]:
+def run_loop(args, engine, pruner, tokenizer, train_blocks, val_blocks, world_size: int,
+             rank: int) -> Dict[str, Any]:
     mb, ga = engine.train_micro_batch_size_per_gpu(), engine.gradient_accumulation_steps()
     train_loader = dsdata.make_dataloader(train_blocks, mb, shuffle=True, seed=args.seed)
     val_loader = dsdata.make_dataloader(val_blocks, mb, shuffle=False, drop_last=False)
@@ -269,14 +272,14 @@ def run_loop(args, engine, pruner, train_blocks, val_blocks, world_size: int, ra
             bar.set_postfix(loss=f"{loss:.3f}", **({k: f"{v:.2f}" for k, v in sparsity_by_kind(pruner).items()}
                                                     if seen_event is not None else {}))
         if args.save_dir and args.save_every and step % args.save_every == 0 and step < args.steps:
-            save(engine, pruner, args.save_dir, step, extra)
+            save(engine, tokenizer, args.save_dir, step, extra)
     bar.close()
     seconds = time.time() - t0
     if step > start or val_loss is None:
         val_loss, ppl = evaluate(engine, val_loader, args.eval_batches)
         write_monitor(engine, [("Val/ppl", ppl, step), ("Val/loss", val_loss, step)])
     if args.save_dir and (step > start or start == 0):  # a resume that took no step keeps its checkpoint
-        save(engine, pruner, args.save_dir, step, extra)
+        save(engine, tokenizer, args.save_dir, step, extra)
     summary = {"steps": step, "start_step": start, "world_size": world_size, "seconds": seconds,
                "ppl_start": ppl_start, "ppl_start_step": ppl_start_step, "loss_start": loss_start,
                "ppl_final": ppl, "loss_final": val_loss,

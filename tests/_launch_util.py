@@ -37,6 +37,18 @@ def write_corpus(path: Path, n_docs: int = 40) -> Path:
     return path
 
 
+def write_word_tokenizer(folder: Path, n_words: int = 300) -> Path:
+    """A word-level tokenizer of ``n_words`` ids (``w0`` .. ; every other word is ``w0``), saved
+    with ``save_pretrained``: a tokenizer that is not the byte one."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.WordLevel({f"w{i}": i for i in range(n_words)}, unk_token="w0"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="w1").save_pretrained(str(folder))
+    return folder
+
+
 def tiny_ds_config(path: Path, bias_compensation: bool = False, structures=("mlp_neuron",)) -> Path:
     cfg = {
         "train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": 1, "steps_per_print": 10 ** 6,

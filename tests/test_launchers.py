@@ -10,7 +10,18 @@ import shutil
 import time
 
 import pytest
-from _launch_util import REPO, TINY_MODEL, VENV_BIN, env, free_port, run, tiny_ds_config, write_corpus
+from _launch_util import (
+    REPO,
+    TINY_MODEL,
+    VENV_BIN,
+    env,
+    free_port,
+    run,
+    tiny_ds_config,
+    write_corpus,
+    write_word_tokenizer,
+)
+from transformers import AutoTokenizer
 
 from ds_bitter7.comm import stale_build_locks
 
@@ -78,13 +89,15 @@ def test_torchrun_with_checkpoint_and_resume(trained, tmp_path):
 
 def test_train_warns_and_refuses_in_one_process(tmp_path):
     """A bad bitter7 key is refused before data and model are built; a run shorter than the
-    schedule says where it stops; resuming a pruned checkpoint with no bitter7 section says the
-    masks are dropped (one process: plain python, no launcher)."""
+    schedule says where it stops; the tokenizer goes beside the checkpoint and into an export;
+    resuming a pruned checkpoint with no bitter7 section says the masks are dropped (one process:
+    plain python, no launcher)."""
     python = str(VENV_BIN / "python")
     corpus, config = write_corpus(tmp_path / "corpus.jsonl"), tiny_ds_config(tmp_path / "ds.json")
     cfg = json.loads(config.read_text())
+    tokenizer = write_word_tokenizer(tmp_path / "tokenizer", 500)
     base = [python, "launch/train.py", "--data", str(corpus), *TINY_MODEL, "--seq_len", "32",
-            "--eval_every", "0", "--eval_batches", "1", "--calibration_batches", "0"]
+            "--eval_every", "0", "--eval_batches", "1", "--calibration_batches", "0", "--tokenizer", str(tokenizer)]
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps(dict(cfg, bitter7=dict(cfg["bitter7"], targt_sparsity=0.5))))
     out = run(base + ["--config", str(bad), "--steps", "4"], tmp_path, fails=True)
@@ -92,6 +105,10 @@ def test_train_warns_and_refuses_in_one_process(tmp_path):
     ckpt = tmp_path / "ckpt"
     out = run(base + ["--config", str(config), "--steps", "4", "--save_dir", str(ckpt)], tmp_path)
     assert "--steps 4 ends before schedule.end_step 6: the run stops at sparsity 0.0625 of target_sparsity 0.5" in out
+    # the tokenizer is saved beside config.json, where export and one-shot look for it
+    assert len(AutoTokenizer.from_pretrained(str(ckpt))) == 500
+    run([python, "-m", "ds_bitter7.export", str(ckpt), str(tmp_path / "small")], tmp_path)
+    assert len(AutoTokenizer.from_pretrained(str(tmp_path / "small"))) == 500
     dense = tmp_path / "dense.json"
     dense.write_text(json.dumps({k: v for k, v in cfg.items() if k != "bitter7"}))
     out = run(base + ["--config", str(dense), "--steps", "5", "--resume", str(ckpt)], tmp_path)

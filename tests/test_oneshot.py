@@ -227,17 +227,18 @@ def test_seq_len_defaults_to_the_training_run_and_never_exceeds_the_positions(tm
 
 
 def test_tokenizer_beside_the_config_is_used_and_must_fit(tmp_path):
-    from tokenizers import Tokenizer, models
-    from transformers import PreTrainedTokenizerFast
+    from _launch_util import write_word_tokenizer
 
-    vocab = {f"w{i}": i for i in range(300)}  # more ids than the model's 264
-    PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token="w0"))).save_pretrained(
-        str(tmp_path))
+    write_word_tokenizer(tmp_path, 300)  # more ids than the model's 264
     args = oneshot.parse_args([str(tmp_path), "o", "--sparsity", "0.5"])
     with pytest.raises(oneshot.OneShotError, match=r"tokenizer \(.*\) has 300 ids but the model only 264"):
         oneshot.load_tokenizer(args, _model().config, str(tmp_path))
     args.tokenizer = None
     assert oneshot.load_tokenizer(args, _model().config, str(tmp_path / "none")).__class__.__name__ == "ByteTokenizer"
+    big = _model().config
+    big.vocab_size = 1000  # not a byte model: bytes would be the wrong ids, silently
+    with pytest.raises(oneshot.OneShotError, match="no tokenizer files beside .*config.json and no --tokenizer"):
+        oneshot.load_tokenizer(args, big, str(tmp_path / "none"))
 
 
 def test_truncated_or_missing_rank_file_is_named_before_loading(checkpoint, tmp_path):
