@@ -46,6 +46,7 @@ from .export import (
     zero_file_problems,
 )
 from .scores import get_scorer
+from .structures import unstructured_params
 from .threshold import n_to_prune
 
 logger = logging.getLogger(__name__)
@@ -361,6 +362,23 @@ def restore_training_masks(pruner, saved: dict, source: str) -> None:
         raise OneShotError(str(err)) from None
 
 
+def unstructured_zeros(model, info: CheckpointInfo) -> Dict[str, torch.Tensor]:
+    """Of a checkpoint pruned with ``unstructured`` in training: where its block weights are exactly
+    zero (its element masks are those zeros; the refit of least squares must not fill them in)."""
+    if "unstructured" not in ((info.client_bitter7 or {}).get("structures") or ()):
+        return {}
+    return {n: model.get_parameter(n).detach().eq(0) for n in unstructured_params(model)}
+
+
+def keep_zeros(model, zeros: Dict[str, torch.Tensor]) -> int:
+    """Zero ``zeros`` again after the event (as training re-applies its element masks after a
+    compensation); returns how many elements that is."""
+    with torch.no_grad():
+        for name, where in zeros.items():
+            model.get_parameter(name).masked_fill_(where, 0)
+    return sum(int(w.sum()) for w in zeros.values())
+
+
 def validation_loader(args, tokenizer):
     blocks = dsdata.chunk_dataset(_texts(args.validation, "validation", args.seed), tokenizer, args.seq_len,
                                   what=f"--validation {' '.join(args.validation)}")
@@ -532,7 +550,10 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
                                "compensation": args.compensation, "scope": args.scope, "seq_len": args.seq_len}
     if val is not None and args.eval_batches > 0:
         summary["ppl_before"] = perplexity(engine.module, val, args.eval_batches, comm)
+    zeros = unstructured_zeros(engine.module, info)
     event = pruner.prune_to(args.sparsity)
+    if zeros:
+        summary["unstructured_zeros_kept"] = keep_zeros(engine.module, zeros)
     summary["event"] = {k: v for k, v in event.items() if k in ("sparsity", "thresholds", "compensation",
                                                                 "seconds", "bytes", "stats_rows", "stats_passes")}
     short = shortfall(pruner, args)

@@ -62,6 +62,27 @@ def make_checkpoint(folder: str, llama: bool = False, bf16: bool = False) -> Non
         model.config.save_pretrained(folder)
 
 
+def make_unstructured_checkpoint(folder: str) -> None:
+    """ds_bitter7 training that prunes half of every block matrix's elements (and no neuron yet) in
+    3 steps, then save."""
+    import ds_bitter7
+
+    model = _model()
+    cfg = {"train_micro_batch_size_per_gpu": 2, "zero_optimization": {"stage": 2}, "steps_per_print": 10**9,
+           "optimizer": {"type": "AdamW", "params": {"lr": 1e-2, "torch_adam": True}},
+           "bitter7": {"structures": ["unstructured"], "score": "bitter7", "target_sparsity": 0.5,
+                       "schedule": {"start_step": 1, "end_step": 3, "frequency": 1}}}
+    engine, *_ = ds_bitter7.initialize(model=model, model_parameters=model.parameters(), config=cfg)
+    g = torch.Generator().manual_seed(dist.get_rank())
+    for _ in range(3):
+        ids = torch.randint(0, 257, (2, 32), generator=g)
+        engine.backward(engine(input_ids=ids, labels=ids).loss)
+        engine.step()
+    engine.save_checkpoint(folder, tag="global_step3")
+    if dist.get_rank() == 0:
+        model.config.save_pretrained(folder)
+
+
 def run_oneshot(argv):
     try:
         return oneshot.run(oneshot.parse_args(argv))
@@ -210,6 +231,27 @@ def test_magnitude_works_without_optimizer_state(tmp_path, checkpoint):
                           timeout=90)[0]
     assert isinstance(out, dict), out
     assert out["event"]["sparsity"] == {"mlp_neuron": 0.5} and out["params_after"] < out["params_before"]
+
+
+def test_least_squares_keeps_the_zeros_of_unstructured_training(checkpoint, tmp_path):
+    """The refit writes into the next layer's kept rows; the elements unstructured pruning zeroed in
+    training stay zero (they are the checkpoint's element masks)."""
+    import ds_bitter7  # noqa: F401 - registers the exported model classes
+
+    _, _, text = checkpoint
+    ckpt = str(tmp_path / "ckpt")
+    run_distributed(make_unstructured_checkpoint, 2, ckpt, timeout=120)
+    zeros = {}
+    for comp in ("least_squares", "none"):  # none: the checkpoint's weights on the same kept units
+        out = run_distributed(run_oneshot, 2, _argv(tmp_path, ckpt, text, comp, "--structures", "mlp_neuron",
+                                                    "--compensation", comp), timeout=90)[0]
+        assert isinstance(out, dict), out
+        small = AutoModelForCausalLM.from_pretrained(str(tmp_path / comp))
+        zeros[comp] = {n: p.eq(0) for n, p in small.named_parameters() if n.endswith(("c_fc.weight", "c_proj.weight"))}
+    assert out["unstructured_zeros_kept"] > 0 and out["event"]["sparsity"] == {"mlp_neuron": 0.5}
+    for name, where in zeros["none"].items():
+        assert 0.2 < float(where.float().mean()) < 0.8, name  # the training's zeros are there
+        assert torch.equal(zeros["least_squares"][name], where), name
 
 
 def test_seq_len_defaults_to_the_training_run_and_never_exceeds_the_positions(tmp_path):
