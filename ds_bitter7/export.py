@@ -153,6 +153,16 @@ def zero_stage_of(saved) -> int:
     return stage if isinstance(stage, int) and stage > 0 else 0
 
 
+def zero3_problem(folder: str) -> Optional[str]:
+    """Why a tag folder of per-rank model states and no ``mp_rank_00`` file cannot be read: it was
+    saved under ZeRO stage 3, which ds_bitter7 does not train or load (None for any other folder)."""
+    if os.path.isfile(os.path.join(folder, MODEL_STATES_FILE)) or not glob.glob(
+            os.path.join(folder, "*zero_pp_rank_*_model_states.pt")):
+        return None
+    return (f"{folder!r} was saved under ZeRO stage 3 (zero_pp_rank_*_model_states.pt, no {MODEL_STATES_FILE}): "
+            "ds_bitter7 works with ZeRO stage 0, 1 and 2 checkpoints only")
+
+
 def load_pruner_state(checkpoint_dir: str, tag: str) -> Tuple[dict, str]:
     """(pruner state dict, the file it came from): `bitter7_state.pt` if present, else the
     `"bitter7"` client-state entry of the tag's model-states file."""
@@ -169,7 +179,8 @@ def load_pruner_state(checkpoint_dir: str, tag: str) -> Tuple[dict, str]:
                               "one step with python -m ds_bitter7.oneshot)")
         state = state[STATE_KEY]
     else:
-        raise ExportError(f"no pruner state: neither {trainer_file!r} nor {model_file!r} exists")
+        raise ExportError(zero3_problem(os.path.join(checkpoint_dir, tag))
+                          or f"no pruner state: neither {trainer_file!r} nor {model_file!r} exists")
     masks = state.get("masks") if isinstance(state, dict) else None
     if isinstance(masks, dict) and not masks and state.get("structures") == ["unstructured"]:
         raise ExportError(f"pruner state in {source!r} has no structured units (structures: ['unstructured']): "

@@ -43,6 +43,7 @@ from .export import (
     read_torch_file,
     resolve_tag,
     strip_module_prefix,
+    zero3_problem,
     zero_file_problems,
 )
 from .scores import get_scorer
@@ -145,7 +146,7 @@ def inspect_checkpoint(checkpoint_dir: str, tag: Optional[str]) -> CheckpointInf
     folder = os.path.join(checkpoint_dir, tag)
     states = os.path.join(folder, MODEL_STATES)
     if not os.path.isfile(states):
-        raise OneShotError(f"{states!r} does not exist: not a DeepSpeed checkpoint folder")
+        raise OneShotError(zero3_problem(folder) or f"{states!r} does not exist: not a DeepSpeed checkpoint folder")
     try:
         sd = read_torch_file(states)
     except ExportError as err:
@@ -209,6 +210,8 @@ def check_args(args: argparse.Namespace, info: Optional[CheckpointInfo]) -> None
             given = None
             if info is None:
                 problems.append(f"--ds_config {args.ds_config!r}: {type(err).__name__}: {err}")
+        if given is not None and info is not None:
+            problems += ds_config_stage_problems(args.ds_config, given, info)
         if given is not None and info is not None and info.zero_files:
             # DeepSpeed names a bf16 run's ZeRO files bf16_zero_pp_rank_*: the other precision cannot load them
             saved = all(os.path.basename(f).startswith("bf16_") for f in info.zero_files)
@@ -222,6 +225,22 @@ def check_args(args: argparse.Namespace, info: Optional[CheckpointInfo]) -> None
         problems.append("--num_batches and --batch_size must be >= 1, --eval_batches >= 0")
     if problems:
         raise OneShotError("; ".join(problems))
+
+
+def ds_config_stage_problems(path: str, given: dict, info: CheckpointInfo) -> List[str]:
+    """Why DeepSpeed could not load ``info``'s checkpoint with the ZeRO stage of ``--ds_config``
+    (it would fail inside its loading with a bare AttributeError or AssertionError)."""
+    zero = given.get("zero_optimization")
+    stage = zero.get("stage", 0) if isinstance(zero, dict) else 0
+    if stage not in (0, 1, 2):
+        return [f"--ds_config {path!r}: ZeRO stage {stage!r}: ds_bitter7 works with ZeRO stage 0, 1 and 2"]
+    if info.zero_files and stage == 0:
+        return [f"--ds_config {path!r} has ZeRO stage 0, but checkpoint {info.folder!r} keeps its optimizer "
+                "state in ZeRO files (*optim_states.pt): load it with stage 1 or 2"]
+    if not info.zero_files and info.has_optimizer_state and stage != 0:
+        return [f"--ds_config {path!r} has ZeRO stage {stage}, but checkpoint {info.folder!r} was saved at "
+                f"stage 0 (its optimizer state is in {MODEL_STATES}): load it with stage 0"]
+    return []
 
 
 def output_dir_problem(args: argparse.Namespace, config_dir: str) -> Optional[str]:

@@ -377,6 +377,43 @@ def test_bf16_checkpoint_loads_in_bf16_and_gets_least_squares(tmp_path, checkpoi
     assert sum(p.numel() for p in small.parameters()) == out[0]["params_after"]
 
 
+def test_ds_config_of_another_zero_stage_is_refused(tmp_path):
+    """Stage 0 for ZeRO files, 1/2 for a stage-0 checkpoint, and stage 3 would fail inside
+    DeepSpeed's loading (AttributeError, AssertionError); ZeRO-1 files load at stage 2."""
+    import json
+
+    zero = oneshot.CheckpointInfo("t", str(tmp_path), [str(tmp_path / "zero_pp_rank_0_mp_rank_00_optim_states.pt")],
+                                  True, {}, {}, None)
+    stage0 = oneshot.CheckpointInfo("t", str(tmp_path), [], True, {}, {}, None)
+    weights = oneshot.CheckpointInfo("t", str(tmp_path), [], False, {}, {}, None)
+    cases = [(zero, 0, "has ZeRO stage 0, but checkpoint .* keeps its optimizer state in ZeRO files"),
+             (zero, 1, None), (zero, 2, None), (zero, 3, "ZeRO stage 3: ds_bitter7 works with ZeRO stage 0, 1 and 2"),
+             (stage0, 0, None), (stage0, 2, "has ZeRO stage 2, but checkpoint .* was saved at stage 0"),
+             (weights, 2, None)]
+    for info, stage, error in cases:
+        (tmp_path / "ds.json").write_text(json.dumps({"zero_optimization": {"stage": stage}}))
+        args = oneshot.parse_args([str(tmp_path), str(tmp_path / "o"), "--sparsity", "0.5", "--score", "magnitude",
+                                   "--ds_config", str(tmp_path / "ds.json")])
+        if error is None:
+            oneshot.check_args(args, info)
+        else:
+            with pytest.raises(oneshot.OneShotError, match=error):
+                oneshot.check_args(args, info)
+
+
+def test_zero3_checkpoint_is_named(tmp_path):
+    from ds_bitter7.export import ExportError, load_pruner_state
+
+    tag = tmp_path / "global_step1"
+    tag.mkdir()
+    (tmp_path / "latest").write_text("global_step1")
+    (tag / "zero_pp_rank_0_mp_rank_00_model_states.pt").write_bytes(b"")
+    with pytest.raises(oneshot.OneShotError, match="saved under ZeRO stage 3 .*ZeRO stage 0, 1 and 2 checkpoints only"):
+        oneshot.inspect_checkpoint(str(tmp_path), None)
+    with pytest.raises(ExportError, match="saved under ZeRO stage 3"):
+        load_pruner_state(str(tmp_path), "global_step1")
+
+
 def test_ds_config_of_the_other_precision_is_refused(tmp_path):
     """DeepSpeed names a bf16 run's ZeRO files bf16_zero_pp_rank_*: an fp32 --ds_config would look
     for zero_pp_rank_* and fail inside DeepSpeed's loading with a bare FileNotFoundError."""
