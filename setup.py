@@ -13,7 +13,7 @@ setup(
     install_requires=[
         "torch>=2.1",
         "deepspeed>=0.19.8,<0.20",
-        "transformers>=4.40",
+        "transformers>=5.4",  # 5.3 and older: the exported config classes cannot be declared (tested 5.4 and 5.24)
         "datasets>=2.18",
         "safetensors",
         "tqdm",

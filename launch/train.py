@@ -173,6 +173,20 @@ def write_json_atomic(path: str, obj: Dict[str, Any]) -> None:
     os.replace(tmp, path)
 
 
+def save_dir_problem(args) -> Optional[str]:
+    """Why this run must not save into ``--save_dir``: it holds another run's checkpoints (its
+    ``latest`` and ``config.json`` would be replaced, and its older tags would no longer match)."""
+    if not args.save_dir or args.resume == args.save_dir:
+        return None
+    latest = os.path.join(args.save_dir, "latest")
+    if not os.path.isfile(latest):
+        return None
+    with open(latest) as f:
+        tag = f.read().strip()
+    return (f"--save_dir {args.save_dir!r} already holds checkpoints (latest: {tag}): continue that run with "
+            "--resume, or delete the folder, or choose another --save_dir")
+
+
 def train(args) -> Dict[str, Any]:
     world_size, rank = init_distributed()
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
@@ -180,6 +194,9 @@ def train(args) -> Dict[str, Any]:
     if rank != 0:
         datasets.disable_progress_bars()
     deepspeed.runtime.utils.set_random_seed(args.seed)
+    taken = save_dir_problem(args)
+    if Communicator().any(taken is not None):  # a node whose disk differs must not leave the others waiting
+        raise SystemExit(taken or "another rank finds --save_dir holding checkpoints (see its error)")
     try:  # before data and model are built: a bad config fails in a second, on every rank alike
         ds_config = load_ds_config(args.config)
         bitter7 = parse_config(ds_config)

@@ -89,9 +89,9 @@ def test_torchrun_with_checkpoint_and_resume(trained, tmp_path):
 
 def test_train_warns_and_refuses_in_one_process(tmp_path):
     """A bad bitter7 key is refused before data and model are built; a run shorter than the
-    schedule says where it stops; the tokenizer goes beside the checkpoint and into an export;
-    resuming a pruned checkpoint with no bitter7 section says the masks are dropped (one process:
-    plain python, no launcher)."""
+    schedule says where it stops; the tokenizer goes beside the checkpoint and into an export; a
+    second run into the same --save_dir is refused; resuming a pruned checkpoint with no bitter7
+    section says the masks are dropped (one process: plain python, no launcher)."""
     python = str(VENV_BIN / "python")
     corpus, config = write_corpus(tmp_path / "corpus.jsonl"), tiny_ds_config(tmp_path / "ds.json")
     cfg = json.loads(config.read_text())
@@ -109,6 +109,8 @@ def test_train_warns_and_refuses_in_one_process(tmp_path):
     assert len(AutoTokenizer.from_pretrained(str(ckpt))) == 500
     run([python, "-m", "ds_bitter7.export", str(ckpt), str(tmp_path / "small")], tmp_path)
     assert len(AutoTokenizer.from_pretrained(str(tmp_path / "small"))) == 500
+    out = run(base + ["--config", str(config), "--steps", "4", "--save_dir", str(ckpt)], tmp_path, fails=True)
+    assert f"--save_dir '{ckpt}' already holds checkpoints (latest: global_step4): continue that run with --resume" in out
     dense = tmp_path / "dense.json"
     dense.write_text(json.dumps({k: v for k, v in cfg.items() if k != "bitter7"}))
     out = run(base + ["--config", str(dense), "--steps", "5", "--resume", str(ckpt)], tmp_path)
