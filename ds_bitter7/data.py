@@ -286,11 +286,14 @@ def load_text_datasets(data: Union[str, Sequence[str]], validation_fraction: flo
 
     ``data`` is ``"builtin"``, local file(s)/directories (``read_local_files``: text files with
     documents separated by blank lines, or JSON lines with a ``text`` field; split by document,
-    deterministically with ``seed``), or a hub dataset name (its ``validation`` split when it has one).
+    deterministically with ``seed``), or a hub dataset name (its ``validation`` split when it has one)
+    with its configuration ``hub_config`` (``wikitext`` needs one, e.g. ``wikitext-103-raw-v1``).
     """
     import datasets
 
     spec = [data] if isinstance(data, str) else list(data)
+    if hub_config is not None and (spec == [BUILTIN] or local_files(spec) is not None):
+        raise ValueError(f"a dataset configuration ({hub_config!r}) is for a hub dataset name, not for {spec}")
     if spec == [BUILTIN]:
         return builtin_dataset("train"), builtin_dataset("validation")
     files = local_files(spec)
@@ -339,9 +342,10 @@ def chunk_dataset(ds, tokenizer, seq_len: int, num_proc: Optional[int] = None, w
 
 
 def build_lm_datasets(data: Union[str, Sequence[str]], tokenizer, seq_len: int,
-                      validation_fraction: float = 0.05, seed: int = 0) -> Tuple[Any, Any]:
+                      validation_fraction: float = 0.05, seed: int = 0,
+                      hub_config: Optional[str] = None) -> Tuple[Any, Any]:
     """(train, validation) block datasets of ``input_ids`` of length ``seq_len``."""
-    train, val = load_text_datasets(data, validation_fraction, seed)
+    train, val = load_text_datasets(data, validation_fraction, seed, hub_config)
     return (chunk_dataset(train, tokenizer, seq_len, what="the train split"),
             chunk_dataset(val, tokenizer, seq_len, what="the validation split"))
 

@@ -99,7 +99,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                    "benchmarks/results/oneshot.md; mean compensation raised perplexity there)")
     p.add_argument("--ridge", type=float, default=1e-3, help="least-squares ridge, relative to mean variance")
     p.add_argument("--min_units_per_layer", type=int, default=1,
-                   help="units every layer keeps under --scope global (default 1; 0 lets a layer lose all)")
+                   help="units every layer keeps under --scope global or standardized (default 1; 0 lets a layer lose all)")
     p.add_argument("--calibration", nargs="+", default=["builtin"],
                    help="builtin (its TRAIN split) | local .txt/.json/.jsonl files or folders")
     p.add_argument("--validation", nargs="+", default=None,

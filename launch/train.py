@@ -52,6 +52,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--model_overrides", default="{}", help="JSON dict set on the model config")
     p.add_argument("--data", nargs="+", default=["builtin"],
                    help="builtin | local .txt/.json/.jsonl files or dirs | hub dataset name")
+    p.add_argument("--data_config", help="configuration of a hub dataset (wikitext: e.g. wikitext-103-raw-v1)")
     p.add_argument("--tokenizer", help="local tokenizer dir (default: bytes, vocabulary 257)")
     p.add_argument("--config", help="DeepSpeed JSON config (same as --deepspeed_config)")
     p.add_argument("--steps", type=int, help="optimizer steps to train to")
@@ -94,11 +95,12 @@ def rank0_first(fn, rank: int):
 
 
 def build_data(args, tokenizer, rank: int):
-    if args.data == [dsdata.BUILTIN]:  # in memory: only the corpus file cache is shared
+    if args.data == [dsdata.BUILTIN] and args.data_config is None:  # in memory: only the corpus file cache is shared
         train, val = rank0_first(lambda: dsdata.load_text_datasets(args.data, seed=args.seed), rank)
         return (dsdata.chunk_dataset(train, tokenizer, args.seq_len, what="the built-in train split"),
                 dsdata.chunk_dataset(val, tokenizer, args.seq_len, what="the built-in validation split"))
-    return rank0_first(lambda: dsdata.build_lm_datasets(args.data, tokenizer, args.seq_len, seed=args.seed), rank)
+    return rank0_first(lambda: dsdata.build_lm_datasets(args.data, tokenizer, args.seq_len, seed=args.seed,
+                                                        hub_config=args.data_config), rank)
 
 
 @torch.no_grad()

@@ -144,3 +144,27 @@ def test_typos_of_builtin_names_are_refused_before_the_hub():
         data.load_text_datasets(["builtn"])
     with pytest.raises(ValueError, match="model 'tiny-gtp2' .* did you mean 'tiny-gpt2'"):
         modeling.build_config("tiny-gtp2")
+
+
+def test_hub_dataset_configuration_reaches_load_dataset(tmp_path, monkeypatch):
+    """A hub name with a configuration (wikitext needs one): datasets' own load_dataset reads it,
+    here from a local dataset repository of two configurations standing in for the hub (offline)."""
+    import datasets
+
+    repo = tmp_path / "repo"
+    for name, n in (("small", 4), ("large", 12)):
+        (repo / name).mkdir(parents=True)
+        for split in ("train", "validation"):
+            (repo / name / f"{split}.jsonl").write_text("".join(json.dumps({"text": f"{split} document {i}"}) + "\n"
+                                                                for i in range(n)))
+    (repo / "README.md").write_text("---\nconfigs:\n" + "".join(
+        f"- config_name: {name}\n  data_files:\n  - split: train\n    path: {name}/train.jsonl\n"
+        f"  - split: validation\n    path: {name}/validation.jsonl\n" for name in ("small", "large")) + "---\n")
+    real = datasets.load_dataset
+    monkeypatch.setattr(datasets, "load_dataset", lambda name, config=None: real(str(repo), config)
+                        if name == "org/corpus" else pytest.fail(f"load_dataset({name!r})"))
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf"))
+    train, val = data.load_text_datasets(["org/corpus"], hub_config="large")
+    assert len(train) == len(val) == 12 and val[0]["text"] == "validation document 0"
+    with pytest.raises(ValueError, match=r"configuration \('large'\) is for a hub dataset name, not for \['builtin'\]"):
+        data.load_text_datasets(["builtin"], hub_config="large")
