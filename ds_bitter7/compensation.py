@@ -17,6 +17,7 @@ from typing import Dict, List
 import torch
 from torch import nn
 
+from .comm import log_main
 from .config import CompensationMode, StructureName
 from .structures import ParamSlice, UnitGroup, unit_groups
 
@@ -104,6 +105,21 @@ def add_to_param(pruner, name: str, delta: torch.Tensor) -> None:
             param.data.copy_(update.to(param.dtype))
 
 
+def finite_stats(stats) -> bool:
+    """Whether one group's statistics are finite: a forward that overflowed (fp16) makes them
+    inf/NaN, and a least-squares refit from them would write NaN into the whole next layer. The
+    statistics are reduced, so every rank decides alike."""
+    parts = [stats.mean, stats.var] + ([stats.second_moment] if stats.second_moment is not None else [])
+    return all(bool(torch.isfinite(t).all()) for t in parts)
+
+
+def warn_skipped(keys: List[str], step: int) -> None:
+    if keys:
+        log_main("bitter7 step %d: activation statistics of %s are not finite (an overflowed forward?): "
+                 "their units are pruned without compensation", step, ", ".join(keys),
+                 level=logging.WARNING, log=logger)
+
+
 def compensate(pruner, masks_before: Dict[str, torch.Tensor], stats, event: dict) -> None:
     """Fold the mean of every unit pruned at this event into its group's out-projection bias.
 
@@ -117,13 +133,18 @@ def compensate(pruner, masks_before: Dict[str, torch.Tensor], stats, event: dict
         compensate_least_squares(pruner, masks_before, stats, event)  # refits W_next too
         return
     t0 = time.perf_counter()
-    todo, coefs, n_units = [], [], 0
+    todo, coefs, n_units, skipped = [], [], 0, []
     for g in pruner.groups:
         newly = masks_before[g.key] & ~pruner.masks[g.key]  # identical on every rank
-        if bool(newly.any()):
-            todo.append(g)
-            coefs.append(removed_feature_means(g, newly, stats[g.key].mean))
-            n_units += int(newly.sum())
+        if not bool(newly.any()):
+            continue
+        coef = removed_feature_means(g, newly, stats[g.key].mean)
+        if not bool(torch.isfinite(coef).all()):  # reduced statistics: every rank decides alike
+            skipped.append(g.key)
+            continue
+        todo.append(g)
+        coefs.append(coef)
+        n_units += int(newly.sum())
     if todo:
         partial = torch.cat([local_delta(pruner, g, c) for g, c in zip(todo, coefs)])
         total = pruner.score_comm.all_reduce_sum(partial)  # [sum of n_out], one reduce per event
@@ -132,5 +153,6 @@ def compensate(pruner, masks_before: Dict[str, torch.Tensor], stats, event: dict
             bias = pruner.model.get_parameter(g.out_bias)
             add_to_param(pruner, g.out_bias, total[offset:offset + bias.numel()])
             offset += bias.numel()
-    event["compensation"] = {"mode": "mean", "units": n_units, "groups": len(todo),
+    event["compensation"] = {"mode": "mean", "units": n_units, "groups": len(todo), "skipped": skipped,
                              "seconds": time.perf_counter() - t0}
+    warn_skipped(skipped, pruner.step_count)

@@ -11,6 +11,10 @@ and ``S`` the *centered* covariance (``E[x x^T] - mu mu^T``):
 
 (centering splits the constant part off: the covariance fit leaves the mean error
 ``mu_K W_K + mu_R W_R - mu_K W_K'``, which the bias absorbs). ``lam = ridge * mean(diag(S_KK))``.
+Below ``ridge = 1e-6`` the system is solved by pseudo-inverse (eigenvalues under float64 precision
+dropped): with fewer calibration rows than kept features, or collinear ones, ``S_KK`` is singular
+but for rounding, and a plain solve returns a huge ``D`` that fits the calibration rows exactly and
+nothing else.
 With ``R`` empty ``D = 0``; with ``K`` empty it is mean compensation.
 
 Under ZeRO each rank owns a flat fragment of ``W``'s fp32 master. The solve needs only
@@ -32,8 +36,10 @@ from typing import Dict, List, Tuple
 import torch
 
 from .calibration import chunks
-from .compensation import add_to_param
+from .compensation import add_to_param, finite_stats, warn_skipped
 from .structures import UnitGroup
+
+RIDGE_SOLVE = 1e-6  # below this relative damping, a pseudo-inverse (a plain solve may blow up)
 
 
 def solve_update(cov: torch.Tensor, mean: torch.Tensor, keep: torch.Tensor, removed: torch.Tensor,
@@ -58,9 +64,9 @@ def solve_products(s_kk: torch.Tensor, mean_k: torch.Tensor, rhs: torch.Tensor, 
         return rhs.new_zeros(mean_k.numel(), bias.numel()), bias
     lam = ridge * float(s_kk.diagonal().mean().clamp(min=0.0))
     a = s_kk + lam * torch.eye(mean_k.numel(), dtype=torch.float64, device=s_kk.device)
-    delta, info = torch.linalg.solve_ex(a, rhs)
+    delta, info = torch.linalg.solve_ex(a, rhs) if ridge >= RIDGE_SOLVE else (None, 1)
     if int(info) != 0 or not bool(torch.isfinite(delta).all()):
-        delta = torch.linalg.pinv(a, hermitian=True) @ rhs  # singular (ridge 0, dead features)
+        delta = torch.linalg.pinv(a, hermitian=True) @ rhs  # (near) singular: ridge ~0, dead features
     return delta, bias - mean_k @ delta
 
 
@@ -126,17 +132,20 @@ def compensate_least_squares(pruner, masks_before: Dict[str, torch.Tensor], stat
             todo.append((g, keep, removed))
     chunked = bool(pruner.stats.layers_per_pass)
     updates, record = [], {"groups_by_products": 0, "covariance_bytes": 0, "gathered_bytes": 0}
+    skipped = []
     for chunk in chunks(todo, pruner.stats.layers_per_pass):
         chunk_stats = pruner.stats.gather(matrices=[g.key for g, _, _ in chunk]) if chunked else stats
-        updates += _refit(pruner, chunk, chunk_stats, ridge, record)
+        skipped += [g.key for g, _, _ in chunk if not finite_stats(chunk_stats[g.key])]  # same on every rank
+        updates += _refit(pruner, [c for c in chunk if c[0].key not in skipped], chunk_stats, ridge, record)
         del chunk_stats  # this chunk's matrices
     for g, keep, delta, bias_delta in updates:
         shape = pruner.model.get_parameter(g.out_weight).shape
         add_to_param(pruner, g.out_weight, _weight_update(g, shape, keep, delta))
         add_to_param(pruner, g.out_bias, bias_delta)
     units = sum(int((masks_before[g.key] & ~pruner.masks[g.key]).sum()) for g, _, _ in todo)
-    event["compensation"] = {"mode": "least_squares", "units": units, "groups": len(todo), **record,
-                             "ridge": ridge, "seconds": time.perf_counter() - t0}
+    event["compensation"] = {"mode": "least_squares", "units": units, "groups": len(todo) - len(skipped), **record,
+                             "ridge": ridge, "skipped": skipped, "seconds": time.perf_counter() - t0}
+    warn_skipped(skipped, pruner.step_count)
 
 
 def _refit(pruner, todo: List[Tuple[UnitGroup, torch.Tensor, torch.Tensor]], stats, ridge: float,

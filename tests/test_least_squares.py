@@ -58,6 +58,24 @@ def test_solver_equals_ordinary_least_squares():
     assert torch.allclose(b + bias, theta[-1], atol=1e-9)
 
 
+def test_ridge_zero_on_a_singular_covariance_takes_the_pseudo_inverse():
+    """Fewer calibration rows than kept features: S_KK is singular but for rounding. A plain solve
+    fitted those rows exactly with a huge D, and its error on other rows was 70x mean
+    compensation's; the pseudo-inverse (the minimum-norm fit) keeps it within a few times."""
+    g = torch.Generator().manual_seed(0)
+    f, k, out = 64, 48, 8
+    mix = torch.randn(f, f, generator=g, dtype=torch.float64)
+    x, held = (torch.randn(n, f, generator=g, dtype=torch.float64) @ mix for n in (32, 2000))
+    w = torch.randn(f, out, generator=g, dtype=torch.float64)
+    keep, removed = torch.arange(k), torch.arange(k, f)
+    cov, mean = _stats(x)
+    delta, bias = solve_update(cov, mean, keep, removed, w[removed], ridge=0.0)
+    target = held @ w
+    refit = float(((held[:, keep] @ (w[keep] + delta) + bias - target) ** 2).mean())
+    mean_only = float(((held[:, keep] @ w[keep] + mean[removed] @ w[removed] - target) ** 2).mean())
+    assert refit < 10 * mean_only, (refit, mean_only)
+
+
 def test_ridge_shrinks_the_update():
     g = torch.Generator().manual_seed(2)
     x = torch.randn(100, 8, generator=g, dtype=torch.float64)
@@ -190,6 +208,33 @@ def duplicate_neuron_case(stage: int) -> float:
 def test_duplicate_neuron_is_removed_without_changing_logits():
     errors = run_distributed(duplicate_neuron_case, 2, 2, timeout=90)
     assert max(errors) <= 1e-5, errors
+
+
+def overflow_case(mode: str) -> dict:
+    """Neuron 5 of block 0 overflows on every calibration row (c_fc weights and bias of 3e38: inf or
+    NaN, as an fp16 forward that overflowed); magnitude keeps it. Block 0's statistics and block
+    1's (fed by block 0's inf output) are not finite: those groups are pruned without compensation
+    instead of getting NaN weights (mean mode needs only the removed units' means: block 0 is fine)."""
+    world, rank = dist.get_world_size(), dist.get_rank()
+    model = small_model("gpt2")
+    with torch.no_grad():
+        model.transformer.h[0].mlp.c_fc.weight[:, 5] = 3e38
+        model.transformer.h[0].mlp.c_fc.bias[5] = 3e38
+    bitter7 = {"structures": ["mlp_neuron"], "score": "magnitude", "schedule": {"start_step": 1000, "end_step": 1000},
+               "bias_compensation": {"enabled": True, "mode": mode}}
+    engine, *_ = ds_bitter7.initialize(model=model, model_parameters=model.parameters(),
+                                       config=ds_config(2, "fp32", bitter7), calibration_data=calibration(rank, world))
+    event = ds_bitter7.get_pruner(engine).prune_to(0.5)
+    return {"skipped": event["compensation"]["skipped"], "groups": event["compensation"]["groups"],
+            "finite": all(bool(torch.isfinite(p).all()) for n, p in model.named_parameters() if "c_proj" in n),
+            "sparsity": event["sparsity"]}
+
+
+@pytest.mark.parametrize("mode,skipped", [("mean", ["layers.1.mlp"]), ("least_squares", ["layers.0.mlp", "layers.1.mlp"])])
+def test_non_finite_statistics_skip_compensation_not_poison_weights(mode, skipped):
+    for out in run_distributed(overflow_case, 2, mode, timeout=90):
+        assert out["skipped"] == skipped and out["groups"] == 2 - len(skipped)
+        assert out["finite"] and out["sparsity"] == {"mlp_neuron": 0.5}
 
 
 # -- layers_per_pass ----------------------------------------------------------------------------------
