@@ -4,6 +4,7 @@
 #   NPROC=2 launch/run_mpirun.sh --demo
 # Several nodes: HOSTS=node1:8,node2:8 NPROC=16 MASTER_PORT=29517 launch/run_mpirun.sh ...
 set -euo pipefail
+if [ -n "${HOSTS:-}" ]; then MULTINODE=1; fi
 source "$(dirname "$0")/_common.sh"
 HOSTARGS=()
 if [ -n "${HOSTS:-}" ]; then HOSTARGS=(--host "$HOSTS"); fi

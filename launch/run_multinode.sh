@@ -3,11 +3,13 @@
 # Run on the first node of the hostfile; it ssh-es into the others (pdsh when installed).
 #   HOSTFILE=launch/hostfile MASTER_ADDR=node-0 NCCL_SOCKET_IFNAME=eth0 \
 #       CONFIG=ds_configs/zero2_bf16_bitter7.json launch/run_multinode.sh --model gpt2 --steps 10000
-# Exports forwarded to every node (DeepSpeed also reads ~/.deepspeed_env, one VAR=value a line):
-#   MASTER_ADDR        address of the first node, reachable from all nodes
-#   NCCL_SOCKET_IFNAME network interface NCCL uses between nodes (GPU)
-#   GLOO_SOCKET_IFNAME network interface gloo uses between nodes (CPU); `lo` only for one node
+#   MASTER_ADDR        address of the first node, reachable from all nodes (passed as --master_addr)
+# DeepSpeed's runner forwards to the other nodes only NCCL_*, PYTHON* and a few other variables;
+# put any other in ~/.deepspeed_env on the first node (one VAR=value a line), for instance
+#   GLOO_SOCKET_IFNAME=eth0   the interface gloo uses between nodes (CPU; never `lo` across nodes)
+#   DS_ACCELERATOR=cpu        on CPU nodes
 set -euo pipefail
+MULTINODE=1
 source "$(dirname "$0")/_common.sh"
 HOSTFILE="${HOSTFILE:-$REPO/launch/hostfile}"
 MASTER_ADDR="${MASTER_ADDR:-$(hostname -I 2>/dev/null | awk '{print $1}')}"

@@ -3,6 +3,7 @@
 #   NPROC=2 launch/run_torchrun.sh --demo
 # Multi-node: NNODES=2 NODE_RANK=<0|1> MASTER_ADDR=<node-0 address> launch/run_torchrun.sh ...
 set -euo pipefail
+if [ "${NNODES:-1}" != 1 ]; then MULTINODE=1; fi
 source "$(dirname "$0")/_common.sh"
 exec torchrun --nnodes "${NNODES:-1}" --node_rank "${NODE_RANK:-0}" --nproc_per_node "$NPROC" \
     --master_addr "${MASTER_ADDR:-127.0.0.1}" --master_port "$MASTER_PORT" \

@@ -212,3 +212,40 @@ def test_mpirun_rank_failing_alone_stops_the_job(trained, tmp_path):
 def test_shell_launchers_are_executable():
     for name in ("run_deepspeed.sh", "run_torchrun.sh", "run_mpirun.sh", "run_multinode.sh"):
         assert (REPO / "launch" / name).stat().st_mode & 0o111
+
+
+def _launch_line(tmp_path, script: str, gpus: int, **env_vars) -> str:
+    """What ``launch/SCRIPT`` runs, with stub launchers that print their arguments and
+    GLOO_SOCKET_IFNAME, and a stub ``nvidia-smi`` listing ``gpus`` GPUs (the first with a MIG device)."""
+    import subprocess
+
+    stubs = tmp_path / "stubs"
+    stubs.mkdir(exist_ok=True)
+    for name in ("deepspeed", "torchrun", "mpirun"):
+        (stubs / name).write_text(f'#!/bin/bash\necho "{name} $* GLOO=${{GLOO_SOCKET_IFNAME:-unset}}"\n')
+        (stubs / name).chmod(0o755)
+    lines = "".join(f"GPU {i}: NVIDIA H200 (UUID: GPU-{i})\\n" + ("  MIG 1g.18gb Device 0: (UUID: MIG-0)\\n" if i == 0 else "")
+                    for i in range(gpus))
+    smi = stubs / "nvidia-smi"
+    smi.write_text(f'#!/bin/bash\nprintf "{lines}"\n' if gpus else "#!/bin/bash\nexit 9\n")
+    smi.chmod(0o755)
+    keep = {k: v for k, v in os.environ.items() if k not in ("GLOO_SOCKET_IFNAME", "CUDA_VISIBLE_DEVICES", "NPROC")}
+    env_ = dict(keep, PATH=f"{stubs}{os.pathsep}{keep['PATH']}", VIRTUAL_ENV="stubbed", **env_vars)
+    out = subprocess.run(["bash", str(REPO / "launch" / script), "--demo"], env=env_, capture_output=True,
+                         text=True, timeout=30)
+    assert out.returncode == 0, out.stderr
+    return out.stdout.strip()
+
+
+def test_shell_launchers_use_the_visible_gpus_and_a_real_interface_across_nodes(tmp_path):
+    """CUDA_VISIBLE_DEVICES sets the ranks per node, and the deepspeed launcher gets those GPUs
+    (--num_gpus would make it use GPUs 0..N-1); MIG lines do not count as GPUs; on CPU, gloo gets
+    the loopback interface on one node only."""
+    assert "--nproc_per_node 3 " in _launch_line(tmp_path, "run_torchrun.sh", 3)
+    assert "--nproc_per_node 2 " in _launch_line(tmp_path, "run_torchrun.sh", 3, CUDA_VISIBLE_DEVICES="1,2")
+    line = _launch_line(tmp_path, "run_deepspeed.sh", 3, CUDA_VISIBLE_DEVICES="1,2")
+    assert line.startswith("deepspeed --include localhost:1,2 ") and "--num_gpus" not in line
+    assert _launch_line(tmp_path, "run_deepspeed.sh", 0).startswith("deepspeed --num_gpus 2 ")
+    assert _launch_line(tmp_path, "run_torchrun.sh", 0).endswith("GLOO=lo")
+    assert _launch_line(tmp_path, "run_torchrun.sh", 0, NNODES="2").endswith("GLOO=unset")
+    assert _launch_line(tmp_path, "run_mpirun.sh", 0, HOSTS="a:1,b:1").endswith("GLOO=unset")
