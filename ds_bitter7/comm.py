@@ -81,6 +81,11 @@ def release_shm_buffers() -> None:
         os.unlink(os.path.join("/dev/shm", name))
 
 
+def launched_by_mpi() -> bool:
+    """Whether this process was started by mpirun (Open MPI, or a PMI launcher such as MPICH's)."""
+    return any(k in os.environ for k in ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK"))
+
+
 def init_distributed() -> Tuple[int, int]:
     """Start torch.distributed: from the launcher's env (torchrun, the deepspeed launcher), from
     MPI (mpirun, through mpi4py), or as a one-rank group for a plain ``python``. Returns
@@ -92,7 +97,7 @@ def init_distributed() -> Tuple[int, int]:
             logger.warning("%s is %.0f min old: if no extension build is running, a killed build left it and "
                            "DeepSpeed's start will wait on it for good; remove it", lock, age / 60)
     launched = all(k in os.environ for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"))
-    mpi = any(k in os.environ for k in ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK"))
+    mpi = launched_by_mpi()
     if not launched and not mpi:
         os.environ.update({"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1"})
         os.environ.setdefault("MASTER_PORT", str(free_port()))

@@ -3,7 +3,8 @@
 ``Trainer`` builds the DeepSpeed engine itself and calls ``engine.step()`` inside
 ``accelerator.backward``, so the pruner is attached to that engine when training begins (its
 optimizer hooks then run inside every step), and its state is written beside each checkpoint
-(``Trainer`` does not keep DeepSpeed's ``client_state``)::
+(``Trainer`` hands back no ``client_state``; the DeepSpeed checkpoint's copy of the state is read
+when that file is missing)::
 
     trainer = Trainer(model=model, args=TrainingArguments(..., deepspeed="ds_config.json"), ...)
     trainer.add_callback(Bitter7Callback(trainer))
@@ -15,17 +16,19 @@ The ``"bitter7"`` section lives in the same DeepSpeed config; it must not contai
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
-from typing import Any, Iterable, Optional
+from typing import Any, Iterable, Optional, Tuple
 
 from transformers import TrainerCallback
 
 from . import prepare_model  # noqa: F401  (re-exported: call it before Trainer(...))
 from .comm import is_main_process
 from .config import enum_name
+from .export import MODEL_STATES_FILE, read_torch_file
+from .state import CLIENT_KEY, CheckpointError, atomic_save, load_file, restore_local
 from .state import TRAINER_FILE as STATE_FILE
-from .state import CheckpointError, atomic_save, load_file, restore_local
 
 logger = logging.getLogger(__name__)
 
@@ -63,9 +66,12 @@ class Bitter7Callback(TrainerCallback):
         return args.deepspeed
 
     def _default_calibration(self, engine, num_batches: int) -> list:
+        """The first ``num_batches`` batches of the training set (map-style or iterable), with only
+        the model inputs the calibration forwards take (a leftover text column would not collate)."""
         ds = self.trainer.train_dataset
         bs = self.trainer.args.per_device_train_batch_size
-        rows = [ds[i] for i in range(min(len(ds), bs * num_batches))]
+        rows = [{k: row[k] for k in ("input_ids", "attention_mask") if k in row}
+                for row in itertools.islice(iter(ds), bs * num_batches)]
         batches = []
         for i in range(0, len(rows), bs):
             batch = self.trainer.data_collator(rows[i:i + bs])
@@ -83,11 +89,13 @@ class Bitter7Callback(TrainerCallback):
         cfg = ds_bitter7.parse_config(config)
         if not cfg.enabled:
             return control
-        calib = self.calibration_data
-        source = enum_name(cfg.bias_compensation.source)
-        if calib is None and cfg.bias_compensation.enabled and source == "calibration":
-            calib = self._default_calibration(engine, cfg.bias_compensation.num_batches)
-        self.pruner = ds_bitter7.attach(engine, config, calibration_data=calib)
+        self.pruner = ds_bitter7.get_pruner(engine)  # a second trainer.train(): the same engine and pruner
+        if self.pruner is None:
+            calib = self.calibration_data
+            source = enum_name(cfg.bias_compensation.source)
+            if calib is None and cfg.bias_compensation.enabled and source == "calibration":
+                calib = self._default_calibration(engine, cfg.bias_compensation.num_batches)
+            self.pruner = ds_bitter7.attach(engine, config, calibration_data=calib)
         self._maybe_resume(args, state)
         return control
 
@@ -101,35 +109,50 @@ class Bitter7Callback(TrainerCallback):
             folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
         if folder is None:
             return
-        path = os.path.join(folder, STATE_FILE)
-        saved = self.pruner.comm.call(f"reading {path}", self._read_state, path, state)
+        comm = self.pruner.comm
+        saved, path = comm.call(f"reading the pruner state in {folder}", self._read_state, folder, state)
         self.pruner.load_state_dict(saved, source=path)
         tag = os.path.join(folder, "latest")
-        if os.path.isfile(tag):
+        present = os.path.isfile(tag)
+        if comm.any(present):  # every rank takes the same branch (its collectives must match)
+            comm.raise_if_any(None if present else FileNotFoundError(f"{tag} exists on another node but not here"),
+                              f"reading {tag}")
             with open(tag) as f:
                 restore_local(self.pruner, os.path.join(folder, f.read().strip()), saved)
         else:
             self.pruner.load_local_state_dict(None)  # re-derive from the weights that are exactly zero
         logger.info("bitter7 state restored from %s", path)
 
-    def _read_state(self, path: str, state) -> dict:
-        """The saved pruner state, checked against the Trainer's step (local: no collective)."""
-        if not os.path.exists(path):
+    def _read_state(self, folder: str, state) -> Tuple[dict, str]:
+        """(the saved pruner state, its file), checked against the Trainer's step (local: no
+        collective): ``bitter7_state.pt``, else the DeepSpeed checkpoint's own copy (the Trainer
+        writes ``bitter7_state.pt`` after the checkpoint, and a job killed in between has none)."""
+        path = os.path.join(folder, STATE_FILE)
+        model_file = os.path.join(folder, _latest_tag(folder), MODEL_STATES_FILE)
+        if os.path.exists(path):
+            saved = load_file(path)
+        elif os.path.isfile(model_file):
+            states = read_torch_file(model_file)  # memory-mapped: the weights are not read
+            saved = states.get(CLIENT_KEY) if isinstance(states, dict) else None
+        else:
+            saved = None
+        if not isinstance(saved, dict):
             raise FileNotFoundError(
-                f"resuming at step {state.global_step} but {path} does not exist"
-                + ("" if self.resume_from_checkpoint else
-                   "; when resuming from a checkpoint outside output_dir, pass it to the callback too: "
-                   "Bitter7Callback(..., resume_from_checkpoint=PATH)"))
-        saved = load_file(path)
+                f"resuming at step {state.global_step} but neither {path} nor a DeepSpeed checkpoint with a "
+                "bitter7 state is there" + ("" if self.resume_from_checkpoint else
+                                            "; when resuming from a checkpoint outside output_dir, pass it to "
+                                            "the callback too: Bitter7Callback(..., resume_from_checkpoint=PATH)"))
+        if not os.path.exists(path):
+            path = model_file
         if saved.get("step") is not None and int(saved["step"]) > state.global_step:
             # the pruner counts optimizer steps taken (fp16 overflow skips do not count), so it can
             # lag the Trainer's global_step but never lead it: then the state is another run's
             raise CheckpointError(f"{path} is the pruner state of step {saved['step']}, but the Trainer resumed "
                                   f"at step {state.global_step}: pass the checkpoint it resumed from as "
                                   "Bitter7Callback(..., resume_from_checkpoint=PATH)")
-        return saved
+        return saved, path
 
-    def on_save(self, args, state, control, **kwargs):
+    def on_save(self, args, state, control, **kwargs):  # the DeepSpeed checkpoint holds the state too
         if self.pruner is None:
             return control
         folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
@@ -140,3 +163,12 @@ class Bitter7Callback(TrainerCallback):
             os.makedirs(folder, exist_ok=True)
             atomic_save(state_dict, os.path.join(folder, STATE_FILE))
         return control
+
+
+def _latest_tag(folder: str) -> str:
+    """The tag in ``folder/latest`` (DeepSpeed's), or "" when there is none."""
+    try:
+        with open(os.path.join(folder, "latest")) as f:
+            return f.read().strip()
+    except OSError:
+        return ""

@@ -22,7 +22,7 @@ except ImportError:  # run from a checkout without `pip install -e .`
     import ds_bitter7  # noqa: F401
 from ds_bitter7 import data as dsdata
 from ds_bitter7 import modeling
-from ds_bitter7.comm import abort_job_on_error
+from ds_bitter7.comm import abort_job_on_error, init_distributed, launched_by_mpi
 from ds_bitter7.hf_trainer import Bitter7Callback, prepare_model
 
 
@@ -69,6 +69,9 @@ def main() -> None:
 
     from deepspeed.accelerator import get_accelerator
     from transformers import Trainer, TrainingArguments
+
+    if launched_by_mpi():  # accelerate reads rank, world and address from the env only: mpi4py finds them
+        init_distributed()
 
     with open(args.deepspeed, encoding="utf-8") as f:
         ds_config = json.load(f)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -15,6 +16,16 @@ from ds_bitter7.comm import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent
+MPIRUN = shutil.which("mpirun", path=str(VENV_BIN)) or shutil.which("mpirun")
+
+
+def mpirun(n: int) -> List[str]:
+    """mpirun with ``n`` ranks here (root, oversubscribed), forwarding the environment of ``env``."""
+    return [MPIRUN, "--allow-run-as-root", "--oversubscribe", "-np", str(n),
+            "-x", "DS_ACCELERATOR", "-x", "GLOO_SOCKET_IFNAME", "-x", "MASTER_PORT", "-x", "PYTHONPATH",
+            "-x", "DS_BITTER7_CACHE", "-x", "HF_DATASETS_CACHE", "-x", "PATH"]
+
+
 TINY_MODEL = ["--model", "tiny-gpt2", "--model_overrides", json.dumps({"n_layer": 2, "n_embd": 32})]
 
 

@@ -11,11 +11,13 @@ import time
 
 import pytest
 from _launch_util import (
+    MPIRUN,
     REPO,
     TINY_MODEL,
     VENV_BIN,
     env,
     free_port,
+    mpirun,
     run,
     tiny_ds_config,
     write_corpus,
@@ -128,14 +130,7 @@ def test_deepspeed_launcher(tmp_path):
     assert not glob.glob(f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_*_{port}_*")
 
 
-MPIRUN = shutil.which("mpirun", path=str(VENV_BIN)) or shutil.which("mpirun")
 needs_mpirun = pytest.mark.skipif(MPIRUN is None, reason="no mpirun")
-
-
-def mpirun(n: int):
-    return [MPIRUN, "--allow-run-as-root", "--oversubscribe", "-np", str(n),
-            "-x", "DS_ACCELERATOR", "-x", "GLOO_SOCKET_IFNAME", "-x", "MASTER_PORT", "-x", "PYTHONPATH",
-            "-x", "DS_BITTER7_CACHE", "-x", "HF_DATASETS_CACHE", "-x", "PATH"]
 
 
 @needs_mpirun

@@ -5,8 +5,19 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
-from _launch_util import REPO, TINY_MODEL, VENV_BIN, free_port, run, tiny_ds_config, write_corpus
+from _launch_util import (
+    MPIRUN,
+    REPO,
+    TINY_MODEL,
+    VENV_BIN,
+    free_port,
+    mpirun,
+    run,
+    tiny_ds_config,
+    write_corpus,
+)
 
 
 def trainer_command(config, corpus, out, summary, save_steps: int):
@@ -52,14 +63,42 @@ def test_trainer_prunes_saves_and_resumes(tmp_path):
 
 def test_trainer_resume_keeps_unstructured_masks(tmp_path):
     """Each rank's unstructured masks live in its rank file of the DeepSpeed checkpoint, which the
-    Trainer loads before the callback exists: the callback restores them (they were lost)."""
+    Trainer loads before the callback exists: the callback restores them (they were lost). The
+    checkpoint lacks bitter7_state.pt (the Trainer writes it last: a job killed just before): the
+    DeepSpeed checkpoint's own copy of the state serves."""
     corpus = write_corpus(tmp_path / "corpus.jsonl")
     config = tiny_ds_config(tmp_path / "ds.json", structures=["unstructured"])
     out, summary = tmp_path / "out", tmp_path / "summary.json"
     base = trainer_command(config, corpus, out, summary, save_steps=8)
     run(base + ["--max_steps", "8"], tmp_path, timeout=200)
+    (out / "checkpoint-8" / "bitter7_state.pt").unlink()
     kept = sum(r["params_kept"] for r in json.loads(summary.read_text())["layers"])
     run(base + ["--max_steps", "10", "--resume"], tmp_path, timeout=200)
     resumed = json.loads(summary.read_text())
     assert resumed["steps"] == 10
     assert sum(r["params_kept"] for r in resumed["layers"]) == kept < sum(r["params_total"] for r in resumed["layers"])
+
+
+def test_trainer_under_mpirun(tmp_path):
+    """accelerate reads rank, world and address from the environment only: under mpirun the
+    script finds them through mpi4py first (every rank stopped on MASTER_ADDR before)."""
+    if MPIRUN is None:
+        pytest.skip("no mpirun")
+    corpus = write_corpus(tmp_path / "corpus.jsonl")
+    config = tiny_ds_config(tmp_path / "ds.json", bias_compensation=True)
+    out, summary = tmp_path / "out", tmp_path / "summary.json"
+    command = trainer_command(config, corpus, out, summary, save_steps=6)[5:]  # without torchrun and its flags
+    run([*mpirun(2), str(VENV_BIN / "python"), *command, "--max_steps", "6"], tmp_path, timeout=200)
+    result = json.loads(summary.read_text())
+    assert result["world_size"] == 2 and result["steps"] == 6 and sum(r["units_kept"] for r in result["layers"]) == 128
+
+
+def test_trainer_default_calibration_leaves_out_a_text_column(tmp_path):
+    """One process: the default calibration batches (the first training rows) hold only the model
+    inputs; a leftover text column made the Trainer's collator fail."""
+    out = run([str(VENV_BIN / "python"), str(REPO / "tests" / "hf_text_column.py"), str(tmp_path / "out")], tmp_path,
+              timeout=200)
+    result = json.loads(out.split("RESULT ", 1)[1].splitlines()[0])
+    # the schedule starts at sparsity 0 (step 2), then both layers' neurons are pruned and compensated
+    assert result["events"] == [2, 4] and result["compensated"] == [0, 2]
+    assert result["sparsity"] == {"mlp_neuron": 0.5}
