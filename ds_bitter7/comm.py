@@ -82,8 +82,9 @@ def release_shm_buffers() -> None:
 
 
 def launched_by_mpi() -> bool:
-    """Whether this process was started by mpirun (Open MPI, or a PMI launcher such as MPICH's)."""
-    return any(k in os.environ for k in ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK"))
+    """Whether this process was started by mpirun (Open MPI, MVAPICH, or a PMI launcher such as
+    MPICH's or ``srun --mpi=pmix``)."""
+    return any(k in os.environ for k in ("OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK"))
 
 
 def init_distributed() -> Tuple[int, int]:
@@ -98,6 +99,11 @@ def init_distributed() -> Tuple[int, int]:
                            "DeepSpeed's start will wait on it for good; remove it", lock, age / 60)
     launched = all(k in os.environ for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"))
     mpi = launched_by_mpi()
+    if not launched and not mpi and int(os.environ.get("SLURM_STEP_NUM_TASKS", "1")) > 1:
+        raise RuntimeError(f"srun started {os.environ['SLURM_STEP_NUM_TASKS']} tasks, but neither torchrun's "
+                           "variables (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT) nor MPI's are set: each task "
+                           "would train alone. Start them with srun --mpi=pmix (mpi4py finds the ranks) or run "
+                           "torchrun in each task")
     if not launched and not mpi:
         os.environ.update({"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1"})
         os.environ.setdefault("MASTER_PORT", str(free_port()))

@@ -73,6 +73,18 @@ def test_a_build_lock_left_by_a_killed_build_is_named(tmp_path, monkeypatch):
                                                                                            "deepspeed_shm_comm")]
 
 
+def test_srun_tasks_without_a_launcher_are_refused(monkeypatch):
+    """srun without PMI starts N processes that know no rank: each would train alone (a world of one)."""
+    from ds_bitter7.comm import init_distributed
+
+    for var in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE",
+                "PMI_SIZE", "PMIX_RANK"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("SLURM_STEP_NUM_TASKS", "4")
+    with pytest.raises(RuntimeError, match="srun started 4 tasks, but neither torchrun's variables"):
+        init_distributed()
+
+
 def test_torchrun_with_checkpoint_and_resume(trained, tmp_path):
     _, first_summary, original = trained
     first = check_summary(first_summary)
