@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import os
+from typing import Optional
 
 import pytest
 import torch
@@ -36,10 +37,17 @@ def _llama():
                                         max_position_embeddings=64, bos_token_id=256, eos_token_id=256))
 
 
-def make_checkpoint(folder: str, llama: bool = False, bf16: bool = False) -> None:
-    """Plain DeepSpeed ZeRO-2 training for 3 steps, then save (no ds_bitter7 involved). The LLaMA
-    one (no biases) has weight-decay and no-decay parameter groups, as HF Trainer makes them."""
+UNSTRUCTURED = {"structures": ["unstructured"], "score": "bitter7", "target_sparsity": 0.5,
+                "schedule": {"start_step": 1, "end_step": 3, "frequency": 1}}  # half of the block matrices
+
+
+def make_checkpoint(folder: str, llama: bool = False, bf16: bool = False, bitter7: Optional[dict] = None) -> None:
+    """Plain DeepSpeed ZeRO-2 training for 3 steps, then save (no ds_bitter7 involved; with
+    ``bitter7``, ds_bitter7 training with that section). The LLaMA one (no biases) has weight-decay
+    and no-decay parameter groups, as HF Trainer makes them."""
     import deepspeed
+
+    import ds_bitter7
 
     model = _llama() if llama else _model()
     params = list(model.parameters())
@@ -51,28 +59,10 @@ def make_checkpoint(folder: str, llama: bool = False, bf16: bool = False) -> Non
            "optimizer": {"type": "AdamW", "params": {"lr": 1e-2, "torch_adam": True}}}
     if bf16:
         cfg["bf16"] = {"enabled": True}
-    engine, *_ = deepspeed.initialize(model=model, model_parameters=params, config=cfg)
-    g = torch.Generator().manual_seed(dist.get_rank())
-    for _ in range(3):
-        ids = torch.randint(0, 257, (2, 32), generator=g)
-        engine.backward(engine(input_ids=ids, labels=ids).loss)
-        engine.step()
-    engine.save_checkpoint(folder, tag="global_step3")
-    if dist.get_rank() == 0:
-        model.config.save_pretrained(folder)
-
-
-def make_unstructured_checkpoint(folder: str) -> None:
-    """ds_bitter7 training that prunes half of every block matrix's elements (and no neuron yet) in
-    3 steps, then save."""
-    import ds_bitter7
-
-    model = _model()
-    cfg = {"train_micro_batch_size_per_gpu": 2, "zero_optimization": {"stage": 2}, "steps_per_print": 10**9,
-           "optimizer": {"type": "AdamW", "params": {"lr": 1e-2, "torch_adam": True}},
-           "bitter7": {"structures": ["unstructured"], "score": "bitter7", "target_sparsity": 0.5,
-                       "schedule": {"start_step": 1, "end_step": 3, "frequency": 1}}}
-    engine, *_ = ds_bitter7.initialize(model=model, model_parameters=model.parameters(), config=cfg)
+    if bitter7 is not None:
+        cfg["bitter7"] = bitter7
+    engine, *_ = (ds_bitter7 if bitter7 is not None else deepspeed).initialize(model=model, model_parameters=params,
+                                                                               config=cfg)
     g = torch.Generator().manual_seed(dist.get_rank())
     for _ in range(3):
         ids = torch.randint(0, 257, (2, 32), generator=g)
@@ -240,7 +230,7 @@ def test_least_squares_keeps_the_zeros_of_unstructured_training(checkpoint, tmp_
 
     _, _, text = checkpoint
     ckpt = str(tmp_path / "ckpt")
-    run_distributed(make_unstructured_checkpoint, 2, ckpt, timeout=120)
+    run_distributed(make_checkpoint, 2, ckpt, False, False, UNSTRUCTURED, timeout=120)
     zeros = {}
     for comp in ("least_squares", "none"):  # none: the checkpoint's weights on the same kept units
         out = run_distributed(run_oneshot, 2, _argv(tmp_path, ckpt, text, comp, "--structures", "mlp_neuron",
