@@ -100,8 +100,8 @@ class _Sums:
         """Sums saved by :meth:`state_dict`, on ``device``."""
         sums = cls.__new__(cls)
         sums.count = int(state["count"])
-        sums.sum, sums.sumsq = (state[k].to(device, torch.float64) for k in ("sum", "sumsq"))
-        sums.xtx = None if state["xtx"] is None else state["xtx"].to(device, torch.float64)
+        sums.sum, sums.sumsq = (state[k].to(device, torch.float64, copy=True) for k in ("sum", "sumsq"))
+        sums.xtx = None if state["xtx"] is None else state["xtx"].to(device, torch.float64, copy=True)
         return sums
 
     def pack(self) -> List[torch.Tensor]:
@@ -253,7 +253,18 @@ class ActivationStats:
         return {key: [(tag, sums.state_dict()) for tag, sums in recent] for key, recent in self._recent.items()}
 
     def load_window(self, saved: Dict[str, list]) -> None:
-        """Replace the window by ``saved`` (:meth:`window_state`; empty: the window restarts)."""
+        """Replace the window by ``saved`` (:meth:`window_state`; empty: the window restarts). A
+        window recorded under another config (another source, or with/without the ``F x F``
+        matrix, or other feature counts) restarts too, with a warning."""
+        fits = self.source == StatsSource.training and all(
+            key in self._recent and all((st["xtx"] is not None) == self.with_matrix
+                                        and st["sum"].numel() == self._n_features[key] for _, st in entries)
+            for key, entries in saved.items())
+        if not fits:
+            if any(saved.values()):
+                log_main("bitter7: the checkpoint's training window was recorded under another bias_compensation "
+                         "config: it restarts", level=logging.WARNING, log=logger)
+            saved = {}
         device = _model_device(self.model)
         for key, recent in self._recent.items():
             recent.clear()

@@ -40,6 +40,7 @@ _SKIP_DIRS = {"site-packages", "dist-packages", "__pycache__", "idle_test", "lib
 
 
 # --------------------------------------------------------------------------- tokenizers
+BYTES = "bytes"  # the tokenizer name of ByteTokenizer
 BYTE_MODEL_VOCAB = 264  # the built-in models' vocabulary under the byte tokenizer: 257 ids, rounded up to 8
 
 
@@ -63,8 +64,8 @@ class ByteTokenizer:
 
 
 def get_tokenizer(path: Optional[str] = None):
-    """A :class:`ByteTokenizer`, or ``AutoTokenizer.from_pretrained(path)`` for a local directory."""
-    if not path:
+    """A :class:`ByteTokenizer` (no ``path``, or ``"bytes"``), or ``AutoTokenizer.from_pretrained(path)``."""
+    if not path or path == BYTES:
         return ByteTokenizer()
     from transformers import AutoTokenizer
 

@@ -375,8 +375,9 @@ def _publish(tmp: str, output_dir: str, overwrite: bool, keep: Sequence[Optional
 
 def export_model(model: PreTrainedModel, masks: Mapping[str, torch.Tensor], output_dir: str, *,
                  dtype: Optional[str] = None, overwrite: bool = False, source: Optional[str] = None,
-                 extra: Optional[dict] = None, copy_from: Optional[str] = None) -> dict:
-    """Zero the pruned units (for safety), shrink, and write the HF model and reports atomically.
+                 extra: Optional[dict] = None, copy_from: Optional[str] = None, tokenizer=None) -> dict:
+    """Zero the pruned units (for safety), shrink, and write the HF model and reports atomically,
+    with the tokenizer files found in ``copy_from``, or ``tokenizer`` saved (a transformers one).
 
     Returns the report dict (also written as pruning_report.json).
     """
@@ -400,6 +401,8 @@ def export_model(model: PreTrainedModel, masks: Mapping[str, torch.Tensor], outp
         for name in _TOKENIZER_FILES if copy_from else ():
             if os.path.isfile(os.path.join(copy_from, name)):
                 shutil.copy2(os.path.join(copy_from, name), tmp)
+        if hasattr(tokenizer, "save_pretrained"):  # the byte tokenizer has no files
+            tokenizer.save_pretrained(tmp)
         _write_reports(tmp, report)
         _publish(tmp, output_dir, overwrite, (source, copy_from))
     finally:

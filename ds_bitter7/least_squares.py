@@ -142,7 +142,7 @@ def compensate_least_squares(pruner, masks_before: Dict[str, torch.Tensor], stat
         shape = pruner.model.get_parameter(g.out_weight).shape
         add_to_param(pruner, g.out_weight, _weight_update(g, shape, keep, delta))
         add_to_param(pruner, g.out_bias, bias_delta)
-    units = sum(int((masks_before[g.key] & ~pruner.masks[g.key]).sum()) for g, _, _ in todo)
+    units = sum(int((masks_before[g.key] & ~pruner.masks[g.key]).sum()) for g, _, _ in todo if g.key not in skipped)
     event["compensation"] = {"mode": "least_squares", "units": units, "groups": len(todo) - len(skipped), **record,
                              "ridge": ridge, "skipped": skipped, "seconds": time.perf_counter() - t0}
     warn_skipped(skipped, pruner.step_count)

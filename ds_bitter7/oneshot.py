@@ -76,6 +76,7 @@ class CheckpointInfo:
     module_shapes: Dict[str, Tuple[int, ...]]  # the saved model's tensors ("module." prefix removed)
     client_bitter7: Optional[dict]  # pruner state of a ds_bitter7 checkpoint
     seq_len: Optional[int] = None  # block length of the training run (launch/train.py records it)
+    tokenizer: Optional[str] = None  # the training run's tokenizer, "bytes" or a path (launch/train.py records it)
     param_groups: Optional[List[List[str]]] = None  # parameter names of each optimizer group, in order
     step: Optional[int] = None  # the training step it was saved at (DeepSpeed's global_steps)
 
@@ -113,7 +114,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--seq_len", type=int, default=None,
                    help="tokens per block (default: the training run's, which launch/train.py records in the "
                    f"checkpoint, else {DEFAULT_SEQ_LEN} or the model's maximum positions if fewer)")
-    p.add_argument("--tokenizer", default=None, help="local tokenizer dir (default: the tokenizer files beside "
+    p.add_argument("--tokenizer", default=None, help="tokenizer folder or name, or bytes (default: the tokenizer files beside "
                    "config.json if any, else bytes, as launch/train.py)")
     p.add_argument("--tag", default=None, help="checkpoint tag (default: the 'latest' file)")
     p.add_argument("--model_config", default=None, help="folder with config.json (default: CHECKPOINT_DIR)")
@@ -164,8 +165,10 @@ def inspect_checkpoint(checkpoint_dir: str, tag: Optional[str]) -> CheckpointInf
     groups = sd.get("param_shapes")
     groups = ([list(strip_module_prefix(dict(g))) for g in groups]
               if isinstance(groups, list) and all(isinstance(g, dict) for g in groups) else None)
+    tokenizer = sd.get("tokenizer")
     return CheckpointInfo(tag, folder, zero_files, has_state, saved if isinstance(saved, dict) else {},
-                          shapes, sd.get("bitter7"), seq_len if isinstance(seq_len, int) else None, groups,
+                          shapes, sd.get("bitter7"), seq_len if isinstance(seq_len, int) else None,
+                          tokenizer if isinstance(tokenizer, str) else None, groups,
                           sd.get("global_steps") if isinstance(sd.get("global_steps"), int) else None)
 
 
@@ -231,7 +234,9 @@ def ds_config_stage_problems(path: str, given: dict, info: CheckpointInfo) -> Li
     """Why DeepSpeed could not load ``info``'s checkpoint with the ZeRO stage of ``--ds_config``
     (it would fail inside its loading with a bare AttributeError or AssertionError)."""
     zero = given.get("zero_optimization")
-    stage = zero.get("stage", 0) if isinstance(zero, dict) else 0
+    if not isinstance(zero, dict):  # loading_config gives it the checkpoint's own stage
+        return []
+    stage = zero.get("stage", 0)
     if stage not in (0, 1, 2):
         return [f"--ds_config {path!r}: ZeRO stage {stage!r}: ds_bitter7 works with ZeRO stage 0, 1 and 2"]
     if info.zero_files and stage == 0:
@@ -250,7 +255,8 @@ def output_dir_problem(args: argparse.Namespace, config_dir: str) -> Optional[st
     try:
         inputs = [args.checkpoint_dir, config_dir, args.tokenizer, args.ds_config, *(args.calibration or []),
                   *(args.validation or [])]
-        check_output_dir(os.path.abspath(args.output_dir), args.overwrite, [p for p in inputs if p != dsdata.BUILTIN])
+        check_output_dir(os.path.abspath(args.output_dir), args.overwrite,
+                         [p for p in inputs if p not in (dsdata.BUILTIN, dsdata.BYTES)])
     except ExportError as err:
         return str(err)
     return None
@@ -327,17 +333,19 @@ def calibration_data(args, tokenizer, device) -> List[Dict[str, torch.Tensor]]:
             for b in dsdata.calibration_batches(blocks, args.batch_size, args.num_batches, args.seed)]
 
 
-def load_tokenizer(args, config, config_dir: str):
-    """``--tokenizer``, else the one saved beside ``config.json``, else bytes (only for a model whose
-    vocabulary is the byte tokenizer's); its ids must fit the model."""
+def load_tokenizer(args, config, config_dir: str, trained_with: Optional[str] = None):
+    """``--tokenizer`` (a folder, a hub name, or ``bytes``), else the one saved beside
+    ``config.json``, else bytes: for a model whose vocabulary is the byte tokenizer's, or one
+    ``trained_with`` bytes (``launch/train.py`` records it in the checkpoint); its ids must fit the model."""
     path = args.tokenizer
     if path is None and any(os.path.isfile(os.path.join(config_dir, f))
                             for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
         path = config_dir
-    if path is None and config.vocab_size > dsdata.BYTE_MODEL_VOCAB:
+    if path is None and config.vocab_size > dsdata.BYTE_MODEL_VOCAB and trained_with != dsdata.BYTES:
         raise OneShotError(f"no tokenizer files beside {os.path.join(config_dir, 'config.json')} and no --tokenizer: "
                            f"the byte tokenizer would feed this model of {config.vocab_size} token ids the wrong "
-                           "ids; pass the training run's tokenizer with --tokenizer DIR")
+                           "ids; pass the training run's tokenizer with --tokenizer DIR (--tokenizer bytes if it "
+                           "trained on bytes)")
     try:
         tokenizer = dsdata.get_tokenizer(path)
     except Exception as err:
@@ -543,7 +551,7 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
     problem = output_dir_problem(args, config_dir)
     if comm.any(problem is not None):
         raise OneShotError(problem or "another rank cannot write the output directory (see its error)")
-    tokenizer = load_tokenizer(args, config, config_dir)
+    tokenizer = load_tokenizer(args, config, config_dir, info.tokenizer)
     calib, val = read_data(args, tokenizer, needs_stats(cfg), comm)  # before the (long) checkpoint load
     torch.manual_seed(args.seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
@@ -587,8 +595,7 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
     if comm.rank == 0:
         try:
             report = export_model(engine.module, pruner.masks, args.output_dir, overwrite=args.overwrite,
-                                  source=os.path.abspath(args.checkpoint_dir),
-                                  copy_from=args.tokenizer or config_dir,  # the tokenizer files
+                                  source=os.path.abspath(args.checkpoint_dir), tokenizer=tokenizer,
                                   extra={"oneshot": summary, "tag": info.tag, "step": info.step})
             summary["params_before"], summary["params_after"] = report["params_before"], report["params_after"]
             if args.report:

@@ -68,7 +68,7 @@ def load_file(path: str) -> dict:
     if not os.path.isfile(path):
         raise CheckpointError(f"bitter7 pruner state file {path} does not exist")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
+        state = torch.load(path, map_location="cpu", weights_only=False, mmap=True)  # tensors read as copied
     except Exception as e:  # truncated or not a torch file
         raise CheckpointError(f"bitter7 pruner state file {path} is unreadable ({type(e).__name__}: {e})") from None
     if not isinstance(state, dict):

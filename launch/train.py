@@ -53,7 +53,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--data", nargs="+", default=["builtin"],
                    help="builtin | local .txt/.json/.jsonl files or dirs | hub dataset name")
     p.add_argument("--data_config", help="configuration of a hub dataset (wikitext: e.g. wikitext-103-raw-v1)")
-    p.add_argument("--tokenizer", help="local tokenizer dir (default: bytes, vocabulary 257)")
+    p.add_argument("--tokenizer", help="tokenizer dir (default: bytes, vocabulary 257)")
     p.add_argument("--config", help="DeepSpeed JSON config (same as --deepspeed_config)")
     p.add_argument("--steps", type=int, help="optimizer steps to train to")
     p.add_argument("--seq_len", type=int)
@@ -178,7 +178,7 @@ def write_json_atomic(path: str, obj: Dict[str, Any]) -> None:
 def save_dir_problem(args) -> Optional[str]:
     """Why this run must not save into ``--save_dir``: it holds another run's checkpoints (its
     ``latest`` and ``config.json`` would be replaced, and its older tags would no longer match)."""
-    if not args.save_dir or args.resume == args.save_dir:
+    if not args.save_dir or (args.resume and os.path.realpath(args.resume) == os.path.realpath(args.save_dir)):
         return None
     latest = os.path.join(args.save_dir, "latest")
     if not os.path.isfile(latest):
@@ -268,7 +268,7 @@ def run_loop(args, engine, pruner, tokenizer, train_blocks, val_blocks, world_si
     t0, seen_event, step, loss = time.time(), None, start, float("nan")
     val_loss, ppl = loss_start, ppl_start
     extra = {"ppl_start": ppl_start, "ppl_start_step": ppl_start_step, "loss_start": loss_start,
-             "seq_len": args.seq_len}  # one-shot reads seq_len
+             "seq_len": args.seq_len, "tokenizer": args.tokenizer or dsdata.BYTES}  # one-shot reads these
     while step < args.steps:
         losses = []
         for _ in range(ga):

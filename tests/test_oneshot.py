@@ -271,6 +271,10 @@ def test_tokenizer_beside_the_config_is_used_and_must_fit(tmp_path):
     big.vocab_size = 1000  # not a byte model: bytes would be the wrong ids, silently
     with pytest.raises(oneshot.OneShotError, match="no tokenizer files beside .*config.json and no --tokenizer"):
         oneshot.load_tokenizer(args, big, str(tmp_path / "none"))
+    # unless the training run says it used bytes (launch/train.py records it), or --tokenizer bytes
+    assert oneshot.load_tokenizer(args, big, str(tmp_path / "none"), "bytes").__class__.__name__ == "ByteTokenizer"
+    args.tokenizer = "bytes"
+    assert oneshot.load_tokenizer(args, big, str(tmp_path / "none")).__class__.__name__ == "ByteTokenizer"
 
 
 def test_truncated_or_missing_rank_file_is_named_before_loading(checkpoint, tmp_path):
@@ -380,8 +384,9 @@ def test_ds_config_of_another_zero_stage_is_refused(tmp_path):
              (zero, 1, None), (zero, 2, None), (zero, 3, "ZeRO stage 3: ds_bitter7 works with ZeRO stage 0, 1 and 2"),
              (stage0, 0, None), (stage0, 2, "has ZeRO stage 2, but checkpoint .* was saved at stage 0"),
              (weights, 2, None)]
+    cases.append((zero, None, None))  # no zero_optimization section: loading gives it the checkpoint's stage
     for info, stage, error in cases:
-        (tmp_path / "ds.json").write_text(json.dumps({"zero_optimization": {"stage": stage}}))
+        (tmp_path / "ds.json").write_text(json.dumps({} if stage is None else {"zero_optimization": {"stage": stage}}))
         args = oneshot.parse_args([str(tmp_path), str(tmp_path / "o"), "--sparsity", "0.5", "--score", "magnitude",
                                    "--ds_config", str(tmp_path / "ds.json")])
         if error is None:
