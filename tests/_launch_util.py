@@ -33,7 +33,8 @@ def env(tmp_path: Path) -> Dict[str, str]:
     out = dict(os.environ, DS_ACCELERATOR="cpu", GLOO_SOCKET_IFNAME="lo", TOKENIZERS_PARALLELISM="false",
                OMP_NUM_THREADS="1", DS_BITTER7_CACHE=str(tmp_path / "cache"),
                HF_DATASETS_CACHE=str(tmp_path / "hf_datasets"), HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1",
-               MASTER_PORT=str(free_port()), PYTHONPATH=str(REPO))
+               MASTER_PORT=str(free_port()), PYTHONPATH=str(REPO),
+               OMPI_MCA_btl_sm_backing_directory=str(tmp_path))  # an aborted mpirun job leaves 16 MiB there, not in /dev/shm
     out["PATH"] = f"{VENV_BIN}{os.pathsep}{out.get('PATH', '')}"
     return out
 
