@@ -293,11 +293,11 @@ def load_text_datasets(data: Union[str, Sequence[str]], validation_fraction: flo
     import datasets
 
     spec = [data] if isinstance(data, str) else list(data)
-    if hub_config is not None and (spec == [BUILTIN] or local_files(spec) is not None):
+    files = None if spec == [BUILTIN] else local_files(spec)
+    if hub_config is not None and (spec == [BUILTIN] or files is not None):
         raise ValueError(f"a dataset configuration ({hub_config!r}) is for a hub dataset name, not for {spec}")
     if spec == [BUILTIN]:
         return builtin_dataset("train"), builtin_dataset("validation")
-    files = local_files(spec)
     if files is not None:
         if not files:
             raise ValueError(f"no .txt/.md/.json/.jsonl files in {spec}")

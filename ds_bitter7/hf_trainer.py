@@ -27,7 +27,7 @@ from . import prepare_model  # noqa: F401  (re-exported: call it before Trainer(
 from .comm import is_main_process
 from .config import enum_name
 from .export import MODEL_STATES_FILE, read_torch_file
-from .state import CLIENT_KEY, CheckpointError, atomic_save, load_file, restore_local
+from .state import CLIENT_KEY, CheckpointError, atomic_save, latest_tag, load_file, restore_local
 from .state import TRAINER_FILE as STATE_FILE
 
 logger = logging.getLogger(__name__)
@@ -110,40 +110,36 @@ class Bitter7Callback(TrainerCallback):
         if folder is None:
             return
         comm = self.pruner.comm
-        saved, path = comm.call(f"reading the pruner state in {folder}", self._read_state, folder, state)
+        tag = latest_tag(folder)
+        saved, path = comm.call(f"reading the pruner state in {folder}", self._read_state, folder, tag, state)
         self.pruner.load_state_dict(saved, source=path)
-        tag = os.path.join(folder, "latest")
-        present = os.path.isfile(tag)
-        if comm.any(present):  # every rank takes the same branch (its collectives must match)
-            comm.raise_if_any(None if present else FileNotFoundError(f"{tag} exists on another node but not here"),
-                              f"reading {tag}")
-            with open(tag) as f:
-                restore_local(self.pruner, os.path.join(folder, f.read().strip()), saved)
+        if comm.any(tag is not None):  # every rank takes the same branch (its collectives must match)
+            latest = os.path.join(folder, "latest")
+            comm.raise_if_any(None if tag is not None else FileNotFoundError(f"{latest} exists on another node "
+                                                                             "but not here"), f"reading {latest}")
+            restore_local(self.pruner, os.path.join(folder, tag), saved)
         else:
             self.pruner.load_local_state_dict(None)  # re-derive from the weights that are exactly zero
         logger.info("bitter7 state restored from %s", path)
 
-    def _read_state(self, folder: str, state) -> Tuple[dict, str]:
+    def _read_state(self, folder: str, tag: Optional[str], state) -> Tuple[dict, str]:
         """(the saved pruner state, its file), checked against the Trainer's step (local: no
-        collective): ``bitter7_state.pt``, else the DeepSpeed checkpoint's own copy (the Trainer
-        writes ``bitter7_state.pt`` after the checkpoint, and a job killed in between has none)."""
-        path = os.path.join(folder, STATE_FILE)
-        model_file = os.path.join(folder, _latest_tag(folder), MODEL_STATES_FILE)
-        if os.path.exists(path):
-            saved = load_file(path)
-        elif os.path.isfile(model_file):
-            states = read_torch_file(model_file)  # memory-mapped: the weights are not read
+        collective): ``bitter7_state.pt``, else the copy in the DeepSpeed checkpoint of ``tag`` (the
+        Trainer writes ``bitter7_state.pt`` after the checkpoint, and a job killed in between has none)."""
+        state_file = path = os.path.join(folder, STATE_FILE)
+        saved = None
+        if os.path.exists(state_file):
+            saved = load_file(state_file)
+        elif tag is not None and os.path.isfile(os.path.join(folder, tag, MODEL_STATES_FILE)):
+            path = os.path.join(folder, tag, MODEL_STATES_FILE)
+            states = read_torch_file(path)  # memory-mapped: the weights are not read
             saved = states.get(CLIENT_KEY) if isinstance(states, dict) else None
-        else:
-            saved = None
         if not isinstance(saved, dict):
             raise FileNotFoundError(
-                f"resuming at step {state.global_step} but neither {path} nor a DeepSpeed checkpoint with a "
+                f"resuming at step {state.global_step} but neither {state_file} nor a DeepSpeed checkpoint with a "
                 "bitter7 state is there" + ("" if self.resume_from_checkpoint else
                                             "; when resuming from a checkpoint outside output_dir, pass it to "
                                             "the callback too: Bitter7Callback(..., resume_from_checkpoint=PATH)"))
-        if not os.path.exists(path):
-            path = model_file
         if saved.get("step") is not None and int(saved["step"]) > state.global_step:
             # the pruner counts optimizer steps taken (fp16 overflow skips do not count), so it can
             # lag the Trainer's global_step but never lead it: then the state is another run's
@@ -163,12 +159,3 @@ class Bitter7Callback(TrainerCallback):
             os.makedirs(folder, exist_ok=True)
             atomic_save(state_dict, os.path.join(folder, STATE_FILE))
         return control
-
-
-def _latest_tag(folder: str) -> str:
-    """The tag in ``folder/latest`` (DeepSpeed's), or "" when there is none."""
-    try:
-        with open(os.path.join(folder, "latest")) as f:
-            return f.read().strip()
-    except OSError:
-        return ""

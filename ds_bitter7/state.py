@@ -80,14 +80,18 @@ def _rank_file(folder: str, rank: int) -> str:
     return os.path.join(folder, f"bitter7_rank{rank}.pt")
 
 
-def _resolve_tag(load_dir: str, tag: Optional[str], universal: bool) -> Optional[str]:
-    if tag is not None:
-        return tag
-    latest = os.path.join(load_dir, "latest_universal" if universal else "latest")
+def latest_tag(folder: str, universal: bool = False) -> Optional[str]:
+    """The tag DeepSpeed's ``latest`` (``latest_universal``) file in ``folder`` names, or None
+    without one."""
+    latest = os.path.join(folder, "latest_universal" if universal else "latest")
     if not os.path.isfile(latest):
         return None
     with open(latest) as f:
         return f.read().strip()
+
+
+def _resolve_tag(load_dir: str, tag: Optional[str], universal: bool) -> Optional[str]:
+    return tag if tag is not None else latest_tag(load_dir, universal)
 
 
 def install_checkpoint_hooks(engine, pruner) -> None:

@@ -37,6 +37,7 @@ from ds_bitter7.config import load_ds_config, parse_config
 from ds_bitter7.export import checkpoint_problems
 from ds_bitter7.schedule import sparsity_reached
 from ds_bitter7.state import CLIENT_KEY as PRUNER_STATE_KEY
+from ds_bitter7.state import latest_tag
 
 logger = logging.getLogger("train")
 
@@ -180,11 +181,9 @@ def save_dir_problem(args) -> Optional[str]:
     ``latest`` and ``config.json`` would be replaced, and its older tags would no longer match)."""
     if not args.save_dir or (args.resume and os.path.realpath(args.resume) == os.path.realpath(args.save_dir)):
         return None
-    latest = os.path.join(args.save_dir, "latest")
-    if not os.path.isfile(latest):
+    tag = latest_tag(args.save_dir)
+    if tag is None:
         return None
-    with open(latest) as f:
-        tag = f.read().strip()
     return (f"--save_dir {args.save_dir!r} already holds checkpoints (latest: {tag}): continue that run with "
             "--resume, or delete the folder, or choose another --save_dir")
 
