@@ -256,3 +256,22 @@ def test_shell_launchers_use_the_visible_gpus_and_a_real_interface_across_nodes(
     assert _launch_line(tmp_path, "run_torchrun.sh", 0).endswith("GLOO=lo")
     assert _launch_line(tmp_path, "run_torchrun.sh", 0, NNODES="2").endswith("GLOO=unset")
     assert _launch_line(tmp_path, "run_mpirun.sh", 0, HOSTS="a:1,b:1").endswith("GLOO=unset")
+
+
+def test_save_dir_check_compares_folders_not_strings(tmp_path):
+    """--resume DIR/ continues --save_dir DIR (one folder written two ways); any other run into a
+    folder that holds checkpoints is refused, with the tag it holds."""
+    import importlib.util
+    from argparse import Namespace
+
+    spec = importlib.util.spec_from_file_location("launch_train", REPO / "launch" / "train.py")
+    train = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(train)
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    assert train.save_dir_problem(Namespace(save_dir=str(ckpt), resume=None)) is None  # no checkpoint yet
+    (ckpt / "latest").write_text("global_step8")
+    assert train.save_dir_problem(Namespace(save_dir=str(ckpt), resume=f"{ckpt}/")) is None
+    for resume in (None, str(tmp_path / "other")):
+        problem = train.save_dir_problem(Namespace(save_dir=str(ckpt), resume=resume))
+        assert problem.startswith(f"--save_dir '{ckpt}' already holds checkpoints (latest: global_step8)")
