@@ -65,6 +65,21 @@ def test_resume_inside_the_training_window_matches_uninterrupted_run(mode, tmp_p
         assert all(b["masks"][k].equal(a["masks"][k]) for k in a["masks"])
 
 
+def test_window_saved_under_another_compensation_mode_restarts(tmp_path):
+    """A window summed for 'mean' (vectors, one sum per step) cannot feed 'least_squares' (F x F,
+    one sum per event): resumed under least squares, it restarts instead of failing, so the event
+    at step 4 sees only the forwards taken since the resume (step 4's, not steps 3 and 4)."""
+    bitter7 = {"structures": ["mlp_neuron"], "score": "bitter7", "target_sparsity": 0.5,
+               "schedule": {"start_step": 2, "end_step": 6, "frequency": 2, "shape": "linear"},
+               "bias_compensation": {"enabled": True, "source": "training", "window": 2, "mode": "mean"}}
+    run_distributed(workers.resume_run, 2, str(tmp_path), "full", bitter7, {})
+    least_squares = {**bitter7, "bias_compensation": {**bitter7["bias_compensation"], "mode": "least_squares"}}
+    resumed = run_distributed(workers.resume_run, 2, str(tmp_path), "resume", least_squares, {})
+    for res in resumed:
+        assert res["events"] == [2, 4, 6] and res["zero"] == {"master": True, "moments": True, "model": True}
+        assert res["stats_rows"][1:] == [2 * 2 * 16, 2 * 2 * 2 * 16]  # 1 step after the resume, then 2
+
+
 @pytest.mark.parametrize("world_size", [1, 2, 3])  # 2: a universal checkpoint has no rank files
 def test_resume_at_other_world_size_through_universal_checkpoint(full_run, world_size, tmp_path):
     ckpt, _ = full_run
