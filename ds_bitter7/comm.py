@@ -227,13 +227,14 @@ class Communicator:
         """
         return bool(self.all_reduce_max(torch.tensor([int(flag)], dtype=torch.int32)).item())
 
-    def raise_if_any(self, error: Optional[BaseException], what: str) -> None:
-        """Raise on every rank when ``error`` happened on any, so no rank waits forever.
+    def raise_if_any(self, error: Optional[BaseException], what: str, kind: type = RuntimeError) -> None:
+        """Raise on every rank when ``error`` happened on any, so no rank waits forever (the
+        others raise ``kind``).
 
         Collective: every rank must call this, in the same order.
         """
         if self.any(error is not None):
-            error = error or RuntimeError(f"{what} failed on another rank; see that rank's error")
+            error = error or kind(f"{what} failed on another rank; see that rank's error")
             mark_every_rank(error)
             raise error
 

@@ -111,7 +111,7 @@ class BiasCompensationConfig(DeepSpeedConfigModel):
     window: StrictInt = Field(8, ge=1)
     """Optimizer steps whose training forward passes (every micro-batch) are observed before each
     event (source ``training``)."""
-    ridge: StrictFloat = Field(1e-3, ge=0.0)
+    ridge: StrictFloat = Field(1e-3, ge=0.0, allow_inf_nan=False)
     """Ridge damping of least squares, relative to the mean diagonal of the covariance."""
     layers_per_pass: StrictInt = Field(0, ge=0)
     """Source ``calibration``, with the ``F x F`` matrices (least squares, ``obs``,

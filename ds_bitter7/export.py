@@ -96,6 +96,11 @@ def zero_file_problems(tag_dir: str, dp_world_size: Optional[int] = None) -> Lis
     if missing:
         problems.append(f"{tag_dir!r} holds {len(files)} *optim_states.pt but the checkpoint was saved by "
                         f"{expected} data-parallel ranks: rank(s) {missing} missing (an incomplete copy?)")
+    extra = sorted(r for r in ranks if r >= expected)
+    if extra:
+        problems.append(f"{tag_dir!r} holds *optim_states.pt of rank(s) {extra}, but the checkpoint was saved by "
+                        f"{expected} data-parallel ranks: a stale file of another run? Move "
+                        f"{os.path.basename(ranks[extra[0]])!r}{' and the others' if len(extra) > 1 else ''} away")
     for path in sorted(files):
         try:
             with zipfile.ZipFile(path) as archive:  # reads the central directory at the end only
@@ -242,7 +247,11 @@ def load_config(checkpoint_dir: str, model_config: Optional[str] = None):
     if not os.path.isfile(path):
         hint = "" if model_config else " (pass --model_config DIR with the training model's config.json)"
         raise ExportError(f"no model config: {path!r} does not exist{hint}")
-    return AutoConfig.from_pretrained(folder), folder
+    try:
+        return AutoConfig.from_pretrained(folder), folder
+    except (OSError, ValueError, KeyError) as err:  # bad JSON, no or unknown model_type
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ExportError(f"model config {path!r} cannot be read by transformers: {first}") from None
 
 
 def add_missing_biases_(model: nn.Module, state_dict: Mapping[str, torch.Tensor]) -> None:
@@ -315,7 +324,12 @@ def check_output_dir(output_dir: str, overwrite: bool, keep: Sequence[Optional[s
     """Raise ``ExportError`` unless ``output_dir`` may be written: it does not exist, or, with
     ``overwrite``, it is an empty folder or a previous export (holds ``pruning_report.json``) and
     holds none of the ``keep`` paths (the checkpoint and config being read). Nothing else is ever
-    deleted."""
+    deleted. Its nearest existing ancestor must be a folder (the export makes the missing ones)."""
+    ancestor = os.path.dirname(os.path.abspath(output_dir))
+    while not os.path.lexists(ancestor):
+        ancestor = os.path.dirname(ancestor)
+    if not os.path.isdir(ancestor):
+        raise ExportError(f"output directory {output_dir!r} cannot be made: {ancestor!r} is a file, not a folder")
     if not os.path.lexists(output_dir):
         return
     if not overwrite:
@@ -327,7 +341,9 @@ def check_output_dir(output_dir: str, overwrite: bool, keep: Sequence[Optional[s
         raise ExportError(f"output path {output_dir!r} exists and is not a folder: choose another OUTPUT_DIR")
     real = os.path.realpath(output_dir)
     paths = [p for p in keep if p]
-    paths += [os.path.join(p, e) for p in paths if os.path.isdir(p) for e in os.listdir(p)]  # linked tag folders
+    # the entries too (a tag folder linked from elsewhere), but for a previous export kept beside them
+    paths += [os.path.join(p, e) for p in paths if os.path.isdir(p) for e in os.listdir(p)
+              if os.path.islink(os.path.join(p, e)) or not os.path.isfile(os.path.join(p, e, REPORT_FILE))]
     for path in paths:
         inner = os.path.realpath(path)
         if inner == real or inner.startswith(real.rstrip(os.sep) + os.sep):

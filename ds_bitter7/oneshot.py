@@ -58,6 +58,7 @@ NEEDS_OPTIMIZER = {s for s in SCORES if "exp_avg_sq" in get_scorer(s).needs}  # 
 # Keys of the training config that shape how the checkpoint loads; everything else is dropped.
 KEEP_DS_KEYS = ("optimizer", "zero_optimization", "bf16", "fp16", "data_types", "gradient_clipping")
 DEFAULT_SEQ_LEN = 256
+UNIVERSAL_MARK = ".ds_bitter7_universal_tmp"  # in the conversion folder: only such a folder is ever deleted
 
 
 class OneShotError(ValueError):
@@ -196,14 +197,11 @@ def check_args(args: argparse.Namespace, info: Optional[CheckpointInfo]) -> None
         problems.append(f"--seq_len must be >= 2, got {args.seq_len}")
     if args.min_units_per_layer < 0:
         problems.append(f"--min_units_per_layer must be >= 0, got {args.min_units_per_layer}")
-    if args.ridge < 0:
-        problems.append(f"--ridge must be >= 0, got {args.ridge}")
+    if not (math.isfinite(args.ridge) and args.ridge >= 0):
+        problems.append(f"--ridge must be a finite number >= 0, got {args.ridge}")
     if args.layers_per_pass < 0:
         problems.append(f"--layers_per_pass must be >= 0, got {args.layers_per_pass}")
-    folder = os.path.dirname(os.path.abspath(args.report)) if args.report is not None else None
-    out = os.path.abspath(args.output_dir)
-    if folder is not None and not (os.path.isdir(folder) or folder == out or folder.startswith(out + os.sep)):
-        problems.append(f"--report {args.report!r}: folder {folder!r} does not exist")
+    problems += report_problems(args)
     if args.ds_config is not None:
         from .config import load_ds_config
 
@@ -230,6 +228,40 @@ def check_args(args: argparse.Namespace, info: Optional[CheckpointInfo]) -> None
         raise OneShotError("; ".join(problems))
 
 
+def _inputs(args: argparse.Namespace, config_dir: Optional[str] = None) -> List[str]:
+    """The paths a run reads (never to be written or deleted)."""
+    paths = [args.checkpoint_dir, config_dir or args.model_config, args.tokenizer, args.ds_config,
+             *(args.calibration or []), *(args.validation or [])]
+    return [p for p in paths if p and p not in (dsdata.BUILTIN, dsdata.BYTES)]
+
+
+def _within(path: str, folder: str) -> bool:
+    path, folder = os.path.realpath(path), os.path.realpath(folder)
+    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
+
+
+def report_problems(args: argparse.Namespace) -> List[str]:
+    """Why ``--report`` cannot be written: a folder, OUTPUT_DIR itself, an input or a file inside
+    one, a missing folder, or (outside OUTPUT_DIR, which the export makes anew) an existing file
+    without ``--overwrite``."""
+    if args.report is None:
+        return []
+    report, out = os.path.abspath(args.report), os.path.abspath(args.output_dir)
+    name = f"--report {args.report!r}"
+    if os.path.isdir(report) or report == out:
+        return [f"{name} is a folder{' (OUTPUT_DIR)' if report == out else ''}: name a file"]
+    read = [p for p in _inputs(args) if _within(report, p)]
+    if read:
+        return [f"{name} is or is inside {read[0]!r}, which this run reads: name another file"]
+    if report.startswith(out + os.sep):
+        return []
+    if not os.path.isdir(os.path.dirname(report)):
+        return [f"{name}: folder {os.path.dirname(report)!r} does not exist"]
+    if os.path.lexists(report) and not args.overwrite:
+        return [f"{name} already exists (pass --overwrite to replace it)"]
+    return []
+
+
 def ds_config_stage_problems(path: str, given: dict, info: CheckpointInfo) -> List[str]:
     """Why DeepSpeed could not load ``info``'s checkpoint with the ZeRO stage of ``--ds_config``
     (it would fail inside its loading with a bare AttributeError or AssertionError)."""
@@ -253,13 +285,19 @@ def output_dir_problem(args: argparse.Namespace, config_dir: str) -> Optional[st
     from .export import check_output_dir
 
     try:
-        inputs = [args.checkpoint_dir, config_dir, args.tokenizer, args.ds_config, *(args.calibration or []),
-                  *(args.validation or [])]
-        check_output_dir(os.path.abspath(args.output_dir), args.overwrite,
-                         [p for p in inputs if p not in (dsdata.BUILTIN, dsdata.BYTES)])
+        check_output_dir(os.path.abspath(args.output_dir), args.overwrite, _inputs(args, config_dir))
     except ExportError as err:
         return str(err)
+    work = universal_dir(args.output_dir)
+    if os.path.lexists(work) and not os.path.isfile(os.path.join(work, UNIVERSAL_MARK)):
+        return (f"{work!r} exists and was not made by ds_bitter7.oneshot, whose universal checkpoint "
+                "conversion works there (and deletes it): move it away or choose another OUTPUT_DIR")
     return None
+
+
+def universal_dir(output_dir: str) -> str:
+    """Where a checkpoint of another world size is converted (deleted after loading)."""
+    return os.path.abspath(output_dir) + ".universal_tmp"
 
 
 def resolve_seq_len(args: argparse.Namespace, info: CheckpointInfo, config) -> int:
@@ -439,8 +477,10 @@ def to_universal(info: CheckpointInfo, work_dir: str, comm) -> str:
     out = os.path.join(work_dir, info.tag)
     if comm.rank == 0:
         try:
-            shutil.rmtree(work_dir, ignore_errors=True)
+            shutil.rmtree(work_dir, ignore_errors=True)  # an earlier run's (output_dir_problem checked the mark)
             os.makedirs(work_dir)
+            with open(os.path.join(work_dir, UNIVERSAL_MARK), "w") as f:
+                f.write("a universal checkpoint made by ds_bitter7.oneshot; deleted after loading\n")
             cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", info.folder,
                    "--output_folder", out, "--inject_missing_state", "--num_extract_workers", "1",
                    "--num_merge_workers", "1"]
@@ -466,7 +506,7 @@ def build_engine(args, info: CheckpointInfo, model, comm):
         int(cfg["zero_optimization"].get("stage", 0)) in (1, 2)
     load_dir, tag = args.checkpoint_dir, info.tag
     if universal:
-        load_dir = to_universal(info, os.path.abspath(args.output_dir) + ".universal_tmp", comm)
+        load_dir = to_universal(info, universal_dir(args.output_dir), comm)
         cfg["checkpoint"] = {"load_universal": True}
     try:
         if not info.has_optimizer_state:  # magnitude only: the module weights are all it needs
@@ -474,8 +514,14 @@ def build_engine(args, info: CheckpointInfo, model, comm):
         engine, *_ = deepspeed.initialize(model=model, model_parameters=saved_param_groups(model, info),
                                           config=cfg)
         if info.has_optimizer_state:
-            path, client = engine.load_checkpoint(load_dir, tag=tag, load_optimizer_states=True,
-                                                  load_lr_scheduler_states=False)
+            error = path = None
+            try:
+                path, client = engine.load_checkpoint(load_dir, tag=tag, load_optimizer_states=True,
+                                                      load_lr_scheduler_states=False)
+            except Exception as err:  # noqa: BLE001 - a file whose archive is whole but whose contents are not
+                error = OneShotError(f"DeepSpeed could not load {info.folder!r} on rank {comm.rank} "
+                                     f"({type(err).__name__}: {err}): is one of its files corrupt?")
+            comm.raise_if_any(error, f"loading {info.folder!r}", OneShotError)  # the others wait here, not in gloo
             if path is None:
                 raise OneShotError(f"DeepSpeed could not load {info.folder!r}")
         if universal:
@@ -599,6 +645,10 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
                                   extra={"oneshot": summary, "tag": info.tag, "step": info.step})
             summary["params_before"], summary["params_after"] = report["params_before"], report["params_after"]
             if args.report:
+                in_out = os.path.abspath(args.report).startswith(os.path.abspath(args.output_dir) + os.sep)
+                if in_out and os.path.lexists(args.report):  # OUTPUT_DIR holds only the export's files now
+                    raise OneShotError(f"--report {args.report!r} would replace a file of the export just "
+                                       "written: the summary was not written; name another file")
                 os.makedirs(os.path.dirname(os.path.abspath(args.report)), exist_ok=True)  # may be in OUTPUT_DIR
                 with open(args.report, "w") as f:
                     json.dump(json_safe(summary), f, indent=2, default=str, allow_nan=False)

@@ -293,6 +293,25 @@ def test_overwrite_resolves_links(tmp_path):
     with pytest.raises(ExportError, match="is a symbolic link"):
         check_output_dir(str(tmp_path / "link"), True, [])
     check_output_dir(str(tmp_path / "old"), True, [str(tmp_path / "elsewhere")])  # a previous export: replaced
+    (tmp_path / "ckpt" / "exported").mkdir()
+    (tmp_path / "ckpt" / "exported" / "pruning_report.json").write_text("{}")
+    check_output_dir(str(tmp_path / "ckpt" / "exported"), True, [str(tmp_path / "ckpt")])  # beside the tags: not read
+
+
+def test_output_under_a_file_and_unreadable_configs_are_named(tmp_path):
+    """Checked before any work, with one line naming the path (not a traceback after consolidation)."""
+    from ds_bitter7.export import check_output_dir, load_config
+
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(ExportError, match="afile' is a file, not a folder"):
+        check_output_dir(str(tmp_path / "afile" / "sub" / "out"), False)
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "config.json").write_text("{not json")
+    with pytest.raises(ExportError, match="config.json' cannot be read by transformers"):
+        load_config(str(tmp_path / "bad"))
+    (tmp_path / "bad" / "config.json").write_text('{"model_type": "nosuchmodel"}')
+    with pytest.raises(ExportError, match="cannot be read by transformers: .*nosuchmodel"):
+        load_config(str(tmp_path / "bad"))
 
 
 def test_tokenizer_files_and_chat_template_travel_with_the_export(tmp_path):

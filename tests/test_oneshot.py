@@ -298,6 +298,11 @@ def test_truncated_or_missing_rank_file_is_named_before_loading(checkpoint, tmp_
     with pytest.raises(oneshot.OneShotError, match=r"saved by 2 data-parallel ranks: rank\(s\) \[1\] missing"):
         oneshot.inspect_checkpoint(str(copy), None)
     assert checkpoint_problems(str(copy)) and not checkpoint_problems(ckpt)  # export and resume use these
+    rank0 = copy / "global_step3" / "zero_pp_rank_0_mp_rank_00_optim_states.pt"
+    shutil.copy(ckpt + "/global_step3/zero_pp_rank_1_mp_rank_00_optim_states.pt", rank1)
+    shutil.copy(rank0, copy / "global_step3" / "zero_pp_rank_2_mp_rank_00_optim_states.pt")  # a stale third rank's
+    with pytest.raises(oneshot.OneShotError, match=r"rank\(s\) \[2\], but the checkpoint was saved by 2 data"):
+        oneshot.inspect_checkpoint(str(copy), None)  # not a universal conversion of 3 files that fails inside
 
 
 def test_report_folder_and_ds_config_are_checked_first(checkpoint, tmp_path):
@@ -311,6 +316,49 @@ def test_report_folder_and_ds_config_are_checked_first(checkpoint, tmp_path):
     inside = oneshot.parse_args([ckpt, str(tmp_path / "out"), "--sparsity", "0.5", "--report",
                                  str(tmp_path / "out" / "oneshot.json")])
     oneshot.check_args(inside, None)  # a report inside OUTPUT_DIR: that folder is made by the export
+
+
+def test_report_path_that_would_clobber_a_file_is_refused_first(checkpoint, tmp_path):
+    """--report never replaces an input (the checkpoint's own `latest` here), a folder, or an
+    existing file without --overwrite; inside OUTPUT_DIR it may only add a file to the export."""
+    root, ckpt, text = checkpoint
+    (tmp_path / "old.json").write_text("{}")
+
+    def problems(report, *extra):
+        return oneshot.report_problems(oneshot.parse_args([ckpt, str(tmp_path / "out"), "--sparsity", "0.5",
+                                                           "--calibration", text, "--report", report, *extra]))
+
+    assert "which this run reads" in problems(os.path.join(ckpt, "latest"))[0]
+    assert "which this run reads" in problems(text)[0]
+    assert "is a folder" in problems(str(tmp_path))[0]
+    assert "is a folder (OUTPUT_DIR)" in problems(str(tmp_path / "out"))[0]
+    assert "already exists (pass --overwrite" in problems(str(tmp_path / "old.json"))[0]
+    assert problems(str(tmp_path / "old.json"), "--overwrite") == []
+    assert problems(str(tmp_path / "out" / "summary.json")) == []
+    out = run_oneshot(_argv(tmp_path, ckpt, text, "clobber", "--report", str(tmp_path / "clobber" / "config.json")))
+    assert out.startswith("OneShotError") and "would replace a file of the export" in out
+    assert AutoModelForCausalLM.from_pretrained(str(tmp_path / "clobber")).config.model_type.endswith("gpt2")
+
+
+def test_infinite_ridge_is_refused(checkpoint):
+    root, ckpt, text = checkpoint
+    args = oneshot.parse_args([ckpt, str(root / "x"), "--sparsity", "0.5", "--ridge", "inf"])
+    with pytest.raises(oneshot.OneShotError, match="--ridge must be a finite number >= 0, got inf"):
+        oneshot.check_args(args, None)
+
+
+def test_conversion_folder_is_deleted_only_when_oneshot_made_it(checkpoint, tmp_path):
+    """OUTPUT_DIR.universal_tmp is emptied before a conversion: a folder there that one-shot did not
+    make (the user's, or the very checkpoint being read) is refused before any work, and kept."""
+    root, ckpt, text = checkpoint
+    args = oneshot.parse_args([ckpt, str(tmp_path / "out"), "--sparsity", "0.5"])
+    work = tmp_path / "out.universal_tmp"
+    work.mkdir()
+    (work / "notes.txt").write_text("mine")
+    assert "was not made by ds_bitter7.oneshot" in oneshot.output_dir_problem(args, ckpt)
+    assert (work / "notes.txt").read_text() == "mine"
+    (work / oneshot.UNIVERSAL_MARK).write_text("")  # an interrupted earlier conversion: replaced
+    assert oneshot.output_dir_problem(args, ckpt) is None
 
 
 def test_shortfall_and_already_pruned_count_units():
@@ -425,3 +473,20 @@ def test_ds_config_of_the_other_precision_is_refused(tmp_path):
                 oneshot.check_args(args, info)
         else:
             oneshot.check_args(args, info)
+
+
+def test_rank_file_with_corrupt_contents_is_named(checkpoint, tmp_path):
+    """A rank file whose zip directory is whole (it passes the checks before loading) but whose
+    pickle is garbage fails inside DeepSpeed's loading: that rank names the checkpoint, and no rank waits."""
+    import shutil
+
+    root, ckpt, text = checkpoint
+    copy = tmp_path / "ckpt"
+    shutil.copytree(ckpt, copy)
+    with open(copy / "global_step3" / "zero_pp_rank_1_mp_rank_00_optim_states.pt", "r+b") as f:
+        f.seek(200)
+        f.write(b"\xff" * 1800)
+    out = run_distributed(run_oneshot, 2, _argv(tmp_path, str(copy), text, "out"), timeout=120)
+    assert out[1].startswith("OneShotError") and "could not load" in out[1] and "on rank 1" in out[1], out[1]
+    assert out[0].startswith("OneShotError"), out[0]
+    assert not (tmp_path / "out").exists()
