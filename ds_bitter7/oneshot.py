@@ -654,7 +654,7 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
                     json.dump(json_safe(summary), f, indent=2, default=str, allow_nan=False)
         except Exception as err:  # every rank fails, not only rank 0
             error = err
-    comm.raise_if_any(error, "export")
+    comm.raise_if_any(error, "export", OneShotError)
     return summary
 
 

@@ -36,6 +36,8 @@ def env(tmp_path: Path) -> Dict[str, str]:
                MASTER_PORT=str(free_port()), PYTHONPATH=str(REPO),
                OMPI_MCA_btl_sm_backing_directory=str(tmp_path))  # an aborted mpirun job leaves 16 MiB there, not in /dev/shm
     out["PATH"] = f"{VENV_BIN}{os.pathsep}{out.get('PATH', '')}"
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR"):  # a one-rank group
+        out.pop(key, None)  # started in this process would pass its own to the launched ranks
     return out
 
 

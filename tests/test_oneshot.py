@@ -335,8 +335,10 @@ def test_report_path_that_would_clobber_a_file_is_refused_first(checkpoint, tmp_
     assert "already exists (pass --overwrite" in problems(str(tmp_path / "old.json"))[0]
     assert problems(str(tmp_path / "old.json"), "--overwrite") == []
     assert problems(str(tmp_path / "out" / "summary.json")) == []
-    out = run_oneshot(_argv(tmp_path, ckpt, text, "clobber", "--report", str(tmp_path / "clobber" / "config.json")))
-    assert out.startswith("OneShotError") and "would replace a file of the export" in out
+    argv = _argv(tmp_path, ckpt, text, "clobber", "--report", str(tmp_path / "clobber" / "config.json"))
+    out = run_distributed(run_oneshot, 2, argv, timeout=120)
+    assert out[0].startswith("OneShotError") and "would replace a file of the export" in out[0]
+    assert out[1] == "OneShotError: export failed on another rank; see that rank's error"
     assert AutoModelForCausalLM.from_pretrained(str(tmp_path / "clobber")).config.model_type.endswith("gpt2")
 
 
