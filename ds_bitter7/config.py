@@ -160,9 +160,9 @@ class Bitter7Config(DeepSpeedConfigModel):
     every optimizer step (one tensor; exact for Adam/AdamW, whose update of a zero weight with zero
     moments and zero gradient is zero); ``state`` re-zeroes the fp32 masters and every moment after
     every step (three tensors; for optimizers that move a weight whose gradient is zero)."""
-    eps: StrictFloat = Field(1e-8, gt=0.0)
+    eps: StrictFloat = Field(1e-8, gt=0.0, allow_inf_nan=False)
     """Added to ``exp_avg_sq`` before the power."""
-    exponent: StrictFloat = Field(0.25, gt=0.0)
+    exponent: StrictFloat = Field(0.25, gt=0.0, allow_inf_nan=False)
     """Power applied to ``exp_avg_sq + eps`` (the fourth root by default)."""
 
     @field_validator("structures")
@@ -226,11 +226,14 @@ def load_ds_config(config: Union[str, os.PathLike, dict]) -> dict:
     path = os.fspath(config)
     try:
         with open(path, encoding="utf-8") as f:
-            return json.load(f)
+            loaded = json.load(f)
     except FileNotFoundError:
         raise ValueError(f"DeepSpeed config file not found: {path}") from None
     except json.JSONDecodeError as e:
         raise ValueError(f"DeepSpeed config {path} is not valid JSON: {e}") from None
+    if not isinstance(loaded, dict):
+        raise ValueError(f"DeepSpeed config {path} holds a JSON {type(loaded).__name__}, not an object")
+    return loaded
 
 
 def parse_config(config: Union[str, os.PathLike, dict, Any]) -> Bitter7Config:
@@ -239,8 +242,13 @@ def parse_config(config: Union[str, os.PathLike, dict, Any]) -> Bitter7Config:
     A missing section gives a disabled config. Raises one ``ValueError`` listing every bad key.
     """
     ds_config = load_ds_config(config)
+    if SECTION in ds_config and ds_config[SECTION] is None:  # not the same as leaving it out: say so
+        raise ValueError(f"Invalid '{SECTION}' config: null (leave the section out, or set \"enabled\": false)")
     section = ds_config.get(SECTION)
     if section is None:
+        near = [k for k in ds_config if k != SECTION and "".join(c for c in k.lower() if c.isalnum()) == SECTION]
+        if near:
+            raise ValueError(f"DeepSpeed config has a section {near[0]!r}, not {SECTION!r}: pruning would be off")
         return Bitter7Config(enabled=False)
     if not isinstance(section, dict):
         raise ValueError(f"Invalid '{SECTION}' config: expected an object, got {section!r}")

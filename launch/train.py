@@ -82,6 +82,20 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
         args.resume = args.save_dir
     if args.resume is not None and not args.resume:
         p.error("--resume needs a folder or --save_dir")
+    for key, least in (("steps", 0), ("seq_len", 2), ("eval_every", 0), ("eval_batches", 1),
+                       ("calibration_batches", 0), ("save_every", 0)):
+        if getattr(args, key) < least:
+            p.error(f"--{key} must be >= {least}, got {getattr(args, key)}")
+    try:
+        args.model_overrides = json.loads(args.model_overrides)
+    except json.JSONDecodeError as err:
+        p.error(f"--model_overrides is not valid JSON ({err}): {args.model_overrides!r}")
+    if not isinstance(args.model_overrides, dict):
+        p.error(f"--model_overrides must be a JSON object, got {args.model_overrides!r}")
+    if args.save_dir and os.path.lexists(args.save_dir) and not os.path.isdir(args.save_dir):
+        p.error(f"--save_dir {args.save_dir!r} is a file, not a folder")  # else found at the first save
+    if args.summary and os.path.isdir(args.summary):
+        p.error(f"--summary {args.summary!r} is a folder: name a file")  # else found after training
     return args
 
 
@@ -183,6 +197,11 @@ def save_dir_problem(args) -> Optional[str]:
         return None
     tag = latest_tag(args.save_dir)
     if tag is None:
+        model = [n for n in ("config.json", "pruning_report.json", "model.safetensors", "pytorch_model.bin")
+                 if os.path.isfile(os.path.join(args.save_dir, n))]
+        if model:  # a model or an export (train.py writes config.json beside its checkpoints only)
+            return (f"--save_dir {args.save_dir!r} holds a model ({model[0]}) and no checkpoint: its "
+                    "config.json would be replaced; choose another --save_dir")
         return None
     return (f"--save_dir {args.save_dir!r} already holds checkpoints (latest: {tag}): continue that run with "
             "--resume, or delete the folder, or choose another --save_dir")
@@ -213,7 +232,11 @@ def train(args) -> Dict[str, Any]:
                 len(train_blocks), len(val_blocks), args.seq_len, world_size)
     model = modeling.build_model(args.model, dsdata.tokenizer_vocab_size(tokenizer),
                                  max_positions=max(args.seq_len, 256), seed=args.seed,
-                                 overrides=json.loads(args.model_overrides), eos_token_id=dsdata.eos_id(tokenizer))
+                                 overrides=args.model_overrides, eos_token_id=dsdata.eos_id(tokenizer))
+    positions = getattr(model.config, "n_positions", None) or getattr(model.config, "max_position_embeddings", None)
+    if positions and args.seq_len > positions:  # the embedding would fail on the first batch
+        raise SystemExit(f"--seq_len {args.seq_len} is longer than the model's {positions} positions: "
+                         f"pass --seq_len <= {positions}")
     device = deepspeed.accelerator.get_accelerator().current_device_name()
     calib = None
     if args.calibration_batches > 0:

@@ -71,6 +71,9 @@ def test_checks_across_keys_are_named_with_the_bad_keys():
     ({"score": "obs", "scope": "standardized"}, "score 'obs' ranks units by the step"),
     ({"score": "bitter7_obs", "scope": "standardized"}, "score 'bitter7_obs' ranks units by the step"),
     ({"structures": ["unstructured"], "score": "bitter7_obs"}, "does not apply to structures ['unstructured']"),
+    ({"exponent": float("inf")}, "bitter7.exponent = inf: Input should be a finite number"),  # JSON's Infinity
+    ({"eps": float("inf")}, "bitter7.eps = inf: Input should be a finite number"),
+    ({"bias_compensation": {"ridge": float("inf")}}, "bitter7.bias_compensation.ridge = inf"),
 ])
 def test_single_problems(section, needle):
     with pytest.raises(ValueError, match="Invalid 'bitter7' config") as e:
@@ -85,6 +88,20 @@ def test_bad_json_and_missing_file(tmp_path):
         parse_config(str(bad))
     with pytest.raises(ValueError, match="not found"):
         parse_config(str(tmp_path / "missing.json"))
+
+
+def test_config_that_would_silently_turn_pruning_off_is_refused(tmp_path):
+    """A file that is no JSON object, a null section and a misspelt section name are errors: a
+    missing section means dense training, and these read as if it were there."""
+    listed = tmp_path / "list.json"
+    listed.write_text("[1, 2]")
+    with pytest.raises(ValueError, match="list.json holds a JSON list, not an object"):
+        parse_config(str(listed))
+    with pytest.raises(ValueError, match="Invalid 'bitter7' config: null"):
+        parse_config({"bitter7": None})
+    with pytest.raises(ValueError, match="has a section 'bitter_7', not 'bitter7'"):
+        parse_config({"bitter_7": {"target_sparsity": 0.5}})
+    assert not parse_config({"train_batch_size": 8}).enabled  # no section: dense, as before
 
 
 def test_zero3_and_offload_are_refused():

@@ -275,3 +275,41 @@ def test_save_dir_check_compares_folders_not_strings(tmp_path):
     for resume in (None, str(tmp_path / "other")):
         problem = train.save_dir_problem(Namespace(save_dir=str(ckpt), resume=resume))
         assert problem.startswith(f"--save_dir '{ckpt}' already holds checkpoints (latest: global_step8)")
+
+
+def test_bad_arguments_are_refused_before_any_work(tmp_path, capsys):
+    """Checked when the arguments are parsed (the same on every rank): the run would otherwise
+    fail after training (a --save_dir or --summary path of the wrong kind), fail without naming
+    the option, or report a made-up perplexity (--eval_batches 0)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("launch_train", REPO / "launch" / "train.py")
+    train = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(train)
+    (tmp_path / "afile").write_text("x")
+    base = ["--config", str(REPO / "ds_configs" / "zero2_bitter7.json")]
+    for extra, needle in ((["--steps", "-3"], "--steps must be >= 0, got -3"),
+                          (["--eval_batches", "0"], "--eval_batches must be >= 1, got 0"),
+                          (["--seq_len", "1"], "--seq_len must be >= 2, got 1"),
+                          (["--model_overrides", "{n_layer: 2}"], "--model_overrides is not valid JSON"),
+                          (["--model_overrides", "[2]"], "--model_overrides must be a JSON object"),
+                          (["--save_dir", str(tmp_path / "afile")], "is a file, not a folder"),
+                          (["--summary", str(tmp_path)], "is a folder: name a file")):
+        with pytest.raises(SystemExit):
+            train.parse_args(base + extra)
+        assert needle in capsys.readouterr().err, extra
+    args = train.parse_args(base + ["--model_overrides", '{"n_layer": 2}'])
+    assert args.model_overrides == {"n_layer": 2}
+    exported = tmp_path / "exported"  # a model folder, not a checkpoint folder: its config.json is kept
+    exported.mkdir()
+    (exported / "config.json").write_text("{}")
+    assert "holds a model (config.json) and no checkpoint" in train.save_dir_problem(
+        train.parse_args(base + ["--save_dir", str(exported)]))
+
+
+def test_seq_len_beyond_the_model_positions_is_named(tmp_path):
+    """Refused once the model is built, on every rank, instead of an IndexError in the embedding."""
+    small = json.dumps({"n_layer": 2, "n_embd": 32, "n_positions": 16})
+    out = run([str(VENV_BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", str(free_port()),
+               *train_args(tmp_path, tmp_path / "summary.json", ["--model_overrides", small])], tmp_path, fails=True)
+    assert "--seq_len 32 is longer than the model's 16 positions" in out and "IndexError" not in out
