@@ -116,12 +116,14 @@ def zero_file_problems(tag_dir: str, dp_world_size: Optional[int] = None) -> Lis
 
 
 def checkpoint_problems(checkpoint_dir: str, tag: Optional[str] = None,
-                        world_size: Optional[int] = None) -> List[str]:
+                        world_size: Optional[int] = None, zero_stage: Optional[int] = None) -> List[str]:
     """What stops loading a checkpoint's tag (``latest`` by default) with its optimizer state: a
     tag or model-states file that cannot be found or read, ``zero_file_problems`` for the saved
     data-parallel world size, no ``*optim_states.pt`` at all although the model-states file says
-    the optimizer state was saved in them (ZeRO), and, given the loading run's ``world_size``, a
-    ZeRO checkpoint saved by another number of ranks (how to convert it)."""
+    the optimizer state was saved in them (ZeRO), given the loading run's ``zero_stage``, optimizer
+    state kept where that stage does not look (stage 0 against 1/2; 1 and 2 load each other's),
+    and, given its ``world_size``, a ZeRO checkpoint saved by another number of ranks (how to
+    convert it)."""
     try:
         tag_dir = os.path.join(checkpoint_dir, resolve_tag(checkpoint_dir, tag))
         states = os.path.join(tag_dir, MODEL_STATES_FILE)
@@ -138,6 +140,11 @@ def checkpoint_problems(checkpoint_dir: str, tag: Optional[str] = None,
                 + (f" by {world} data-parallel ranks" if world else "")
                 + ": the optimizer state is missing (an incomplete copy?)"]
     problems = zero_file_problems(tag_dir, world)
+    if not problems and zero_stage is not None and bool(stage) != bool(zero_stage):
+        where = "in *optim_states.pt" if stage else f"in {MODEL_STATES_FILE}"
+        problems.append(f"{tag_dir!r} was saved with ZeRO stage {stage} (its optimizer state is {where}), but "
+                        f"this run has ZeRO stage {zero_stage}: resume with stage "
+                        f"{'1 or 2' if stage else '0'} (DeepSpeed cannot load it across stage 0 and 1/2)")
     if not problems and stage and world and world_size and world != world_size:
         problems.append(f"{tag_dir!r} was saved with ZeRO stage {stage} by {world} data-parallel ranks, not "
                         f"{world_size}: convert it with python -m deepspeed.checkpoint.ds_to_universal "

@@ -265,7 +265,8 @@ def run_loop(args, engine, pruner, tokenizer, train_blocks, val_blocks, world_si
         # loading while the others wait in its collectives
         universal = bool(engine.load_universal_checkpoint())  # another layout: DeepSpeed checks it
         problems = ([] if universal or not os.path.isfile(os.path.join(args.resume, "latest"))
-                    else checkpoint_problems(args.resume, world_size=world_size))
+                    else checkpoint_problems(args.resume, world_size=world_size,
+                                             zero_stage=engine.zero_optimization_stage()))
         if Communicator().any(bool(problems)):
             why = "; ".join(problems) or "another rank cannot read it (see its error)"
             raise SystemExit(f"cannot resume from {args.resume!r}: {why}")

@@ -313,3 +313,16 @@ def test_seq_len_beyond_the_model_positions_is_named(tmp_path):
     out = run([str(VENV_BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", str(free_port()),
                *train_args(tmp_path, tmp_path / "summary.json", ["--model_overrides", small])], tmp_path, fails=True)
     assert "--seq_len 32 is longer than the model's 16 positions" in out and "IndexError" not in out
+
+
+def test_resume_under_another_zero_stage_is_named(trained):
+    """A ZeRO-2 checkpoint resumed at stage 0 failed inside DeepSpeed's loading with an
+    AttributeError; stage 1 reads stage 2's files."""
+    from ds_bitter7.export import checkpoint_problems
+
+    _, _, ckpt = trained
+    problems = checkpoint_problems(str(ckpt), world_size=2, zero_stage=0)
+    assert len(problems) == 1 and "was saved with ZeRO stage 2 (its optimizer state is in *optim_states.pt), " \
+        "but this run has ZeRO stage 0: resume with stage 1 or 2" in problems[0], problems
+    assert checkpoint_problems(str(ckpt), world_size=2, zero_stage=1) == []
+    assert checkpoint_problems(str(ckpt), world_size=2, zero_stage=2) == []
