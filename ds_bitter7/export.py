@@ -327,6 +327,12 @@ def _write_reports(folder: str, report: dict) -> None:
         f.write("\n".join(lines) + "\n")
 
 
+def is_within(path: str, folder: str) -> bool:
+    """Whether ``path`` is ``folder`` or inside it, links resolved."""
+    path, folder = os.path.realpath(path), os.path.realpath(folder)
+    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
+
+
 def check_output_dir(output_dir: str, overwrite: bool, keep: Sequence[Optional[str]] = ()) -> None:
     """Raise ``ExportError`` unless ``output_dir`` may be written: it does not exist, or, with
     ``overwrite``, it is an empty folder or a previous export (holds ``pruning_report.json``) and
@@ -346,14 +352,12 @@ def check_output_dir(output_dir: str, overwrite: bool, keep: Sequence[Optional[s
                           "folder; choose another OUTPUT_DIR")
     if not os.path.isdir(output_dir):
         raise ExportError(f"output path {output_dir!r} exists and is not a folder: choose another OUTPUT_DIR")
-    real = os.path.realpath(output_dir)
     paths = [p for p in keep if p]
     # the entries too (a tag folder linked from elsewhere), but for a previous export kept beside them
     paths += [os.path.join(p, e) for p in paths if os.path.isdir(p) for e in os.listdir(p)
               if os.path.islink(os.path.join(p, e)) or not os.path.isfile(os.path.join(p, e, REPORT_FILE))]
     for path in paths:
-        inner = os.path.realpath(path)
-        if inner == real or inner.startswith(real.rstrip(os.sep) + os.sep):
+        if is_within(path, output_dir):
             raise ExportError(f"--overwrite would delete {path!r}, which is being read: it is inside output "
                               f"directory {output_dir!r}; choose another OUTPUT_DIR")
     entries = os.listdir(output_dir)

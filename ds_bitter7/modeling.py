@@ -19,6 +19,12 @@ _WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "model.safetensors.in
                  "pytorch_model.bin.index.json")
 
 
+def max_positions(config) -> Optional[int]:
+    """The longest sequence the model's position table holds (GPT-2's ``n_positions``, LLaMA's
+    ``max_position_embeddings``), or None when the config names neither."""
+    return getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None)
+
+
 def _round_up(n: int, multiple: int = 8) -> int:
     return (n + multiple - 1) // multiple * multiple
 

@@ -39,6 +39,7 @@ from .export import MODEL_STATES_FILE as MODEL_STATES
 from .export import (
     ExportError,
     consolidate,
+    is_within,
     json_safe,
     read_torch_file,
     resolve_tag,
@@ -46,6 +47,7 @@ from .export import (
     zero3_problem,
     zero_file_problems,
 )
+from .modeling import max_positions
 from .scores import get_scorer
 from .structures import unstructured_params
 from .threshold import n_to_prune
@@ -235,11 +237,6 @@ def _inputs(args: argparse.Namespace, config_dir: Optional[str] = None) -> List[
     return [p for p in paths if p and p not in (dsdata.BUILTIN, dsdata.BYTES)]
 
 
-def _within(path: str, folder: str) -> bool:
-    path, folder = os.path.realpath(path), os.path.realpath(folder)
-    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
-
-
 def report_problems(args: argparse.Namespace) -> List[str]:
     """Why ``--report`` cannot be written: a folder, OUTPUT_DIR itself, an input or a file inside
     one, a missing folder, or (outside OUTPUT_DIR, which the export makes anew) an existing file
@@ -250,10 +247,10 @@ def report_problems(args: argparse.Namespace) -> List[str]:
     name = f"--report {args.report!r}"
     if os.path.isdir(report) or report == out:
         return [f"{name} is a folder{' (OUTPUT_DIR)' if report == out else ''}: name a file"]
-    read = [p for p in _inputs(args) if _within(report, p)]
+    read = [p for p in _inputs(args) if is_within(report, p)]
     if read:
         return [f"{name} is or is inside {read[0]!r}, which this run reads: name another file"]
-    if report.startswith(out + os.sep):
+    if is_within(report, out):
         return []
     if not os.path.isdir(os.path.dirname(report)):
         return [f"{name}: folder {os.path.dirname(report)!r} does not exist"]
@@ -306,7 +303,7 @@ def resolve_seq_len(args: argparse.Namespace, info: CheckpointInfo, config) -> i
     Blocks longer than the position table fail inside the model (GPT-2) or run on positions the
     model never trained on, whose activations would corrupt calibration: refused here instead.
     """
-    limit = getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None)
+    limit = max_positions(config)
     seq_len = args.seq_len or info.seq_len or (min(DEFAULT_SEQ_LEN, limit) if limit else DEFAULT_SEQ_LEN)
     if limit and seq_len > limit:
         raise OneShotError(f"--seq_len {seq_len} is longer than the model's {limit} positions "
@@ -645,8 +642,7 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
                                   extra={"oneshot": summary, "tag": info.tag, "step": info.step})
             summary["params_before"], summary["params_after"] = report["params_before"], report["params_after"]
             if args.report:
-                in_out = os.path.abspath(args.report).startswith(os.path.abspath(args.output_dir) + os.sep)
-                if in_out and os.path.lexists(args.report):  # OUTPUT_DIR holds only the export's files now
+                if is_within(args.report, args.output_dir) and os.path.lexists(args.report):  # OUTPUT_DIR holds only the export's files now
                     raise OneShotError(f"--report {args.report!r} would replace a file of the export just "
                                        "written: the summary was not written; name another file")
                 os.makedirs(os.path.dirname(os.path.abspath(args.report)), exist_ok=True)  # may be in OUTPUT_DIR

@@ -34,7 +34,7 @@ from ds_bitter7 import data as dsdata
 from ds_bitter7 import modeling
 from ds_bitter7.comm import Communicator, abort_job_on_error, init_distributed
 from ds_bitter7.config import load_ds_config, parse_config
-from ds_bitter7.export import checkpoint_problems
+from ds_bitter7.export import REPORT_FILE, checkpoint_problems
 from ds_bitter7.schedule import sparsity_reached
 from ds_bitter7.state import CLIENT_KEY as PRUNER_STATE_KEY
 from ds_bitter7.state import latest_tag
@@ -197,7 +197,7 @@ def save_dir_problem(args) -> Optional[str]:
         return None
     tag = latest_tag(args.save_dir)
     if tag is None:
-        model = [n for n in ("config.json", "pruning_report.json", "model.safetensors", "pytorch_model.bin")
+        model = [n for n in ("config.json", REPORT_FILE, "model.safetensors", "pytorch_model.bin")
                  if os.path.isfile(os.path.join(args.save_dir, n))]
         if model:  # a model or an export (train.py writes config.json beside its checkpoints only)
             return (f"--save_dir {args.save_dir!r} holds a model ({model[0]}) and no checkpoint: its "
@@ -233,7 +233,7 @@ def train(args) -> Dict[str, Any]:
     model = modeling.build_model(args.model, dsdata.tokenizer_vocab_size(tokenizer),
                                  max_positions=max(args.seq_len, 256), seed=args.seed,
                                  overrides=args.model_overrides, eos_token_id=dsdata.eos_id(tokenizer))
-    positions = getattr(model.config, "n_positions", None) or getattr(model.config, "max_position_embeddings", None)
+    positions = modeling.max_positions(model.config)
     if positions and args.seq_len > positions:  # the embedding would fail on the first batch
         raise SystemExit(f"--seq_len {args.seq_len} is longer than the model's {positions} positions: "
                          f"pass --seq_len <= {positions}")
