@@ -87,6 +87,33 @@ def launched_by_mpi() -> bool:
     return any(k in os.environ for k in ("OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK"))
 
 
+def mpi_rank_and_size() -> Optional[Tuple[str, str]]:
+    """(rank, world size) as the MPI launcher set them, where it names both, else None."""
+    for rank, size in (("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE"), ("MV2_COMM_WORLD_RANK", "MV2_COMM_WORLD_SIZE"),
+                       ("PMI_RANK", "PMI_SIZE")):
+        if rank in os.environ and size in os.environ:
+            return os.environ[rank], os.environ[size]
+    return None
+
+
+def drop_stale_rank_env() -> None:
+    """Under mpirun, unset ``RANK``/``WORLD_SIZE``/``LOCAL_RANK`` that disagree with MPI's own.
+
+    Left in the environment from elsewhere (a shell inside another job), with ``MASTER_ADDR`` and
+    ``MASTER_PORT`` they make DeepSpeed skip its MPI discovery: every process would take the same
+    rank and world size, and the job fails (address in use) or hangs.
+    """
+    ours = mpi_rank_and_size()
+    if ours is None:
+        return
+    stale = {k: os.environ[k] for k, v in zip(("RANK", "WORLD_SIZE"), ours) if k in os.environ and os.environ[k] != v}
+    if stale:
+        logger.warning("ignoring %s from the environment: mpirun started this process as rank %s of %s",
+                       ", ".join(f"{k}={v}" for k, v in stale.items()), *ours)
+        for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE"):
+            os.environ.pop(key, None)
+
+
 def init_distributed() -> Tuple[int, int]:
     """Start torch.distributed: from the launcher's env (torchrun, the deepspeed launcher), from
     MPI (mpirun, through mpi4py), or as a one-rank group for a plain ``python``. Returns
@@ -97,8 +124,10 @@ def init_distributed() -> Tuple[int, int]:
         for lock, age in stale_build_locks().items():
             logger.warning("%s is %.0f min old: if no extension build is running, a killed build left it and "
                            "DeepSpeed's start will wait on it for good; remove it", lock, age / 60)
-    launched = all(k in os.environ for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"))
     mpi = launched_by_mpi()
+    if mpi:
+        drop_stale_rank_env()
+    launched = all(k in os.environ for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"))
     if not launched and not mpi and int(os.environ.get("SLURM_STEP_NUM_TASKS", "1")) > 1:
         raise RuntimeError(f"srun started {os.environ['SLURM_STEP_NUM_TASKS']} tasks, but neither torchrun's "
                            "variables (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT) nor MPI's are set: each task "

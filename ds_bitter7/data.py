@@ -236,6 +236,9 @@ def read_local_files(files: Sequence[str]):
             raise ValueError(f"cannot read {files} as JSON: {type(err).__name__}: {err}") from err
     if "text" not in ds.column_names:
         raise ValueError(f"{files}: every JSON record needs a 'text' field; the records have {ds.column_names}")
+    if kind == "json" and getattr(ds.features["text"], "dtype", None) not in ("string", "large_string"):
+        raise ValueError(f"{files}: the 'text' field of every JSON record must be a string; "
+                         f"these records hold {ds.features['text']}")
     ds = ds.filter(lambda row: isinstance(row["text"], str) and bool(row["text"].strip()))
     if len(ds) == 0:
         raise ValueError(f"no text in {files} (only whitespace)")

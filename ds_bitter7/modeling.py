@@ -61,8 +61,9 @@ def build_config(name_or_path: str, vocab_size: Optional[int] = None, max_positi
                  overrides: Optional[Dict[str, Any]] = None, eos_token_id: Optional[int] = None):
     """The ``PretrainedConfig`` for a built-in name, a local directory or a transformers name.
 
-    ``vocab_size`` (rounded up to a multiple of 8) sets the built-ins' vocabulary; for other
-    configs it must not exceed theirs. ``overrides`` are set on the config. ``eos_token_id``:
+    ``vocab_size`` (rounded up to a multiple of 8) sets the built-ins' vocabulary unless
+    ``overrides`` name one; a config's vocabulary must not be smaller than it. ``overrides`` are
+    set on the config. ``eos_token_id``:
     the tokenizer's end-of-document id (built-ins; default the last id, 256 for bytes).
     """
     overrides = dict(overrides or {})
@@ -70,16 +71,20 @@ def build_config(name_or_path: str, vocab_size: Optional[int] = None, max_positi
         vocab = _round_up(vocab_size or 257)
         eos = eos_token_id if eos_token_id is not None else (vocab_size or 257) - 1
         overrides = {"bos_token_id": eos, "eos_token_id": eos, **overrides}
-        return BUILTIN_MODELS[name_or_path](vocab, max_positions, **overrides)
-    from transformers import AutoConfig
+        vocab = overrides.pop("vocab_size", vocab)
+        if not isinstance(vocab, int) or isinstance(vocab, bool) or vocab < 1:
+            raise ValueError(f"vocab_size override must be a positive integer, got {vocab!r}")
+        config = BUILTIN_MODELS[name_or_path](vocab, max_positions, **overrides)
+    else:
+        from transformers import AutoConfig
 
-    from .data import refuse_near_miss
+        from .data import refuse_near_miss
 
-    if not os.path.exists(name_or_path):
-        refuse_near_miss(name_or_path, list(BUILTIN_MODELS), "model")
-    config = AutoConfig.from_pretrained(name_or_path)  # a hub name needs network access
-    for key, value in overrides.items():
-        setattr(config, key, value)
+        if not os.path.exists(name_or_path):
+            refuse_near_miss(name_or_path, list(BUILTIN_MODELS), "model")
+        config = AutoConfig.from_pretrained(name_or_path)  # a hub name needs network access
+        for key, value in overrides.items():
+            setattr(config, key, value)
     if vocab_size is not None and vocab_size > config.vocab_size:
         raise ValueError(f"tokenizer has {vocab_size} ids but model {name_or_path!r} only "
                          f"{config.vocab_size}")

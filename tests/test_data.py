@@ -79,8 +79,11 @@ def test_bad_local_files_are_named(tmp_path, monkeypatch):
     (tmp_path / "blank.txt").write_text("  \n\n \n")
     (tmp_path / "other.jsonl").write_text(json.dumps({"id": "doc-1", "content": "words"}) + "\n")
     (tmp_path / "one.txt").write_text("one document on one line\n")
+    (tmp_path / "numbers.jsonl").write_text("".join(json.dumps({"text": i}) + "\n" for i in range(3)))
     for name, message in (("empty.txt", "empty data file"), ("blank.txt", "only whitespace"),
                           ("other.jsonl", "needs a 'text' field; the records have \\['id', 'content'\\]"),
+                          ("numbers.jsonl", "'text' field of every JSON record must be a string; these records "
+                           "hold Value\\('int64'\\)"),
                           ("one.txt", "hold one document")):
         with pytest.raises(ValueError, match=message):
             data.load_text_datasets(str(tmp_path / name))
@@ -124,6 +127,11 @@ def test_builtin_models_build():
     assert torch.equal(gpt2.transformer.wte.weight, again.transformer.wte.weight)  # seeded
     ids = torch.randint(0, 257, (2, 16))
     assert gpt2(input_ids=ids, labels=ids).loss.isfinite()
+    assert modeling.build_config("tiny-gpt2", 257, overrides={"vocab_size": 512}).vocab_size == 512
+    for vocab, message in ((100, "tokenizer has 257 ids but model 'tiny-gpt2' only 100"),
+                           ("512", "vocab_size override must be a positive integer, got '512'")):
+        with pytest.raises(ValueError, match=message):
+            modeling.build_config("tiny-gpt2", 257, overrides={"vocab_size": vocab})
 
 
 def test_local_model_with_weights_is_checked_and_overridden(tmp_path):

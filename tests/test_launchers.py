@@ -187,7 +187,10 @@ def test_oneshot_under_deepspeed_launcher(trained, tmp_path):
 
 @needs_mpirun
 def test_oneshot_under_mpirun(trained, tmp_path):
-    run([*mpirun(2), str(VENV_BIN / "python"), *oneshot_args(trained, tmp_path)], tmp_path)
+    """With a one-rank group's variables left in the environment (a shell inside another job):
+    MPI's ranks win, where DeepSpeed would skip its MPI discovery and start two rank-0 processes."""
+    stale = [arg for var in ("RANK=0", "WORLD_SIZE=1", "LOCAL_RANK=0", "MASTER_ADDR=127.0.0.1") for arg in ("-x", var)]
+    run([*mpirun(2), *stale, str(VENV_BIN / "python"), *oneshot_args(trained, tmp_path)], tmp_path)
     check_oneshot(tmp_path)
 
 
