@@ -47,6 +47,7 @@ def initialize(args=None, model=None, optimizer=None, model_parameters=None, tra
     any collective.
     """
     import deepspeed
+    import torch
 
     ds_config = _config_from(args, config, config_params)
     cfg = parse_config(ds_config)
@@ -56,9 +57,13 @@ def initialize(args=None, model=None, optimizer=None, model_parameters=None, tra
         from .calibration import check_calibration_data
 
         check_calibration_data(cfg, calibration_data)  # before DeepSpeed's first collective
-        added = prepare_model(model, cfg)
+        added = [model.get_parameter(n) for n in prepare_model(model, cfg)]
         if added and isinstance(model_parameters, (list, tuple)):  # a list built before the biases existed
-            model_parameters = _with_params(model_parameters, [model.get_parameter(n) for n in added])
+            model_parameters = _with_params(model_parameters, added)
+        if added and isinstance(optimizer, torch.optim.Optimizer):  # a client optimizer built before them
+            known = {id(p) for group in optimizer.param_groups for p in group["params"]}
+            if any(id(p) not in known for p in added):
+                optimizer.add_param_group({"params": [p for p in added if id(p) not in known], "weight_decay": 0.0})
     ds_only = {k: v for k, v in copy.deepcopy(ds_config).items() if k != "bitter7"}
     if args is not None and getattr(args, "deepspeed_config", None) is not None:
         args = copy.copy(args)

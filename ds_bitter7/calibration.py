@@ -126,6 +126,26 @@ def check_calibration_data(config, calibration_data) -> None:
         raise ValueError(_calibration_error(config))
 
 
+BATCH_FORM = ("each batch is a dict of the model's keyword inputs, such as {'input_ids': LongTensor[batch, seq]}, "
+              "or an input_ids tensor")
+
+
+def calibration_data_problem(data, num_batches: int) -> Optional[str]:
+    """What is wrong with ``calibration_data`` on this rank (its container and, where it can be
+    indexed, its first ``num_batches`` batches), or None. Local."""
+    if isinstance(data, (str, bytes, collections.abc.Mapping, torch.Tensor)) or not isinstance(
+            data, collections.abc.Iterable):
+        what = "a dict (one batch?)" if isinstance(data, collections.abc.Mapping) else f"a {type(data).__name__}"
+        return f"got {what}; pass a list (or iterable) of batches: {BATCH_FORM}"
+    if isinstance(data, collections.abc.Sized) and len(data) == 0:
+        return "no batch (an empty container)"
+    if isinstance(data, collections.abc.Sequence):
+        for i, batch in enumerate(data[:num_batches]):
+            if not isinstance(batch, (collections.abc.Mapping, torch.Tensor)):
+                return f"batch {i} is a {type(batch).__name__}: {BATCH_FORM}"
+    return None
+
+
 def _calibration_error(config) -> str:
     why = ("bias_compensation.enabled" if config.bias_compensation.enabled
            else f"score {enum_name(config.score)!r}")
@@ -159,6 +179,10 @@ class ActivationStats:
         if isinstance(calibration_data, collections.abc.Iterator):
             # a one-shot iterator (generator): its first batches serve every event, not only the first
             calibration_data = list(itertools.islice(calibration_data, self.num_batches))
+        if self.source == StatsSource.calibration:  # now, not at the first event (hours later)
+            problem = calibration_data_problem(calibration_data, self.num_batches)
+            pruner.comm.raise_if_any(ValueError(f"ds_bitter7: calibration_data: {problem}") if problem else None,
+                                     "checking calibration_data", ValueError)
         self.calibration_data = calibration_data
         self.groups = list(pruner.groups)
         self._n_features = {g.key: g.feature_units.numel() for g in self.groups}
@@ -342,8 +366,8 @@ class ActivationStats:
         try:
             self.model.eval()
             with torch.no_grad():
-                for batch in _progress(batches[:n]):
-                    _forward(self.model, batch, device)
+                for i, batch in enumerate(_progress(batches[:n])):
+                    _forward(self.model, batch, device, i)
         except Exception as err:  # noqa: BLE001 - a bad batch or OOM on one rank fails every rank
             error = err
         finally:
@@ -436,12 +460,19 @@ def _to(value, device):
     return value
 
 
-def _forward(model, batch, device) -> None:
+def _forward(model, batch, device, index: int) -> None:
+    """The model's forward on calibration batch ``index``; its error says which batch it was."""
     batch = _to(batch, device)
-    if isinstance(batch, dict):
-        model(**batch)
-    else:
-        model(batch)
+    try:
+        if isinstance(batch, dict):
+            model(**batch)
+        else:
+            model(batch)
+    except Exception as err:
+        shapes = ({k: tuple(v.shape) for k, v in batch.items() if torch.is_tensor(v)} if isinstance(batch, dict)
+                  else tuple(batch.shape) if torch.is_tensor(batch) else type(batch).__name__)
+        err.add_note(f"ds_bitter7: in the model's forward on calibration batch {index} (shapes {shapes})")
+        raise
 
 
 def _progress(batches: list):

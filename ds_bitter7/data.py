@@ -22,12 +22,11 @@ import os
 import re
 import sys
 import sysconfig
-import tempfile
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
 
-from .state import umask_mode
+from .state import atomic_write
 
 logger = logging.getLogger(__name__)
 
@@ -137,18 +136,9 @@ def corpus_cache_path(directory: Optional[str] = None) -> str:
 
 
 def _atomic_write_jsonl(path: str, rows: List[Dict[str, str]]) -> None:
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp-", suffix=".jsonl")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            for row in rows:
-                f.write(json.dumps(row, ensure_ascii=False, sort_keys=True) + "\n")
-        os.chmod(tmp, umask_mode(0o666))
-        os.replace(tmp, path)  # atomic: concurrent ranks see the old file or the full new one
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    """``rows`` as JSON lines, atomically: concurrent ranks see the old file or the full new one."""
+    text = "".join(json.dumps(row, ensure_ascii=False, sort_keys=True) + "\n" for row in rows)
+    atomic_write(path, lambda f: f.write(text.encode("utf-8")))
 
 
 def builtin_documents(directory: Optional[str] = None) -> List[Dict[str, str]]:

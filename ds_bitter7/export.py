@@ -29,12 +29,11 @@ from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
 from .shrink import key_mismatch, shrink_model, unit_counts, validate_masks, zero_pruned_units_
 from .state import CLIENT_KEY as STATE_KEY
+from .state import MODEL_STATES_FILE, umask_mode
 from .state import TRAINER_FILE as TRAINER_STATE_FILE
-from .state import umask_mode
 
 logger = logging.getLogger(__name__)
 
-MODEL_STATES_FILE = "mp_rank_00_model_states.pt"
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
                     "vocab.json", "merges.txt", "tokenizer.model", "chat_template.jinja", "chat_template.json",
                     "generation_config.json")

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import numbers
 import time
 from typing import Dict, List, Optional, Tuple
 
@@ -37,7 +38,7 @@ from .structures import (
     unit_groups,
     unstructured_params,
 )
-from .threshold import select_units, standardize, threshold_of
+from .threshold import n_to_prune, select_units, standardize, threshold_of
 from .unstructured import UnstructuredMasks
 from .zero_access import MissingOptimizerState, ZeroAccess
 
@@ -111,8 +112,10 @@ class Pruner:
         only), ``stats_passes`` (calibration passes this event ran; source ``calibration``),
         ``compensation`` (when enabled), ``seconds`` and ``bytes`` reduced.
         """
-        if not 0.0 <= fraction < 1.0:
-            raise ValueError(f"prune_to: fraction must be in [0, 1), got {fraction!r}")
+        if isinstance(fraction, bool) or not isinstance(fraction, (numbers.Real, torch.Tensor)) or (
+                torch.is_tensor(fraction) and fraction.numel() != 1) or not 0.0 <= float(fraction) < 1.0:
+            raise ValueError(f"prune_to: fraction must be a number in [0, 1), got {fraction!r}")
+        fraction = float(fraction)  # a tensor or numpy number: the event record stays JSON
         with self._one_batch_list():
             event = self._event(fraction)
         if self.unstructured is not None and not self.access.replicated and not self._stepping:
@@ -243,6 +246,12 @@ class Pruner:
             after = select_units(flat, layers, before, fraction, self.config.scope == Scope.per_layer,
                                  self.config.min_units_per_layer)
             event["thresholds"][enum_name(kind)] = threshold_of(flat, before, after)
+            if (self.config.scope != Scope.per_layer and self.config.min_units_per_layer
+                    and int(after.sum()) < n_to_prune(fraction, after.numel())):  # the floor held units back
+                log_main("bitter7 step %d: %s: min_units_per_layer %d keeps %d units of %d; %.4f pruned, "
+                         "not the %.4f asked", self.step_count, enum_name(kind), self.config.min_units_per_layer,
+                         int((~after).sum()), after.numel(), float(after.float().mean()), fraction,
+                         level=logging.WARNING, log=logger)
             offset = 0
             for k in keys:
                 n = scores[k].numel()

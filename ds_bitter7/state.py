@@ -12,10 +12,11 @@
 
 from __future__ import annotations
 
+import inspect
 import logging
 import os
 import tempfile
-from typing import Optional
+from typing import BinaryIO, Callable, Optional
 
 import torch
 
@@ -25,6 +26,7 @@ logger = logging.getLogger(__name__)
 
 CLIENT_KEY = "bitter7"
 TRAINER_FILE = "bitter7_state.pt"
+MODEL_STATES_FILE = "mp_rank_00_model_states.pt"  # DeepSpeed's, in every tag folder
 
 
 class CheckpointError(ValueError):
@@ -44,15 +46,15 @@ def umask_mode(mode: int) -> int:
     return mode & ~mask
 
 
-def atomic_save(obj, path: str) -> None:
-    """torch.save to ``path`` through a temporary file in the same folder, then rename (the file
+def atomic_write(path: str, write: Callable[[BinaryIO], object]) -> None:
+    """``write(f)`` to ``path`` through a temporary file in the same folder, then rename (the file
     gets the umask's usual permissions, like DeepSpeed's own checkpoint files)."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".pt")
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-")
     try:
         with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.chmod(tmp, umask_mode(0o666))
@@ -61,6 +63,11 @@ def atomic_save(obj, path: str) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def atomic_save(obj, path: str) -> None:
+    """torch.save to ``path``, atomically (``atomic_write``)."""
+    atomic_write(path, lambda f: torch.save(obj, f))
 
 
 def load_file(path: str) -> dict:
@@ -94,22 +101,60 @@ def _resolve_tag(load_dir: str, tag: Optional[str], universal: bool) -> Optional
     return tag if tag is not None else latest_tag(load_dir, universal)
 
 
-def install_checkpoint_hooks(engine, pruner) -> None:
-    """Make ``engine.save_checkpoint``/``load_checkpoint`` carry the pruner's state."""
-    save, load = engine.save_checkpoint, engine.load_checkpoint
+def write_latest(save_dir: str, tag: str) -> None:
+    """DeepSpeed's ``latest`` file naming ``tag``, replaced atomically."""
+    atomic_write(os.path.join(save_dir, "latest"), lambda f: f.write(tag.encode()))
 
-    def save_checkpoint(save_dir, tag=None, client_state=None, save_latest=True, **kwargs):
-        tag = tag if tag is not None else f"global_step{engine.global_steps}"
-        client_state = dict(client_state or {})
-        client_state[CLIENT_KEY] = pruner.state_dict()
-        out = save(save_dir, tag=tag, client_state=client_state, save_latest=save_latest, **kwargs)
-        atomic_save(pruner.local_state_dict(), _rank_file(os.path.join(save_dir, str(tag)), pruner.comm.rank))
+
+def _tags(folder: str) -> list:
+    """The checkpoint tags in ``folder``: its subfolders holding DeepSpeed's model-states file."""
+    if not os.path.isdir(folder):
+        return []
+    return sorted(d for d in os.listdir(folder) if os.path.isfile(os.path.join(folder, d, MODEL_STATES_FILE)))
+
+
+def install_checkpoint_hooks(engine, pruner) -> None:
+    """Make ``engine.save_checkpoint``/``load_checkpoint`` carry the pruner's state; they take
+    DeepSpeed's arguments, positional or by name.
+
+    A save writes ``latest`` only once every rank's pruner file is written (DeepSpeed writes it
+    before our rank files exist): a save that fails or is killed on the way leaves ``latest``
+    naming the previous, complete checkpoint. Under a decoupled checkpoint engine, which commits
+    ``latest`` itself later, DeepSpeed's order is kept.
+    """
+    save, load = engine.save_checkpoint, engine.load_checkpoint
+    save_signature, load_signature = inspect.signature(save), inspect.signature(load)
+
+    def save_checkpoint(*args, **kwargs):
+        call = save_signature.bind(*args, **kwargs)
+        call.apply_defaults()
+        given = call.arguments
+        if given["tag"] is None:
+            given["tag"] = f"global_step{engine.global_steps}"
+        tag, save_dir, save_latest = str(given["tag"]), given["save_dir"], given["save_latest"]
+        given["client_state"] = {**(given["client_state"] or {}), CLIENT_KEY: pruner.state_dict()}
+        decoupled = bool(getattr(engine.checkpoint_engine, "is_decoupled", lambda: False)())
+        if not decoupled:
+            given["save_latest"] = False
+        out = save(*call.args, **call.kwargs)
+        rank_file = _rank_file(os.path.join(save_dir, tag), pruner.comm.rank)
+        pruner.comm.call(f"writing {rank_file}", lambda: atomic_save(pruner.local_state_dict(), rank_file))
+        if save_latest and not decoupled:
+            rank0 = engine.global_rank == 0
+            pruner.comm.call(f"writing {save_dir}/latest", lambda: write_latest(save_dir, tag) if rank0 else None)
         return out
 
-    def load_checkpoint(load_dir, tag=None, **kwargs):
+    def load_checkpoint(*args, **kwargs):
+        call = load_signature.bind(*args, **kwargs)
+        call.apply_defaults()
+        load_dir, tag = call.arguments["load_dir"], call.arguments["tag"]
         universal = bool(engine.load_universal_checkpoint())
         resolved = _resolve_tag(load_dir, tag, universal)
-        path, client_state = load(load_dir, tag=tag, **kwargs)
+        missing = resolved is not None and not os.path.isdir(os.path.join(load_dir, str(resolved)))
+        pruner.comm.raise_if_any(CheckpointError(f"checkpoint tag folder {os.path.join(load_dir, str(resolved))} "
+                                                 f"does not exist (tags in {load_dir}: {_tags(load_dir)})")
+                                 if missing else None, "finding the checkpoint", CheckpointError)
+        path, client_state = load(*call.args, **call.kwargs)
         if path is None:
             return path, client_state
         state = (client_state or {}).pop(CLIENT_KEY, None)

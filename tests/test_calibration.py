@@ -63,7 +63,8 @@ def calibration_suite(cases, extras: bool) -> dict:
         out["fluctuation"] = fluctuation_score()
         out["in_step"] = {score: model_score_in_step(score) for score in ("fluctuation", "bitter7_obs")}
         out["generator"] = generator_calibration()
-        out["bad_batch"] = {where: bad_batch_on_one_rank(where) for where in ("forward", "fetch")}  # last: they raise
+        out["bad_batch"] = {where: bad_batch_on_one_rank(where)  # last: they raise
+                            for where in ("forward", "fetch", "one_batch", "tuples")}
     return out
 
 
@@ -301,22 +302,22 @@ class MissingOnThisNode:
 
 def bad_batch_on_one_rank(where: str) -> str:
     """On rank 1 the calibration data fails: ``forward``, a batch has a token id past the
-    vocabulary; ``fetch``, iterating it raises. Every rank must raise with it instead of waiting in
-    the statistics' all-reduces."""
+    vocabulary; ``fetch``, iterating it raises; ``one_batch``, it is one batch, not a list of them
+    (refused at initialize); ``tuples``, its batches are tuples. Every rank must raise with it
+    instead of waiting in the statistics' all-reduces."""
     rank = dist.get_rank()
     model = tiny_model("gpt2")
     data = batches(2)
-    if rank == 1 and where == "forward":
-        data[1] = data[1].clone().fill_(VOCAB + 5)
-    if rank == 1 and where == "fetch":
-        data = MissingOnThisNode()
+    if rank == 1:
+        data = {"forward": data[:1] + [data[1].clone().fill_(VOCAB + 5)], "fetch": MissingOnThisNode(),
+                "one_batch": {"input_ids": data[0]}, "tuples": [(x,) for x in data]}[where]
     cfg = ds_config(2, "fp32", {"structures": ["mlp_neuron"], "score": "bitter7_variance"})
-    engine, *_ = ds_bitter7.initialize(model=model, model_parameters=model.parameters(), config=cfg,
-                                       calibration_data=data)
     try:
+        engine, *_ = ds_bitter7.initialize(model=model, model_parameters=model.parameters(), config=cfg,
+                                           calibration_data=data)
         ds_bitter7.get_pruner(engine).stats.gather()
     except Exception as err:  # noqa: BLE001 - the message is the result
-        return f"{type(err).__name__}: {err}"
+        return " ".join([f"{type(err).__name__}: {err}", *getattr(err, "__notes__", [])])
     return "no error"
 
 
@@ -435,6 +436,29 @@ def test_model_reading_score_event_in_step_gives_every_rank_the_same_masks(world
 def test_a_failing_calibration_batch_on_one_rank_fails_every_rank(world2, where, error, what):
     assert world2[0]["bad_batch"][where].startswith(f"RuntimeError: {what} failed on another rank")
     assert world2[1]["bad_batch"][where].startswith(error), world2[1]["bad_batch"][where]
+    if where == "forward":  # the error says which batch
+        assert "in the model's forward on calibration batch 1 (shapes (2, 16))" in world2[1]["bad_batch"][where]
+
+
+@pytest.mark.parametrize("where,message", [
+    ("one_batch", "calibration_data: got a dict (one batch?); pass a list (or iterable) of batches"),
+    ("tuples", "calibration_data: batch 0 is a tuple: each batch is a dict of the model's keyword inputs")])
+def test_calibration_data_of_the_wrong_form_is_refused_at_initialize(world2, where, message):
+    """Refused when the pruner is built, not at the first event hours later, on every rank."""
+    assert world2[0]["bad_batch"][where] == "ValueError: checking calibration_data failed on another rank; " \
+        "see that rank's error"
+    assert world2[1]["bad_batch"][where].startswith(f"ValueError: ds_bitter7: {message}"), world2[1]["bad_batch"][where]
+
+
+def test_calibration_data_problem():
+    from ds_bitter7.calibration import calibration_data_problem
+
+    ids = torch.zeros(2, 4, dtype=torch.long)
+    for good in ([ids], [{"input_ids": ids}], iter([ids]), [ids, "past num_batches"]):
+        assert calibration_data_problem(good, 1) is None
+    for bad, message in ((ids, "got a Tensor"), ("text", "got a str"), (3, "got a int"), ([], "no batch"),
+                         ([ids, [1, 2]], "batch 1 is a list")):
+        assert message in calibration_data_problem(bad, 2)
 
 
 def test_a_generator_of_calibration_batches_serves_every_event(world2):

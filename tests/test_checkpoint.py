@@ -117,3 +117,17 @@ def test_truncated_rank_file_fails_on_every_rank(tmp_path):
     errors = run_distributed(workers.load_expecting_error, 2, ckpt, BITTER7, 1)
     assert "bitter7_rank1.pt is unreadable" in errors[1]
     assert errors[0]  # rank 0's file is fine, but it must not wait forever: it fails too
+
+
+def test_latest_names_a_checkpoint_only_once_every_rank_file_is_written(tmp_path):
+    """A save that fails on one rank (here: its pruner file, disk full) fails on every rank and
+    leaves ``latest`` at the previous checkpoint, which loads; the wrapped save and load take
+    DeepSpeed's positional arguments; a missing tag is named."""
+    results = run_distributed(workers.failed_save_keeps_latest, 2, str(tmp_path), BITTER7)
+    assert "No space left on device" in results[1]["error"]
+    assert "failed on another rank" in results[0]["error"]
+    for res in results:
+        assert res["latest"] == "good" and res["steps"] == [3, 3] and res["client"] == ["mine", "mine"]
+        # a tag that is not there is named with the tags that are, not DeepSpeed's bare assertion
+        assert f"checkpoint tag folder {tmp_path}/nope does not exist (tags in {tmp_path}: ['bad', 'good'])" \
+            in res["error"], res["error"]

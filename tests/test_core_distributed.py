@@ -125,6 +125,16 @@ def test_frozen_unit_parameters_and_non_adam_optimizers_fail_early(stage):
         assert expect in res["sgd"], (rank, res)
 
 
+def test_prune_to_takes_numbers_and_warns_when_the_floor_holds_units_back():
+    res = run_distributed(workers.prune_to_inputs, 2)[0]
+    assert type(res["fraction"]) is float and res["fraction"] == 0.25 and res["json"]
+    assert res["sparsity"] == {"mlp_neuron": 0.0}
+    assert any("min_units_per_layer 1000 keeps 192 units of 192; 0.0000 pruned, not the 0.2500 asked" in w
+               for w in res["warnings"]), res["warnings"]
+    assert len(res["errors"]) == 5 and all("prune_to: fraction must be a number in [0, 1), got" in e
+                                           for e in res["errors"]), res["errors"]
+
+
 def torch_zeros(n):
     import torch
 
@@ -162,6 +172,7 @@ def test_client_torch_adamw(stage):
     ref = reference_masks(reference_unit_scores("llama", model, ["mlp"], "bitter7"), 0.5)
     for res in results:
         assert res["zero"] == {"master": True, "moments": True, "model": True}
+        assert res["bias_trained"], res  # the biases initialize added
         for key, mask in ref.items():
             assert res["masks"][key].equal(mask)
 

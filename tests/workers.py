@@ -193,18 +193,23 @@ def nan_event(family: str) -> dict:
 
 
 def client_optimizer_case(family: str, stage: int) -> dict:
-    """A client torch.optim.AdamW instead of a config optimizer."""
+    """A client torch.optim.AdamW instead of a config optimizer, built before ``initialize`` adds
+    LLaMA's missing output biases for bias compensation: they must be trained too."""
     model = tiny_model(family)
-    cfg = ds_config(stage, "fp32", {"schedule": {"start_step": 10**9, "end_step": 10**9}})
+    cfg = ds_config(stage, "fp32", {"schedule": {"start_step": 10**9, "end_step": 10**9},
+                                    "bias_compensation": {"enabled": True, "num_batches": 1}})
     del cfg["optimizer"]
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    engine, *_ = ds_bitter7.initialize(model=model, optimizer=opt, config=cfg)
+    calib = [torch.randint(0, VOCAB, (2, 16), generator=torch.Generator().manual_seed(3))]
+    engine, *_ = ds_bitter7.initialize(model=model, optimizer=opt, config=cfg, calibration_data=calib)
     pruner = ds_bitter7.get_pruner(engine)
+    bias = engine.module.get_parameter(pruner.groups[0].out_bias)
     train_steps(engine, 1)
     set_known_state(pruner)
     pruner.prune_to(0.5)
+    before = bias.detach().clone()
     train_steps(engine, 1)
-    return {"masks": pruner.masks, "zero": pruned_elements_zero(pruner)}
+    return {"masks": pruner.masks, "zero": pruned_elements_zero(pruner), "bias_trained": not torch.equal(before, bias.detach())}
 
 
 def setup_errors(stage: int) -> dict:
@@ -235,6 +240,33 @@ def setup_errors(stage: int) -> dict:
     except RuntimeError as e:
         out["sgd"] = str(e)
     return out
+
+
+def prune_to_inputs() -> dict:
+    """``prune_to`` with a 0-d tensor (recorded as a float), with a floor above every layer's width
+    (a warning, not a silent 0%), and with fractions that are no number (a ValueError naming them)."""
+    import json
+    import logging
+
+    model = tiny_model("gpt2")
+    engine, *_ = ds_bitter7.initialize(model=model, model_parameters=model.parameters(), config=ds_config(
+        2, "fp32", {"structures": ["mlp_neuron"], "min_units_per_layer": 1000,
+                    "schedule": {"start_step": 100, "end_step": 100}}))
+    pruner = ds_bitter7.get_pruner(engine)
+    train_steps(engine, 1)
+    warnings: List[str] = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = lambda record: warnings.append(record.getMessage())
+    logging.getLogger("ds_bitter7.pruner").addHandler(handler)
+    event = pruner.prune_to(torch.tensor(0.25))
+    errors = []
+    for bad in ("0.5", None, True, torch.tensor([0.1, 0.2]), float("nan")):
+        try:
+            pruner.prune_to(bad)
+        except ValueError as e:
+            errors.append(str(e))
+    return {"fraction": event["fraction"], "json": bool(json.dumps(pruner.events)), "warnings": warnings,
+            "errors": errors, "sparsity": event["sparsity"]}
 
 
 def _batch(step: int, rank: int) -> torch.Tensor:
@@ -300,6 +332,43 @@ def load_expecting_error(ckpt: str, bitter7: dict, corrupt_rank: int = -1) -> st
     except (ValueError, RuntimeError) as e:
         return str(e)
     return ""
+
+
+def failed_save_keeps_latest(ckpt: str, bitter7: dict) -> dict:
+    """Save tag 'good' (DeepSpeed's positional arguments), then a save of 'bad' whose pruner file
+    fails on rank 1 (a full disk); load 'good' back by ``latest`` and positionally."""
+    import os
+
+    from ds_bitter7 import state
+
+    model = tiny_model("gpt2")
+    engine, *_ = ds_bitter7.initialize(model=model, model_parameters=model.parameters(),
+                                       config=ds_config(2, "fp32", bitter7))
+    pruner = ds_bitter7.get_pruner(engine)
+    _steps(engine, 1, 3)
+    engine.save_checkpoint(ckpt, "good", {"note": "mine"}, True, False)
+    _steps(engine, 4, 4)
+    if dist.get_rank() == 1:
+        def full_disk(obj, path):
+            raise OSError(28, "No space left on device", path)
+        state.atomic_save = full_disk
+    error = ""
+    try:
+        engine.save_checkpoint(ckpt, "bad")
+    except (OSError, RuntimeError) as e:
+        error = str(e)
+    with open(os.path.join(ckpt, "latest")) as f:
+        latest = f.read()
+    try:
+        engine.load_checkpoint(ckpt, "nope")
+    except ValueError as e:
+        error += f" | {e}"
+    _, by_latest = engine.load_checkpoint(ckpt)
+    steps = [pruner.step_count]
+    _, positional = engine.load_checkpoint(ckpt, "good", True, True, True, False)
+    steps.append(pruner.step_count)
+    return {"error": error, "latest": latest, "client": [by_latest.get("note"), positional.get("note")],
+            "steps": steps}
 
 
 def plain_deepspeed_checkpoint(ckpt: str) -> None:
