@@ -304,21 +304,32 @@ def _without(section: dict, locations: List[tuple]) -> dict:
     return out
 
 
+def _object(value, name: str, example: str, problems: List[str]) -> dict:
+    """``value`` where it is a JSON object (None: an empty one), else ``{}`` and a problem."""
+    if value is None or isinstance(value, dict):
+        return value or {}
+    problems.append(f"  {name} = {value!r}: must be a JSON object, such as {example}")
+    return {}
+
+
 def check_deepspeed_support(ds_config: dict) -> None:
     """Refuse DeepSpeed settings the pruner cannot serve, before anything is built."""
-    zero = ds_config.get("zero_optimization") or {}
+    problems: List[str] = []
+    zero = ds_config.get("zero_optimization")
     if isinstance(zero, bool):  # DeepSpeed's deprecated form: true means stage 1
         zero = {"stage": 1 if zero else 0}
-    problems = []
+    zero = _object(zero, "zero_optimization", '{"stage": 2}', problems)
     stage = zero.get("stage", 0)
     for dtype in ("fp16", "bf16", "bfloat16"):  # bfloat16: DeepSpeed's other name for the bf16 section
-        if stage == 0 and (ds_config.get(dtype) or {}).get("enabled", False) is True:
+        section = _object(ds_config.get(dtype), dtype, '{"enabled": true}', problems)
+        if stage == 0 and section.get("enabled", False) is True:
             problems.append(f"  {dtype}.enabled with zero_optimization.stage = 0: ds_bitter7 reads the fp32 "
                             f"master weights DeepSpeed keeps at ZeRO stage 1 and 2; use stage 1 or 2 for {dtype}")
-    if stage not in (0, 1, 2):
-        problems.append(f"  zero_optimization.stage = {stage!r}: ds_bitter7 supports ZeRO stage 0, 1 and 2")
+    if isinstance(stage, bool) or stage not in (0, 1, 2):
+        problems.append(f"  zero_optimization.stage = {stage!r}: " + ("ds_bitter7 supports ZeRO stage 0, 1 and 2"
+                        if isinstance(stage, int) and not isinstance(stage, bool) else "must be the integer 0, 1 or 2"))
     for key in ("offload_optimizer", "offload_param"):
-        device = (zero.get(key) or {}).get("device", "none")
+        device = _object(zero.get(key), f"zero_optimization.{key}", '{"device": "none"}', problems).get("device", "none")
         if device not in (None, "none"):
             problems.append(f"  zero_optimization.{key}.device = {device!r}: "
                             "CPU/NVMe offload is not supported yet (allowed: 'none')")

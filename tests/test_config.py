@@ -134,6 +134,13 @@ def test_deepspeed_forms_and_half_precision_at_stage_0():
         with pytest.raises(ValueError, match=f"{dtype}.enabled with zero_optimization.stage = 0"):
             check_deepspeed_support({dtype: {"enabled": True}})
         check_deepspeed_support({dtype: {"enabled": True}, "zero_optimization": {"stage": 1}})
+    for ds_config, message in (({"fp16": True}, "fp16 = True: must be a JSON object, such as {\"enabled\": true}"),
+                               ({"zero_optimization": [2]}, "zero_optimization = \\[2\\]: must be a JSON object"),
+                               ({"zero_optimization": {"stage": "2"}}, "stage = '2': must be the integer 0, 1 or 2"),
+                               ({"zero_optimization": {"stage": 2, "offload_optimizer": "cpu"}},
+                                "offload_optimizer = 'cpu': must be a JSON object")):
+        with pytest.raises(ValueError, match=message):  # not an AttributeError
+            check_deepspeed_support(ds_config)
 
 
 def test_no_error_is_made_up_from_a_default():
