@@ -68,10 +68,11 @@ def release_shm_buffers() -> None:
     and never unlinks it: every run leaves its ranks' buffers in RAM until the machine restarts.
     Each rank maps all of them at start-up; after a barrier every rank has, so each unlinks its
     own name and the memory goes when the last rank exits, killed or not. Collective (once; a
-    no-op where DeepSpeed makes no such buffers: other launchers, several nodes, NCCL)."""
+    no-op where DeepSpeed makes no such buffers: other launchers, several nodes, NCCL; at one rank
+    the deepspeed launcher still makes one)."""
     global _SHM_RELEASED
     world, rank = world_size_and_rank()
-    if _SHM_RELEASED or world < 2 or os.environ.get("LOCAL_SIZE") != str(world) or dist.get_backend() == "nccl":
+    if _SHM_RELEASED or os.environ.get("LOCAL_SIZE") != str(world) or dist.get_backend() == "nccl":
         return
     _SHM_RELEASED = True
     dist.barrier()

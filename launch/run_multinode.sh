@@ -12,6 +12,11 @@ set -euo pipefail
 MULTINODE=1
 source "$(dirname "$0")/_common.sh"
 HOSTFILE="${HOSTFILE:-$REPO/launch/hostfile}"
+if [ ! -f "$HOSTFILE" ]; then  # DeepSpeed's runner would warn and train on this node alone
+    echo "run_multinode.sh: hostfile $HOSTFILE not found: set HOSTFILE (see launch/hostfile.example);" \
+         "for one node use launch/run_deepspeed.sh" >&2
+    exit 2
+fi
 MASTER_ADDR="${MASTER_ADDR:-$(hostname -I 2>/dev/null | awk '{print $1}')}"
 # DS_LAUNCHER_ARGS: extra deepspeed-launcher flags, e.g. "--no_ssh --node_rank 1" to start each
 # node yourself (no ssh; run the same command on every node with its own rank), "--no_ssh_check",

@@ -75,6 +75,9 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     for key, value in (DEMO_DEFAULTS if args.demo else DEFAULTS).items():
         if getattr(args, key) is None:
             setattr(args, key, value)
+    if args.config and args.deepspeed_config and os.path.realpath(args.config) != os.path.realpath(args.deepspeed_config):
+        p.error(f"--config {args.config} and --deepspeed_config {args.deepspeed_config} name different configs: "
+                "give one (the launch scripts pass CONFIG's: set CONFIG=... instead)")
     args.config = args.config or args.deepspeed_config
     if not args.config:
         p.error("a DeepSpeed config is required: --config or --deepspeed_config")

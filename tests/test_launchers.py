@@ -142,6 +142,17 @@ def test_deepspeed_launcher(tmp_path):
     assert not glob.glob(f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_*_{port}_*")
 
 
+def test_deepspeed_launcher_one_rank_leaves_no_shared_memory(tmp_path):
+    """One rank is one node too: DeepSpeed's buffer is made and must be unlinked as well."""
+    script = tmp_path / "one_rank.py"
+    script.write_text("import torch, deepspeed.comm\nfrom ds_bitter7.comm import init_distributed\n"
+                      "assert init_distributed() == (1, 0)\nt = torch.ones(3)\ndeepspeed.comm.all_reduce(t)\n"
+                      "assert t.tolist() == [1.0, 1.0, 1.0]\n")
+    port = free_port()
+    run([str(VENV_BIN / "deepspeed"), "--num_gpus", "1", "--master_port", str(port), str(script)], tmp_path)
+    assert not glob.glob(f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_*_{port}_*")
+
+
 needs_mpirun = pytest.mark.skipif(MPIRUN is None, reason="no mpirun")
 
 
@@ -224,9 +235,10 @@ def test_shell_launchers_are_executable():
         assert (REPO / "launch" / name).stat().st_mode & 0o111
 
 
-def _launch_line(tmp_path, script: str, gpus: int, **env_vars) -> str:
+def _launch_line(tmp_path, script: str, gpus: int, fails: bool = False, **env_vars) -> str:
     """What ``launch/SCRIPT`` runs, with stub launchers that print their arguments and
-    GLOO_SOCKET_IFNAME, and a stub ``nvidia-smi`` listing ``gpus`` GPUs (the first with a MIG device)."""
+    GLOO_SOCKET_IFNAME, and a stub ``nvidia-smi`` listing ``gpus`` GPUs (the first with a MIG device).
+    With ``fails``: the script's error, when it refuses to launch (exit 2)."""
     import subprocess
 
     stubs = tmp_path / "stubs"
@@ -243,6 +255,9 @@ def _launch_line(tmp_path, script: str, gpus: int, **env_vars) -> str:
     env_ = dict(keep, PATH=f"{stubs}{os.pathsep}{keep['PATH']}", VIRTUAL_ENV="stubbed", **env_vars)
     out = subprocess.run(["bash", str(REPO / "launch" / script), "--demo"], env=env_, capture_output=True,
                          text=True, timeout=30)
+    if fails:
+        assert out.returncode == 2 and not out.stdout, (out.stdout, out.stderr)
+        return out.stderr.strip()
     assert out.returncode == 0, out.stderr
     return out.stdout.strip()
 
@@ -257,8 +272,24 @@ def test_shell_launchers_use_the_visible_gpus_and_a_real_interface_across_nodes(
     assert line.startswith("deepspeed --include localhost:1,2 ") and "--num_gpus" not in line
     assert _launch_line(tmp_path, "run_deepspeed.sh", 0).startswith("deepspeed --num_gpus 2 ")
     assert _launch_line(tmp_path, "run_torchrun.sh", 0).endswith("GLOO=lo")
-    assert _launch_line(tmp_path, "run_torchrun.sh", 0, NNODES="2").endswith("GLOO=unset")
+    assert _launch_line(tmp_path, "run_torchrun.sh", 0, NNODES="2", NODE_RANK="1",
+                        MASTER_ADDR="10.0.0.1").endswith("GLOO=unset")
     assert _launch_line(tmp_path, "run_mpirun.sh", 0, HOSTS="a:1,b:1").endswith("GLOO=unset")
+
+
+def test_shell_launchers_refuse_an_incomplete_multinode_setup(tmp_path):
+    """Refused before launching: two nodes without NODE_RANK or node 0's address (torchrun waited
+    silently, both nodes as rank 0), or a missing hostfile (DeepSpeed's runner trained on this
+    node alone)."""
+    assert "needs NODE_RANK" in _launch_line(tmp_path, "run_torchrun.sh", 0, True, NNODES="2")
+    assert "reaches this node only" in _launch_line(tmp_path, "run_torchrun.sh", 0, True, NNODES="2",
+                                                    NODE_RANK="0", MASTER_ADDR="127.0.0.1")
+    missing = tmp_path / "hostfile"
+    assert f"hostfile {missing} not found" in _launch_line(tmp_path, "run_multinode.sh", 0, True,
+                                                           HOSTFILE=str(missing), MASTER_ADDR="10.0.0.1")
+    missing.write_text("node-0 slots=2\nnode-1 slots=2\n")
+    assert _launch_line(tmp_path, "run_multinode.sh", 0, HOSTFILE=str(missing),
+                        MASTER_ADDR="10.0.0.1").startswith(f"deepspeed --hostfile {missing} ")
 
 
 def test_save_dir_check_compares_folders_not_strings(tmp_path):
@@ -297,12 +328,14 @@ def test_bad_arguments_are_refused_before_any_work(tmp_path, capsys):
                           (["--model_overrides", "{n_layer: 2}"], "--model_overrides is not valid JSON"),
                           (["--model_overrides", "[2]"], "--model_overrides must be a JSON object"),
                           (["--save_dir", str(tmp_path / "afile")], "is a file, not a folder"),
-                          (["--summary", str(tmp_path)], "is a folder: name a file")):
+                          (["--summary", str(tmp_path)], "is a folder: name a file"),
+                          (["--deepspeed_config", str(REPO / "ds_configs" / "cpu_demo.json")],
+                           "name different configs: give one")):
         with pytest.raises(SystemExit):
             train.parse_args(base + extra)
         assert needle in capsys.readouterr().err, extra
-    args = train.parse_args(base + ["--model_overrides", '{"n_layer": 2}'])
-    assert args.model_overrides == {"n_layer": 2}
+    args = train.parse_args(base + ["--model_overrides", '{"n_layer": 2}', "--deepspeed_config", base[1]])
+    assert args.model_overrides == {"n_layer": 2} and args.config == base[1]  # the same config twice
     exported = tmp_path / "exported"  # a model folder, not a checkpoint folder: its config.json is kept
     exported.mkdir()
     (exported / "config.json").write_text("{}")
