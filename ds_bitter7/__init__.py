@@ -61,9 +61,7 @@ def initialize(args=None, model=None, optimizer=None, model_parameters=None, tra
         if added and isinstance(model_parameters, (list, tuple)):  # a list built before the biases existed
             model_parameters = _with_params(model_parameters, added)
         if added and isinstance(optimizer, torch.optim.Optimizer):  # a client optimizer built before them
-            known = {id(p) for group in optimizer.param_groups for p in group["params"]}
-            if any(id(p) not in known for p in added):
-                optimizer.add_param_group({"params": [p for p in added if id(p) not in known], "weight_decay": 0.0})
+            _add_to_client_optimizer(optimizer, added)
     ds_only = {k: v for k, v in copy.deepcopy(ds_config).items() if k != "bitter7"}
     if args is not None and getattr(args, "deepspeed_config", None) is not None:
         args = copy.copy(args)
@@ -88,6 +86,16 @@ def prepare_model(model, config) -> List[str]:
 
         return add_missing_out_biases(model, cfg)
     return []
+
+
+def _add_to_client_optimizer(optimizer, new) -> None:
+    """Put the ``new`` parameters into an existing param group of ``optimizer`` (one without weight
+    decay where there is one): a new group would break an LR scheduler already bound to it."""
+    known = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    new = [p for p in new if id(p) not in known]
+    if new:
+        group = next((g for g in optimizer.param_groups if not g.get("weight_decay")), optimizer.param_groups[0])
+        group["params"].extend(new)
 
 
 def _with_params(model_parameters, new):

@@ -132,16 +132,25 @@ BATCH_FORM = ("each batch is a dict of the model's keyword inputs, such as {'inp
 
 def calibration_data_problem(data, num_batches: int) -> Optional[str]:
     """What is wrong with ``calibration_data`` on this rank (its container and, where it can be
-    indexed, its first ``num_batches`` batches), or None. Local."""
-    if isinstance(data, (str, bytes, collections.abc.Mapping, torch.Tensor)) or not isinstance(
-            data, collections.abc.Iterable):
+    indexed, its first ``num_batches`` batches), or None. Local; never starts iterating ``data``
+    (a DataLoader would start its workers)."""
+    iterable = isinstance(data, collections.abc.Iterable) or hasattr(type(data), "__getitem__")  # map-style Dataset
+    if isinstance(data, (str, bytes, collections.abc.Mapping, torch.Tensor)) or not iterable:
         what = "a dict (one batch?)" if isinstance(data, collections.abc.Mapping) else f"a {type(data).__name__}"
         return f"got {what}; pass a list (or iterable) of batches: {BATCH_FORM}"
-    if isinstance(data, collections.abc.Sized) and len(data) == 0:
-        return "no batch (an empty container)"
+    try:
+        if len(data) == 0:
+            return "no batch (an empty container)"
+    except TypeError:  # no length (a DataLoader over an IterableDataset says so only when asked)
+        pass
     if isinstance(data, collections.abc.Sequence):
         for i, batch in enumerate(data[:num_batches]):
-            if not isinstance(batch, (collections.abc.Mapping, torch.Tensor)):
+            if isinstance(batch, collections.abc.Mapping):
+                bad = next((k for k, v in batch.items() if isinstance(v, (list, tuple))), None)
+                if bad is not None:  # token ids not made a tensor
+                    return (f"batch {i}'s {bad!r} is a {type(batch[bad]).__name__}, not a tensor "
+                            "(a tokenizer gives tensors with return_tensors='pt')")
+            elif not torch.is_tensor(batch):
                 return f"batch {i} is a {type(batch).__name__}: {BATCH_FORM}"
     return None
 
@@ -178,7 +187,8 @@ class ActivationStats:
         check_compensation(pruner.groups, pruner.config)
         if isinstance(calibration_data, collections.abc.Iterator):
             # a one-shot iterator (generator): its first batches serve every event, not only the first
-            calibration_data = list(itertools.islice(calibration_data, self.num_batches))
+            calibration_data = pruner.comm.call("reading calibration_data", lambda: list(
+                itertools.islice(calibration_data, self.num_batches)))  # a failure on one rank fails every rank
         if self.source == StatsSource.calibration:  # now, not at the first event (hours later)
             problem = calibration_data_problem(calibration_data, self.num_batches)
             pruner.comm.raise_if_any(ValueError(f"ds_bitter7: calibration_data: {problem}") if problem else None,
@@ -453,7 +463,7 @@ def _model_device(model) -> torch.device:
 def _to(value, device):
     if torch.is_tensor(value):
         return value.to(device)
-    if isinstance(value, dict):
+    if isinstance(value, collections.abc.Mapping):  # a dict, or a tokenizer's BatchEncoding
         return {k: _to(v, device) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
         return type(value)(_to(v, device) for v in value)
@@ -471,7 +481,8 @@ def _forward(model, batch, device, index: int) -> None:
     except Exception as err:
         shapes = ({k: tuple(v.shape) for k, v in batch.items() if torch.is_tensor(v)} if isinstance(batch, dict)
                   else tuple(batch.shape) if torch.is_tensor(batch) else type(batch).__name__)
-        err.add_note(f"ds_bitter7: in the model's forward on calibration batch {index} (shapes {shapes})")
+        if hasattr(err, "add_note"):  # Python 3.11+
+            err.add_note(f"ds_bitter7: in the model's forward on calibration batch {index} (shapes {shapes})")
         raise
 
 

@@ -97,15 +97,21 @@ def mpi_rank_and_size() -> Optional[Tuple[str, str]]:
     return None
 
 
+# set by torchrun and by DeepSpeed's per-node launcher in the processes they start: their RANK is
+# this process's, whatever MPI says (``srun --mpi=pmix torchrun``, ``mpirun -ppn 1 torchrun``)
+PER_NODE_LAUNCHERS = ("TORCHELASTIC_RUN_ID", "CROSS_RANK")
+
+
 def drop_stale_rank_env() -> None:
     """Under mpirun, unset ``RANK``/``WORLD_SIZE``/``LOCAL_RANK`` that disagree with MPI's own.
 
     Left in the environment from elsewhere (a shell inside another job), with ``MASTER_ADDR`` and
     ``MASTER_PORT`` they make DeepSpeed skip its MPI discovery: every process would take the same
-    rank and world size, and the job fails (address in use) or hangs.
+    rank and world size, and the job fails (address in use) or hangs. Kept where a per-node
+    launcher started this process under MPI (``PER_NODE_LAUNCHERS``).
     """
     ours = mpi_rank_and_size()
-    if ours is None:
+    if ours is None or any(k in os.environ for k in PER_NODE_LAUNCHERS):
         return
     stale = {k: os.environ[k] for k, v in zip(("RANK", "WORLD_SIZE"), ours) if k in os.environ and os.environ[k] != v}
     if stale:

@@ -168,6 +168,7 @@ def install_checkpoint_hooks(engine, pruner) -> None:
         restore_local(pruner, os.path.join(load_dir, str(resolved)), state, universal)
         return path, client_state
 
+    save_checkpoint.__signature__, load_checkpoint.__signature__ = save_signature, load_signature  # as inspect sees them
     engine.save_checkpoint = save_checkpoint
     engine.load_checkpoint = load_checkpoint
 

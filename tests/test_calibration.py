@@ -451,13 +451,29 @@ def test_calibration_data_of_the_wrong_form_is_refused_at_initialize(world2, whe
 
 
 def test_calibration_data_problem():
+    from transformers import BatchEncoding
+
     from ds_bitter7.calibration import calibration_data_problem
 
+    class MapStyle(torch.utils.data.Dataset):  # __getitem__ and __len__, no __iter__
+        def __getitem__(self, i):
+            return ids
+
+        def __len__(self):
+            return 2
+
+    class Stream(torch.utils.data.IterableDataset):  # no __len__: a DataLoader over it raises on len()
+        def __iter__(self):
+            return iter([ids])
+
     ids = torch.zeros(2, 4, dtype=torch.long)
-    for good in ([ids], [{"input_ids": ids}], iter([ids]), [ids, "past num_batches"]):
-        assert calibration_data_problem(good, 1) is None
+    for good in ([ids], [{"input_ids": ids, "use_cache": False}], iter([ids]), [ids, "past num_batches"],
+                 MapStyle(), torch.utils.data.DataLoader(Stream(), batch_size=None),
+                 [BatchEncoding({"input_ids": ids})]):
+        assert calibration_data_problem(good, 1) is None, good
     for bad, message in ((ids, "got a Tensor"), ("text", "got a str"), (3, "got a int"), ([], "no batch"),
-                         ([ids, [1, 2]], "batch 1 is a list")):
+                         ([ids, [1, 2]], "batch 1 is a list"),
+                         ([{"input_ids": [[1, 2]]}], "batch 0's 'input_ids' is a list, not a tensor")):
         assert message in calibration_data_problem(bad, 2)
 
 

@@ -85,6 +85,25 @@ def test_srun_tasks_without_a_launcher_are_refused(monkeypatch):
         init_distributed()
 
 
+def test_rank_variables_of_a_per_node_launcher_under_mpi_are_kept(monkeypatch):
+    """``srun --mpi=pmix torchrun`` or ``mpirun -ppn 1 torchrun``: MPI numbers the nodes, torchrun
+    the processes, and torchrun's RANK is the one to use; without a per-node launcher a RANK that
+    disagrees with MPI's is stale (test_oneshot_under_mpirun runs that case)."""
+    from ds_bitter7.comm import PER_NODE_LAUNCHERS, drop_stale_rank_env
+
+    for var in PER_NODE_LAUNCHERS + ("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_RANK"):
+        monkeypatch.delenv(var, raising=False)
+    env = {"PMI_RANK": "1", "PMI_SIZE": "2", "RANK": "5", "WORLD_SIZE": "8", "LOCAL_RANK": "1"}
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "job")
+    drop_stale_rank_env()
+    assert {k: os.environ.get(k) for k in env} == env
+    monkeypatch.delenv("TORCHELASTIC_RUN_ID")
+    drop_stale_rank_env()
+    assert [os.environ.get(k) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK")] == [None, None, None]
+
+
 def test_torchrun_with_checkpoint_and_resume(trained, tmp_path):
     _, first_summary, original = trained
     first = check_summary(first_summary)
