@@ -56,8 +56,8 @@ def check_compensation(groups: List[UnitGroup], config) -> None:
     missing = [g.out_module for g in groups if g.out_bias is None]
     if missing:
         raise ValueError(f"bias compensation needs a bias on {missing[0]} (and {len(missing) - 1} more): "
-                         "use ds_bitter7.initialize, or call ds_bitter7.compensation."
-                         "add_missing_out_biases(model, config) before deepspeed.initialize")
+                         "use ds_bitter7.initialize, or call ds_bitter7.prepare_model(model, config) before "
+                         "deepspeed.initialize or Trainer(...)")
 
 
 def removed_feature_means(group: UnitGroup, newly_pruned: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:

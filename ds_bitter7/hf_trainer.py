@@ -88,6 +88,11 @@ class Bitter7Callback(TrainerCallback):
         config = self._config(args)
         cfg = ds_bitter7.parse_config(config)
         if not cfg.enabled:
+            folder = self._resume_folder(args, state)
+            if folder is not None and os.path.exists(os.path.join(folder, STATE_FILE)) and is_main_process():
+                logger.warning("%s carries ds_bitter7 pruner state but this run's bitter7 section is disabled or "
+                               "missing: its masks are not kept from here on and its checkpoints will not carry "
+                               "them (export needs them)", folder)
             return control
         self.pruner = ds_bitter7.get_pruner(engine)  # a second trainer.train(): the same engine and pruner
         if self.pruner is None:
@@ -104,9 +109,7 @@ class Bitter7Callback(TrainerCallback):
         from the checkpoint the Trainer resumed from (DeepSpeed loaded it before the hooks existed).
         Collective: the state file is read and checked on every rank first, and a problem on any
         rank (a node without the file) fails them all before the per-rank restore."""
-        folder = self.resume_from_checkpoint
-        if folder is None and state.global_step > 0:
-            folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
+        folder = self._resume_folder(args, state)
         if folder is None:
             return
         comm = self.pruner.comm
@@ -121,6 +124,13 @@ class Bitter7Callback(TrainerCallback):
         else:
             self.pruner.load_local_state_dict(None)  # re-derive from the weights that are exactly zero
         logger.info("bitter7 state restored from %s", path)
+
+    def _resume_folder(self, args, state) -> Optional[str]:
+        """The checkpoint folder this run resumed from (None for a fresh run): the callback's
+        ``resume_from_checkpoint``, else ``output_dir/checkpoint-{global_step}``."""
+        if self.resume_from_checkpoint is None and state.global_step > 0:
+            return os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
+        return self.resume_from_checkpoint
 
     def _read_state(self, folder: str, tag: Optional[str], state) -> Tuple[dict, str]:
         """(the saved pruner state, its file), checked against the Trainer's step (local: no

@@ -27,7 +27,7 @@ from .comm import LOCAL, Communicator, log_main
 from .compensation import compensate
 from .config import Bitter7Config, MaskUpkeep, Scope, StatsSource, StructureName, enum_name
 from .obs import greedy_groups, output_fisher
-from .schedule import sparsity_at
+from .schedule import next_event_step, sparsity_at, sparsity_reached
 from .scores import ScoreInputs, get_scorer
 from .state import CheckpointError
 from .structures import (
@@ -431,13 +431,41 @@ class Pruner:
         if problems:
             raise CheckpointError(f"bitter7 pruner state in {source} does not match this model/config: "
                                   + "; ".join(problems))
-        self.masks = {k: torch.as_tensor(v, dtype=torch.bool).clone() for k, v in state["masks"].items()}
+        masks = {k: torch.as_tensor(v, dtype=torch.bool).clone() for k, v in state["masks"].items()}
+        stray = self._weighted_pruned_units(masks)  # the model's parameters are whole on every rank
+        if stray:
+            raise CheckpointError(f"the model's weights do not match the bitter7 pruner state in {source}: units it "
+                                  f"marks pruned have nonzero weights in {', '.join(stray[:3])}"
+                                  f"{' and more' if len(stray) > 3 else ''}; the weights were loaded from another "
+                                  "checkpoint than the pruner state (with the Hugging Face Trainer, pass the "
+                                  "checkpoint it resumed from as Bitter7Callback(..., resume_from_checkpoint=PATH))")
+        self.masks = masks
         self.step_count = int(state["step"])
         self.events = list(state.get("events", []))
         self.last_event = self.events[-1] if self.events else None
+        reached, wanted = (self.last_event or {}).get("fraction", 0.0), sparsity_reached(self.config, self.step_count)
+        if next_event_step(self.config, self.step_count) is None and reached < wanted - 1e-9:
+            log_main("bitter7: resumed at step %d from %s with its units pruned to %.4f, below this config's %.4f, "
+                     "but schedule.end_step %d has passed: no event is left to prune further. Move end_step past "
+                     "%d (the next event prunes to the schedule's fraction) or call prune_to", self.step_count,
+                     source, reached, wanted, self.config.schedule.end_step, self.step_count,
+                     level=logging.WARNING, log=logger)
         if self.unstructured is not None:
             self.unstructured.forget()  # load_local_state_dict brings the checkpoint's own
         self._apply_masks_now()
+
+    def _weighted_pruned_units(self, masks: Dict[str, torch.Tensor]) -> List[str]:
+        """Parameters (``group (name)``) where a unit ``masks`` prunes has a nonzero element. Local."""
+        out = []
+        for g in self.groups:
+            keep = masks.get(g.key)
+            if keep is None or bool(keep.all()):
+                continue
+            for s in g.slices:
+                param = self.model.get_parameter(s.name).detach()
+                if bool(param.index_select(s.dim, s.pruned_coords(keep).to(param.device)).any()):
+                    out.append(f"{g.key} ({s.name})")
+        return out
 
     def local_state_dict(self) -> dict:
         """This rank's own state: movement accumulators and unstructured masks over its fragments,

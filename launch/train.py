@@ -284,6 +284,15 @@ def run_loop(args, engine, pruner, tokenizer, train_blocks, val_blocks, world_si
         start, ppl_start, loss_start = client.get("step", engine.global_steps), client.get("ppl_start"), client.get("loss_start")
         ppl_start_step = client.get("ppl_start_step", 0)
         logger.info("resumed from %s at step %d", path, start)
+        if rank == 0 and args.steps <= start:
+            logger.warning("--steps %d is not past the checkpoint's step %d: no step is taken; the resumed model "
+                           "is evaluated as it is", args.steps, start)
+        if rank == 0 and ppl_start is not None and client.get("seq_len") not in (None, args.seq_len):
+            logger.warning("the step-%d perplexity in the report is the checkpoint's, measured with --seq_len %s, "
+                           "not this run's %d", ppl_start_step, client.get("seq_len"), args.seq_len)
+        if rank == 0 and not args.save_dir:
+            logger.warning("no --save_dir: this resumed run's checkpoints are not saved (add --save_dir, for "
+                           "instance %s)", args.resume)
     if ppl_start is None:  # the run's first evaluation (kept in its checkpoints)
         ppl_start_step = start
         loss_start, ppl_start = evaluate(engine, val_loader, args.eval_batches)
@@ -320,7 +329,7 @@ def run_loop(args, engine, pruner, tokenizer, train_blocks, val_blocks, world_si
             save(engine, tokenizer, args.save_dir, step, extra)
     bar.close()
     seconds = time.time() - t0
-    if step > start or val_loss is None:
+    if step != ppl_start_step:  # not the model evaluated above (a resume taking no step is evaluated too)
         val_loss, ppl = evaluate(engine, val_loader, args.eval_batches)
         write_monitor(engine, [("Val/ppl", ppl, step), ("Val/loss", val_loss, step)])
     if args.save_dir and (step > start or start == 0):  # a resume that took no step keeps its checkpoint

@@ -128,6 +128,19 @@ def test_latest_names_a_checkpoint_only_once_every_rank_file_is_written(tmp_path
     assert "failed on another rank" in results[0]["error"]
     for res in results:
         assert res["latest"] == "good" and res["steps"] == [3, 3] and res["client"] == ["mine", "mine"]
+        assert "exclude_frozen_parameters" in res["signature"]  # transformers looks for it there
         # a tag that is not there is named with the tags that are, not DeepSpeed's bare assertion
         assert f"checkpoint tag folder {tmp_path}/nope does not exist (tags in {tmp_path}: ['bad', 'good'])" \
             in res["error"], res["error"]
+
+
+def test_resume_past_the_schedule_end_under_a_higher_target_is_said(tmp_path):
+    """Nothing prunes further once end_step has passed: a silently ignored new target is refused by
+    a warning that says how to reach it. A pruner state that is not the weights' is refused."""
+    results = run_distributed(workers.raised_target_after_end, 2, str(tmp_path), BITTER7)
+    warnings = results[0]["warnings"]
+    assert any("resumed at step 7" in w and "pruned to 0.5000, below this config's 0.7500" in w
+               and "schedule.end_step 6 has passed" in w for w in warnings), warnings
+    for res in results:  # masks of other units than the weights' zeros: refused on every rank
+        assert "the model's weights do not match the bitter7 pruner state in another run: units it marks " \
+            "pruned have nonzero weights in layers.0.mlp" in res["error"], res["error"]

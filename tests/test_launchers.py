@@ -118,6 +118,15 @@ def test_torchrun_with_checkpoint_and_resume(trained, tmp_path):
     assert resumed["start_step"] == STEPS and resumed["steps"] == STEPS + 2
     assert resumed["ppl_start"] == pytest.approx(first["ppl_start"])
     assert [r["units_kept"] for r in resumed["layers"]] == [r["units_kept"] for r in first["layers"]]
+    # resumed again with no step to take and no --save_dir: both said, and the final perplexity is
+    # the resumed model's own, not the step-0 one from the checkpoint
+    again = tmp_path / "again.json"
+    out = run([str(VENV_BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", str(free_port()),
+               *train_args(tmp_path, again, ["--resume", str(ckpt), "--steps", str(STEPS + 2)])], tmp_path)
+    assert "is not past the checkpoint's step" in out and "no --save_dir: this resumed run's checkpoints" in out
+    again = json.loads(again.read_text())
+    assert again["start_step"] == again["steps"] == STEPS + 2
+    assert again["ppl_final"] == pytest.approx(resumed["ppl_final"]) and again["ppl_final"] != again["ppl_start"]
 
 
 def test_train_warns_and_refuses_in_one_process(tmp_path):

@@ -59,6 +59,12 @@ def test_trainer_prunes_saves_and_resumes(tmp_path):
     state_file.write_bytes(state_file.read_bytes()[:100])
     log = run(base + ["--max_steps", "12", "--resume"], tmp_path, timeout=200, fails=True)
     assert f"bitter7 pruner state file {state_file} is unreadable" in log, log[-3000:]
+    # resumed with the bitter7 section switched off: the state is not read, and that is said
+    off = tmp_path / "off.json"
+    off.write_text(json.dumps({**cfg, "bitter7": {**cfg["bitter7"], "enabled": False}}))
+    log = run(trainer_command(off, corpus, out, summary, save_steps=4) + ["--max_steps", "12", "--resume"], tmp_path,
+              timeout=200)
+    assert f"{latest} carries ds_bitter7 pruner state but this run's bitter7 section is disabled" in log, log[-3000:]
 
 
 def test_trainer_resume_keeps_unstructured_masks(tmp_path):

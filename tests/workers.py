@@ -193,15 +193,18 @@ def nan_event(family: str) -> dict:
 
 
 def client_optimizer_case(family: str, stage: int) -> dict:
-    """A client torch.optim.AdamW instead of a config optimizer, built before ``initialize`` adds
-    LLaMA's missing output biases for bias compensation: they must be trained too."""
+    """A client torch.optim.AdamW (and an LR scheduler bound to it) instead of a config optimizer,
+    built before ``initialize`` adds LLaMA's missing output biases for bias compensation: they must
+    be trained too, and the scheduler must still step."""
     model = tiny_model(family)
     cfg = ds_config(stage, "fp32", {"schedule": {"start_step": 10**9, "end_step": 10**9},
                                     "bias_compensation": {"enabled": True, "num_batches": 1}})
     del cfg["optimizer"]
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0)  # bound to the optimizer's groups
     calib = [torch.randint(0, VOCAB, (2, 16), generator=torch.Generator().manual_seed(3))]
-    engine, *_ = ds_bitter7.initialize(model=model, optimizer=opt, config=cfg, calibration_data=calib)
+    engine, *_ = ds_bitter7.initialize(model=model, optimizer=opt, lr_scheduler=sched, config=cfg,
+                                       calibration_data=calib)
     pruner = ds_bitter7.get_pruner(engine)
     bias = engine.module.get_parameter(pruner.groups[0].out_bias)
     train_steps(engine, 1)
@@ -367,8 +370,40 @@ def failed_save_keeps_latest(ckpt: str, bitter7: dict) -> dict:
     steps = [pruner.step_count]
     _, positional = engine.load_checkpoint(ckpt, "good", True, True, True, False)
     steps.append(pruner.step_count)
+    import inspect
+
     return {"error": error, "latest": latest, "client": [by_latest.get("note"), positional.get("note")],
-            "steps": steps}
+            "steps": steps, "signature": list(inspect.signature(engine.save_checkpoint).parameters)}
+
+
+def raised_target_after_end(ckpt: str, bitter7: dict) -> dict:
+    """Train past the schedule's end and save; resume with a higher target and the same end: the
+    warnings the load logs (nothing prunes further, which must be said). Then a pruner state whose
+    masks are not those of the loaded weights (another run's): the error."""
+    import logging
+
+    model = tiny_model("gpt2")
+    engine, *_ = ds_bitter7.initialize(model=model, model_parameters=model.parameters(),
+                                       config=ds_config(2, "fp32", bitter7))
+    _steps(engine, 1, bitter7["schedule"]["end_step"] + 1)
+    engine.save_checkpoint(ckpt)
+    warnings: List[str] = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = lambda record: warnings.append(record.getMessage())
+    logging.getLogger("ds_bitter7.pruner").addHandler(handler)
+    model = tiny_model("gpt2")
+    engine, *_ = ds_bitter7.initialize(model=model, model_parameters=model.parameters(),
+                                       config=ds_config(2, "fp32", {**bitter7, "target_sparsity": 0.75}))
+    engine.load_checkpoint(ckpt)
+    pruner = ds_bitter7.get_pruner(engine)
+    other = pruner.state_dict()
+    other["masks"] = {k: m.roll(1) for k, m in other["masks"].items()}  # the same counts, other units
+    try:
+        pruner.load_state_dict(other, source="another run")
+        error = ""
+    except ValueError as e:
+        error = str(e)
+    return {"warnings": warnings, "error": error}
 
 
 def plain_deepspeed_checkpoint(ckpt: str) -> None:
