@@ -60,7 +60,11 @@ def resolve_tag(checkpoint_dir: str, tag: Optional[str] = None) -> str:
             steps = sorted(os.path.basename(p) for p in glob.glob(os.path.join(checkpoint_dir, "global_step*")))
             if len(steps) != 1:
                 found = f"found tag folders {steps}" if steps else "no global_step* folder either"
-                raise ExportError(f"no 'latest' file at {latest!r} ({found}); pass --tag")
+                trainer = sorted((os.path.basename(p) for p in glob.glob(os.path.join(checkpoint_dir, "checkpoint-*"))),
+                                 key=lambda name: (len(name), name))
+                hint = (f"a Trainer output_dir: pass one of its checkpoint folders ({', '.join(trainer[-3:])})"
+                        if trainer and not steps else "pass --tag")
+                raise ExportError(f"no 'latest' file at {latest!r} ({found}); {hint}")
             tag = steps[0]
     if not os.path.isdir(os.path.join(checkpoint_dir, tag)):
         raise ExportError(f"checkpoint tag folder {os.path.join(checkpoint_dir, tag)!r} does not exist")
@@ -174,14 +178,14 @@ def zero3_problem(folder: str) -> Optional[str]:
             "ds_bitter7 works with ZeRO stage 0, 1 and 2 checkpoints only")
 
 
-def load_pruner_state(checkpoint_dir: str, tag: str) -> Tuple[dict, str]:
+def load_pruner_state(checkpoint_dir: str, tag: Optional[str]) -> Tuple[dict, str]:
     """(pruner state dict, the file it came from): `bitter7_state.pt` if present, else the
-    `"bitter7"` client-state entry of the tag's model-states file."""
+    `"bitter7"` client-state entry of the tag's model-states file (no tag: the file only)."""
     trainer_file = os.path.join(checkpoint_dir, TRAINER_STATE_FILE)
-    model_file = os.path.join(checkpoint_dir, tag, MODEL_STATES_FILE)
+    model_file = os.path.join(checkpoint_dir, tag if tag is not None else "", MODEL_STATES_FILE)
     if os.path.isfile(trainer_file):
         state, source = read_torch_file(trainer_file), trainer_file
-    elif os.path.isfile(model_file):
+    elif tag is not None and os.path.isfile(model_file):
         source = model_file
         state = read_torch_file(model_file)
         if not isinstance(state, dict) or STATE_KEY not in state:
@@ -437,15 +441,61 @@ def export_model(model: PreTrainedModel, masks: Mapping[str, torch.Tensor], outp
     return report
 
 
+SAVED_MODEL_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                     "pytorch_model.bin.index.json")
+
+
+def model_only_checkpoint(checkpoint_dir: str, tag: Optional[str]) -> bool:
+    """Whether ``checkpoint_dir`` is a Trainer checkpoint saved with ``save_only_model=True``: the
+    model's weights and ``bitter7_state.pt``, and no DeepSpeed checkpoint (no ``latest``, no tag)."""
+    return (tag is None and os.path.isdir(checkpoint_dir)
+            and not os.path.exists(os.path.join(checkpoint_dir, "latest"))
+            and not glob.glob(os.path.join(checkpoint_dir, "global_step*"))
+            and os.path.isfile(os.path.join(checkpoint_dir, TRAINER_STATE_FILE))
+            and any(os.path.isfile(os.path.join(checkpoint_dir, f)) for f in SAVED_MODEL_FILES))
+
+
+def read_saved_model(folder: str) -> Dict[str, torch.Tensor]:
+    """The weights a Trainer saved in ``folder`` (safetensors or .bin, sharded or not), as fp32."""
+    from transformers.modeling_utils import load_state_dict
+
+    index = next((os.path.join(folder, f) for f in SAVED_MODEL_FILES if f.endswith(".index.json")
+                  and os.path.isfile(os.path.join(folder, f))), None)
+    try:
+        if index is not None:
+            with open(index, encoding="utf-8") as f:
+                shards = sorted(set(json.load(f)["weight_map"].values()))
+        else:
+            shards = [next(f for f in SAVED_MODEL_FILES if os.path.isfile(os.path.join(folder, f)))]
+        state = {}
+        for shard in shards:
+            state.update(load_state_dict(os.path.join(folder, shard)))
+    except Exception as err:  # a truncated shard, a bad index: name the folder
+        raise ExportError(f"cannot read the model weights in {folder!r}: {type(err).__name__}: {err}") from err
+    dtypes = sorted({str(v.dtype).replace("torch.", "") for v in state.values()})
+    if dtypes != ["float32"]:
+        logger.warning("%s: exporting the %s weights the Trainer saved (save_only_model: no fp32 master weights)",
+                       folder, "/".join(dtypes))
+    return {k: v.float() for k, v in state.items()}
+
+
 def export_checkpoint(checkpoint_dir: str, output_dir: str, *, tag: Optional[str] = None,
                       model_config: Optional[str] = None, dtype: str = "float32", overwrite: bool = False) -> dict:
-    """Consolidate a DeepSpeed/Trainer checkpoint, shrink it with its pruner masks, and write it."""
+    """Consolidate a DeepSpeed/Trainer checkpoint, shrink it with its pruner masks, and write it.
+    A Trainer checkpoint saved with ``save_only_model=True`` gives its saved weights instead."""
     check_output_dir(os.path.abspath(output_dir), overwrite, (checkpoint_dir, model_config))
-    tag = resolve_tag(checkpoint_dir, tag)
-    state, state_file = load_pruner_state(checkpoint_dir, tag)
-    config, config_dir = load_config(checkpoint_dir, model_config)
-    weights = consolidate(checkpoint_dir, tag)
-    model = build_model(config, weights, os.path.join(checkpoint_dir, tag))
+    if model_only_checkpoint(checkpoint_dir, tag):
+        state, state_file = load_pruner_state(checkpoint_dir, None)
+        config, config_dir = load_config(checkpoint_dir, model_config)
+        weights = read_saved_model(checkpoint_dir)
+        tag, source = None, checkpoint_dir
+    else:
+        tag = resolve_tag(checkpoint_dir, tag)
+        state, state_file = load_pruner_state(checkpoint_dir, tag)
+        config, config_dir = load_config(checkpoint_dir, model_config)
+        weights = consolidate(checkpoint_dir, tag)
+        source = os.path.join(checkpoint_dir, tag)
+    model = build_model(config, weights, source)
     masks = state["masks"]
     try:
         validate_masks(masks, unit_counts(model.state_dict(), config), source=f"masks in {state_file!r}")

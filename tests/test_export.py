@@ -200,6 +200,29 @@ def test_missing_latest_tag(tmp_path):
         export_checkpoint(str(tmp_path / "ckpt"), str(tmp_path / "out"))
 
 
+def test_trainer_checkpoint_saved_without_deepspeed_files(gpt2_checkpoint, tmp_path):
+    """A Trainer checkpoint saved with save_only_model=True holds the weights (model.safetensors),
+    config.json and bitter7_state.pt, no DeepSpeed checkpoint: those are exported; a Trainer
+    output_dir given instead of one of its checkpoint folders is named as such."""
+    from safetensors.torch import save_file
+
+    from ds_bitter7.export import consolidate, load_pruner_state
+
+    folder = tmp_path / "checkpoint-1"
+    folder.mkdir()
+    shutil.copy(os.path.join(gpt2_checkpoint, "config.json"), folder)
+    weights = consolidate(gpt2_checkpoint, "global_step1")
+    save_file({k: v.clone().contiguous() for k, v in weights.items()}, str(folder / "model.safetensors"))
+    torch.save(load_pruner_state(gpt2_checkpoint, "global_step1")[0], folder / "bitter7_state.pt")
+    report = export_checkpoint(str(folder), str(tmp_path / "small"))
+    assert report["tag"] is None and report["params_after"] < report["params_before"]
+    assert_logits_match(str(tmp_path / "small"), gpt2_checkpoint)
+    (tmp_path / "checkpoint-12").mkdir()
+    with pytest.raises(ExportError, match=r"a Trainer output_dir: pass one of its checkpoint folders "
+                                          r"\(checkpoint-1, checkpoint-12\)"):
+        export_checkpoint(str(tmp_path), str(tmp_path / "out"))
+
+
 def test_missing_pruner_state(gpt2_checkpoint, tmp_path):
     ckpt = tmp_path / "ckpt"
     shutil.copytree(gpt2_checkpoint, ckpt)
