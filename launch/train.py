@@ -236,6 +236,10 @@ def train(args) -> Dict[str, Any]:
     model = modeling.build_model(args.model, dsdata.tokenizer_vocab_size(tokenizer),
                                  max_positions=max(args.seq_len, 256), seed=args.seed,
                                  overrides=args.model_overrides, eos_token_id=dsdata.eos_id(tokenizer))
+    mismatch = model_mismatch(args.resume, model.config) if args.resume else None
+    if mismatch:  # DeepSpeed's loading would fail on every rank with a size-mismatch traceback
+        raise SystemExit(f"cannot resume from {args.resume!r}: its model (config.json) has {mismatch}: pass the "
+                         "training run's --model and --model_overrides")
     positions = modeling.max_positions(model.config)
     if positions and args.seq_len > positions:  # the embedding would fail on the first batch
         raise SystemExit(f"--seq_len {args.seq_len} is longer than the model's {positions} positions: "
@@ -255,6 +259,25 @@ def train(args) -> Dict[str, Any]:
         raise
     pruner = ds_bitter7.get_pruner(engine)
     return run_loop(args, engine, pruner, tokenizer, train_blocks, val_blocks, world_size, rank)
+
+
+# config keys that set parameter shapes (GPT-2's names and the LLaMA family's)
+SHAPE_KEYS = ("model_type", "vocab_size", "n_layer", "n_embd", "n_head", "n_inner", "num_hidden_layers",
+              "hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads")
+
+
+def model_mismatch(folder: str, config) -> Optional[str]:
+    """How the model config a run saved in ``folder`` (its ``--save_dir``) differs in shape from
+    ``config``, or None (also when ``folder`` has no readable config.json)."""
+    try:
+        with open(os.path.join(folder, "config.json"), encoding="utf-8") as f:
+            saved = json.load(f)
+    except (OSError, ValueError):
+        return None
+    ours = config.to_dict()
+    diffs = [f"{k}={saved[k]!r} where this run's has {ours.get(k)!r}" for k in SHAPE_KEYS
+             if isinstance(saved, dict) and k in saved and saved[k] != ours.get(k)]
+    return ", ".join(diffs) or None
 
 
 def run_loop(args, engine, pruner, tokenizer, train_blocks, val_blocks, world_size: int,

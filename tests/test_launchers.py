@@ -379,6 +379,23 @@ def test_seq_len_beyond_the_model_positions_is_named(tmp_path):
     assert "--seq_len 32 is longer than the model's 16 positions" in out and "IndexError" not in out
 
 
+def test_resume_with_another_model_is_named(trained):
+    """A --model_overrides left out at resume: the shapes that differ are named before DeepSpeed's
+    loading (which failed on every rank with a size-mismatch traceback)."""
+    import importlib.util
+
+    from ds_bitter7 import modeling
+
+    spec = importlib.util.spec_from_file_location("launch_train", REPO / "launch" / "train.py")
+    train = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(train)
+    ckpt = str(trained[2])
+    same = modeling.build_config("tiny-gpt2", 257, overrides=json.loads(TINY_MODEL[-1]))
+    assert train.model_mismatch(ckpt, same) is None
+    assert train.model_mismatch(ckpt, modeling.build_config("tiny-gpt2", 257)) == \
+        "n_layer=2 where this run's has 4, n_embd=32 where this run's has 128"
+
+
 def test_resume_under_another_zero_stage_is_named(trained):
     """A ZeRO-2 checkpoint resumed at stage 0 failed inside DeepSpeed's loading with an
     AttributeError; stage 1 reads stage 2's files."""
