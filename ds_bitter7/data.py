@@ -187,7 +187,7 @@ def _text_documents(path: str) -> List[str]:
     """The documents of a text file: separated by blank (or whitespace-only) lines, newlines kept
     inside; a file with no blank line at all is one document per line."""
     try:
-        with open(path, encoding="utf-8") as f:
+        with open(path, encoding="utf-8-sig") as f:  # a byte-order mark is not text
             text = f.read().replace("\r\n", "\n")
     except UnicodeDecodeError as err:
         raise ValueError(f"{path}: not UTF-8 text ({err})") from None
@@ -226,6 +226,9 @@ def read_local_files(files: Sequence[str]):
             raise ValueError(f"cannot read {files} as JSON: {type(err).__name__}: {err}") from err
     if "text" not in ds.column_names:
         raise ValueError(f"{files}: every JSON record needs a 'text' field; the records have {ds.column_names}")
+    missing = ds["text"].count(None) if kind == "json" else 0
+    if missing:
+        logger.warning("%s: %d of %d JSON records have no 'text' (missing or null): skipped", files, missing, len(ds))
     if kind == "json" and getattr(ds.features["text"], "dtype", None) not in ("string", "large_string"):
         raise ValueError(f"{files}: the 'text' field of every JSON record must be a string; "
                          f"these records hold {ds.features['text']}")
@@ -271,7 +274,11 @@ def local_files(spec: Sequence[str]) -> Optional[List[str]]:
             files.append(item)
         else:
             return None
-    return files
+    unique = list(dict.fromkeys(os.path.realpath(f) for f in files))  # a file named twice would leak into both splits
+    if len(unique) < len(files):
+        logger.warning("data: %d file(s) named more than once (a folder and a file in it?); each is read once",
+                       len(files) - len(unique))
+    return unique
 
 
 def load_text_datasets(data: Union[str, Sequence[str]], validation_fraction: float = 0.05,
@@ -302,6 +309,8 @@ def load_text_datasets(data: Union[str, Sequence[str]], validation_fraction: flo
     if len(spec) != 1:
         raise ValueError(f"data paths do not exist: {[s for s in spec if not os.path.exists(s)]}")
     refuse_near_miss(spec[0], [BUILTIN], "data")
+    if spec[0].endswith(TEXT_SUFFIXES + JSON_SUFFIXES) or spec[0].startswith((".", os.sep)):
+        raise ValueError(f"data path {spec[0]!r} does not exist (not sent to the hub: it names a file)")
     dd = datasets.load_dataset(spec[0], hub_config)  # hub name: needs network access
     if "validation" in dd:
         return dd["train"], dd["validation"]
@@ -311,26 +320,39 @@ def load_text_datasets(data: Union[str, Sequence[str]], validation_fraction: flo
 def chunk_dataset(ds, tokenizer, seq_len: int, num_proc: Optional[int] = None, what: str = "dataset"):
     """Tokenize, join documents with the end-of-document id and cut into ``seq_len`` blocks.
 
-    Returns a ``datasets.Dataset`` with one column ``input_ids`` (torch format); the last
-    partial block of each map batch is dropped. ``what`` names the data in the error when no
-    block results.
+    Returns a ``datasets.Dataset`` with one column ``input_ids`` (torch format). Each map batch of
+    documents gives its whole blocks; the tokens left over at each batch's end are joined (in
+    order) into blocks of their own, so at most one partial block of the whole text is dropped.
+    ``what`` names the data in the error when no block results.
     """
+    import datasets
+
+    if seq_len < 2:
+        raise ValueError(f"seq_len must be >= 2 (a next-token target), got {seq_len}")
     column = _text_column(ds)
     eos = eos_id(tokenizer)
 
-    def to_blocks(batch: Dict[str, List[Any]]) -> Dict[str, List[List[int]]]:
+    def to_blocks(batch: Dict[str, List[Any]]) -> Dict[str, List[Any]]:
         flat: List[int] = []
         for ids in _encode_batch(tokenizer, [t for t in batch[column] if t]):
             flat.extend(ids)
             if eos is not None:
                 flat.append(eos)
         n = len(flat) // seq_len
-        return {"input_ids": [flat[i * seq_len:(i + 1) * seq_len] for i in range(n)]}
+        rows = [flat[i * seq_len:(i + 1) * seq_len] for i in range(n)] + [flat[n * seq_len:]]
+        return {"input_ids": rows, "whole": [True] * n + [False]}  # the last row: this batch's leftover
 
-    blocks = ds.map(to_blocks, batched=True, batch_size=1000, remove_columns=ds.column_names,
+    pieces = ds.map(to_blocks, batched=True, batch_size=1000, remove_columns=ds.column_names,
                     num_proc=num_proc, desc=f"blocks of {seq_len}")
+    flags = pieces["whole"]
+    whole = pieces.select([i for i, w in enumerate(flags) if w])
+    left = [t for ids in pieces.select([i for i, w in enumerate(flags) if not w])["input_ids"] for t in ids]
+    extra = [left[i * seq_len:(i + 1) * seq_len] for i in range(len(left) // seq_len)]
+    blocks = datasets.concatenate_datasets(
+        [whole, datasets.Dataset.from_dict({"input_ids": extra, "whole": [True] * len(extra)}, features=whole.features)])
+    blocks = blocks.remove_columns("whole")
     if len(blocks) == 0:
-        raise ValueError(f"{what} too small for one block of {seq_len} tokens")
+        raise ValueError(f"{what} too small for one block of {seq_len} tokens ({len(left)} tokens)")
     blocks.set_format("torch", columns=["input_ids"])
     return blocks
 

@@ -176,3 +176,39 @@ def test_hub_dataset_configuration_reaches_load_dataset(tmp_path, monkeypatch):
     assert len(train) == len(val) == 12 and val[0]["text"] == "validation document 0"
     with pytest.raises(ValueError, match=r"configuration \('large'\) is for a hub dataset name, not for \['builtin'\]"):
         data.load_text_datasets(["builtin"], hub_config="large")
+
+
+def test_blocks_lose_at_most_one_partial_block_of_the_whole_text():
+    """Documents are mapped 1000 at a time; the tokens left at the end of each batch are joined
+    into blocks too (they were dropped: a third of the text at 8192 tokens)."""
+    import datasets
+
+    docs = [f"short line number {i:05d}" for i in range(2500)]  # 23 bytes and an end-of-document id each
+    ds = datasets.Dataset.from_dict({"text": docs})
+    tokens = sum(len(d.encode()) + 1 for d in docs)
+    for seq_len in (64, 8192, 20000):
+        blocks = data.chunk_dataset(ds, data.ByteTokenizer(), seq_len)
+        assert len(blocks) == tokens // seq_len, seq_len
+    first = torch.tensor(list(docs[0].encode()) + [data.eos_id(data.ByteTokenizer())])
+    assert torch.equal(data.chunk_dataset(ds, data.ByteTokenizer(), 64)[0]["input_ids"][:len(first)], first)
+    with pytest.raises(ValueError, match="seq_len must be >= 2"):
+        data.chunk_dataset(ds, data.ByteTokenizer(), 1)
+
+
+def test_local_data_edge_cases(tmp_path, monkeypatch, caplog):
+    """A file named twice (a folder and a file in it) is read once: it would land in both splits; a
+    byte-order mark is not text; JSON records without text are counted in a warning; a mistyped
+    file path is named, not sent to the hub."""
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf"))
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "a.txt").write_text("\ufefffirst document\n\nsecond document\n", encoding="utf-8")
+    assert data.local_files([str(tmp_path / "d"), str(tmp_path / "d" / "a.txt")]) == [str(tmp_path / "d" / "a.txt")]
+    assert data._text_documents(str(tmp_path / "d" / "a.txt")) == ["first document", "second document"]
+    (tmp_path / "part.jsonl").write_text("".join(json.dumps({"text": f"doc {i}"} if i % 2 else {"content": "x"}) + "\n"
+                                                 for i in range(6)))
+    with caplog.at_level("WARNING", logger="ds_bitter7.data"):
+        assert len(data.read_local_files([str(tmp_path / "part.jsonl")])) == 3
+    assert "3 of 6 JSON records have no 'text' (missing or null): skipped" in caplog.text
+    for typo in ("data/train.txt", "./corpus"):
+        with pytest.raises(ValueError, match=f"data path '{typo}' does not exist"):
+            data.load_text_datasets([typo])
