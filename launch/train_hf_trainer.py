@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import argparse
+import glob
 import json
 import os
 import sys
@@ -50,7 +51,7 @@ def trainer_settings(ds_config: Dict) -> Dict:
     return {k: v for k, v in out.items() if v != "auto"}
 
 
-def main() -> None:
+def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--deepspeed", required=True, help="DeepSpeed JSON config with a bitter7 section")
     p.add_argument("--output_dir", required=True)
@@ -65,7 +66,27 @@ def main() -> None:
     p.add_argument("--summary", help="JSON summary path (rank 0)")
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--local_rank", "--local-rank", type=int, default=-1)
-    args = p.parse_args()
+    args = p.parse_args(argv)
+    for key, least in (("seq_len", 2), ("max_steps", 1), ("save_steps", 1)):  # -1 would train 3 epochs
+        if getattr(args, key) < least:
+            p.error(f"--{key} must be >= {least}, got {getattr(args, key)}")
+    try:
+        args.model_overrides = json.loads(args.model_overrides)
+    except json.JSONDecodeError as err:
+        p.error(f"--model_overrides is not valid JSON ({err}): {args.model_overrides!r}")
+    if not isinstance(args.model_overrides, dict):
+        p.error(f"--model_overrides must be a JSON object, got {args.model_overrides!r}")
+    if args.summary and os.path.isdir(args.summary):
+        p.error(f"--summary {args.summary!r} is a folder: name a file")  # else found after training
+    taken = sorted(glob.glob(os.path.join(args.output_dir, "checkpoint-*")))
+    if taken and not args.resume:  # the Trainer would replace them one by one, mixing two runs
+        p.error(f"--output_dir {args.output_dir!r} already holds checkpoints ({', '.join(map(os.path.basename, taken[:3]))}"
+                f"{', ...' if len(taken) > 3 else ''}): continue that run with --resume, or choose another --output_dir")
+    return args
+
+
+def main() -> None:
+    args = parse_args()
 
     from deepspeed.accelerator import get_accelerator
     from transformers import Trainer, TrainingArguments
@@ -79,7 +100,11 @@ def main() -> None:
     train, _ = dsdata.build_lm_datasets(args.data, tokenizer, args.seq_len, seed=args.seed)
     model = modeling.build_model(args.model, dsdata.tokenizer_vocab_size(tokenizer), seed=args.seed,
                                  max_positions=max(args.seq_len, 256),
-                                 overrides=json.loads(args.model_overrides), eos_token_id=dsdata.eos_id(tokenizer))
+                                 overrides=args.model_overrides, eos_token_id=dsdata.eos_id(tokenizer))
+    positions = modeling.max_positions(model.config)
+    if positions and args.seq_len > positions:  # the embedding would fail on the first batch
+        raise SystemExit(f"--seq_len {args.seq_len} is longer than the model's {positions} positions: "
+                         f"pass --seq_len <= {positions}")
     prepare_model(model, ds_config)  # before DeepSpeed flattens the parameters
     training_args = TrainingArguments(
         output_dir=args.output_dir, deepspeed=ds_config, max_steps=args.max_steps,

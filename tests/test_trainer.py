@@ -108,3 +108,25 @@ def test_trainer_default_calibration_leaves_out_a_text_column(tmp_path):
     # the schedule starts at sparsity 0 (step 2), then both layers' neurons are pruned and compensated
     assert result["events"] == [2, 4] and result["compensated"] == [0, 2]
     assert result["sparsity"] == {"mlp_neuron": 0.5}
+
+
+def test_trainer_script_refuses_bad_arguments_before_any_work(tmp_path, capsys):
+    """--seq_len 1 trained on zero gradients and reported loss 0, --max_steps -1 trained three
+    epochs, a bad --model_overrides or a --summary folder failed late, and an --output_dir with
+    another run's checkpoints had them replaced one by one."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("launch_hf", REPO / "launch" / "train_hf_trainer.py")
+    hf = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(hf)
+    (tmp_path / "used" / "checkpoint-4").mkdir(parents=True)
+    base = ["--deepspeed", str(REPO / "ds_configs" / "cpu_demo.json"), "--output_dir", str(tmp_path / "new")]
+    for extra, needle in ((["--seq_len", "1"], "--seq_len must be >= 2, got 1"),
+                          (["--max_steps", "-1"], "--max_steps must be >= 1, got -1"),
+                          (["--model_overrides", "n_layer=2"], "--model_overrides is not valid JSON"),
+                          (["--summary", str(tmp_path)], "is a folder: name a file"),
+                          (["--output_dir", str(tmp_path / "used")], "already holds checkpoints (checkpoint-4)")):
+        with pytest.raises(SystemExit):
+            hf.parse_args(base + extra)
+        assert needle in capsys.readouterr().err, extra
+    assert hf.parse_args(base + ["--output_dir", str(tmp_path / "used"), "--resume"]).resume
