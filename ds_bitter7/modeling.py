@@ -7,6 +7,7 @@ network access for its ``config.json`` only.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from typing import Any, Callable, Dict, Optional
@@ -23,6 +24,17 @@ def max_positions(config) -> Optional[int]:
     """The longest sequence the model's position table holds (GPT-2's ``n_positions``, LLaMA's
     ``max_position_embeddings``), or None when the config names neither."""
     return getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None)
+
+
+def parse_overrides(text: str) -> Dict[str, Any]:
+    """A ``--model_overrides`` argument: a JSON object; ``ValueError`` naming what is wrong."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"--model_overrides is not valid JSON ({err}): {text!r}") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"--model_overrides must be a JSON object, got {text!r}")
+    return value
 
 
 def _round_up(n: int, multiple: int = 8) -> int:

@@ -90,11 +90,9 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
         if getattr(args, key) < least:
             p.error(f"--{key} must be >= {least}, got {getattr(args, key)}")
     try:
-        args.model_overrides = json.loads(args.model_overrides)
-    except json.JSONDecodeError as err:
-        p.error(f"--model_overrides is not valid JSON ({err}): {args.model_overrides!r}")
-    if not isinstance(args.model_overrides, dict):
-        p.error(f"--model_overrides must be a JSON object, got {args.model_overrides!r}")
+        args.model_overrides = modeling.parse_overrides(args.model_overrides)
+    except ValueError as err:
+        p.error(str(err))
     if args.save_dir and os.path.lexists(args.save_dir) and not os.path.isdir(args.save_dir):
         p.error(f"--save_dir {args.save_dir!r} is a file, not a folder")  # else found at the first save
     if args.summary and os.path.isdir(args.summary):

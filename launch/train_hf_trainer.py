@@ -71,11 +71,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         if getattr(args, key) < least:
             p.error(f"--{key} must be >= {least}, got {getattr(args, key)}")
     try:
-        args.model_overrides = json.loads(args.model_overrides)
-    except json.JSONDecodeError as err:
-        p.error(f"--model_overrides is not valid JSON ({err}): {args.model_overrides!r}")
-    if not isinstance(args.model_overrides, dict):
-        p.error(f"--model_overrides must be a JSON object, got {args.model_overrides!r}")
+        args.model_overrides = modeling.parse_overrides(args.model_overrides)
+    except ValueError as err:
+        p.error(str(err))
     if args.summary and os.path.isdir(args.summary):
         p.error(f"--summary {args.summary!r} is a folder: name a file")  # else found after training
     taken = sorted(glob.glob(os.path.join(args.output_dir, "checkpoint-*")))
