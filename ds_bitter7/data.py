@@ -331,6 +331,9 @@ def chunk_dataset(ds, tokenizer, seq_len: int, num_proc: Optional[int] = None, w
         raise ValueError(f"seq_len must be >= 2 (a next-token target), got {seq_len}")
     column = _text_column(ds)
     eos = eos_id(tokenizer)
+    if eos is None:
+        logger.warning("the tokenizer has no end-of-text (or separator) token: %s's documents are joined with "
+                       "nothing between them", what)
 
     def to_blocks(batch: Dict[str, List[Any]]) -> Dict[str, List[Any]]:
         flat: List[int] = []

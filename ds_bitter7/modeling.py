@@ -69,19 +69,23 @@ def _has_weights(path: str) -> bool:
     return any(os.path.exists(os.path.join(path, f)) for f in _WEIGHT_FILES)
 
 
+LAST_ID = -1  # build_config's default eos_token_id: the vocabulary's last id (the byte tokenizer's)
+
+
 def build_config(name_or_path: str, vocab_size: Optional[int] = None, max_positions: int = 256,
-                 overrides: Optional[Dict[str, Any]] = None, eos_token_id: Optional[int] = None):
+                 overrides: Optional[Dict[str, Any]] = None, eos_token_id: Optional[int] = LAST_ID):
     """The ``PretrainedConfig`` for a built-in name, a local directory or a transformers name.
 
     ``vocab_size`` (rounded up to a multiple of 8) sets the built-ins' vocabulary unless
     ``overrides`` name one; a config's vocabulary must not be smaller than it. ``overrides`` are
-    set on the config. ``eos_token_id``:
-    the tokenizer's end-of-document id (built-ins; default the last id, 256 for bytes).
+    set on the config. ``eos_token_id``: the tokenizer's end-of-document id (built-ins; by default
+    the last id, 256 for bytes; None for a tokenizer without one: the config then has none, rather
+    than an ordinary token that would end generation).
     """
     overrides = dict(overrides or {})
     if name_or_path in BUILTIN_MODELS:
         vocab = _round_up(vocab_size or 257)
-        eos = eos_token_id if eos_token_id is not None else (vocab_size or 257) - 1
+        eos = (vocab_size or 257) - 1 if eos_token_id == LAST_ID else eos_token_id
         overrides = {"bos_token_id": eos, "eos_token_id": eos, **overrides}
         vocab = overrides.pop("vocab_size", vocab)
         if not isinstance(vocab, int) or isinstance(vocab, bool) or vocab < 1:
@@ -105,7 +109,7 @@ def build_config(name_or_path: str, vocab_size: Optional[int] = None, max_positi
 
 def build_model(name_or_path: str, vocab_size: Optional[int] = None, max_positions: int = 256,
                 seed: int = 0, overrides: Optional[Dict[str, Any]] = None,
-                dtype: Optional[torch.dtype] = None, eos_token_id: Optional[int] = None):
+                dtype: Optional[torch.dtype] = None, eos_token_id: Optional[int] = LAST_ID):
     """A causal LM: ``from_pretrained`` for a local directory holding weights, else a seeded
     random init from :func:`build_config` (built-in names: ``tiny-gpt2``, ``tiny-llama``). Either
     way the config is checked against the tokenizer's ``vocab_size`` and gets the ``overrides``."""

@@ -143,6 +143,9 @@ def test_local_model_with_weights_is_checked_and_overridden(tmp_path):
     loaded = modeling.build_model(str(tmp_path), vocab_size=257, overrides={"resid_pdrop": 0.3})
     assert loaded.config.resid_pdrop == 0.3
     assert modeling.build_config("tiny-llama", vocab_size=32000, eos_token_id=2).eos_token_id == 2
+    assert modeling.build_config("tiny-gpt2", 257).eos_token_id == 256  # the byte tokenizer's
+    no_eos = modeling.build_config("tiny-gpt2", 300, eos_token_id=None)  # a tokenizer without one
+    assert no_eos.eos_token_id is None and no_eos.bos_token_id is None  # not its ordinary last token
 
 
 def test_typos_of_builtin_names_are_refused_before_the_hub():
