@@ -26,6 +26,7 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
 
+from .comm import world_size_and_rank
 from .state import atomic_write
 
 logger = logging.getLogger(__name__)
@@ -213,7 +214,7 @@ def read_local_files(files: Sequence[str]):
     empty = [f for f in files if os.path.getsize(f) == 0]
     if empty:
         raise ValueError(f"empty data file(s): {empty}")
-    kinds = {"json" if f.endswith(JSON_SUFFIXES) else "text" for f in files}
+    kinds = {"json" if f.lower().endswith(JSON_SUFFIXES) else "text" for f in files}
     if len(kinds) > 1:
         raise ValueError(f"mix of text and JSON files is not supported: {files}")
     kind = kinds.pop()
@@ -257,16 +258,32 @@ def refuse_near_miss(name: str, builtins: Sequence[str], what: str) -> None:
                          f"(other names are fetched from the Hugging Face hub; built-in: {', '.join(builtins)})")
 
 
+def _folder_files(folder: str) -> List[str]:
+    """The data files directly in ``folder`` (suffixes in any case), without hidden ones (``.*``:
+    macOS's ``._name`` copies are binary). Raises ``ValueError`` when there are none: a folder of
+    folders is not searched, and ``read_local_files`` would not know which folder was empty."""
+    names = sorted(os.listdir(folder))
+    found = [os.path.join(folder, f) for f in names
+             if not f.startswith(".") and f.lower().endswith(TEXT_SUFFIXES + JSON_SUFFIXES)
+             and os.path.isfile(os.path.join(folder, f))]
+    if not found:
+        subfolders = [f for f in names if os.path.isdir(os.path.join(folder, f)) and not f.startswith(".")]
+        raise ValueError(f"no {'/'.join(TEXT_SUFFIXES + JSON_SUFFIXES)} files in the folder {folder!r}"
+                         + (f" (its subfolders {subfolders[:5]} are not searched: name them)" if subfolders else ""))
+    return found
+
+
 def local_files(spec: Sequence[str]) -> Optional[List[str]]:
-    """The data files of ``spec`` (files, and the data files in folders), or None if a path is missing.
+    """The data files of ``spec`` (files, and the data files in folders: ``_folder_files``), or
+    None if a path is missing.
 
     A folder holding JSON files gives those only (a README.md beside JSON lines data is not data).
     """
     files = []
     for item in spec:
         if os.path.isdir(item):
-            found = sorted(os.path.join(item, f) for f in os.listdir(item) if f.endswith(TEXT_SUFFIXES + JSON_SUFFIXES))
-            json_files = [f for f in found if f.endswith(JSON_SUFFIXES)]
+            found = _folder_files(item)
+            json_files = [f for f in found if f.lower().endswith(JSON_SUFFIXES)]
             if json_files and len(json_files) < len(found):
                 logger.info("%s: reading its JSON files only (%d), not its text files", item, len(json_files))
             files += json_files or found
@@ -370,14 +387,6 @@ def build_lm_datasets(data: Union[str, Sequence[str]], tokenizer, seq_len: int,
 
 
 # --------------------------------------------------------------------------- loaders
-def _dist_world_rank() -> Tuple[int, int]:
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_world_size(), dist.get_rank()
-    return 1, 0
-
-
 def collate_blocks(rows: List[Dict[str, torch.Tensor]]) -> Dict[str, torch.Tensor]:
     """Stack block rows into ``{"input_ids": LongTensor[b, T]}``."""
     return {"input_ids": torch.stack([torch.as_tensor(r["input_ids"]) for r in rows]).long()}
@@ -393,7 +402,7 @@ def make_dataloader(blocks, batch_size: int, shuffle: bool = True, seed: int = 0
     from torch.utils.data import DataLoader, DistributedSampler
 
     if world_size is None or rank is None:
-        world_size, rank = _dist_world_rank()
+        world_size, rank = world_size_and_rank()
     sampler = DistributedSampler(blocks, num_replicas=world_size, rank=rank, shuffle=shuffle,
                                  seed=seed, drop_last=drop_last and len(blocks) >= world_size)
     return DataLoader(blocks, batch_size=batch_size, sampler=sampler, collate_fn=collate_blocks,
@@ -407,7 +416,7 @@ def calibration_batches(train_blocks, batch_size: int, num_batches: int, seed: i
     A list, so it can be iterated at every pruning event. With ``rank_aware`` each rank gets
     different blocks (the statistics are all-reduced); otherwise all ranks get the same ones.
     """
-    world_size, rank = _dist_world_rank() if rank_aware else (1, 0)
+    world_size, rank = world_size_and_rank() if rank_aware else (1, 0)
     g = torch.Generator().manual_seed(seed)
     order = torch.randperm(len(train_blocks), generator=g).tolist()
     mine = order[rank::world_size]

@@ -24,13 +24,18 @@ from typing import Any, Iterable, Optional, Tuple
 from transformers import TrainerCallback
 
 from . import prepare_model  # noqa: F401  (re-exported: call it before Trainer(...))
-from .comm import is_main_process
+from .comm import is_main_process, world_size_and_rank
 from .config import enum_name
 from .export import MODEL_STATES_FILE, read_torch_file
 from .state import CLIENT_KEY, CheckpointError, atomic_save, latest_tag, load_file, restore_local
 from .state import TRAINER_FILE as STATE_FILE
 
 logger = logging.getLogger(__name__)
+
+
+def rank_rows(dataset: Iterable, n: int, world: int, rank: int) -> list:
+    """``n`` rows of ``dataset`` for ``rank`` of ``world``: row ``rank``, then every ``world``-th."""
+    return list(itertools.islice(iter(dataset), rank, n * world, world))
 
 
 class Bitter7Callback(TrainerCallback):
@@ -42,7 +47,8 @@ class Bitter7Callback(TrainerCallback):
         ds_config: the DeepSpeed config (dict or path) holding the ``"bitter7"`` section;
             default: the one given to ``TrainingArguments(deepspeed=...)``.
         calibration_data: batches for bias compensation (dicts of model inputs); default: the
-            first batches of the training set, collated by the trainer's data collator.
+            first rows of the training set, each rank its own (``rank_rows``), collated by the
+            trainer's data collator.
         resume_from_checkpoint: checkpoint folder to load the pruner state from; default: the
             ``checkpoint-{global_step}`` folder when training starts at a step > 0.
     """
@@ -66,12 +72,14 @@ class Bitter7Callback(TrainerCallback):
         return args.deepspeed
 
     def _default_calibration(self, engine, num_batches: int) -> list:
-        """The first ``num_batches`` batches of the training set (map-style or iterable), with only
-        the model inputs the calibration forwards take (a leftover text column would not collate)."""
+        """``num_batches`` batches from the start of the training set (map-style or iterable), each
+        rank its own rows (row ``rank``, then every ``world``-th: the statistics are all-reduced, so
+        the same rows on every rank would count each one ``world`` times), with only the model
+        inputs the calibration forwards take (a leftover text column would not collate)."""
         ds = self.trainer.train_dataset
         bs = self.trainer.args.per_device_train_batch_size
         rows = [{k: row[k] for k in ("input_ids", "attention_mask") if k in row}
-                for row in itertools.islice(iter(ds), bs * num_batches)]
+                for row in rank_rows(ds, bs * num_batches, *world_size_and_rank())]
         batches = []
         for i in range(0, len(rows), bs):
             batch = self.trainer.data_collator(rows[i:i + bs])

@@ -138,6 +138,10 @@ def check_data_spec(spec: Optional[Sequence[str]], what: str) -> List[str]:
     if missing:
         return [f"--{what} {missing}: not found (give 'builtin' alone, or existing local "
                 ".txt/.md/.json/.jsonl files or folders)"]
+    try:
+        dsdata.local_files(spec)
+    except ValueError as err:  # a folder without data files
+        return [f"--{what}: {err}"]
     return []
 
 
@@ -349,12 +353,10 @@ def _texts(spec: Sequence[str], split: str, seed: int):
     """A text dataset: the builtin corpus' ``split``, or every row of the local files."""
     if list(spec) == [dsdata.BUILTIN]:
         return dsdata.builtin_dataset(split)
-    files = dsdata.local_files(spec)
-    if files is None:  # check_data_spec ran first; a path removed since
-        raise OneShotError(f"data paths do not exist: {[s for s in spec if not os.path.exists(s)]}")
-    if not files:
-        raise OneShotError(f"no .txt/.md/.json/.jsonl files in {list(spec)}")
     try:
+        files = dsdata.local_files(spec)
+        if files is None:  # check_data_spec ran first; a path removed since
+            raise OneShotError(f"data paths do not exist: {[s for s in spec if not os.path.exists(s)]}")
         return dsdata.read_local_files(files)
     except ValueError as err:
         raise OneShotError(str(err)) from None
@@ -381,6 +383,10 @@ def load_tokenizer(args, config, config_dir: str, trained_with: Optional[str] = 
                            f"the byte tokenizer would feed this model of {config.vocab_size} token ids the wrong "
                            "ids; pass the training run's tokenizer with --tokenizer DIR (--tokenizer bytes if it "
                            "trained on bytes)")
+    if trained_with is not None and (path in (None, dsdata.BYTES)) != (trained_with == dsdata.BYTES):
+        log_main("the checkpoint's run trained with the tokenizer %r but this one-shot uses %r: calibration and "
+                 "validation would feed the model other ids than it learned (pass --tokenizer with the "
+                 "training run's tokenizer)", trained_with, path or dsdata.BYTES, level=logging.WARNING, log=logger)
     try:
         tokenizer = dsdata.get_tokenizer(path)
     except Exception as err:

@@ -58,6 +58,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--model", default="tiny-gpt2")
     p.add_argument("--model_overrides", default="{}")
     p.add_argument("--data", nargs="+", default=["builtin"])
+    p.add_argument("--data_config", help="configuration of a hub dataset (wikitext: e.g. wikitext-103-raw-v1)")
     p.add_argument("--tokenizer")
     p.add_argument("--seq_len", type=int, default=64)
     p.add_argument("--max_steps", type=int, default=100)
@@ -95,7 +96,8 @@ def main() -> None:
     with open(args.deepspeed, encoding="utf-8") as f:
         ds_config = json.load(f)
     tokenizer = dsdata.get_tokenizer(args.tokenizer)
-    train, _ = dsdata.build_lm_datasets(args.data, tokenizer, args.seq_len, seed=args.seed)
+    train, _ = dsdata.build_lm_datasets(args.data, tokenizer, args.seq_len, seed=args.seed,
+                                        hub_config=args.data_config)
     model = modeling.build_model(args.model, dsdata.tokenizer_vocab_size(tokenizer), seed=args.seed,
                                  max_positions=max(args.seq_len, 256),
                                  overrides=args.model_overrides, eos_token_id=dsdata.eos_id(tokenizer))

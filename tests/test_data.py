@@ -215,3 +215,15 @@ def test_local_data_edge_cases(tmp_path, monkeypatch, caplog):
     for typo in ("data/train.txt", "./corpus"):
         with pytest.raises(ValueError, match=f"data path '{typo}' does not exist"):
             data.load_text_datasets([typo])
+
+
+def test_folder_scan_skips_hidden_files_and_names_an_empty_folder(tmp_path):
+    """macOS's ``._a.txt`` copies (binary) failed as 'not UTF-8 text'; upper-case suffixes were
+    skipped; a folder of folders gave 'no files given' without naming the folder."""
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "a.TXT").write_text("one\n\ntwo\n")
+    (tmp_path / "d" / "._a.txt").write_bytes(b"\x00\x05\x16\x07\xff\xfe")
+    assert data.local_files([str(tmp_path / "d")]) == [str(tmp_path / "d" / "a.TXT")]
+    (tmp_path / "top" / "inner").mkdir(parents=True)
+    with pytest.raises(ValueError, match=r"no .* files in the folder '.*top' \(its subfolders \['inner'\] are not searched"):
+        data.load_text_datasets([str(tmp_path / "top")])

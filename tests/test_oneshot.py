@@ -277,6 +277,28 @@ def test_tokenizer_beside_the_config_is_used_and_must_fit(tmp_path):
     assert oneshot.load_tokenizer(args, big, str(tmp_path / "none")).__class__.__name__ == "ByteTokenizer"
 
 
+def test_tokenizer_other_than_the_recorded_one_is_warned_about(tmp_path, caplog):
+    """--tokenizer bytes on a checkpoint whose run trained with a tokenizer folder (or the reverse)
+    fed the model other ids than it learned, with no word."""
+    from _launch_util import write_word_tokenizer
+
+    write_word_tokenizer(tmp_path / "tok", 300)
+    big = _model().config
+    big.vocab_size = 1000
+    args = oneshot.parse_args([str(tmp_path), "o", "--sparsity", "0.5", "--tokenizer", "bytes"])
+    with caplog.at_level("WARNING", logger="ds_bitter7.oneshot"):
+        oneshot.load_tokenizer(args, big, str(tmp_path), "runs/tok")
+    assert "trained with the tokenizer 'runs/tok' but this one-shot uses 'bytes'" in caplog.text
+    caplog.clear()
+    args.tokenizer = str(tmp_path / "tok")
+    with caplog.at_level("WARNING", logger="ds_bitter7.oneshot"):
+        oneshot.load_tokenizer(args, big, str(tmp_path), "bytes")
+        assert "trained with the tokenizer 'bytes'" in caplog.text
+        caplog.clear()
+        oneshot.load_tokenizer(args, big, str(tmp_path), "elsewhere/tok")  # a moved folder: no word
+    assert caplog.text == ""
+
+
 def test_truncated_or_missing_rank_file_is_named_before_loading(checkpoint, tmp_path):
     """Checked before DeepSpeed loads (a rank failing inside its loading leaves the others waiting)."""
     import shutil
@@ -308,11 +330,14 @@ def test_truncated_or_missing_rank_file_is_named_before_loading(checkpoint, tmp_
 def test_report_folder_and_ds_config_are_checked_first(checkpoint, tmp_path):
     root, ckpt, text = checkpoint
     (tmp_path / "bad.json").write_text("{not json")
+    (tmp_path / "empty").mkdir()
     args = oneshot.parse_args([ckpt, str(tmp_path / "out"), "--sparsity", "0.5", "--report",
-                               str(tmp_path / "nodir" / "r.json"), "--ds_config", str(tmp_path / "bad.json")])
+                               str(tmp_path / "nodir" / "r.json"), "--ds_config", str(tmp_path / "bad.json"),
+                               "--calibration", str(tmp_path / "empty")])
     with pytest.raises(oneshot.OneShotError) as e:
         oneshot.check_args(args, None)
     assert "nodir' does not exist" in str(e.value) and "is not valid JSON" in str(e.value), str(e.value)
+    assert "--calibration: no .txt/" in str(e.value) and "files in the folder" in str(e.value), str(e.value)
     inside = oneshot.parse_args([ckpt, str(tmp_path / "out"), "--sparsity", "0.5", "--report",
                                  str(tmp_path / "out" / "oneshot.json")])
     oneshot.check_args(inside, None)  # a report inside OUTPUT_DIR: that folder is made by the export

@@ -130,3 +130,14 @@ def test_trainer_script_refuses_bad_arguments_before_any_work(tmp_path, capsys):
             hf.parse_args(base + extra)
         assert needle in capsys.readouterr().err, extra
     assert hf.parse_args(base + ["--output_dir", str(tmp_path / "used"), "--resume"]).resume
+
+
+def test_default_calibration_rows_differ_per_rank():
+    """The callback's default calibration rows: each rank its own (the statistics are all-reduced,
+    so identical rows on every rank counted each one world-size times), together the first rows."""
+    from ds_bitter7.hf_trainer import rank_rows
+
+    rows = [rank_rows(range(100), 3, 2, r) for r in range(2)]
+    assert rows == [[0, 2, 4], [1, 3, 5]]
+    assert rank_rows(range(100), 3, 1, 0) == [0, 1, 2]
+    assert rank_rows(range(4), 3, 2, 1) == [1, 3]  # a short dataset: fewer rows, never another rank's
