@@ -32,6 +32,7 @@ except ImportError:  # run from a checkout without `pip install -e .`
     import ds_bitter7
 from ds_bitter7 import data as dsdata
 from ds_bitter7 import modeling
+from ds_bitter7.cli import check_launch_args
 from ds_bitter7.comm import Communicator, abort_job_on_error, init_distributed
 from ds_bitter7.config import load_ds_config, parse_config
 from ds_bitter7.export import REPORT_FILE, checkpoint_problems
@@ -85,18 +86,10 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
         args.resume = args.save_dir
     if args.resume is not None and not args.resume:
         p.error("--resume needs a folder or --save_dir")
-    for key, least in (("steps", 0), ("seq_len", 2), ("eval_every", 0), ("eval_batches", 1),
-                       ("calibration_batches", 0), ("save_every", 0)):
-        if getattr(args, key) < least:
-            p.error(f"--{key} must be >= {least}, got {getattr(args, key)}")
-    try:
-        args.model_overrides = modeling.parse_overrides(args.model_overrides)
-    except ValueError as err:
-        p.error(str(err))
+    check_launch_args(p, args, (("steps", 0), ("seq_len", 2), ("eval_every", 0), ("eval_batches", 1),
+                                ("calibration_batches", 0), ("save_every", 0)))
     if args.save_dir and os.path.lexists(args.save_dir) and not os.path.isdir(args.save_dir):
         p.error(f"--save_dir {args.save_dir!r} is a file, not a folder")  # else found at the first save
-    if args.summary and os.path.isdir(args.summary):
-        p.error(f"--summary {args.summary!r} is a folder: name a file")  # else found after training
     return args
 
 

@@ -23,6 +23,7 @@ except ImportError:  # run from a checkout without `pip install -e .`
     import ds_bitter7  # noqa: F401
 from ds_bitter7 import data as dsdata
 from ds_bitter7 import modeling
+from ds_bitter7.cli import check_launch_args
 from ds_bitter7.comm import abort_job_on_error, init_distributed, launched_by_mpi
 from ds_bitter7.hf_trainer import Bitter7Callback, prepare_model
 
@@ -68,15 +69,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--local_rank", "--local-rank", type=int, default=-1)
     args = p.parse_args(argv)
-    for key, least in (("seq_len", 2), ("max_steps", 1), ("save_steps", 1)):  # -1 would train 3 epochs
-        if getattr(args, key) < least:
-            p.error(f"--{key} must be >= {least}, got {getattr(args, key)}")
-    try:
-        args.model_overrides = modeling.parse_overrides(args.model_overrides)
-    except ValueError as err:
-        p.error(str(err))
-    if args.summary and os.path.isdir(args.summary):
-        p.error(f"--summary {args.summary!r} is a folder: name a file")  # else found after training
+    check_launch_args(p, args, (("seq_len", 2), ("max_steps", 1), ("save_steps", 1)))  # -1 would train 3 epochs
     taken = sorted(glob.glob(os.path.join(args.output_dir, "checkpoint-*")))
     if taken and not args.resume:  # the Trainer would replace them one by one, mixing two runs
         p.error(f"--output_dir {args.output_dir!r} already holds checkpoints ({', '.join(map(os.path.basename, taken[:3]))}"
