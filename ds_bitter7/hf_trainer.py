@@ -24,6 +24,7 @@ from typing import Any, Iterable, Optional, Tuple
 from transformers import TrainerCallback
 
 from . import prepare_model  # noqa: F401  (re-exported: call it before Trainer(...))
+from .calibration import needs_stats
 from .comm import is_main_process, world_size_and_rank
 from .config import enum_name
 from .export import MODEL_STATES_FILE, read_torch_file
@@ -106,7 +107,7 @@ class Bitter7Callback(TrainerCallback):
         if self.pruner is None:
             calib = self.calibration_data
             source = enum_name(cfg.bias_compensation.source)
-            if calib is None and cfg.bias_compensation.enabled and source == "calibration":
+            if calib is None and needs_stats(cfg) and source == "calibration":  # compensation, or the score
                 calib = self._default_calibration(engine, cfg.bias_compensation.num_batches)
             self.pruner = ds_bitter7.attach(engine, config, calibration_data=calib)
         self._maybe_resume(args, state)
