@@ -37,6 +37,8 @@ logger = logging.getLogger(__name__)
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
                     "vocab.json", "merges.txt", "tokenizer.model", "chat_template.jinja", "chat_template.json",
                     "generation_config.json")
+SAVED_MODEL_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                     "pytorch_model.bin.index.json")  # a Trainer's model weights
 REPORT_FILE = "pruning_report.json"  # marks a folder as an export (``--overwrite`` replaces only those)
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -62,8 +64,15 @@ def resolve_tag(checkpoint_dir: str, tag: Optional[str] = None) -> str:
                 found = f"found tag folders {steps}" if steps else "no global_step* folder either"
                 trainer = sorted((os.path.basename(p) for p in glob.glob(os.path.join(checkpoint_dir, "checkpoint-*"))),
                                  key=lambda name: (len(name), name))
-                hint = (f"a Trainer output_dir: pass one of its checkpoint folders ({', '.join(trainer[-3:])})"
-                        if trainer and not steps else "pass --tag")
+                weights = [f for f in SAVED_MODEL_FILES if os.path.isfile(os.path.join(checkpoint_dir, f))]
+                if trainer and not steps:
+                    hint = f"a Trainer output_dir: pass one of its checkpoint folders ({', '.join(trainer[-3:])})"
+                elif weights and not steps:  # a Trainer checkpoint saved with save_only_model=True
+                    hint = (f"it holds model weights ({weights[0]}) but no {TRAINER_STATE_FILE} beside them: no pruner "
+                            "masks to read (Bitter7Callback writes that file at each save; a run killed in between, "
+                            "or one without the callback, leaves none)")
+                else:
+                    hint = "pass --tag"
                 raise ExportError(f"no 'latest' file at {latest!r} ({found}); {hint}")
             tag = steps[0]
     if not os.path.isdir(os.path.join(checkpoint_dir, tag)):
@@ -439,10 +448,6 @@ def export_model(model: PreTrainedModel, masks: Mapping[str, torch.Tensor], outp
         shutil.rmtree(tmp, ignore_errors=True)
     logger.info("exported %s: %d -> %d parameters", output_dir, report["params_before"], report["params_after"])
     return report
-
-
-SAVED_MODEL_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
-                     "pytorch_model.bin.index.json")
 
 
 def model_only_checkpoint(checkpoint_dir: str, tag: Optional[str]) -> bool:

@@ -221,6 +221,9 @@ def test_trainer_checkpoint_saved_without_deepspeed_files(gpt2_checkpoint, tmp_p
     with pytest.raises(ExportError, match=r"a Trainer output_dir: pass one of its checkpoint folders "
                                           r"\(checkpoint-1, checkpoint-12\)"):
         export_checkpoint(str(tmp_path), str(tmp_path / "out"))
+    (folder / "bitter7_state.pt").unlink()  # the run died between the Trainer's save and the callback's
+    with pytest.raises(ExportError, match=r"holds model weights \(model.safetensors\) but no bitter7_state.pt"):
+        export_checkpoint(str(folder), str(tmp_path / "out"))  # was: 'pass --tag', and there is no tag
 
 
 def test_missing_pruner_state(gpt2_checkpoint, tmp_path):
