@@ -39,6 +39,7 @@ _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_m
                     "generation_config.json")
 SAVED_MODEL_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
                      "pytorch_model.bin.index.json")  # a Trainer's model weights
+BF16_OPTIMIZER_PREFIX = "bf16_zero_pp_rank_"  # DeepSpeed's BF16_Optimizer's rank files
 REPORT_FILE = "pruning_report.json"  # marks a folder as an export (``--overwrite`` replaces only those)
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -217,8 +218,9 @@ def load_pruner_state(checkpoint_dir: str, tag: Optional[str]) -> Tuple[dict, st
 
 
 def consolidate(checkpoint_dir: str, tag: str) -> Dict[str, torch.Tensor]:
-    """fp32 weights via DeepSpeed's zero_to_fp32; without ZeRO optimizer files (stage 0, bf16
-    optimizer) the module weights saved in the model-states file."""
+    """fp32 weights via DeepSpeed's zero_to_fp32 (``bf16_optimizer_masters`` for the files of the
+    BF16_Optimizer, which it refuses); without optimizer files (stage 0) the module weights saved
+    in the model-states file."""
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     tag_dir = os.path.join(checkpoint_dir, tag)
@@ -228,6 +230,8 @@ def consolidate(checkpoint_dir: str, tag: str) -> Dict[str, torch.Tensor]:
         problems = checkpoint_problems(checkpoint_dir, tag)
         if problems:
             raise ExportError("; ".join(problems))
+        if all(os.path.basename(f).startswith(BF16_OPTIMIZER_PREFIX) for f in zero_files):
+            return bf16_optimizer_masters(tag_dir, zero_files)
         try:
             state = get_fp32_state_dict_from_zero_checkpoint(checkpoint_dir, tag=tag)
             return strip_module_prefix(state)
@@ -250,6 +254,44 @@ def consolidate(checkpoint_dir: str, tag: str) -> Dict[str, torch.Tensor]:
                        "weights of %s, not the fp32 master weights (copy the optimizer files too for those)",
                        tag_dir, stage, "/".join(dtypes), MODEL_STATES_FILE)
     return strip_module_prefix({k: v.float() for k, v in module.items()})
+
+
+def bf16_optimizer_masters(tag_dir: str, files: Sequence[str]) -> Dict[str, torch.Tensor]:
+    """The fp32 master weights of a checkpoint of DeepSpeed's ``BF16_Optimizer`` (bf16 with fp32
+    gradient accumulation; ``zero_to_fp32`` refuses its files). Each param group is one flat
+    buffer of its parameters in ``param_shapes`` order, padded at its end and cut into one equal
+    partition per rank, ``single_partition_of_fp32_groups`` in each rank's file. Buffers, frozen
+    parameters and tied copies come from the module weights."""
+    saved = read_torch_file(os.path.join(tag_dir, MODEL_STATES_FILE))
+    module = saved.get("module") if isinstance(saved, dict) else None
+    shapes = saved.get("param_shapes") if isinstance(saved, dict) else None
+    if not isinstance(module, Mapping) or not isinstance(shapes, list):
+        raise ExportError(f"{os.path.join(tag_dir, MODEL_STATES_FILE)!r} lacks 'module' or 'param_shapes'")
+    ranked = sorted(files, key=lambda f: int(os.path.basename(f)[len(BF16_OPTIMIZER_PREFIX):].split("_")[0]))
+    states = []
+    for path in ranked:
+        state = read_torch_file(path)
+        state = state.get("optimizer_state_dict") if isinstance(state, dict) else None
+        if not isinstance(state, dict) or not isinstance(state.get("single_partition_of_fp32_groups"), list):
+            raise ExportError(f"{path!r} has no 'single_partition_of_fp32_groups' (not a BF16_Optimizer state)")
+        states.append(state)
+    out = {k: v.float() for k, v in module.items() if torch.is_tensor(v)}
+    for g, group in enumerate(shapes):
+        parts = [state["single_partition_of_fp32_groups"][g] for state in states]
+        flat = torch.cat(parts) if len(parts) > 1 else parts[0]
+        padding = sum(int(state.get("group_paddings", [0] * len(shapes))[g]) for state in states)
+        size = sum(math.prod(shape) for shape in group.values())
+        if size + padding != flat.numel():
+            raise ExportError(f"{tag_dir!r}: param group {g}'s {size} weights (+{padding} padding) do not fill the "
+                              f"{flat.numel()} fp32 master values of its {len(states)} rank file(s)")
+        offset = 0
+        for name, shape in group.items():
+            n = math.prod(shape)
+            out[name] = flat[offset:offset + n].float().view(tuple(shape)).clone()
+            offset += n
+    for alias, source in (saved.get("shared_params") or {}).items():  # tied weights: one master
+        out[alias] = out[source]
+    return strip_module_prefix(out)
 
 
 def strip_module_prefix(state: Mapping[str, torch.Tensor]) -> Dict[str, torch.Tensor]:

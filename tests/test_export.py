@@ -50,18 +50,43 @@ MAKE_CHECKPOINT = textwrap.dedent("""
 """)
 
 
+# DeepSpeed's BF16_Optimizer (bf16, fp32 gradient accumulation, ZeRO-1) on 2 ranks: two steps
+# move the fp32 masters off the bf16 grid; DeepSpeed's own reading of them is saved beside.
+MAKE_BF16_OPTIMIZER_CHECKPOINT = textwrap.dedent("""
+    import sys, torch, deepspeed
+    from deepspeed.utils import safe_get_full_fp32_param
+    from test_shrink import tiny_gpt2
+    out = sys.argv[1]
+    model = tiny_gpt2()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.0)
+    config = {"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1,
+              "zero_optimization": {"stage": 1}, "bf16": {"enabled": True},
+              "data_types": {"grad_accum_dtype": "fp32"}, "zero_allow_untested_optimizer": True}
+    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
+    assert type(engine.optimizer).__name__ == "BF16_Optimizer", type(engine.optimizer)
+    for step in range(2):
+        ids = torch.randint(0, model.config.vocab_size, (1, 9), generator=torch.Generator().manual_seed(step))
+        engine.backward(engine(input_ids=ids, labels=ids).loss)
+        engine.step()
+    masters = {n: safe_get_full_fp32_param(p) for n, p in engine.module.named_parameters()}  # collective
+    engine.save_checkpoint(out)
+    if engine.global_rank == 0:
+        torch.save(masters, out + "/masters.pt")
+""")
+
+
 def _env() -> dict:
     env = dict(os.environ, DS_ACCELERATOR="cpu", GLOO_SOCKET_IFNAME="lo", OMP_NUM_THREADS="1")
     env["PYTHONPATH"] = os.pathsep.join([TESTS, ROOT, env.get("PYTHONPATH", "")])
     return env
 
 
-def make_checkpoint(folder, name: str, world_size: int) -> str:
+def make_checkpoint(folder, name: str, world_size: int, script_text: str = MAKE_CHECKPOINT) -> str:
     script = folder / "make_checkpoint.py"
-    script.write_text(MAKE_CHECKPOINT)
+    script.write_text(script_text)
     out = str(folder / "ckpt")
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={world_size}",
-           f"--master_port={free_port()}", str(script), name, out]
+           f"--master_port={free_port()}", str(script), *([name] if name else []), out]
     done = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     return out
@@ -186,6 +211,22 @@ def test_checkpoint_without_its_zero_files(gpt2_checkpoint, tmp_path, caplog):
     states.unlink()
     assert checkpoint_problems(str(ckpt)) == [f"{str(ckpt / 'global_step1')!r} has no mp_rank_00_model_states.pt "
                                               "(an incomplete copy?)"]
+
+
+def test_bf16_optimizer_checkpoint_exports_its_fp32_masters(tmp_path, caplog):
+    """zero_to_fp32 refuses the BF16_Optimizer's rank files ('not a zero checkpoint'): the export
+    took the bf16 module weights instead, under a warning that called it no ZeRO checkpoint."""
+    from ds_bitter7.export import consolidate
+
+    ckpt = make_checkpoint(tmp_path, "", world_size=2, script_text=MAKE_BF16_OPTIMIZER_CHECKPOINT)
+    masters = torch.load(os.path.join(ckpt, "masters.pt"))
+    with caplog.at_level("WARNING", logger="ds_bitter7.export"):
+        weights = consolidate(ckpt, "global_step2")
+    assert caplog.text == ""
+    assert set(weights) >= set(masters) and any(not torch.equal(m, m.bfloat16().float()) for m in masters.values())
+    for name, master in masters.items():
+        assert torch.equal(weights[name], master), name
+    assert torch.equal(weights["lm_head.weight"], masters["transformer.wte.weight"])  # tied
 
 
 def test_missing_checkpoint_dir(tmp_path):
