@@ -54,9 +54,6 @@ def initialize(args=None, model=None, optimizer=None, model_parameters=None, tra
     if cfg.enabled:
         check_deepspeed_support(ds_config)
         get_adapter(model)
-        from .calibration import check_calibration_data
-
-        check_calibration_data(cfg, calibration_data)  # before DeepSpeed's first collective
         added = [model.get_parameter(n) for n in prepare_model(model, cfg)]
         if added and isinstance(model_parameters, (list, tuple)):  # a list built before the biases existed
             model_parameters = _with_params(model_parameters, added)

@@ -116,16 +116,6 @@ def needs_stats(config) -> bool:
     return bool(config.bias_compensation.enabled or get_scorer(config.score).uses_activation_std)
 
 
-def check_calibration_data(config, calibration_data) -> None:
-    """Raise ``ValueError`` when the config needs calibration data and none was given.
-
-    Local (no collective): every rank raises the same error, so none waits for the others.
-    """
-    if (needs_stats(config) and calibration_data is None
-            and StatsSource(config.bias_compensation.source) == StatsSource.calibration):
-        raise ValueError(_calibration_error(config))
-
-
 BATCH_FORM = ("each batch is a dict of the model's keyword inputs, such as {'input_ids': LongTensor[batch, seq]}, "
               "or an input_ids tensor")
 
@@ -180,11 +170,12 @@ class ActivationStats:
                             or pruner.scorer.uses_covariance)
         # F x F of at most this many groups per calibration pass (0: all in one pass)
         self.layers_per_pass = cfg.layers_per_pass if self.with_matrix else 0
-        if self.source == StatsSource.calibration and calibration_data is None:
-            raise ValueError(_calibration_error(pruner.config))  # on every rank, before any collective
         from .compensation import check_compensation
 
-        check_compensation(pruner.groups, pruner.config)
+        check_compensation(pruner.groups, pruner.config)  # the config's: the same on every rank
+        if self.source == StatsSource.calibration:  # data given to some ranks only fails them all
+            missing = ValueError(_calibration_error(pruner.config)) if calibration_data is None else None
+            pruner.comm.raise_if_any(missing, "checking calibration_data", ValueError)
         if isinstance(calibration_data, collections.abc.Iterator):
             # a one-shot iterator (generator): its first batches serve every event, not only the first
             calibration_data = pruner.comm.call("reading calibration_data", lambda: list(

@@ -64,7 +64,7 @@ def calibration_suite(cases, extras: bool) -> dict:
         out["in_step"] = {score: model_score_in_step(score) for score in ("fluctuation", "bitter7_obs")}
         out["generator"] = generator_calibration()
         out["bad_batch"] = {where: bad_batch_on_one_rank(where)  # last: they raise
-                            for where in ("forward", "fetch", "one_batch", "tuples")}
+                            for where in ("forward", "fetch", "one_batch", "tuples", "none")}
     return out
 
 
@@ -303,14 +303,15 @@ class MissingOnThisNode:
 def bad_batch_on_one_rank(where: str) -> str:
     """On rank 1 the calibration data fails: ``forward``, a batch has a token id past the
     vocabulary; ``fetch``, iterating it raises; ``one_batch``, it is one batch, not a list of them
-    (refused at initialize); ``tuples``, its batches are tuples. Every rank must raise with it
+    (refused at initialize); ``tuples``, its batches are tuples; ``none``, it is not given (the
+    others waited in DeepSpeed's start). Every rank must raise with it
     instead of waiting in the statistics' all-reduces."""
     rank = dist.get_rank()
     model = tiny_model("gpt2")
     data = batches(2)
     if rank == 1:
         data = {"forward": data[:1] + [data[1].clone().fill_(VOCAB + 5)], "fetch": MissingOnThisNode(),
-                "one_batch": {"input_ids": data[0]}, "tuples": [(x,) for x in data]}[where]
+                "one_batch": {"input_ids": data[0]}, "tuples": [(x,) for x in data], "none": None}[where]
     cfg = ds_config(2, "fp32", {"structures": ["mlp_neuron"], "score": "bitter7_variance"})
     try:
         engine, *_ = ds_bitter7.initialize(model=model, model_parameters=model.parameters(), config=cfg,
@@ -410,13 +411,14 @@ def test_unit_std_is_root_mean_feature_variance():
     assert torch.allclose(std, torch.tensor([math.sqrt(2.0), 2.0], dtype=torch.float64), rtol=1e-15, atol=0)
 
 
-@pytest.mark.parametrize("bitter7", [{"bias_compensation": {"enabled": True}}, {"score": "bitter7_variance"}])
-def test_missing_calibration_data_fails_before_deepspeed(bitter7):
+@pytest.mark.parametrize("bitter7,why", [({"bias_compensation": {"enabled": True}}, "bias_compensation.enabled"),
+                                         ({"score": "bitter7_variance"}, "score 'bitter7_variance'")])
+def test_missing_calibration_data_is_refused_at_initialize(bitter7, why):
     model = tiny_model("gpt2")
-    with pytest.raises(ValueError, match="calibration_data"):
+    with pytest.raises(ValueError, match=f"ds_bitter7: {why} with bias_compensation.source = 'calibration' "
+                                         "needs calibration data"):
         ds_bitter7.initialize(model=model, model_parameters=model.parameters(),
                               config=ds_config(2, "fp32", bitter7))
-    assert not dist.is_initialized()  # raised before DeepSpeed started anything
 
 
 @pytest.mark.parametrize("score", ["fluctuation", "bitter7_obs"])
@@ -442,7 +444,8 @@ def test_a_failing_calibration_batch_on_one_rank_fails_every_rank(world2, where,
 
 @pytest.mark.parametrize("where,message", [
     ("one_batch", "calibration_data: got a dict (one batch?); pass a list (or iterable) of batches"),
-    ("tuples", "calibration_data: batch 0 is a tuple: each batch is a dict of the model's keyword inputs")])
+    ("tuples", "calibration_data: batch 0 is a tuple: each batch is a dict of the model's keyword inputs"),
+    ("none", "score 'bitter7_variance' with bias_compensation.source = 'calibration' needs calibration data")])
 def test_calibration_data_of_the_wrong_form_is_refused_at_initialize(world2, where, message):
     """Refused when the pruner is built, not at the first event hours later, on every rank."""
     assert world2[0]["bad_batch"][where] == "ValueError: checking calibration_data failed on another rank; " \
