@@ -312,6 +312,13 @@ def _object(value, name: str, example: str, problems: List[str]) -> dict:
     return {}
 
 
+def _flag(value) -> bool:
+    """A DeepSpeed boolean as DeepSpeed reads it (pydantic: "true", "1", "on", ... are true)."""
+    if isinstance(value, str):
+        return value.strip().lower() in ("1", "true", "t", "yes", "y", "on")
+    return bool(value)
+
+
 def check_deepspeed_support(ds_config: dict) -> None:
     """Refuse DeepSpeed settings the pruner cannot serve, before anything is built."""
     problems: List[str] = []
@@ -322,7 +329,7 @@ def check_deepspeed_support(ds_config: dict) -> None:
     stage = zero.get("stage", 0)
     for dtype in ("fp16", "bf16", "bfloat16"):  # bfloat16: DeepSpeed's other name for the bf16 section
         section = _object(ds_config.get(dtype), dtype, '{"enabled": true}', problems)
-        if stage == 0 and section.get("enabled", False) is True:
+        if stage == 0 and _flag(section.get("enabled", False)):
             problems.append(f"  {dtype}.enabled with zero_optimization.stage = 0: ds_bitter7 reads the fp32 "
                             f"master weights DeepSpeed keeps at ZeRO stage 1 and 2; use stage 1 or 2 for {dtype}")
     if isinstance(stage, bool) or stage not in (0, 1, 2):

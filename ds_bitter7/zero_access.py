@@ -55,8 +55,8 @@ def _optimizer_kind(optimizer) -> str:
     if "Stage3" in name or hasattr(optimizer, "fp16_partitioned_groups_flat"):
         raise ValueError("ds_bitter7 supports ZeRO stage 0, 1 and 2; ZeRO-3 is not supported yet")
     if hasattr(optimizer, "fp32_groups_flat") or name.startswith("FP16"):
-        raise ValueError(f"ds_bitter7 does not support {name} (stage 0 with fp16); "
-                         "use ZeRO stage 1/2 for fp16 training")
+        raise ValueError(f"ds_bitter7 does not support {name} (DeepSpeed's optimizer for fp16 or bf16 at ZeRO "
+                         "stage 0); use ZeRO stage 1/2 for fp16/bf16 training")
     if isinstance(optimizer, torch.optim.Optimizer):
         return "torch"
     raise ValueError(f"ds_bitter7 does not support the DeepSpeed optimizer wrapper {name}")

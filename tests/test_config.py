@@ -134,6 +134,9 @@ def test_deepspeed_forms_and_half_precision_at_stage_0():
         with pytest.raises(ValueError, match=f"{dtype}.enabled with zero_optimization.stage = 0"):
             check_deepspeed_support({dtype: {"enabled": True}})
         check_deepspeed_support({dtype: {"enabled": True}, "zero_optimization": {"stage": 1}})
+    with pytest.raises(ValueError, match="bf16.enabled with zero_optimization.stage = 0"):
+        check_deepspeed_support({"bf16": {"enabled": "true"}})  # DeepSpeed reads the string as true
+    check_deepspeed_support({"bf16": {"enabled": "false"}})  # and this one as false
     for ds_config, message in (({"fp16": True}, "fp16 = True: must be a JSON object, such as {\"enabled\": true}"),
                                ({"zero_optimization": [2]}, "zero_optimization = \\[2\\]: must be a JSON object"),
                                ({"zero_optimization": {"stage": "2"}}, "stage = '2': must be the integer 0, 1 or 2"),
