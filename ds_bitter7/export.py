@@ -375,7 +375,8 @@ def _write_reports(folder: str, report: dict) -> None:
         "|---:|---|---:|---:|---:|",
     ]
     for r in report["layers"]:
-        lines.append(f"| {r['layer']} | {r['kind']} | {r['units_kept']} / {r['units_total']} | "
+        zero = " (the model keeps one all-zero unit)" if r.get("units_in_model", r["units_kept"]) > r["units_kept"] else ""
+        lines.append(f"| {r['layer']} | {r['kind']} | {r['units_kept']} / {r['units_total']}{zero} | "
                      f"{r['params_before']:,} | {r['params_after']:,} |")
     with open(os.path.join(folder, "pruning_report.md"), "w") as f:
         f.write("\n".join(lines) + "\n")

@@ -330,6 +330,7 @@ def layer_report(before: Mapping[str, torch.Tensor], after: Mapping[str, torch.T
             kept = int(masks[key].sum()) if key in masks else total
             rows.append({
                 "layer": i, "kind": kind, "units_kept": kept, "units_total": total,
+                "units_in_model": max(kept, min(total, 1)),  # a layer cannot be zero wide (module docstring)
                 "params_before": _param_counts(before, prefix, kind),
                 "params_after": _param_counts(after, prefix, kind),
             })

@@ -221,7 +221,8 @@ def test_fully_pruned_block_keeps_one_zero_unit():
     small, report = shrink_model(model, masks)
     assert small.transformer.h[1].mlp.c_fc.weight.shape[1] == 1
     assert small.config.num_heads_per_layer[2] == 1
-    assert [r["units_kept"] for r in report if r["layer"] == 1 and r["kind"] == "mlp"] == [0]
+    assert [(r["units_kept"], r["units_in_model"]) for r in report if r["layer"] == 1 and r["kind"] == "mlp"] == [(0, 1)]
+    assert all(r["units_in_model"] == r["units_kept"] for r in report if r["units_kept"])
     assert_close(logits(small), logits(model))
 
 
