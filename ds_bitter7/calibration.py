@@ -426,7 +426,7 @@ def unit_std(group, stats: UnitStats) -> torch.Tensor:
     A unit with several input features (an attention head, or a key/value group under GQA) gets
     the square root of the *mean* of its features' variances: the RMS deviation per feature,
     which for one feature (an MLP neuron) is its plain std and does not grow with head_dim.
-    Replacing the unit by its mean costs ``sum of variances`` in squared error (seed section 2),
+    Replacing the unit by its mean costs ``sum of variances`` in squared error,
     i.e. ``n_features * unit_std**2``; within one structure type every unit has the same number
     of features, so ranking by either is the same.
     """

@@ -2,7 +2,7 @@
 
 Every public function that communicates says so: *Collective: every rank must call this, in the
 same order*. With torch.distributed not initialised, they are the identity, so one code path
-serves 1 and N ranks. Bytes handed to collectives are counted (DESIGN invariant 5).
+serves 1 and N ranks. Bytes handed to collectives are counted (README, Guarantees 5).
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Bias compensation: fold removed units' mean activation into the next layer's bias.
 
-For the input features ``f`` of the units removed at an event (seed section 1.2),
+For the input features ``f`` of the units removed at an event (README: Bias compensation),
 ``b_next += W_next[:, f] @ mu_f``, so the out projection keeps its mean output on the data the
 statistics came from. Under ZeRO each rank owns only a flat fragment of ``W_next``'s fp32 master:
 it computes the partial product over its own elements, the partial vectors of every group are

@@ -97,7 +97,7 @@ class ScheduleConfig(DeepSpeedConfigModel):
 
 
 class BiasCompensationConfig(DeepSpeedConfigModel):
-    """Fold removed units' mean activation into the next layer (seed section 1.2)."""
+    """Fold removed units' mean activation into the next layer (README: Bias compensation)."""
 
     enabled: StrictBool = False
     """Compensate the next layer for every unit pruned at an event."""
@@ -149,7 +149,7 @@ class Bitter7Config(DeepSpeedConfigModel):
     scores standardised per layer (FLAP's adaptive structure search: each layer's unpruned units
     are scaled to mean 0, std 1, so layers whose scores differ in scale compete on rank)."""
     min_units_per_layer: StrictInt = Field(1, ge=0)
-    """With global scope, the units each layer keeps whatever their scores (a layer with no
+    """With global or standardized scope, the units each layer keeps whatever their scores (a layer with no
     attention head left cannot be exported as a standard model)."""
     schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
     """Pruning schedule."""

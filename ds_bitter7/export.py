@@ -562,7 +562,8 @@ def main(argv=None) -> int:
     parser.add_argument("--model_config", default=None, help="folder with the model's config.json "
                         "(default: CHECKPOINT_DIR)")
     parser.add_argument("--dtype", default="float32", choices=sorted(_DTYPES), help="dtype of the saved weights")
-    parser.add_argument("--overwrite", action="store_true", help="replace OUTPUT_DIR if it exists")
+    parser.add_argument("--overwrite", action="store_true", help="replace OUTPUT_DIR if it is empty or a "
+                        "previous export (holds pruning_report.json); nothing else is deleted")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:

@@ -25,7 +25,7 @@ products ``S_KR W_R^(r)`` and ``mu_R W_R^(r)`` with its owned elements ``W_R^(r)
 (``(|K| + 1) x out``). Every rank then solves the same float64 system, adds its own elements of
 ``D`` to its fp32 master fragment (and, ZeRO 1/2, the whole ``D`` to the model's replicated
 parameter) and ``b' - b`` to the bias. The covariance itself was all-reduced by
-``ActivationStats`` (``F^2`` numbers per group: DESIGN invariant 5's documented exception).
+``ActivationStats`` (``F^2`` numbers per group: README Guarantee 5's documented exception).
 """
 
 from __future__ import annotations

@@ -6,8 +6,8 @@
 
 Runs on any number of ranks (``torchrun``, ``deepspeed``, ``mpirun``; plain ``python -m`` is one
 rank). The checkpoint is loaded WITH its optimizer state (bitter7, fisher, bitter7_variance and the
-default bitter7_obs read Adam's ``exp_avg_sq``; bitter7_obs, obs and fluctuation also read
-activation statistics):
+default bitter7_obs read Adam's ``exp_avg_sq``; bitter7_obs, obs, fluctuation and bitter7_variance
+also read activation statistics, as does compensation):
 ZeRO 0/1/2 at its own world size directly, a ZeRO-1/2 checkpoint at another world size through
 DeepSpeed's universal checkpoint conversion (run automatically into ``OUTPUT_DIR.universal_tmp``,
 which must be on a file system every rank sees). Calibration statistics are gathered across ranks,
@@ -97,7 +97,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                    "cell in benchmarks/results/oneshot*.md; bitter7, fisher and bitter7_variance read "
                    "exp_avg_sq too; without optimizer state use obs)")
     p.add_argument("--scope", default="global", choices=["global", "per_layer", "standardized"],
-                   help="global threshold, same fraction per layer, or global over per-layer z-scores (FLAP)")
+                   help="global threshold, same fraction per layer, or global over per-layer z-scores (FLAP; not with "
+                   "the scores obs and bitter7_obs, the default: pass e.g. --score fluctuation)")
     p.add_argument("--compensation", default="least_squares", choices=["none", "mean", "least_squares"],
                    help="refit the next layers (default: least squares, the best one-shot column of "
                    "benchmarks/results/oneshot.md; mean compensation raised perplexity there)")
@@ -105,15 +106,16 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--min_units_per_layer", type=int, default=1,
                    help="units every layer keeps under --scope global or standardized (default 1; 0 lets a layer lose all)")
     p.add_argument("--calibration", nargs="+", default=["builtin"],
-                   help="builtin (its TRAIN split) | local .txt/.json/.jsonl files or folders")
+                   help="builtin (its TRAIN split) | local .txt/.md/.rst/.text/.json/.jsonl files or folders")
     p.add_argument("--validation", nargs="+", default=None,
-                   help="builtin (its validation split) | local files; omit to skip perplexity")
+                   help="builtin (its validation split) | local files or folders; omit to skip perplexity")
     p.add_argument("--num_batches", type=int, default=8, help="calibration batches per rank")
     p.add_argument("--layers_per_pass", type=int, default=0,
                    help="sum the float64 F x F of at most this many layers per calibration pass (least squares, "
                    "obs, bitter7_obs): less memory, more forward passes, the same result (default 0: all at once)")
     p.add_argument("--eval_batches", type=int, default=32, help="validation batches per rank")
-    p.add_argument("--batch_size", type=int, default=8)
+    p.add_argument("--batch_size", type=int, default=8,
+                   help="sequences per batch: calibration, validation and DeepSpeed's micro-batch")
     p.add_argument("--seq_len", type=int, default=None,
                    help="tokens per block (default: the training run's, which launch/train.py records in the "
                    f"checkpoint, else {DEFAULT_SEQ_LEN} or the model's maximum positions if fewer)")
@@ -124,7 +126,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--ds_config", default=None, help="DeepSpeed JSON to load with (default: the one saved "
                    "in the checkpoint, else fp32 AdamW at the checkpoint's ZeRO stage)")
     p.add_argument("--seed", type=int, default=1234)
-    p.add_argument("--overwrite", action="store_true", help="replace OUTPUT_DIR if it exists")
+    p.add_argument("--overwrite", action="store_true", help="replace OUTPUT_DIR if it is empty or a previous "
+                   "export (holds pruning_report.json); nothing else is deleted")
     p.add_argument("--report", default=None, help="also write the one-shot summary JSON here (rank 0)")
     p.add_argument("--local_rank", "--local-rank", type=int, default=-1, help="set by the deepspeed launcher")
     return p.parse_args(argv)

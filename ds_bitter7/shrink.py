@@ -1,7 +1,7 @@
 """Physically remove pruned MLP neurons and attention heads from a Hugging Face causal LM.
 
 Pure torch on a state dict: each unit's weights are picked out with `index_select` along the
-dimension the unit owns (the unit definitions of DESIGN.md), the next layer's bias (which holds
+dimension the unit owns (the unit definitions of ``structures``' adapters), the next layer's bias (which holds
 the bias compensation) is kept as is, and a model of the new shape is built from a config that
 says the new widths: a standard config where one is able to (same width in every block), else the
 `bitter7_gpt2` / `bitter7_llama` / `bitter7_mistral` types of `ds_bitter7.models`.

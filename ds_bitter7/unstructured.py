@@ -1,4 +1,4 @@
-"""Unstructured pruning (the seed's original AdamWPrune form): single weights of block matrices.
+"""Unstructured pruning (the method's original, AdamWPrune form): single weights of block matrices.
 
 Masks are per element and per rank (each rank keeps a bool mask over its own fragments); the
 threshold is the exact k-th smallest score over all ranks, found by radix select.

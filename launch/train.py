@@ -53,7 +53,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--model", help="tiny-gpt2 | tiny-llama | local model dir | transformers config name")
     p.add_argument("--model_overrides", default="{}", help="JSON dict set on the model config")
     p.add_argument("--data", nargs="+", default=["builtin"],
-                   help="builtin | local .txt/.json/.jsonl files or dirs | hub dataset name")
+                   help="builtin | local .txt/.md/.rst/.text/.json/.jsonl files or dirs | hub dataset name")
     p.add_argument("--data_config", help="configuration of a hub dataset (wikitext: e.g. wikitext-103-raw-v1)")
     p.add_argument("--tokenizer", help="tokenizer dir (default: bytes, vocabulary 257)")
     p.add_argument("--config", help="DeepSpeed JSON config (same as --deepspeed_config)")
@@ -76,9 +76,10 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     for key, value in (DEMO_DEFAULTS if args.demo else DEFAULTS).items():
         if getattr(args, key) is None:
             setattr(args, key, value)
-    if args.config and args.deepspeed_config and os.path.realpath(args.config) != os.path.realpath(args.deepspeed_config):
-        p.error(f"--config {args.config} and --deepspeed_config {args.deepspeed_config} name different configs: "
-                "give one (the launch scripts pass CONFIG's: set CONFIG=... instead)")
+    named = named_configs(sys.argv[1:] if argv is None else argv)  # argparse keeps a repeated option's last
+    if len({os.path.realpath(c) for c in named}) > 1:
+        p.error(f"{' and '.join(named)} name different configs: give one (the launch scripts pass CONFIG's "
+                "as --config or --deepspeed_config: set CONFIG=... instead)")
     args.config = args.config or args.deepspeed_config
     if not args.config:
         p.error("a DeepSpeed config is required: --config or --deepspeed_config")
@@ -91,6 +92,18 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     if args.save_dir and os.path.lexists(args.save_dir) and not os.path.isdir(args.save_dir):
         p.error(f"--save_dir {args.save_dir!r} is a file, not a folder")  # else found at the first save
     return args
+
+
+def named_configs(argv) -> list:
+    """The files given as ``--config`` or ``--deepspeed_config`` (either form, each time given)."""
+    out = []
+    for i, token in enumerate(argv):
+        for flag in ("--config", "--deepspeed_config"):
+            if token == flag and i + 1 < len(argv):
+                out.append(argv[i + 1])
+            elif token.startswith(flag + "="):
+                out.append(token[len(flag) + 1:])
+    return out
 
 
 def rank0_first(fn, rank: int):

@@ -1,6 +1,6 @@
 """Tiny models, known optimizer state, and single-process reference answers in plain torch.
 
-The reference unit definitions are written out here from DESIGN.md, independently of
+The reference unit definitions are written out here from the README's element lists (The method), independently of
 ``ds_bitter7.structures``, so the tests compare two separate readings of the contract.
 """
 
@@ -77,7 +77,7 @@ def element_score(score: str, w: torch.Tensor, v: torch.Tensor, eps=1e-8, expone
 
 
 def _unit_elements(family: str, model, layer: int, kind: str) -> List[Dict[str, tuple]]:
-    """For each unit, {param name: index expression} of its elements, straight from DESIGN.md."""
+    """For each unit, {param name: index expression} of its elements, straight from the README's element lists."""
     units = []
     if family == "gpt2":
         p = f"transformer.h.{layer}"

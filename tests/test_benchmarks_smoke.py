@@ -25,7 +25,7 @@ def test_overhead_benchmark_smoke(tmp_path):
     for key in ("step_s", "event_s", "event_over_step", "hook_s", "masks_over_step", "event_bytes",
                 "full_gather_bytes", "gather_over_event_bytes", "peak_extra_bytes", "partition_bytes"):
         assert row[key] is not None and row[key] >= 0, key
-    # One float64 per unit and one int32 error flag per kind, every event (DESIGN: never a full tensor).
+    # One float64 per unit and one int32 error flag per kind, every event (README Guarantee 5: never a full tensor).
     assert row["event_bytes"] == row["event_bytes_formula"] == 8 * (256 + 1) + 8
     assert doc["gpt2_124m"]["ratio_scored"] > 1000
     assert (tmp_path / "overhead.md").exists() and (tmp_path / "overhead_scaling.png").exists()

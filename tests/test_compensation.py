@@ -1,4 +1,4 @@
-"""Bias compensation (issue 4, DESIGN invariant 4) on emulated ranks with real DeepSpeed.
+"""Bias compensation (issue 4, README Guarantee 4) on emulated ranks with real DeepSpeed.
 
 - A unit whose activation is constant on the calibration data is removed with no change to the
   logits (fp32, relative error <= 1e-6); without compensation the same removal changes them.

@@ -1,4 +1,4 @@
-"""DESIGN.md invariants 1, 2, 3, 5 and 6 on emulated ranks (CPU, gloo, real DeepSpeed).
+"""README Guarantees 1, 2, 3, 5 and 6 on emulated ranks (CPU, gloo, real DeepSpeed).
 
 Each spawned world runs several (ZeRO stage, dtype) cases; every result is compared with a
 single-process reference computed from full tensors in plain torch (tests/reference.py).

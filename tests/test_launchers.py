@@ -358,7 +358,10 @@ def test_bad_arguments_are_refused_before_any_work(tmp_path, capsys):
                           (["--save_dir", str(tmp_path / "afile")], "is a file, not a folder"),
                           (["--summary", str(tmp_path)], "is a folder: name a file"),
                           (["--deepspeed_config", str(REPO / "ds_configs" / "cpu_demo.json")],
-                           "name different configs: give one")):
+                           "name different configs: give one"),
+                          # the launch scripts pass --config (or --deepspeed_config) before the user's
+                          # arguments: a second one replaced CONFIG's without a word
+                          (["--config=" + str(REPO / "ds_configs" / "cpu_demo.json")], "name different configs")):
         with pytest.raises(SystemExit):
             train.parse_args(base + extra)
         assert needle in capsys.readouterr().err, extra

@@ -65,7 +65,7 @@ def blocks_and_units(model):
 
 @torch.no_grad()
 def zero_units(model, masks):
-    """Zero each pruned unit's elements as DESIGN.md defines them (independent of the library),
+    """Zero each pruned unit's elements as the README's element lists define them (independent of the library),
     and give the next layers random nonzero biases, as bias compensation would."""
     gpt2 = model.config.model_type == "gpt2"
     for i, (block, _, _, hd, group) in enumerate(blocks_and_units(model)):

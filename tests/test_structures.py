@@ -1,4 +1,4 @@
-"""Unit definitions and the fragment arithmetic, against DESIGN.md's element lists."""
+"""Unit definitions and the fragment arithmetic, against the README's element lists (as tests/reference.py writes them)."""
 
 from __future__ import annotations
 
