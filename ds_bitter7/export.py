@@ -457,9 +457,12 @@ def _publish(tmp: str, output_dir: str, overwrite: bool, keep: Sequence[Optional
 
 def export_model(model: PreTrainedModel, masks: Mapping[str, torch.Tensor], output_dir: str, *,
                  dtype: Optional[str] = None, overwrite: bool = False, source: Optional[str] = None,
-                 extra: Optional[dict] = None, copy_from: Optional[str] = None, tokenizer=None) -> dict:
+                 extra: Optional[dict] = None, copy_from: Optional[str] = None, tokenizer=None,
+                 params_before: Optional[int] = None) -> dict:
     """Zero the pruned units (for safety), shrink, and write the HF model and reports atomically,
     with the tokenizer files found in ``copy_from``, or ``tokenizer`` saved (a transformers one).
+    ``params_before``: the size to report for the model before pruning (default: ``model``'s, which
+    counts the compensation biases the pruner added to it).
 
     Returns the report dict (also written as pruning_report.json).
     """
@@ -469,7 +472,8 @@ def export_model(model: PreTrainedModel, masks: Mapping[str, torch.Tensor], outp
     if dtype is not None:
         small = small.to(_DTYPES[dtype])
     report = {"source": source, **(extra or {}), "model_type_in": model.config.model_type,
-              "model_type_out": small.config.model_type, "params_before": _count(model),
+              "model_type_out": small.config.model_type,
+              "params_before": _count(model) if params_before is None else params_before,
               "params_after": _count(small), "layers": layers}
     output_dir = os.path.abspath(output_dir)
     parent = os.path.dirname(output_dir)

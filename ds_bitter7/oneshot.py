@@ -212,7 +212,7 @@ def check_args(args: argparse.Namespace, info: Optional[CheckpointInfo]) -> None
         problems.append(f"--layers_per_pass must be >= 0, got {args.layers_per_pass}")
     problems += report_problems(args)
     if args.ds_config is not None:
-        from .config import load_ds_config
+        from .config import check_deepspeed_support, load_ds_config
 
         try:
             given = load_ds_config(args.ds_config)
@@ -222,6 +222,12 @@ def check_args(args: argparse.Namespace, info: Optional[CheckpointInfo]) -> None
                 problems.append(f"--ds_config {args.ds_config!r}: {type(err).__name__}: {err}")
         if given is not None and info is not None:
             problems += ds_config_stage_problems(args.ds_config, given, info)
+            effective = dict(given)  # loading_config gives a config without a ZeRO section the checkpoint's stage
+            effective.setdefault("zero_optimization", {"stage": 1 if info.zero_files else 0})
+            try:
+                check_deepspeed_support(effective)  # fp16/bf16 at stage 0, offload, ZeRO-3
+            except ValueError as err:
+                problems.append(f"--ds_config {args.ds_config!r}: {err}")
         if given is not None and info is not None and info.zero_files:
             # DeepSpeed names a bf16 run's ZeRO files bf16_zero_pp_rank_*: the other precision cannot load them
             saved = all(os.path.basename(f).startswith("bf16_") for f in info.zero_files)
@@ -526,7 +532,8 @@ def build_engine(args, info: CheckpointInfo, model, comm):
                                                       load_lr_scheduler_states=False)
             except Exception as err:  # noqa: BLE001 - a file whose archive is whole but whose contents are not
                 error = OneShotError(f"DeepSpeed could not load {info.folder!r} on rank {comm.rank} "
-                                     f"({type(err).__name__}: {err}): is one of its files corrupt?")
+                                     f"({type(err).__name__}: {err}): a corrupt file, or a --ds_config or "
+                                     "model that differs from the training run's?")
             comm.raise_if_any(error, f"loading {info.folder!r}", OneShotError)  # the others wait here, not in gloo
             if path is None:
                 raise OneShotError(f"DeepSpeed could not load {info.folder!r}")
@@ -540,11 +547,29 @@ def build_engine(args, info: CheckpointInfo, model, comm):
 
 def saved_param_groups(model, info: CheckpointInfo):
     """The model's parameters grouped as the checkpoint's optimizer had them (a ZeRO partition is
-    laid out per group: weight-decay / no-decay groups must be rebuilt to load it)."""
+    laid out per group: weight-decay / no-decay groups must be rebuilt to load it). A parameter in
+    no group was frozen in training: it is frozen here too, and takes its saved weights (DeepSpeed's
+    universal loading restores only the optimizer's parameters)."""
     named = dict(model.named_parameters())
-    if not info.param_groups or len(info.param_groups) < 2:
+    if not info.param_groups:
         return [p for p in named.values() if p.requires_grad]
+    listed = {n for names in info.param_groups for n in names}
+    frozen = [n for n in named if n not in listed]
+    if frozen:
+        module = strip_module_prefix(read_torch_file(os.path.join(info.folder, MODEL_STATES))["module"])
+        with torch.no_grad():
+            for n in frozen:
+                named[n].requires_grad_(False)
+                named[n].copy_(module[n])
     return [{"params": [named[n] for n in names if n in named]} for names in info.param_groups]
+
+
+def drop_unwritten_biases(model, added: Sequence[str]) -> None:
+    """Remove the zero biases ``prepare_model`` added when compensation wrote none of them
+    (``--sparsity 0``, or no unit removed): the export then keeps the checkpoint's architecture."""
+    if added and all(not model.get_parameter(name).any() for name in added):
+        for name in added:
+            model.get_submodule(name.rsplit(".", 1)[0]).bias = None
 
 
 def fit_checkpoint_biases(model, info: CheckpointInfo) -> None:
@@ -610,9 +635,10 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
     fit_checkpoint_biases(model, info)
     check_model_matches(model, info, config_dir)
     engine = build_engine(args, info, model, comm)
+    params_before = sum(p.numel() for p in engine.module.parameters())  # the checkpoint's model
     # zero biases for the out projections that still have none, added after loading: one-shot takes no
     # optimizer step, so they need no optimizer state (compensation writes them on every rank)
-    ds_bitter7.prepare_model(engine.module, cfg)
+    added = ds_bitter7.prepare_model(engine.module, cfg)
     device = next(engine.module.parameters()).device
     calib = [{k: v.to(device) for k, v in b.items()} for b in calib] if calib is not None else None
     pruner = ds_bitter7.attach(engine, cfg, calib)
@@ -643,12 +669,14 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
         log_main("%s", summary["warning"], level=logging.WARNING, log=logger)
     if "ppl_before" in summary:
         summary["ppl_after"] = perplexity(engine.module, val, args.eval_batches, comm)
+    drop_unwritten_biases(engine.module, added)
     error = None
     if comm.rank == 0:
         try:
             report = export_model(engine.module, pruner.masks, args.output_dir, overwrite=args.overwrite,
                                   source=os.path.abspath(args.checkpoint_dir), tokenizer=tokenizer,
-                                  extra={"oneshot": summary, "tag": info.tag, "step": info.step})
+                                  extra={"oneshot": summary, "tag": info.tag, "step": info.step},
+                                  params_before=params_before)
             summary["params_before"], summary["params_after"] = report["params_before"], report["params_after"]
             if args.report:
                 if is_within(args.report, args.output_dir) and os.path.lexists(args.report):  # OUTPUT_DIR holds only the export's files now

@@ -41,16 +41,20 @@ UNSTRUCTURED = {"structures": ["unstructured"], "score": "bitter7", "target_spar
                 "schedule": {"start_step": 1, "end_step": 3, "frequency": 1}}  # half of the block matrices
 
 
-def make_checkpoint(folder: str, llama: bool = False, bf16: bool = False, bitter7: Optional[dict] = None) -> None:
+def make_checkpoint(folder: str, llama: bool = False, bf16: bool = False, bitter7: Optional[dict] = None,
+                    frozen: bool = False) -> None:
     """Plain DeepSpeed ZeRO-2 training for 3 steps, then save (no ds_bitter7 involved; with
     ``bitter7``, ds_bitter7 training with that section). The LLaMA one (no biases) has weight-decay
-    and no-decay parameter groups, as HF Trainer makes them."""
+    and no-decay parameter groups, as HF Trainer makes them. ``frozen``: GPT-2's position table is
+    frozen (not given to the optimizer), as in a fine-tuning that trains part of a model."""
     import deepspeed
 
     import ds_bitter7
 
     model = _llama() if llama else _model()
-    params = list(model.parameters())
+    if frozen:
+        model.transformer.wpe.weight.requires_grad_(False)
+    params = [p for p in model.parameters() if p.requires_grad]
     if llama:
         decay = [p for n, p in model.named_parameters() if p.dim() > 1]
         params = [{"params": decay, "weight_decay": 0.1},
@@ -135,6 +139,46 @@ def test_plain_llama_with_parameter_groups_gets_least_squares_by_default(checkpo
     small = AutoModelForCausalLM.from_pretrained(str(tmp_path / "small"))
     assert small.model.layers[0].mlp.down_proj.bias is not None  # the refit intercept
     assert sum(p.numel() for p in small.parameters()) == out["params_after"]
+    assert out["params_before"] == sum(p.numel() for p in _llama().parameters())  # not the biases one-shot added
+
+
+def test_checkpoint_with_frozen_parameters_loads_at_any_world_size(checkpoint, tmp_path):
+    """A parameter frozen in training is in no optimizer group: rebuilt with every parameter, the
+    ZeRO partitions did not match the saved ones ('is one of its files corrupt?'), and DeepSpeed's
+    universal loading (another world size) does not restore its weights. At sparsity 0 the export
+    is the checkpoint's weights exactly."""
+    from ds_bitter7.export import consolidate
+
+    root, _, text = checkpoint
+    ckpt = str(tmp_path / "frozen")
+    run_distributed(make_checkpoint, 2, ckpt, False, False, None, True, timeout=120)
+    saved = consolidate(ckpt, "global_step3")
+    for world in (2, 1):
+        out = run_distributed(run_oneshot, world, [ckpt, str(tmp_path / f"out{world}"), "--sparsity", "0",
+                                                   "--score", "magnitude", "--compensation", "none",
+                                                   "--calibration", text], timeout=150)[0]
+        assert isinstance(out, dict), out
+        small = AutoModelForCausalLM.from_pretrained(str(tmp_path / f"out{world}")).state_dict()
+        for name, value in saved.items():
+            assert torch.equal(small[name], value), (world, name)
+
+
+def test_unwritten_compensation_biases_are_dropped_before_export():
+    """LLaMA: the zero biases prepare_model adds for compensation, none written (--sparsity 0),
+    made the export a bigger model of another layout (mlp_bias / attention_bias)."""
+    import ds_bitter7
+
+    model = _llama()
+    cfg = ds_bitter7.parse_config({"bitter7": {"structures": ["mlp_neuron"], "bias_compensation": {"enabled": True}}})
+    added = ds_bitter7.prepare_model(model, cfg)
+    assert added == ["model.layers.0.mlp.down_proj.bias", "model.layers.1.mlp.down_proj.bias"]
+    oneshot.drop_unwritten_biases(model, added)
+    assert model.model.layers[0].mlp.down_proj.bias is None
+    added = ds_bitter7.prepare_model(model, cfg)
+    with torch.no_grad():
+        model.get_parameter(added[1]).add_(1.0)  # one layer compensated: every added bias stays
+    oneshot.drop_unwritten_biases(model, added)
+    assert model.model.layers[0].mlp.down_proj.bias is not None
 
 
 def test_overwrite_refuses_a_folder_holding_the_checkpoint(checkpoint, tmp_path):
@@ -500,6 +544,13 @@ def test_ds_config_of_the_other_precision_is_refused(tmp_path):
                 oneshot.check_args(args, info)
         else:
             oneshot.check_args(args, info)
+    stage0 = oneshot.CheckpointInfo("t", str(tmp_path), [], True, {}, {}, None)  # fp32, stage 0
+    for section in ({"zero_optimization": {"stage": 0}, "bf16": {"enabled": True}}, {"fp16": {"enabled": True}}):
+        (tmp_path / "half.json").write_text(json.dumps(section))  # was: KeyError 'dynamic_loss_scale' inside DeepSpeed
+        args = oneshot.parse_args([str(tmp_path), str(tmp_path / "o"), "--sparsity", "0.5", "--ds_config",
+                                   str(tmp_path / "half.json")])
+        with pytest.raises(oneshot.OneShotError, match=r"enabled with zero_optimization.stage = 0"):
+            oneshot.check_args(args, stage0)
 
 
 def test_rank_file_with_corrupt_contents_is_named(checkpoint, tmp_path):
