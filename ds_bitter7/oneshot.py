@@ -33,7 +33,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import torch
 
 from . import data as dsdata
-from .comm import abort_job_on_error, log_main
+from .comm import abort_job_on_error, log_main, world_size_and_rank
 from .config import enum_name
 from .export import MODEL_STATES_FILE as MODEL_STATES
 from .export import (
@@ -456,10 +456,16 @@ def keep_zeros(model, zeros: Dict[str, torch.Tensor]) -> int:
     return sum(int(w.sum()) for w in zeros.values())
 
 
-def validation_loader(args, tokenizer):
+def validation_loader(args, tokenizer, world: Optional[int] = None, rank: Optional[int] = None):
+    """This rank's blocks ``rank, rank + world, ...`` in order (default: this process's rank): no
+    block is counted twice (a ``DistributedSampler`` pads the shares with repeated blocks) and none
+    is dropped."""
     blocks = dsdata.chunk_dataset(_texts(args.validation, "validation", args.seed), tokenizer, args.seq_len,
                                   what=f"--validation {' '.join(args.validation)}")
-    return dsdata.make_dataloader(blocks, args.batch_size, shuffle=False, drop_last=False)
+    if world is None or rank is None:
+        world, rank = world_size_and_rank()
+    return torch.utils.data.DataLoader(torch.utils.data.Subset(blocks, range(rank, len(blocks), world)),
+                                       batch_size=args.batch_size, collate_fn=dsdata.collate_blocks)
 
 
 @torch.no_grad()

@@ -163,6 +163,21 @@ def test_checkpoint_with_frozen_parameters_loads_at_any_world_size(checkpoint, t
             assert torch.equal(small[name], value), (world, name)
 
 
+def test_validation_shares_count_every_block_once(tmp_path):
+    """A DistributedSampler padded the ranks' shares with repeated blocks: some counted twice, and
+    the perplexity moved with the world size."""
+    from ds_bitter7 import data as dsdata
+
+    (tmp_path / "v.txt").write_text(TEXT[:2000])
+    args = oneshot.parse_args([str(tmp_path), "o", "--sparsity", "0.5", "--validation", str(tmp_path / "v.txt"),
+                               "--seq_len", "32", "--batch_size", "4"])
+    tokenizer = dsdata.get_tokenizer("bytes")
+    whole = torch.cat([b["input_ids"] for b in oneshot.validation_loader(args, tokenizer, 1, 0)])
+    shares = [torch.cat([b["input_ids"] for b in oneshot.validation_loader(args, tokenizer, 3, r)]) for r in range(3)]
+    assert len(whole) % 3 != 0 and sum(len(s) for s in shares) == len(whole)
+    assert sorted(map(tuple, torch.cat(shares).tolist())) == sorted(map(tuple, whole.tolist()))
+
+
 def test_unwritten_compensation_biases_are_dropped_before_export():
     """LLaMA: the zero biases prepare_model adds for compensation, none written (--sparsity 0),
     made the export a bigger model of another layout (mlp_bias / attention_bias)."""
