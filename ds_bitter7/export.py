@@ -490,6 +490,9 @@ def export_model(model: PreTrainedModel, masks: Mapping[str, torch.Tensor], outp
         if hasattr(tokenizer, "save_pretrained"):  # the byte tokenizer has no files
             tokenizer.save_pretrained(tmp)
         _write_reports(tmp, report)
+        for name in os.listdir(tmp):  # safetensors writes the weights private to the owner
+            if os.path.isfile(os.path.join(tmp, name)):
+                os.chmod(os.path.join(tmp, name), umask_mode(0o666))
         _publish(tmp, output_dir, overwrite, (source, copy_from))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -144,6 +144,8 @@ def test_existing_output_needs_overwrite(gpt2_checkpoint, tmp_path):
     mask = os.umask(0)
     os.umask(mask)  # the export is readable as the umask allows, not private to its owner
     assert stat.S_IMODE(os.stat(tmp_path / "small").st_mode) == 0o777 & ~mask
+    for name in ("model.safetensors", "config.json", "pruning_report.json"):  # safetensors made the weights 0600
+        assert stat.S_IMODE(os.stat(tmp_path / "small" / name).st_mode) == 0o666 & ~mask, name
 
 
 def test_overwrite_never_deletes_what_is_not_an_export(gpt2_checkpoint, tmp_path):
