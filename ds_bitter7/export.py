@@ -51,7 +51,8 @@ class ExportError(RuntimeError):
 def resolve_tag(checkpoint_dir: str, tag: Optional[str] = None) -> str:
     """The checkpoint tag: `tag`, else the `latest` file, else the single `global_step*` folder."""
     if not os.path.isdir(checkpoint_dir):
-        raise ExportError(f"checkpoint directory {checkpoint_dir!r} does not exist")
+        raise ExportError(f"checkpoint directory {checkpoint_dir!r} " + ("is a file: name the folder given to "
+                          "save_checkpoint" if os.path.exists(checkpoint_dir) else "does not exist"))
     if tag is None:
         latest = os.path.join(checkpoint_dir, "latest")
         if os.path.isfile(latest):

@@ -234,6 +234,9 @@ def test_bf16_optimizer_checkpoint_exports_its_fp32_masters(tmp_path, caplog):
 def test_missing_checkpoint_dir(tmp_path):
     with pytest.raises(ExportError, match="does not exist"):
         export_checkpoint(str(tmp_path / "nope"), str(tmp_path / "out"))
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(ExportError, match="'.*afile' is a file: name the folder given to save_checkpoint"):
+        export_checkpoint(str(tmp_path / "afile"), str(tmp_path / "out"))
 
 
 def test_missing_latest_tag(tmp_path):
