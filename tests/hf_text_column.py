@@ -6,6 +6,7 @@ bias compensation off: the callback must build those batches for the score alone
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -19,6 +20,10 @@ from ds_bitter7.hf_trainer import Bitter7Callback, prepare_model
 
 
 def main(out: str) -> None:
+    # a world of one on the port the test chose: without these, DeepSpeed's MPI discovery sets the
+    # fixed default port 29500, which another process on the machine may hold
+    for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1")):
+        os.environ.setdefault(key, value)
     tokenizer = dsdata.get_tokenizer(str(write_word_tokenizer(Path(out) / "tok", 300)))
     tokenizer.pad_token = "w1"
     texts = [" ".join(f"w{(i * 7 + j) % 300}" for j in range(40)) for i in range(32)]
