@@ -147,6 +147,7 @@ def worker(argv: List[str]) -> None:
     import ds_bitter7
     from ds_bitter7 import data as dsdata
     from ds_bitter7 import oneshot
+    from ds_bitter7.checkpoint_loading import build_engine, inspect_checkpoint
     from ds_bitter7.comm import Communicator, init_distributed
     from ds_bitter7.config import parse_config
     from ds_bitter7.export import load_config
@@ -163,7 +164,7 @@ def worker(argv: List[str]) -> None:
     init_distributed()
     comm = Communicator()
     torch.set_num_threads(1)
-    info = oneshot.inspect_checkpoint(a.checkpoint, None)
+    info = inspect_checkpoint(a.checkpoint, None)
     config, _ = load_config(a.checkpoint)
     tok = dsdata.get_tokenizer(None)
     base = oneshot.parse_args([a.checkpoint, a.out + ".tmp", "--sparsity", "0", "--validation", "builtin",
@@ -183,7 +184,7 @@ def worker(argv: List[str]) -> None:
                 cfg = parse_config({"bitter7": oneshot.bitter7_section(args)})
                 torch.manual_seed(a.seed)
                 model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-                engine = oneshot.build_engine(args, info, model, comm)
+                engine = build_engine(args, info, model, comm)
                 if dense is None:
                     dense = oneshot.perplexity(engine.module, val, a.eval_batches, comm)
                 pruner = ds_bitter7.attach(engine, cfg, calib)
