@@ -11,8 +11,8 @@ and ``S`` the *centered* covariance (``E[x x^T] - mu mu^T``):
 
 (centering splits the constant part off: the covariance fit leaves the mean error
 ``mu_K W_K + mu_R W_R - mu_K W_K'``, which the bias absorbs). ``lam = ridge * mean(diag(S_KK))``.
-Below ``ridge = 1e-6`` the system is solved by pseudo-inverse (eigenvalues under float64 precision
-dropped): with fewer calibration rows than kept features, or collinear ones, ``S_KK`` is singular
+Below ``ridge = 1e-6`` the system is solved by pseudo-inverse (eigenvalues under the rounding of
+``E[x x^T] - mu mu^T``, about ``eps * E[x^2]`` in float64, dropped): with fewer calibration rows than kept features, or collinear ones, ``S_KK`` is singular
 but for rounding, and a plain solve returns a huge ``D`` that fits the calibration rows exactly and
 nothing else.
 With ``R`` empty ``D = 0``; with ``K`` empty it is mean compensation.
@@ -65,8 +65,12 @@ def solve_products(s_kk: torch.Tensor, mean_k: torch.Tensor, rhs: torch.Tensor, 
     lam = ridge * float(s_kk.diagonal().mean().clamp(min=0.0))
     a = s_kk + lam * torch.eye(mean_k.numel(), dtype=torch.float64, device=s_kk.device)
     delta, info = torch.linalg.solve_ex(a, rhs) if ridge >= RIDGE_SOLVE else (None, 1)
-    if int(info) != 0 or not bool(torch.isfinite(delta).all()):
-        delta = torch.linalg.pinv(a, hermitian=True) @ rhs  # (near) singular: ridge ~0, dead features
+    if int(info) != 0 or not bool(torch.isfinite(delta).all()):  # (near) singular: ridge ~0, dead features
+        # S_KK = E[x x^T] - mu mu^T carries a cancellation error of about eps * E[x^2]: eigenvalues
+        # below that are rounding, not signal, and inverting them is no minimum-norm fit
+        eps, k = torch.finfo(torch.float64).eps, mean_k.numel()
+        atol = 8 * k * eps * float((s_kk.diagonal() + mean_k.square()).max())
+        delta = torch.linalg.pinv(a, atol=atol, rtol=k * eps, hermitian=True) @ rhs
     return delta, bias - mean_k @ delta
 
 
