@@ -409,6 +409,17 @@ def make_dataloader(blocks, batch_size: int, shuffle: bool = True, seed: int = 0
                       drop_last=drop_last and len(blocks) >= world_size * batch_size)
 
 
+def eval_dataloader(blocks, batch_size: int, world_size: Optional[int] = None,
+                    rank: Optional[int] = None) -> torch.utils.data.DataLoader:
+    """Validation batches of this rank's blocks ``rank, rank + world, ...``, in order: every block
+    counted once over all ranks (a ``DistributedSampler`` pads the shares by repeating blocks, so
+    the perplexity moved with the world size) and none dropped."""
+    if world_size is None or rank is None:
+        world_size, rank = world_size_and_rank()
+    return torch.utils.data.DataLoader(torch.utils.data.Subset(blocks, range(rank, len(blocks), world_size)),
+                                       batch_size=batch_size, collate_fn=collate_blocks)
+
+
 def calibration_batches(train_blocks, batch_size: int, num_batches: int, seed: int = 1234,
                         rank_aware: bool = True) -> List[Dict[str, torch.Tensor]]:
     """``num_batches`` batches ``{"input_ids": LongTensor[b, T]}`` drawn from the TRAIN blocks.

@@ -163,8 +163,8 @@ def checkpoint_problems(checkpoint_dir: str, tag: Optional[str] = None,
         problems.append(f"{tag_dir!r} was saved with ZeRO stage {stage} by {world} data-parallel ranks, not "
                         f"{world_size}: convert it with python -m deepspeed.checkpoint.ds_to_universal "
                         f"--input_folder {tag_dir} --output_folder {tag_dir}_universal --inject_missing_state, "
-                        "then set \"checkpoint\": {\"load_universal\": true} in the DeepSpeed config (README: "
-                        "resuming at another world size)")
+                        "then set \"checkpoint\": {\"load_universal\": true} in the DeepSpeed config for that one "
+                        "resume, and remove it once the run has saved again (README: resuming at another world size)")
     return problems
 
 

@@ -115,6 +115,11 @@ def build_model(name_or_path: str, vocab_size: Optional[int] = None, max_positio
     way the config is checked against the tokenizer's ``vocab_size`` and gets the ``overrides``."""
     from transformers import AutoModelForCausalLM
 
+    if (os.path.isdir(name_or_path) and not _has_weights(name_or_path)
+            and os.path.isfile(os.path.join(name_or_path, "latest"))):  # would train from a random init
+        raise ValueError(f"model {name_or_path!r} is a DeepSpeed checkpoint folder (it holds 'latest' and no model "
+                         "weights): continue that run with --resume, or export it (python -m ds_bitter7.export) "
+                         "and pass the export")
     config = build_config(name_or_path, vocab_size, max_positions, overrides, eos_token_id)
     if os.path.isdir(name_or_path) and _has_weights(name_or_path):
         logger.info("loading weights from %s", name_or_path)

@@ -40,7 +40,7 @@ from .checkpoint_loading import (
     inspect_checkpoint,
     universal_dir,
 )
-from .comm import abort_job_on_error, log_main, world_size_and_rank
+from .comm import abort_job_on_error, log_main
 from .config import enum_name
 from .export import MODEL_STATES_FILE as MODEL_STATES
 from .export import ExportError, is_within, json_safe
@@ -348,15 +348,10 @@ def keep_zeros(model, zeros: Dict[str, torch.Tensor]) -> int:
 
 
 def validation_loader(args, tokenizer, world: Optional[int] = None, rank: Optional[int] = None):
-    """This rank's blocks ``rank, rank + world, ...`` in order (default: this process's rank): no
-    block is counted twice (a ``DistributedSampler`` pads the shares with repeated blocks) and none
-    is dropped."""
+    """This rank's validation batches (``data.eval_dataloader``; default: this process's rank)."""
     blocks = dsdata.chunk_dataset(_texts(args.validation, "validation", args.seed), tokenizer, args.seq_len,
                                   what=f"--validation {' '.join(args.validation)}")
-    if world is None or rank is None:
-        world, rank = world_size_and_rank()
-    return torch.utils.data.DataLoader(torch.utils.data.Subset(blocks, range(rank, len(blocks), world)),
-                                       batch_size=args.batch_size, collate_fn=dsdata.collate_blocks)
+    return dsdata.eval_dataloader(blocks, args.batch_size, world, rank)
 
 
 @torch.no_grad()

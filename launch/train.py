@@ -15,6 +15,7 @@ import json
 import logging
 import math
 import os
+import re
 import sys
 import time
 from typing import Any, Dict, List, Optional, Tuple
@@ -35,7 +36,7 @@ from ds_bitter7 import modeling
 from ds_bitter7.cli import check_launch_args
 from ds_bitter7.comm import Communicator, abort_job_on_error, init_distributed
 from ds_bitter7.config import load_ds_config, parse_config
-from ds_bitter7.export import REPORT_FILE, checkpoint_problems
+from ds_bitter7.export import REPORT_FILE, checkpoint_problems, json_safe
 from ds_bitter7.schedule import sparsity_reached
 from ds_bitter7.state import CLIENT_KEY as PRUNER_STATE_KEY
 from ds_bitter7.state import latest_tag
@@ -127,15 +128,17 @@ def build_data(args, tokenizer, rank: int):
 
 @torch.no_grad()
 def evaluate(engine, loader, n_batches: int) -> Tuple[float, float]:
-    """(mean loss, perplexity) over ``n_batches`` per rank, averaged over all ranks. Collective."""
+    """(mean token loss, perplexity) over ``n_batches`` per rank, token-weighted over all ranks
+    (a short last batch counts by its tokens). Collective."""
     engine.eval()
-    total = torch.zeros(2, dtype=torch.float64, device=engine.device)  # [sum of losses, batches]
+    total = torch.zeros(2, dtype=torch.float64, device=engine.device)  # [sum of token losses, tokens]
     for i, batch in enumerate(loader):
         if i >= n_batches:
             break
         ids = batch["input_ids"].to(engine.device)
-        total[0] += engine(input_ids=ids, labels=ids).loss.double()
-        total[1] += 1
+        n = ids.shape[0] * (ids.shape[1] - 1)
+        total[0] += engine(input_ids=ids, labels=ids).loss.double() * n
+        total[1] += n
     dist.all_reduce(total)
     engine.train()
     loss = (total[0] / total[1].clamp(min=1)).item()
@@ -192,8 +195,8 @@ def save(engine, tokenizer, save_dir: str, step: int, extra: Dict[str, Any]) -> 
 def write_json_atomic(path: str, obj: Dict[str, Any]) -> None:
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = f"{path}.tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2, sort_keys=True)
+    with open(tmp, "w", encoding="utf-8") as f:  # strict JSON: no step taken leaves a nan train loss (null)
+        json.dump(json_safe(obj), f, indent=2, sort_keys=True, allow_nan=False)
     os.replace(tmp, path)
 
 
@@ -226,32 +229,36 @@ def train(args) -> Dict[str, Any]:
         raise SystemExit(taken or "another rank finds --save_dir holding checkpoints (see its error)")
     try:  # before data and model are built: a bad config fails in a second, on every rank alike
         ds_config = load_ds_config(args.config)
-        bitter7 = parse_config(ds_config)
+        parse_config(ds_config)
     except ValueError as err:
         raise SystemExit(f"launch/train.py --config {args.config}: {err}") from None
-    if rank == 0 and bitter7.enabled and bitter7.schedule.end_step > args.steps:
-        logger.warning("--steps %d ends before schedule.end_step %d: the run stops at sparsity %s of "
-                       "target_sparsity %s", args.steps, bitter7.schedule.end_step,
-                       sparsity_reached(bitter7, args.steps), bitter7.target_sparsity)
     tokenizer = dsdata.get_tokenizer(args.tokenizer)
     train_blocks, val_blocks = build_data(args, tokenizer, rank)
     logger.info("data: %d train / %d validation blocks of %d tokens, %d ranks",
                 len(train_blocks), len(val_blocks), args.seq_len, world_size)
+    saved = saved_model_config(args.resume) if args.resume else {}
+    # the built-ins' position table: the checkpoint's where this --seq_len fits it (a resume may change it)
+    positions = next((saved[k] for k in ("n_positions", "max_position_embeddings")
+                      if isinstance(saved.get(k), int) and saved[k] >= args.seq_len), max(args.seq_len, 256))
     model = modeling.build_model(args.model, dsdata.tokenizer_vocab_size(tokenizer),
-                                 max_positions=max(args.seq_len, 256), seed=args.seed,
+                                 max_positions=positions, seed=args.seed,
                                  overrides=args.model_overrides, eos_token_id=dsdata.eos_id(tokenizer))
-    mismatch = model_mismatch(args.resume, model.config) if args.resume else None
+    problem = None
+    mismatch = model_mismatch(saved, model.config)
     if mismatch:  # DeepSpeed's loading would fail on every rank with a size-mismatch traceback
-        raise SystemExit(f"cannot resume from {args.resume!r}: its model (config.json) has {mismatch}: pass the "
-                         "training run's --model and --model_overrides")
+        problem = (f"cannot resume from {args.resume!r}: its model (config.json) has {mismatch}: pass the "
+                   "training run's --model and --model_overrides (and a --seq_len within its positions)")
     positions = modeling.max_positions(model.config)
-    if positions and args.seq_len > positions:  # the embedding would fail on the first batch
-        raise SystemExit(f"--seq_len {args.seq_len} is longer than the model's {positions} positions: "
-                         f"pass --seq_len <= {positions}")
+    if problem is None and positions and args.seq_len > positions:  # the embedding would fail on the first batch
+        problem = (f"--seq_len {args.seq_len} is longer than the model's {positions} positions: "
+                   f"pass --seq_len <= {positions}")
+    if Communicator().any(problem is not None):  # a node whose files differ must not leave the others waiting
+        raise SystemExit(problem or "another rank cannot build the model to resume (see its error)")
     device = deepspeed.accelerator.get_accelerator().current_device_name()
     calib = None
     if args.calibration_batches > 0:
-        bs = ds_config.get("train_micro_batch_size_per_gpu", 1)
+        bs = ds_config.get("train_micro_batch_size_per_gpu") or max(1, ds_config.get("train_batch_size", 1) // (
+            ds_config.get("gradient_accumulation_steps", 1) * world_size))  # as DeepSpeed derives it
         calib = [{k: v.to(device) for k, v in b.items()}
                  for b in dsdata.calibration_batches(train_blocks, bs, args.calibration_batches, args.seed)]
     try:
@@ -265,36 +272,77 @@ def train(args) -> Dict[str, Any]:
     return run_loop(args, engine, pruner, tokenizer, train_blocks, val_blocks, world_size, rank)
 
 
-# config keys that set parameter shapes (GPT-2's names and the LLaMA family's)
-SHAPE_KEYS = ("model_type", "vocab_size", "n_layer", "n_embd", "n_head", "n_inner", "num_hidden_layers",
-              "hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads")
+# config keys that set parameters and their shapes (GPT-2's names and the LLaMA family's)
+SHAPE_KEYS = ("model_type", "vocab_size", "n_layer", "n_embd", "n_head", "n_inner", "n_positions", "num_hidden_layers",
+              "hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads", "head_dim",
+              "max_position_embeddings", "attention_bias", "mlp_bias", "tie_word_embeddings")
 
 
-def model_mismatch(folder: str, config) -> Optional[str]:
-    """How the model config a run saved in ``folder`` (its ``--save_dir``) differs in shape from
-    ``config``, or None (also when ``folder`` has no readable config.json)."""
+def saved_model_config(folder: str) -> Dict[str, Any]:
+    """The model config a run saved in ``folder`` (its ``--save_dir``), with the defaults its
+    config.json leaves out, or {} when it has no readable one."""
+    from transformers import AutoConfig
+
     try:
-        with open(os.path.join(folder, "config.json"), encoding="utf-8") as f:
-            saved = json.load(f)
-    except (OSError, ValueError):
-        return None
+        return AutoConfig.from_pretrained(folder).to_dict()
+    except Exception:  # noqa: BLE001 - no config.json, or one transformers cannot read: nothing to compare
+        return {}
+
+
+def model_mismatch(saved: Dict[str, Any], config) -> Optional[str]:
+    """How a saved model config (``saved_model_config``) differs from ``config`` in what sets the
+    parameters, or None."""
     ours = config.to_dict()
     diffs = [f"{k}={saved[k]!r} where this run's has {ours.get(k)!r}" for k in SHAPE_KEYS
-             if isinstance(saved, dict) and k in saved and saved[k] != ours.get(k)]
+             if k in saved and saved[k] != ours.get(k)]
     return ", ".join(diffs) or None
+
+
+def tokenizer_change(trained_with: Any, ours: str) -> Tuple[Optional[str], Optional[str]]:
+    """(why to refuse, what to warn about) resuming a run that recorded ``trained_with`` with the
+    tokenizer ``ours``: bytes against a tokenizer folder feeds ids that mean other text (the
+    vocabulary sizes can agree); two folders may hold the same tokenizer (a moved copy)."""
+    if not isinstance(trained_with, str) or trained_with == ours:
+        return None, None
+    said = f"the run was trained with the tokenizer {trained_with!r}, this one has {ours!r}"
+    if (trained_with == dsdata.BYTES) != (ours == dsdata.BYTES):
+        return f"{said}: its ids would mean other text; pass --tokenizer {trained_with}", None
+    if os.path.realpath(trained_with) != os.path.realpath(ours):
+        return None, f"{said}: make sure they are the same tokenizer"
+    return None, None
+
+
+def stale_universal(folder: str) -> Optional[str]:
+    """Why loading ``folder``'s universal checkpoint would go back in time: its ``latest`` names a
+    later step than ``latest_universal`` (the run saved on after resuming from the conversion), or None."""
+    def step_of(name: str) -> Optional[int]:
+        try:
+            with open(os.path.join(folder, name), encoding="utf-8") as f:
+                found = re.search(r"(\d+)", f.read())
+        except OSError:
+            return None
+        return int(found.group(1)) if found else None
+
+    latest, universal = step_of("latest"), step_of("latest_universal")
+    if latest is None or universal is None or latest <= universal:
+        return None
+    return (f"the config loads the universal checkpoint (latest_universal, step {universal}), but this run has "
+            f"saved on since (latest, step {latest}): remove \"checkpoint\": {{\"load_universal\": true}} from the "
+            "config to continue from there (it is only for the first resume at a new world size)")
 
 
 def run_loop(args, engine, pruner, tokenizer, train_blocks, val_blocks, world_size: int,
              rank: int) -> Dict[str, Any]:
     mb, ga = engine.train_micro_batch_size_per_gpu(), engine.gradient_accumulation_steps()
     train_loader = dsdata.make_dataloader(train_blocks, mb, shuffle=True, seed=args.seed)
-    val_loader = dsdata.make_dataloader(val_blocks, mb, shuffle=False, drop_last=False)
+    val_loader = dsdata.eval_dataloader(val_blocks, mb)
     start, ppl_start, loss_start, ppl_start_step = 0, None, None, 0
     if args.resume:
         # a missing or truncated rank file fails every rank here, not one rank inside DeepSpeed's
         # loading while the others wait in its collectives
         universal = bool(engine.load_universal_checkpoint())  # another layout: DeepSpeed checks it
-        problems = ([] if universal or not os.path.isfile(os.path.join(args.resume, "latest"))
+        problems = ([stale_universal(args.resume)] if universal and stale_universal(args.resume)
+                    else [] if universal or not os.path.isfile(os.path.join(args.resume, "latest"))
                     else checkpoint_problems(args.resume, world_size=world_size,
                                              zero_stage=engine.zero_optimization_stage()))
         if Communicator().any(bool(problems)):
@@ -309,6 +357,11 @@ def run_loop(args, engine, pruner, tokenizer, train_blocks, val_blocks, world_si
                            "its masks are not kept from here on and its checkpoints will not carry them "
                            "(export needs them); add the checkpoint's bitter7 section to --config", path)
         start, ppl_start, loss_start = client.get("step", engine.global_steps), client.get("ppl_start"), client.get("loss_start")
+        refused, warned = tokenizer_change(client.get("tokenizer"), args.tokenizer or dsdata.BYTES)
+        if refused:  # the same client state on every rank: every rank stops
+            raise SystemExit(f"{path}: {refused}")
+        if rank == 0 and warned:
+            logger.warning("%s: %s", path, warned)
         ppl_start_step = client.get("ppl_start_step", 0)
         logger.info("resumed from %s at step %d", path, start)
         if rank == 0 and args.steps <= start:
@@ -320,6 +373,11 @@ def run_loop(args, engine, pruner, tokenizer, train_blocks, val_blocks, world_si
         if rank == 0 and not args.save_dir:
             logger.warning("no --save_dir: this resumed run's checkpoints are not saved (add --save_dir, for "
                            "instance %s)", args.resume)
+    end_step = pruner.config.schedule.end_step if pruner is not None else 0
+    if rank == 0 and start < args.steps < end_step:
+        logger.warning("--steps %d ends before schedule.end_step %d: the run stops at sparsity %s of "
+                       "target_sparsity %s", args.steps, end_step, sparsity_reached(pruner.config, args.steps),
+                       pruner.config.target_sparsity)
     if ppl_start is None:  # the run's first evaluation (kept in its checkpoints)
         ppl_start_step = start
         loss_start, ppl_start = evaluate(engine, val_loader, args.eval_batches)
@@ -327,7 +385,8 @@ def run_loop(args, engine, pruner, tokenizer, train_blocks, val_blocks, world_si
         write_monitor(engine, [("Val/ppl", ppl_start, start), ("Val/loss", loss_start, start)])
     batches = dsdata.iterate_forever(train_loader, start_batch=start * ga)
     bar = tqdm(total=args.steps, initial=start, disable=rank != 0, desc="train", dynamic_ncols=True)
-    t0, seen_event, step, loss = time.time(), None, start, float("nan")
+    t0, step, loss = time.time(), start, float("nan")
+    seen_event = pruner.last_event["step"] if pruner is not None and pruner.last_event else None  # the checkpoint's
     val_loss, ppl = loss_start, ppl_start
     extra = {"ppl_start": ppl_start, "ppl_start_step": ppl_start_step, "loss_start": loss_start,
              "seq_len": args.seq_len, "tokenizer": args.tokenizer or dsdata.BYTES}  # one-shot reads these
