@@ -18,8 +18,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
-from .export import MODEL_STATES_FILE as MODEL_STATES
-from .export import (
+from .checkpoint_files import (
     ExportError,
     consolidate,
     read_torch_file,
@@ -28,6 +27,7 @@ from .export import (
     zero3_problem,
     zero_file_problems,
 )
+from .state import MODEL_STATES_FILE as MODEL_STATES
 
 logger = logging.getLogger(__name__)
 

@@ -25,10 +25,18 @@ from transformers import TrainerCallback
 
 from . import prepare_model  # noqa: F401  (re-exported: call it before Trainer(...))
 from .calibration import needs_stats
+from .checkpoint_files import read_torch_file
 from .comm import is_main_process, world_size_and_rank
 from .config import enum_name
-from .export import MODEL_STATES_FILE, read_torch_file
-from .state import CLIENT_KEY, CheckpointError, atomic_save, latest_tag, load_file, restore_local
+from .state import (
+    CLIENT_KEY,
+    MODEL_STATES_FILE,
+    CheckpointError,
+    atomic_save,
+    latest_tag,
+    load_file,
+    restore_local,
+)
 from .state import TRAINER_FILE as STATE_FILE
 
 logger = logging.getLogger(__name__)

@@ -29,6 +29,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import torch
 
 from . import data as dsdata
+from .checkpoint_files import ExportError
 from .checkpoint_loading import (
     UNIVERSAL_MARK,
     CheckpointInfo,
@@ -42,10 +43,10 @@ from .checkpoint_loading import (
 )
 from .comm import abort_job_on_error, log_main
 from .config import enum_name
-from .export import MODEL_STATES_FILE as MODEL_STATES
-from .export import ExportError, is_within, json_safe
+from .export import is_within, json_safe
 from .modeling import max_positions
 from .scores import get_scorer
+from .state import MODEL_STATES_FILE as MODEL_STATES
 from .structures import unstructured_params
 from .threshold import n_to_prune
 

@@ -33,10 +33,11 @@ except ImportError:  # run from a checkout without `pip install -e .`
     import ds_bitter7
 from ds_bitter7 import data as dsdata
 from ds_bitter7 import modeling
+from ds_bitter7.checkpoint_files import checkpoint_problems
 from ds_bitter7.cli import check_launch_args
 from ds_bitter7.comm import Communicator, abort_job_on_error, init_distributed
 from ds_bitter7.config import load_ds_config, parse_config
-from ds_bitter7.export import REPORT_FILE, checkpoint_problems, json_safe
+from ds_bitter7.export import REPORT_FILE, json_safe
 from ds_bitter7.schedule import sparsity_reached
 from ds_bitter7.state import CLIENT_KEY as PRUNER_STATE_KEY
 from ds_bitter7.state import latest_tag

@@ -15,8 +15,9 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import ds_bitter7.models  # noqa: F401  (registers bitter7_gpt2 / bitter7_llama)
+from ds_bitter7.checkpoint_files import checkpoint_problems
 from ds_bitter7.comm import free_port
-from ds_bitter7.export import ExportError, checkpoint_problems, export_checkpoint
+from ds_bitter7.export import ExportError, export_checkpoint
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(TESTS)
@@ -218,7 +219,7 @@ def test_checkpoint_without_its_zero_files(gpt2_checkpoint, tmp_path, caplog):
 def test_bf16_optimizer_checkpoint_exports_its_fp32_masters(tmp_path, caplog):
     """zero_to_fp32 refuses the BF16_Optimizer's rank files ('not a zero checkpoint'): the export
     took the bf16 module weights instead, under a warning that called it no ZeRO checkpoint."""
-    from ds_bitter7.export import consolidate
+    from ds_bitter7.checkpoint_files import consolidate
 
     ckpt = make_checkpoint(tmp_path, "", world_size=2, script_text=MAKE_BF16_OPTIMIZER_CHECKPOINT)
     masters = torch.load(os.path.join(ckpt, "masters.pt"))
@@ -252,7 +253,7 @@ def test_trainer_checkpoint_saved_without_deepspeed_files(gpt2_checkpoint, tmp_p
     output_dir given instead of one of its checkpoint folders is named as such."""
     from safetensors.torch import save_file
 
-    from ds_bitter7.export import consolidate, load_pruner_state
+    from ds_bitter7.checkpoint_files import consolidate, load_pruner_state
 
     folder = tmp_path / "checkpoint-1"
     folder.mkdir()

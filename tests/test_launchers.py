@@ -434,7 +434,7 @@ def test_resume_refuses_a_stale_universal_tag_and_another_tokenizer(tmp_path):
 def test_resume_under_another_zero_stage_is_named(trained):
     """A ZeRO-2 checkpoint resumed at stage 0 failed inside DeepSpeed's loading with an
     AttributeError; stage 1 reads stage 2's files."""
-    from ds_bitter7.export import checkpoint_problems
+    from ds_bitter7.checkpoint_files import checkpoint_problems
 
     _, _, ckpt = trained
     problems = checkpoint_problems(str(ckpt), world_size=2, zero_stage=0)

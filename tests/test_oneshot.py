@@ -147,7 +147,7 @@ def test_checkpoint_with_frozen_parameters_loads_at_any_world_size(checkpoint, t
     ZeRO partitions did not match the saved ones ('is one of its files corrupt?'), and DeepSpeed's
     universal loading (another world size) does not restore its weights. At sparsity 0 the export
     is the checkpoint's weights exactly."""
-    from ds_bitter7.export import consolidate
+    from ds_bitter7.checkpoint_files import consolidate
 
     root, _, text = checkpoint
     ckpt = str(tmp_path / "frozen")
@@ -362,7 +362,7 @@ def test_truncated_or_missing_rank_file_is_named_before_loading(checkpoint, tmp_
     """Checked before DeepSpeed loads (a rank failing inside its loading leaves the others waiting)."""
     import shutil
 
-    from ds_bitter7.export import checkpoint_problems
+    from ds_bitter7.checkpoint_files import checkpoint_problems
 
     root, ckpt, text = checkpoint
     copy = tmp_path / "ckpt"
@@ -531,7 +531,7 @@ def test_ds_config_of_another_zero_stage_is_refused(tmp_path):
 
 
 def test_zero3_checkpoint_is_named(tmp_path):
-    from ds_bitter7.export import ExportError, load_pruner_state
+    from ds_bitter7.checkpoint_files import ExportError, load_pruner_state
 
     tag = tmp_path / "global_step1"
     tag.mkdir()
