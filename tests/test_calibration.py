@@ -411,14 +411,22 @@ def test_unit_std_is_root_mean_feature_variance():
     assert torch.allclose(std, torch.tensor([math.sqrt(2.0), 2.0], dtype=torch.float64), rtol=1e-15, atol=0)
 
 
+def initialize_without_calibration_data(bitter7: dict) -> str:
+    model = tiny_model("gpt2")
+    try:
+        ds_bitter7.initialize(model=model, model_parameters=model.parameters(), config=ds_config(2, "fp32", bitter7))
+    except ValueError as err:
+        return str(err)
+    return "no error"
+
+
 @pytest.mark.parametrize("bitter7,why", [({"bias_compensation": {"enabled": True}}, "bias_compensation.enabled"),
                                          ({"score": "bitter7_variance"}, "score 'bitter7_variance'")])
 def test_missing_calibration_data_is_refused_at_initialize(bitter7, why):
-    model = tiny_model("gpt2")
-    with pytest.raises(ValueError, match=f"ds_bitter7: {why} with bias_compensation.source = 'calibration' "
-                                         "needs calibration data"):
-        ds_bitter7.initialize(model=model, model_parameters=model.parameters(),
-                              config=ds_config(2, "fp32", bitter7))
+    """One rank (a spawned one: DeepSpeed started in the test process itself would start MPI there)."""
+    msg = run_distributed(initialize_without_calibration_data, 1, bitter7, timeout=120)[0]
+    assert msg.startswith(f"ds_bitter7: {why} with bias_compensation.source = 'calibration' needs calibration "
+                          "data"), msg
 
 
 @pytest.mark.parametrize("score", ["fluctuation", "bitter7_obs"])
