@@ -118,9 +118,12 @@ def universal_dir(output_dir: str) -> str:
     return os.path.abspath(output_dir) + ".universal_tmp"
 
 
-def loading_config(args: argparse.Namespace, info: CheckpointInfo) -> dict:
-    """The DeepSpeed config to load with: the saved (or given) one, reduced to what loading needs."""
-    if args.ds_config:
+def loading_config(args: argparse.Namespace, info: CheckpointInfo, given: Optional[dict] = None) -> dict:
+    """The DeepSpeed config to load with: the saved one, or ``--ds_config``'s (``given``: already
+    read), reduced to what loading needs."""
+    if given is not None:
+        base = given
+    elif args.ds_config:
         from .config import load_ds_config
 
         base = load_ds_config(args.ds_config)

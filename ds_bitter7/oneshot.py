@@ -39,6 +39,7 @@ from .checkpoint_loading import (
     ds_config_stage_problems,
     fit_checkpoint_biases,
     inspect_checkpoint,
+    loading_config,
     universal_dir,
 )
 from .comm import abort_job_on_error, log_main
@@ -157,11 +158,11 @@ def check_args(args: argparse.Namespace, info: Optional[CheckpointInfo]) -> None
             if info is None:
                 problems.append(f"--ds_config {args.ds_config!r}: {type(err).__name__}: {err}")
         if given is not None and info is not None:
-            problems += ds_config_stage_problems(args.ds_config, given, info)
-            effective = dict(given)  # loading_config gives a config without a ZeRO section the checkpoint's stage
-            effective.setdefault("zero_optimization", {"stage": 1 if info.zero_files else 0})
-            try:
-                check_deepspeed_support(effective)  # fp16/bf16 at stage 0, offload, ZeRO-3
+            stage_problems = ds_config_stage_problems(args.ds_config, given, info)
+            problems += stage_problems
+            try:  # what DeepSpeed will load with (offload dropped, the checkpoint's stage by default): fp16/bf16 at stage 0
+                if not stage_problems:
+                    check_deepspeed_support(loading_config(args, info, given))
             except ValueError as err:
                 problems.append(f"--ds_config {args.ds_config!r}: {err}")
         if given is not None and info is not None and info.zero_files:

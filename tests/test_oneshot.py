@@ -528,6 +528,10 @@ def test_ds_config_of_another_zero_stage_is_refused(tmp_path):
         else:
             with pytest.raises(oneshot.OneShotError, match=error):
                 oneshot.check_args(args, info)
+    # offload: one-shot takes no step and loads without it (the training run's config may have it)
+    (tmp_path / "ds.json").write_text(json.dumps({"zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu"}}}))
+    oneshot.check_args(oneshot.parse_args([str(tmp_path), str(tmp_path / "o"), "--sparsity", "0.5", "--score",
+                                           "magnitude", "--ds_config", str(tmp_path / "ds.json")]), zero)
 
 
 def test_zero3_checkpoint_is_named(tmp_path):
