@@ -342,10 +342,12 @@ def run_loop(args, engine, pruner, tokenizer, train_blocks, val_blocks, world_si
         # a missing or truncated rank file fails every rank here, not one rank inside DeepSpeed's
         # loading while the others wait in its collectives
         universal = bool(engine.load_universal_checkpoint())  # another layout: DeepSpeed checks it
-        problems = ([stale_universal(args.resume)] if universal and stale_universal(args.resume)
-                    else [] if universal or not os.path.isfile(os.path.join(args.resume, "latest"))
-                    else checkpoint_problems(args.resume, world_size=world_size,
-                                             zero_stage=engine.zero_optimization_stage()))
+        if universal:
+            problems = [p for p in (stale_universal(args.resume),) if p]
+        elif os.path.isfile(os.path.join(args.resume, "latest")):
+            problems = checkpoint_problems(args.resume, world_size=world_size, zero_stage=engine.zero_optimization_stage())
+        else:
+            problems = []
         if Communicator().any(bool(problems)):
             why = "; ".join(problems) or "another rank cannot read it (see its error)"
             raise SystemExit(f"cannot resume from {args.resume!r}: {why}")
