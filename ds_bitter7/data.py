@@ -77,6 +77,20 @@ def tokenizer_vocab_size(tokenizer) -> int:
     return len(tokenizer)
 
 
+def tokenizer_change(trained_with: Any, ours: str) -> Tuple[Optional[str], Optional[str]]:
+    """(why to refuse, what to warn about) resuming a run that recorded ``trained_with`` with the
+    tokenizer ``ours``: bytes against a tokenizer folder feeds ids that mean other text (the
+    vocabulary sizes can agree); two folders may hold the same tokenizer (a moved copy)."""
+    if not isinstance(trained_with, str) or trained_with == ours:
+        return None, None
+    said = f"the run was trained with the tokenizer {trained_with!r}, this one has {ours!r}"
+    if (trained_with == BYTES) != (ours == BYTES):
+        return f"{said}: its ids would mean other text; pass --tokenizer {trained_with}", None
+    if os.path.realpath(trained_with) != os.path.realpath(ours):
+        return None, f"{said}: make sure they are the same tokenizer"
+    return None, None
+
+
 def _encode_batch(tokenizer, texts: List[str]) -> List[List[int]]:
     if isinstance(tokenizer, ByteTokenizer):
         return [tokenizer.encode(t) for t in texts]

@@ -285,7 +285,7 @@ def load_tokenizer(args, config, config_dir: str, trained_with: Optional[str] = 
                            f"the byte tokenizer would feed this model of {config.vocab_size} token ids the wrong "
                            "ids; pass the training run's tokenizer with --tokenizer DIR (--tokenizer bytes if it "
                            "trained on bytes)")
-    if trained_with is not None and (path in (None, dsdata.BYTES)) != (trained_with == dsdata.BYTES):
+    if dsdata.tokenizer_change(trained_with, path or dsdata.BYTES)[0]:  # bytes where the run's was a folder, or the reverse
         log_main("the checkpoint's run trained with the tokenizer %r but this one-shot uses %r: calibration and "
                  "validation would feed the model other ids than it learned (pass --tokenizer with the "
                  "training run's tokenizer)", trained_with, path or dsdata.BYTES, level=logging.WARNING, log=logger)

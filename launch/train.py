@@ -299,20 +299,6 @@ def model_mismatch(saved: Dict[str, Any], config) -> Optional[str]:
     return ", ".join(diffs) or None
 
 
-def tokenizer_change(trained_with: Any, ours: str) -> Tuple[Optional[str], Optional[str]]:
-    """(why to refuse, what to warn about) resuming a run that recorded ``trained_with`` with the
-    tokenizer ``ours``: bytes against a tokenizer folder feeds ids that mean other text (the
-    vocabulary sizes can agree); two folders may hold the same tokenizer (a moved copy)."""
-    if not isinstance(trained_with, str) or trained_with == ours:
-        return None, None
-    said = f"the run was trained with the tokenizer {trained_with!r}, this one has {ours!r}"
-    if (trained_with == dsdata.BYTES) != (ours == dsdata.BYTES):
-        return f"{said}: its ids would mean other text; pass --tokenizer {trained_with}", None
-    if os.path.realpath(trained_with) != os.path.realpath(ours):
-        return None, f"{said}: make sure they are the same tokenizer"
-    return None, None
-
-
 def stale_universal(folder: str) -> Optional[str]:
     """Why loading ``folder``'s universal checkpoint would go back in time: its ``latest`` names a
     later step than ``latest_universal`` (the run saved on after resuming from the conversion), or None."""
@@ -360,7 +346,7 @@ def run_loop(args, engine, pruner, tokenizer, train_blocks, val_blocks, world_si
                            "its masks are not kept from here on and its checkpoints will not carry them "
                            "(export needs them); add the checkpoint's bitter7 section to --config", path)
         start, ppl_start, loss_start = client.get("step", engine.global_steps), client.get("ppl_start"), client.get("loss_start")
-        refused, warned = tokenizer_change(client.get("tokenizer"), args.tokenizer or dsdata.BYTES)
+        refused, warned = dsdata.tokenizer_change(client.get("tokenizer"), args.tokenizer or dsdata.BYTES)
         if refused:  # the same client state on every rank: every rank stops
             raise SystemExit(f"{path}: {refused}")
         if rank == 0 and warned:

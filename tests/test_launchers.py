@@ -25,6 +25,7 @@ from _launch_util import (
 )
 from transformers import AutoTokenizer
 
+from ds_bitter7 import data as dsdata
 from ds_bitter7 import modeling
 from ds_bitter7.comm import stale_build_locks
 
@@ -424,11 +425,11 @@ def test_resume_refuses_a_stale_universal_tag_and_another_tokenizer(tmp_path):
     (tmp_path / "latest").write_text("global_step6")
     assert 'remove "checkpoint": {"load_universal": true}' in train.stale_universal(str(tmp_path))
     assert train.stale_universal(str(tmp_path / "nowhere")) is None
-    refused, warned = train.tokenizer_change("runs/tok", "bytes")
+    refused, warned = dsdata.tokenizer_change("runs/tok", "bytes")
     assert "pass --tokenizer runs/tok" in refused and warned is None
-    assert "pass --tokenizer bytes" in train.tokenizer_change("bytes", "tok")[0]
-    assert "make sure they are the same" in train.tokenizer_change("runs/tok", "elsewhere/tok")[1]
-    assert train.tokenizer_change(None, "bytes") == train.tokenizer_change("bytes", "bytes") == (None, None)
+    assert "pass --tokenizer bytes" in dsdata.tokenizer_change("bytes", "tok")[0]
+    assert "make sure they are the same" in dsdata.tokenizer_change("runs/tok", "elsewhere/tok")[1]
+    assert dsdata.tokenizer_change(None, "bytes") == dsdata.tokenizer_change("bytes", "bytes") == (None, None)
 
 
 def test_resume_under_another_zero_stage_is_named(trained):
