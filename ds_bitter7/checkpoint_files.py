@@ -203,8 +203,9 @@ def load_pruner_state(checkpoint_dir: str, tag: Optional[str]) -> Tuple[dict, st
 
 def consolidate(checkpoint_dir: str, tag: str) -> Dict[str, torch.Tensor]:
     """fp32 weights via DeepSpeed's zero_to_fp32 (``bf16_optimizer_masters`` for the files of the
-    BF16_Optimizer, which it refuses); without optimizer files (stage 0) the module weights saved
-    in the model-states file."""
+    BF16_Optimizer, which it refuses; bf16 ZeRO-1/2 files share their names but not their layout,
+    and zero_to_fp32 reads those); without optimizer files (stage 0) the module weights saved in
+    the model-states file."""
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     tag_dir = os.path.join(checkpoint_dir, tag)
@@ -214,8 +215,6 @@ def consolidate(checkpoint_dir: str, tag: str) -> Dict[str, torch.Tensor]:
         problems = checkpoint_problems(checkpoint_dir, tag)
         if problems:
             raise ExportError("; ".join(problems))
-        if all(os.path.basename(f).startswith(BF16_OPTIMIZER_PREFIX) for f in zero_files):
-            return bf16_optimizer_masters(tag_dir, zero_files)
         try:
             state = get_fp32_state_dict_from_zero_checkpoint(checkpoint_dir, tag=tag)
             return strip_module_prefix(state)
@@ -223,6 +222,10 @@ def consolidate(checkpoint_dir: str, tag: str) -> Dict[str, torch.Tensor]:
             if not (isinstance(err, ValueError) and "is not a zero checkpoint" in str(err)):
                 raise ExportError(f"cannot consolidate {tag_dir!r} with DeepSpeed's zero_to_fp32: "
                                   f"{type(err).__name__}: {err}") from err
+            # bf16 ZeRO-1/2 files (DeepSpeedZeroOptimizer) are also named bf16_zero_pp_rank_*; only the
+            # BF16_Optimizer's (no 'zero_stage' in them) are refused by zero_to_fp32 and read here
+            if all(os.path.basename(f).startswith(BF16_OPTIMIZER_PREFIX) for f in zero_files):
+                return bf16_optimizer_masters(tag_dir, zero_files)
             logger.warning("%s: not a ZeRO checkpoint; using the module weights of %s", tag_dir, MODEL_STATES_FILE)
     if not os.path.isfile(model_file):
         raise ExportError(f"no weights: {tag_dir!r} has neither *optim_states.pt nor {MODEL_STATES_FILE}")

@@ -51,20 +51,25 @@ MAKE_CHECKPOINT = textwrap.dedent("""
 """)
 
 
-# DeepSpeed's BF16_Optimizer (bf16, fp32 gradient accumulation, ZeRO-1) on 2 ranks: two steps
-# move the fp32 masters off the bf16 grid; DeepSpeed's own reading of them is saved beside.
-MAKE_BF16_OPTIMIZER_CHECKPOINT = textwrap.dedent("""
+# bf16 training, two steps that move the fp32 masters off the bf16 grid; DeepSpeed's own reading of
+# them is saved beside. argv[1] "bf16_optimizer": DeepSpeed's BF16_Optimizer (fp32 gradient
+# accumulation, ZeRO-1); "zero2": its ZeRO-2 optimizer, whose rank files carry the same
+# bf16_zero_pp_rank_* names but another layout.
+MAKE_BF16_CHECKPOINT = textwrap.dedent("""
     import sys, torch, deepspeed
     from deepspeed.utils import safe_get_full_fp32_param
     from test_shrink import tiny_gpt2
-    out = sys.argv[1]
+    kind, out = sys.argv[1:]
     model = tiny_gpt2()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.0)
     config = {"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1,
               "zero_optimization": {"stage": 1}, "bf16": {"enabled": True},
               "data_types": {"grad_accum_dtype": "fp32"}, "zero_allow_untested_optimizer": True}
+    if kind == "zero2":
+        config.update(zero_optimization={"stage": 2}, data_types={})
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
-    assert type(engine.optimizer).__name__ == "BF16_Optimizer", type(engine.optimizer)
+    expected = {"bf16_optimizer": "BF16_Optimizer", "zero2": "DeepSpeedZeroOptimizer"}[kind]
+    assert type(engine.optimizer).__name__ == expected, type(engine.optimizer)
     for step in range(2):
         ids = torch.randint(0, model.config.vocab_size, (1, 9), generator=torch.Generator().manual_seed(step))
         engine.backward(engine(input_ids=ids, labels=ids).loss)
@@ -216,12 +221,15 @@ def test_checkpoint_without_its_zero_files(gpt2_checkpoint, tmp_path, caplog):
                                               "(an incomplete copy?)"]
 
 
-def test_bf16_optimizer_checkpoint_exports_its_fp32_masters(tmp_path, caplog):
+@pytest.mark.parametrize("kind, world_size", [("bf16_optimizer", 2), ("zero2", 3)])
+def test_bf16_checkpoint_exports_its_fp32_masters(tmp_path, caplog, kind, world_size):
     """zero_to_fp32 refuses the BF16_Optimizer's rank files ('not a zero checkpoint'): the export
-    took the bf16 module weights instead, under a warning that called it no ZeRO checkpoint."""
+    took the bf16 module weights instead, under a warning that called it no ZeRO checkpoint. The
+    bf16 ZeRO-2 files have the same names: read as the BF16_Optimizer's, any padding of a param group
+    (3 ranks here) failed the export."""
     from ds_bitter7.checkpoint_files import consolidate
 
-    ckpt = make_checkpoint(tmp_path, "", world_size=2, script_text=MAKE_BF16_OPTIMIZER_CHECKPOINT)
+    ckpt = make_checkpoint(tmp_path, kind, world_size=world_size, script_text=MAKE_BF16_CHECKPOINT)
     masters = torch.load(os.path.join(ckpt, "masters.pt"))
     with caplog.at_level("WARNING", logger="ds_bitter7.export"):
         weights = consolidate(ckpt, "global_step2")
