@@ -303,9 +303,10 @@ def build_config(config, counts: Mapping[str, int], extra_flags: Optional[Dict[s
 def _binding_sliding_window(config) -> Optional[int]:
     """The attention window of a Mistral / Qwen2 config when it can change the output, else None."""
     window = getattr(config, "sliding_window", None)
-    if config.model_type == "qwen2":
-        sliding = "sliding_attention" in (getattr(config, "layer_types", None) or [])
-        window = window if sliding or getattr(config, "use_sliding_window", False) else None
+    if config.model_type == "qwen2":  # its blocks slide where layer_types says so (from max_window_layers)
+        layer_types = getattr(config, "layer_types", None)
+        sliding = "sliding_attention" in layer_types if layer_types else getattr(config, "use_sliding_window", False)
+        window = window if sliding else None
     if window is None or window >= config.max_position_embeddings:
         return None
     return window

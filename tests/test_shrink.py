@@ -279,3 +279,17 @@ def test_binding_sliding_window_of_qwen2_is_refused_for_different_widths():
     zero_units(model, masks)
     with pytest.raises(NotImplementedError, match="sliding attention window \\(4 tokens.*scope: per_layer"):
         shrink_model(model, masks)
+
+
+def test_qwen2_window_of_no_layer_exports_as_bitter7_llama(tmp_path):
+    """use_sliding_window with max_window_layers >= its layers: no block slides (layer_types all
+    full_attention), so the window never binds and different widths export as bitter7_llama."""
+    from transformers import Qwen2Config
+
+    model = tiny_llama_like("qwen2")
+    model.config = Qwen2Config(**{**model.config.to_dict(), "use_sliding_window": True, "sliding_window": 4,
+                                  "max_window_layers": model.config.num_hidden_layers, "layer_types": None})
+    assert set(model.config.layer_types) == {"full_attention"} and model.config.sliding_window == 4
+    masks = random_masks(model, "global")
+    zero_units(model, masks)
+    assert saved_and_loaded(model, masks, tmp_path).config.model_type == "bitter7_llama"
