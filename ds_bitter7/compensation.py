@@ -92,7 +92,9 @@ def local_delta(pruner, group: UnitGroup, coef: torch.Tensor) -> torch.Tensor:
 
 def add_to_param(pruner, name: str, delta: torch.Tensor) -> None:
     """Add ``delta`` (float64, the parameter's shape) to the fp32 master fragment this rank owns
-    and to the model's own, replicated parameter; both sums are formed in float64."""
+    and to the model's own, replicated parameter; both sums are formed in float64. Where the model
+    is bf16/fp16, the part this rank owns is then the new master rounded, as DeepSpeed writes it
+    (its all-gather spreads that part; ``Pruner.prune_to`` runs one after the event)."""
     param = pruner.model.get_parameter(name)
     frag = pruner.access.fragments.get(name)
     with torch.no_grad():
@@ -103,6 +105,8 @@ def add_to_param(pruner, name: str, delta: torch.Tensor) -> None:
         if frag is None or not pruner.access.replicated:  # stage 0: the fragment is the param
             update = param.data.to(torch.float64) + delta.view(param.shape).to(param.device)
             param.data.copy_(update.to(param.dtype))
+        if frag is not None and not pruner.access.replicated and param.dtype != master.dtype:
+            param.data.view(-1)[frag.start:frag.start + frag.numel].copy_(master)
 
 
 def finite_stats(stats) -> bool:

@@ -118,8 +118,12 @@ class Pruner:
         fraction = float(fraction)  # a tensor or numpy number: the event record stays JSON
         with self._one_batch_list():
             event = self._event(fraction)
-        if self.unstructured is not None and not self.access.replicated and not self._stepping:
-            self.access.update_lp_params()  # unstructured masks are per rank: let DeepSpeed gather
+        half = next(self.model.parameters()).dtype != torch.float32
+        if not self.access.replicated and not self._stepping and (
+                self.unstructured is not None or (half and "compensation" in event)):
+            # unstructured masks are per rank, and a compensated bf16/fp16 parameter is exact only on
+            # the rank that owns its master: DeepSpeed's copy and all-gather of the masters (collective)
+            self.access.update_lp_params()
         return event
 
     def sparsity_report(self) -> List[dict]:
