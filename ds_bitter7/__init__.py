@@ -76,8 +76,12 @@ def prepare_model(model, config) -> List[str]:
     """Model changes the pruner needs before DeepSpeed flattens the parameters: a zero output bias
     for bias compensation in models without one (LLaMA). ``initialize`` calls it; call it yourself
     before ``Trainer(...)`` or ``deepspeed.initialize`` when you use ``attach`` (and build the
-    optimizer's parameter list after it). Returns the names of the biases added."""
+    optimizer's parameter list after it). Given the DeepSpeed config (not a parsed section), it
+    also refuses the settings the pruner cannot serve (ZeRO-3, offload), before anything is built.
+    Returns the names of the biases added."""
     cfg = config if isinstance(config, Bitter7Config) else parse_config(config)
+    if cfg.enabled and not isinstance(config, Bitter7Config):
+        check_deepspeed_support(load_ds_config(config))
     if cfg.enabled and cfg.bias_compensation.enabled:
         from .compensation import add_missing_out_biases
 

@@ -108,6 +108,15 @@ def test_zero3_and_offload_are_refused():
     with pytest.raises(ValueError) as e:
         check_deepspeed_support({"zero_optimization": {"stage": 3, "offload_optimizer": {"device": "cpu"}}})
     assert "zero_optimization.stage = 3" in str(e.value) and "offload_optimizer.device = 'cpu'" in str(e.value)
+    # prepare_model, called before Trainer(...) builds the engine, refuses them there (not only attach, after)
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from ds_bitter7 import prepare_model
+
+    model = GPT2LMHeadModel(GPT2Config(n_embd=16, n_layer=1, n_head=2, vocab_size=32, n_positions=8))
+    with pytest.raises(ValueError, match="zero_optimization.stage = 3"):
+        prepare_model(model, {"bitter7": {"target_sparsity": 0.5}, "zero_optimization": {"stage": 3}})
+    assert prepare_model(model, {"zero_optimization": {"stage": 3}}) == []  # pruning off: not its business
 
 
 def test_unknown_model_family_is_refused():
