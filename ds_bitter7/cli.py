@@ -5,15 +5,25 @@ from __future__ import annotations
 
 import argparse
 import os
-from typing import Sequence, Tuple
+from typing import Optional, Sequence, Tuple
 
+from .export import is_within
 from .modeling import parse_overrides
+
+# what a run writes directly into its checkpoint folder besides the tag folders (DeepSpeed's
+# ``latest`` files and script, launch/train.py's model config and tokenizer)
+CHECKPOINT_FILES = ("latest", "latest_universal", "zero_to_fp32.py", "zero_to_torch.py", "config.json", "tokenizer.json",
+                    "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "vocab.json",
+                    "merges.txt", "tokenizer.model", "chat_template.jinja", "generation_config.json")
 
 
 def check_launch_args(parser: argparse.ArgumentParser, args: argparse.Namespace,
-                      minimums: Sequence[Tuple[str, int]]) -> None:
+                      minimums: Sequence[Tuple[str, int]], reads: Sequence[Optional[str]] = (),
+                      output_dirs: Sequence[Tuple[str, Optional[str]]] = ()) -> None:
     """``parser.error`` (exit 2, usage shown) for an argument below its minimum (``(name, least)``),
-    a ``--model_overrides`` that is no JSON object (else parsed in place) or a ``--summary`` folder."""
+    a ``--model_overrides`` that is no JSON object (else parsed in place), an output folder
+    (``(flag, path)``) that cannot be made, or a ``--summary`` that is a folder, cannot be made, or
+    would replace a file the run reads (``reads``: inputs, files or folders) or one of its checkpoints'."""
     for key, least in minimums:
         if getattr(args, key) < least:
             parser.error(f"--{key} must be >= {least}, got {getattr(args, key)}")
@@ -21,5 +31,41 @@ def check_launch_args(parser: argparse.ArgumentParser, args: argparse.Namespace,
         args.model_overrides = parse_overrides(args.model_overrides)
     except ValueError as err:
         parser.error(str(err))
-    if args.summary and os.path.isdir(args.summary):
-        parser.error(f"--summary {args.summary!r} is a folder: name a file")  # else found after training
+    for flag, path in output_dirs:  # else found at the first save, after training
+        problem = path and (f"{flag} {path!r} is a file, not a folder" if os.path.lexists(path) and not os.path.isdir(path)
+                            else unwritable(path, flag))
+        if problem:
+            parser.error(problem)
+    if args.summary:
+        problem = summary_problem(args.summary, reads, [path for _, path in output_dirs])
+        if problem:
+            parser.error(problem)
+
+
+def unwritable(path: str, flag: str) -> Optional[str]:
+    """Why ``path`` (a file or folder to be made, with any missing parents) cannot be: its nearest
+    existing ancestor is a file, or a folder this process may not write in; else None."""
+    ancestor = os.path.dirname(os.path.abspath(path))
+    while not os.path.lexists(ancestor):
+        ancestor = os.path.dirname(ancestor)
+    if not os.path.isdir(ancestor):
+        return f"{flag} {path!r}: {ancestor!r} is a file, not a folder"
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        return f"{flag} {path!r}: no permission to write in {ancestor!r}"
+    return None
+
+
+def summary_problem(summary: str, reads: Sequence[Optional[str]], checkpoint_dirs: Sequence[Optional[str]]) -> Optional[str]:
+    """Why ``--summary`` cannot be written (see ``check_launch_args``), or None."""
+    name = f"--summary {summary!r}"
+    if os.path.isdir(summary):
+        return f"{name} is a folder: name a file"
+    read = [p for p in reads if p and os.path.exists(p) and is_within(summary, p)]
+    if read:
+        return f"{name} is or is inside {read[0]!r}, which this run reads: name another file"
+    for folder in checkpoint_dirs:
+        if folder and is_within(summary, folder):
+            inside = os.path.relpath(os.path.realpath(summary), os.path.realpath(folder))
+            if os.sep in inside or inside in CHECKPOINT_FILES:  # a tag folder's file, latest, config.json, ...
+                return f"{name} would replace a file of the checkpoints in {folder!r}: name another file"
+    return unwritable(summary, "--summary")

@@ -77,6 +77,17 @@ def tokenizer_vocab_size(tokenizer) -> int:
     return len(tokenizer)
 
 
+TOKENIZER_MARKERS = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")  # a saved HF tokenizer
+
+
+def tokenizer_beside(folder: Optional[str]) -> Optional[str]:
+    """``folder`` when it holds a saved tokenizer (a model folder, or a checkpoint folder that
+    ``launch/train.py`` saved it in), else None."""
+    if folder and os.path.isdir(folder) and any(os.path.isfile(os.path.join(folder, f)) for f in TOKENIZER_MARKERS):
+        return folder
+    return None
+
+
 def tokenizer_change(trained_with: Any, ours: str) -> Tuple[Optional[str], Optional[str]]:
     """(why to refuse, what to warn about) resuming a run that recorded ``trained_with`` with the
     tokenizer ``ours``: bytes against a tokenizer folder feeds ids that mean other text (the
@@ -160,8 +171,14 @@ def builtin_documents(directory: Optional[str] = None) -> List[Dict[str, str]]:
     """The built-in corpus: ``[{"name", "text"}]`` sorted by name, built once and cached."""
     path = corpus_cache_path(directory)
     if os.path.exists(path):
-        with open(path, encoding="utf-8") as f:
-            return [json.loads(line) for line in f if line.strip()]
+        try:
+            with open(path, encoding="utf-8") as f:
+                docs = [json.loads(line) for line in f if line.strip()]
+            if docs and all(isinstance(d, dict) and isinstance(d.get("text"), str) for d in docs):
+                return docs
+        except (ValueError, OSError):  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+            pass
+        logger.warning("built-in corpus cache %s is damaged (truncated or edited?): building it again", path)
     docs = _stdlib_documents()
     logger.info("built-in corpus: %d documents, %.1f MB -> %s", len(docs),
                 sum(len(d["text"]) for d in docs) / 1e6, path)
@@ -225,6 +242,10 @@ def read_local_files(files: Sequence[str]):
     files = list(files)
     if not files:
         raise ValueError("no .txt/.md/.json/.jsonl files given")
+    unsupported = [f for f in files if not f.lower().endswith(TEXT_SUFFIXES + JSON_SUFFIXES)]
+    if unsupported:
+        raise ValueError(f"unsupported data file type: {unsupported} (supported: "
+                         f"{'/'.join(TEXT_SUFFIXES + JSON_SUFFIXES)})")
     empty = [f for f in files if os.path.getsize(f) == 0]
     if empty:
         raise ValueError(f"empty data file(s): {empty}")
@@ -241,16 +262,29 @@ def read_local_files(files: Sequence[str]):
             raise ValueError(f"cannot read {files} as JSON: {type(err).__name__}: {err}") from err
     if "text" not in ds.column_names:
         raise ValueError(f"{files}: every JSON record needs a 'text' field; the records have {ds.column_names}")
-    missing = ds["text"].count(None) if kind == "json" else 0
-    if missing:
-        logger.warning("%s: %d of %d JSON records have no 'text' (missing or null): skipped", files, missing, len(ds))
     if kind == "json" and getattr(ds.features["text"], "dtype", None) not in ("string", "large_string"):
         raise ValueError(f"{files}: the 'text' field of every JSON record must be a string; "
                          f"these records hold {ds.features['text']}")
-    ds = ds.filter(lambda row: isinstance(row["text"], str) and bool(row["text"].strip()))
+    try:  # the JSON reader takes any bytes; they are decoded here
+        missing, records = (ds["text"].count(None) if kind == "json" else 0), len(ds)
+        ds = ds.filter(lambda row: isinstance(row["text"], str) and bool(row["text"].strip()))
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{[f for f in files if not _is_utf8(f)] or files}: not UTF-8 text ({err})") from None
+    if missing:
+        logger.warning("%s: %d of %d JSON records have no 'text' (missing or null): skipped", files, missing, records)
     if len(ds) == 0:
         raise ValueError(f"no text in {files} (only whitespace)")
     return ds
+
+
+def _is_utf8(path: str) -> bool:
+    try:
+        with open(path, encoding="utf-8") as f:
+            while f.read(1 << 20):
+                pass
+    except UnicodeDecodeError:
+        return False
+    return True
 
 
 def _split_train(ds, validation_fraction: float, seed: int) -> Tuple[Any, Any]:

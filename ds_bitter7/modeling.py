@@ -7,10 +7,11 @@ network access for its ``config.json`` only.
 
 from __future__ import annotations
 
+import difflib
 import json
 import logging
 import os
-from typing import Any, Callable, Dict, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 import torch
 
@@ -35,6 +36,17 @@ def parse_overrides(text: str) -> Dict[str, Any]:
     if not isinstance(value, dict):
         raise ValueError(f"--model_overrides must be a JSON object, got {text!r}")
     return value
+
+
+def known_keys(config) -> List[str]:
+    """The keys a config of this class defines (its defaults' and its aliases')."""
+    return sorted(set(type(config)().to_dict()) | set(getattr(config, "attribute_map", {})))
+
+
+def unknown_keys(config, overrides: Dict[str, Any]) -> List[str]:
+    """The keys of ``overrides`` that ``config``'s class does not define."""
+    known = set(known_keys(config))
+    return sorted(k for k in overrides if k not in known)
 
 
 def _round_up(n: int, multiple: int = 8) -> int:
@@ -65,7 +77,7 @@ BUILTIN_MODELS: Dict[str, Callable[..., Any]] = {
 }
 
 
-def _has_weights(path: str) -> bool:
+def has_weights(path: str) -> bool:
     return any(os.path.exists(os.path.join(path, f)) for f in _WEIGHT_FILES)
 
 
@@ -101,6 +113,11 @@ def build_config(name_or_path: str, vocab_size: Optional[int] = None, max_positi
         config = AutoConfig.from_pretrained(name_or_path)  # a hub name needs network access
         for key, value in overrides.items():
             setattr(config, key, value)
+    unknown = unknown_keys(config, overrides)
+    if unknown:  # a config takes any keyword and keeps it unused: a misspelt size would train the default
+        near = {k: difflib.get_close_matches(k, known_keys(config), n=1) for k in unknown}
+        raise ValueError("--model_overrides: a " + config.model_type + " config has no " + ", ".join(
+            repr(k) + (f" (did you mean {near[k][0]!r}?)" if near[k] else "") for k in unknown))
     if vocab_size is not None and vocab_size > config.vocab_size:
         raise ValueError(f"tokenizer has {vocab_size} ids but model {name_or_path!r} only "
                          f"{config.vocab_size}")
@@ -115,13 +132,13 @@ def build_model(name_or_path: str, vocab_size: Optional[int] = None, max_positio
     way the config is checked against the tokenizer's ``vocab_size`` and gets the ``overrides``."""
     from transformers import AutoModelForCausalLM
 
-    if (os.path.isdir(name_or_path) and not _has_weights(name_or_path)
+    if (os.path.isdir(name_or_path) and not has_weights(name_or_path)
             and os.path.isfile(os.path.join(name_or_path, "latest"))):  # would train from a random init
         raise ValueError(f"model {name_or_path!r} is a DeepSpeed checkpoint folder (it holds 'latest' and no model "
                          "weights): continue that run with --resume, or export it (python -m ds_bitter7.export) "
                          "and pass the export")
     config = build_config(name_or_path, vocab_size, max_positions, overrides, eos_token_id)
-    if os.path.isdir(name_or_path) and _has_weights(name_or_path):
+    if os.path.isdir(name_or_path) and has_weights(name_or_path):
         logger.info("loading weights from %s", name_or_path)
         return AutoModelForCausalLM.from_pretrained(name_or_path, config=config, dtype=dtype)
     torch.manual_seed(seed)

@@ -276,10 +276,7 @@ def load_tokenizer(args, config, config_dir: str, trained_with: Optional[str] = 
     """``--tokenizer`` (a folder, a hub name, or ``bytes``), else the one saved beside
     ``config.json``, else bytes: for a model whose vocabulary is the byte tokenizer's, or one
     ``trained_with`` bytes (``launch/train.py`` records it in the checkpoint); its ids must fit the model."""
-    path = args.tokenizer
-    if path is None and any(os.path.isfile(os.path.join(config_dir, f))
-                            for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
-        path = config_dir
+    path = args.tokenizer or dsdata.tokenizer_beside(config_dir)
     if path is None and config.vocab_size > dsdata.BYTE_MODEL_VOCAB and trained_with != dsdata.BYTES:
         raise OneShotError(f"no tokenizer files beside {os.path.join(config_dir, 'config.json')} and no --tokenizer: "
                            f"the byte tokenizer would feed this model of {config.vocab_size} token ids the wrong "

@@ -10,6 +10,10 @@ if [ "${NNODES:-1}" != 1 ]; then
              "MASTER_ADDR (node 0's address, reachable from every node)" >&2
         exit 2
     fi
+    if ! [[ "$NODE_RANK" =~ ^[0-9]+$ ]] || [ "$NODE_RANK" -ge "$NNODES" ]; then
+        echo "run_torchrun.sh: NODE_RANK=$NODE_RANK is not a node rank of NNODES=$NNODES (0..$((NNODES - 1)))" >&2
+        exit 2
+    fi
     case "$MASTER_ADDR" in
         127.* | localhost | ::1) echo "run_torchrun.sh: MASTER_ADDR=$MASTER_ADDR reaches this node only;" \
                                       "give node 0's address on the network" >&2; exit 2 ;;

@@ -33,6 +33,7 @@ except ImportError:  # run from a checkout without `pip install -e .`
     import ds_bitter7
 from ds_bitter7 import data as dsdata
 from ds_bitter7 import modeling
+from ds_bitter7.calibration import needs_stats
 from ds_bitter7.checkpoint_files import checkpoint_problems
 from ds_bitter7.cli import check_launch_args
 from ds_bitter7.comm import Communicator, abort_job_on_error, init_distributed
@@ -57,7 +58,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--data", nargs="+", default=["builtin"],
                    help="builtin | local .txt/.md/.rst/.text/.json/.jsonl files or dirs | hub dataset name")
     p.add_argument("--data_config", help="configuration of a hub dataset (wikitext: e.g. wikitext-103-raw-v1)")
-    p.add_argument("--tokenizer", help="tokenizer dir (default: bytes, vocabulary 257)")
+    p.add_argument("--tokenizer", help="tokenizer dir (default: the one saved in the --resume folder, else in "
+                   "a --model folder, else bytes, vocabulary 257)")
     p.add_argument("--config", help="DeepSpeed JSON config (same as --deepspeed_config)")
     p.add_argument("--steps", type=int, help="optimizer steps to train to")
     p.add_argument("--seq_len", type=int)
@@ -83,6 +85,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
         p.error(f"{' and '.join(named)} name different configs: give one (the launch scripts pass CONFIG's "
                 "as --config or --deepspeed_config: set CONFIG=... instead)")
     args.config = args.config or args.deepspeed_config
+    args.saved_tokenizer = None  # train() sets it when --tokenizer defaults to a folder's saved one
     if not args.config:
         p.error("a DeepSpeed config is required: --config or --deepspeed_config")
     if args.resume == "":
@@ -90,9 +93,9 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     if args.resume is not None and not args.resume:
         p.error("--resume needs a folder or --save_dir")
     check_launch_args(p, args, (("steps", 0), ("seq_len", 2), ("eval_every", 0), ("eval_batches", 1),
-                                ("calibration_batches", 0), ("save_every", 0)))
-    if args.save_dir and os.path.lexists(args.save_dir) and not os.path.isdir(args.save_dir):
-        p.error(f"--save_dir {args.save_dir!r} is a file, not a folder")  # else found at the first save
+                                ("calibration_batches", 0), ("save_every", 0), ("seed", 0)),
+                      reads=[args.config, *args.data, args.tokenizer, args.model],
+                      output_dirs=[("--save_dir", args.save_dir), ("--resume", args.resume)])
     return args
 
 
@@ -230,9 +233,11 @@ def train(args) -> Dict[str, Any]:
         raise SystemExit(taken or "another rank finds --save_dir holding checkpoints (see its error)")
     try:  # before data and model are built: a bad config fails in a second, on every rank alike
         ds_config = load_ds_config(args.config)
-        parse_config(ds_config)
+        bitter7 = parse_config(ds_config)
     except ValueError as err:
         raise SystemExit(f"launch/train.py --config {args.config}: {err}") from None
+    if args.tokenizer is None:  # the run's own (saved beside its checkpoints) or the model folder's, as one-shot
+        args.tokenizer = args.saved_tokenizer = dsdata.tokenizer_beside(args.resume) or dsdata.tokenizer_beside(args.model)
     tokenizer = dsdata.get_tokenizer(args.tokenizer)
     train_blocks, val_blocks = build_data(args, tokenizer, rank)
     logger.info("data: %d train / %d validation blocks of %d tokens, %d ranks",
@@ -248,7 +253,12 @@ def train(args) -> Dict[str, Any]:
     mismatch = model_mismatch(saved, model.config)
     if mismatch:  # DeepSpeed's loading would fail on every rank with a size-mismatch traceback
         problem = (f"cannot resume from {args.resume!r}: its model (config.json) has {mismatch}: pass the "
-                   "training run's --model and --model_overrides (and a --seq_len within its positions)")
+                   "training run's --model, --model_overrides and --tokenizer (and a --seq_len within its positions)")
+    elif (args.tokenizer is None and os.path.isdir(args.model) and modeling.has_weights(args.model)
+            and model.config.vocab_size > dsdata.BYTE_MODEL_VOCAB):  # trained weights fed the wrong ids
+        problem = (f"--model {args.model!r} has trained weights for {model.config.vocab_size} token ids and no "
+                   "tokenizer files beside them: the byte tokenizer would feed it ids that mean other text; "
+                   "pass its tokenizer with --tokenizer DIR")
     positions = modeling.max_positions(model.config)
     if problem is None and positions and args.seq_len > positions:  # the embedding would fail on the first batch
         problem = (f"--seq_len {args.seq_len} is longer than the model's {positions} positions: "
@@ -257,7 +267,7 @@ def train(args) -> Dict[str, Any]:
         raise SystemExit(problem or "another rank cannot build the model to resume (see its error)")
     device = deepspeed.accelerator.get_accelerator().current_device_name()
     calib = None
-    if args.calibration_batches > 0:
+    if args.calibration_batches > 0 and bitter7.enabled and needs_stats(bitter7):  # else no batch is read
         bs = ds_config.get("train_micro_batch_size_per_gpu") or max(1, ds_config.get("train_batch_size", 1) // (
             ds_config.get("gradient_accumulation_steps", 1) * world_size))  # as DeepSpeed derives it
         calib = [{k: v.to(device) for k, v in b.items()}
@@ -277,6 +287,12 @@ def train(args) -> Dict[str, Any]:
 SHAPE_KEYS = ("model_type", "vocab_size", "n_layer", "n_embd", "n_head", "n_inner", "n_positions", "num_hidden_layers",
               "hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads", "head_dim",
               "max_position_embeddings", "attention_bias", "mlp_bias", "tie_word_embeddings")
+
+
+def data_record(args) -> str:
+    """What ``--data`` (and ``--data_config``) named, as the checkpoint records it: local paths resolved."""
+    names = [os.path.realpath(d) if os.path.exists(d) else d for d in args.data]
+    return " ".join(names) + (f" ({args.data_config})" if args.data_config else "")
 
 
 def saved_model_config(folder: str) -> Dict[str, Any]:
@@ -346,7 +362,9 @@ def run_loop(args, engine, pruner, tokenizer, train_blocks, val_blocks, world_si
                            "its masks are not kept from here on and its checkpoints will not carry them "
                            "(export needs them); add the checkpoint's bitter7 section to --config", path)
         start, ppl_start, loss_start = client.get("step", engine.global_steps), client.get("ppl_start"), client.get("loss_start")
-        refused, warned = dsdata.tokenizer_change(client.get("tokenizer"), args.tokenizer or dsdata.BYTES)
+        ours = args.tokenizer or dsdata.BYTES  # the checkpoint folder's own tokenizer is the run's
+        refused, warned = (None, None) if args.saved_tokenizer == args.resume else \
+            dsdata.tokenizer_change(client.get("tokenizer"), ours)
         if refused:  # the same client state on every rank: every rank stops
             raise SystemExit(f"{path}: {refused}")
         if rank == 0 and warned:
@@ -359,6 +377,13 @@ def run_loop(args, engine, pruner, tokenizer, train_blocks, val_blocks, world_si
         if rank == 0 and ppl_start is not None and client.get("seq_len") not in (None, args.seq_len):
             logger.warning("the step-%d perplexity in the report is the checkpoint's, measured with --seq_len %s, "
                            "not this run's %d", ppl_start_step, client.get("seq_len"), args.seq_len)
+        data = {"data": data_record(args), "seed": args.seed}
+        changed = [k for k, v in data.items() if client.get(k) not in (None, v)]
+        if rank == 0 and changed:  # another split: validation documents may have been trained on
+            logger.warning("the checkpoint's run trained with %s; this one has %s: the data order differs, and so "
+                           "may the train/validation split (validation text may have been trained on); the step-%d "
+                           "perplexity in the report was measured on the checkpoint's", ", ".join(f"--{k} {client[k]}" for k in changed),
+                           ", ".join(f"--{k} {data[k]}" for k in changed), ppl_start_step)
         if rank == 0 and not args.save_dir:
             logger.warning("no --save_dir: this resumed run's checkpoints are not saved (add --save_dir, for "
                            "instance %s)", args.resume)
@@ -378,7 +403,8 @@ def run_loop(args, engine, pruner, tokenizer, train_blocks, val_blocks, world_si
     seen_event = pruner.last_event["step"] if pruner is not None and pruner.last_event else None  # the checkpoint's
     val_loss, ppl = loss_start, ppl_start
     extra = {"ppl_start": ppl_start, "ppl_start_step": ppl_start_step, "loss_start": loss_start,
-             "seq_len": args.seq_len, "tokenizer": args.tokenizer or dsdata.BYTES}  # one-shot reads these
+             "seq_len": args.seq_len, "tokenizer": args.tokenizer or dsdata.BYTES,  # one-shot reads these
+             "data": data_record(args), "seed": args.seed}
     while step < args.steps:
         losses = []
         for _ in range(ga):

@@ -69,7 +69,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--local_rank", "--local-rank", type=int, default=-1)
     args = p.parse_args(argv)
-    check_launch_args(p, args, (("seq_len", 2), ("max_steps", 1), ("save_steps", 1)))  # -1 would train 3 epochs
+    check_launch_args(p, args, (("seq_len", 2), ("max_steps", 1), ("save_steps", 1), ("seed", 0)),  # -1 steps: 3 epochs
+                      reads=[args.deepspeed, *args.data, args.tokenizer, args.model],
+                      output_dirs=[("--output_dir", args.output_dir)])
     taken = sorted(glob.glob(os.path.join(args.output_dir, "checkpoint-*")))
     if taken and not args.resume:  # the Trainer would replace them one by one, mixing two runs
         p.error(f"--output_dir {args.output_dir!r} already holds checkpoints ({', '.join(map(os.path.basename, taken[:3]))}"
@@ -124,6 +126,7 @@ def main() -> None:
                        "pruning": pruner is not None,
                        "layers": pruner.sparsity_report() if pruner is not None else [],
                        "step_count": getattr(pruner, "step_count", None)}
+            os.makedirs(os.path.dirname(os.path.abspath(args.summary)), exist_ok=True)
             with open(args.summary, "w", encoding="utf-8") as f:
                 json.dump(summary, f, indent=2)
     # Shut the process group down in order: left to interpreter exit, a rank could abort

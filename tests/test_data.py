@@ -26,6 +26,11 @@ def test_corpus_is_deterministic_and_cached(cache):
     assert first == second == data._stdlib_documents()
     assert [d["name"] for d in first] == sorted(d["name"] for d in first)
     assert sum(len(d["text"]) for d in first) > 1_000_000
+    # a damaged cache (truncated, emptied) is built again, not a JSON error naming no file
+    for damaged in (open(path, encoding="utf-8").read()[:1000], ""):
+        with open(path, "w", encoding="utf-8") as f:
+            f.write(damaged)
+        assert data.builtin_documents(cache) == first
 
 
 def test_split_is_disjoint_and_small(cache):
@@ -87,6 +92,14 @@ def test_bad_local_files_are_named(tmp_path, monkeypatch):
                           ("one.txt", "hold one document")):
         with pytest.raises(ValueError, match=message):
             data.load_text_datasets(str(tmp_path / name))
+    # a named file of another type was read as text (a CSV's header a document; a .gz "not UTF-8")
+    (tmp_path / "rows.csv").write_text("id,text\n1,words\n")
+    with pytest.raises(ValueError, match=r"unsupported data file type: \['.*rows.csv'\] \(supported: .txt/"):
+        data.load_text_datasets([str(tmp_path / "one.txt"), str(tmp_path / "rows.csv")])
+    # JSON lines that are not UTF-8: the reader takes the bytes, their decoding failed naming no file
+    (tmp_path / "latin1.jsonl").write_bytes(json.dumps({"text": "caf"}).encode()[:-2] + b"\xe9\"}\n")
+    with pytest.raises(ValueError, match=r"\['.*latin1.jsonl'\]: not UTF-8 text"):
+        data.load_text_datasets([str(tmp_path / "latin1.jsonl")])
 
 
 def test_text_documents_split_at_blank_or_whitespace_lines(tmp_path):
@@ -146,6 +159,13 @@ def test_local_model_with_weights_is_checked_and_overridden(tmp_path):
     assert modeling.build_config("tiny-gpt2", 257).eos_token_id == 256  # the byte tokenizer's
     no_eos = modeling.build_config("tiny-gpt2", 300, eos_token_id=None)  # a tokenizer without one
     assert no_eos.eos_token_id is None and no_eos.bos_token_id is None  # not its ordinary last token
+    # a config keeps any keyword: a misspelt size trained the default model without a word
+    with pytest.raises(ValueError, match="a gpt2 config has no 'n_embed' \\(did you mean 'n_embd'\\?\\)"):
+        modeling.build_config("tiny-gpt2", 257, overrides={"n_embed": 32})
+    with pytest.raises(ValueError, match="a llama config has no 'num_layers'"):
+        modeling.build_model("tiny-llama", 257, overrides={"num_layers": 2})
+    with pytest.raises(ValueError, match="a gpt2 config has no 'n_layers'"):
+        modeling.build_model(str(tmp_path), vocab_size=257, overrides={"n_layers": 2})  # a local folder's config
 
 
 def test_typos_of_builtin_names_are_refused_before_the_hub():

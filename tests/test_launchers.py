@@ -160,8 +160,22 @@ def test_train_warns_and_refuses_in_one_process(tmp_path):
     assert f"--save_dir '{ckpt}' already holds checkpoints (latest: global_step4): continue that run with --resume" in out
     dense = tmp_path / "dense.json"
     dense.write_text(json.dumps({k: v for k, v in cfg.items() if k != "bitter7"}))
-    out = run(base + ["--config", str(dense), "--steps", "5", "--resume", str(ckpt)], tmp_path)
+    # no --tokenizer: the one saved beside the checkpoints, not bytes; other --data is warned about
+    other = write_corpus(tmp_path / "other.jsonl", n_docs=30)
+    no_tok = base[:base.index("--tokenizer")] + ["--data", str(other)]
+    out = run(no_tok + ["--config", str(dense), "--steps", "5", "--resume", str(ckpt)], tmp_path)
     assert "carries ds_bitter7 pruner state but this run's config has no bitter7 section" in out
+    assert f"the checkpoint's run trained with --data {corpus}; this one has --data {other}" in out
+    assert "tokenizer" not in out.split("resumed from")[-1]  # neither refused nor warned: it is the run's own
+    # a --model folder with weights: its own tokenizer files, else (more ids than bytes) a refusal
+    model_dir = tmp_path / "word_model"
+    modeling.build_model("tiny-gpt2", 500, overrides={"n_layer": 1, "n_embd": 32}).save_pretrained(model_dir)
+    out = run(no_tok + ["--config", str(dense), "--steps", "1", "--model", str(model_dir)], tmp_path, fails=True)
+    assert "has trained weights for 504 token ids and no tokenizer files beside them" in out
+    AutoTokenizer.from_pretrained(str(tokenizer)).save_pretrained(model_dir)
+    run(no_tok + ["--config", str(dense), "--steps", "1", "--model", str(model_dir), "--save_dir",
+                  str(tmp_path / "word_ckpt")], tmp_path)
+    assert len(AutoTokenizer.from_pretrained(str(tmp_path / "word_ckpt"))) == 500
 
 
 def test_deepspeed_launcher(tmp_path):
@@ -315,6 +329,8 @@ def test_shell_launchers_refuse_an_incomplete_multinode_setup(tmp_path):
     silently, both nodes as rank 0), or a missing hostfile (DeepSpeed's runner trained on this
     node alone)."""
     assert "needs NODE_RANK" in _launch_line(tmp_path, "run_torchrun.sh", 0, True, NNODES="2")
+    assert "NODE_RANK=2 is not a node rank of NNODES=2 (0..1)" in _launch_line(
+        tmp_path, "run_torchrun.sh", 0, True, NNODES="2", NODE_RANK="2", MASTER_ADDR="10.0.0.1")
     assert "reaches this node only" in _launch_line(tmp_path, "run_torchrun.sh", 0, True, NNODES="2",
                                                     NODE_RANK="0", MASTER_ADDR="127.0.0.1")
     missing = tmp_path / "hostfile"
@@ -362,6 +378,14 @@ def test_bad_arguments_are_refused_before_any_work(tmp_path, capsys):
                           (["--model_overrides", "[2]"], "--model_overrides must be a JSON object"),
                           (["--save_dir", str(tmp_path / "afile")], "is a file, not a folder"),
                           (["--summary", str(tmp_path)], "is a folder: name a file"),
+                          (["--save_dir", str(tmp_path / "afile" / "ckpt")], "afile' is a file, not a folder"),
+                          (["--summary", str(tmp_path / "afile" / "s.json")], "afile' is a file, not a folder"),
+                          # the summary replaced the run's own data, config or checkpoint files
+                          (["--data", str(tmp_path / "afile"), "--summary", str(tmp_path / "afile")],
+                           "which this run reads: name another file"),
+                          (["--summary", base[1]], "which this run reads"),
+                          (["--save_dir", str(tmp_path), "--summary", str(tmp_path / "latest")],
+                           "would replace a file of the checkpoints in"),
                           (["--deepspeed_config", str(REPO / "ds_configs" / "cpu_demo.json")],
                            "name different configs: give one"),
                           # the launch scripts pass --config (or --deepspeed_config) before the user's
