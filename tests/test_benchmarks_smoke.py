@@ -66,6 +66,27 @@ def test_oneshot_headroom_benchmark_smoke(tmp_path):
     assert f"no dense checkpoint dense_2 (run `python benchmarks/oneshot.py --workdir {tmp_path}` first)" in out
 
 
+def test_oneshot_mean_shift_benchmark_smoke(tmp_path):
+    """benchmarks/oneshot_mean_shift.py on a 3-step plain DeepSpeed checkpoint: the one-shot command
+    runs with no and with mean compensation, and on the calibration tokens (the union of its ranks'
+    batches, rebuilt by the script) mean compensation leaves no mean error and never a larger one."""
+    from test_oneshot import make_checkpoint
+
+    run_distributed(make_checkpoint, 2, str(tmp_path / "dense_1"), timeout=120)
+    script = str(REPO / "benchmarks" / "oneshot_mean_shift.py")
+    run([sys.executable, script, str(tmp_path), "--seeds", "1", "--scores", "bitter7", "--seq_len", "32",
+         "--batch_size", "2", "--num_batches", "2", "--eval_batches", "2", "--threads", "1", "--out", "m",
+         "--results", str(tmp_path)], tmp_path, timeout=240)
+    (r,) = json.loads((tmp_path / "m.json").read_text())["rows"]
+    assert r["steps"] == 3 and set(r["ppl"]) == set(r["kl"]) == {"none", "mean", "mean (val.)", "mean part only"}
+    none, mean = (r["error"][c]["calibration"] for c in ("none", "mean"))
+    assert len(none) == len(r["kl_one_layer"]["mean"]) == 2
+    for a, b in zip(none, mean):
+        assert b["mean_part"] <= 1e-6 * a["mean_part"] and b["total"] <= a["total"] * (1 + 1e-6)
+    assert all(0.0 <= share <= 1.0 for share in r["tokens_lower_under_mean"]["validation"])
+    assert "## Summary" in (tmp_path / "m.md").read_text()
+
+
 def test_oneshot_benchmark_per_layer_scope_rows_and_files(capsys):
     """--scope per_layer prunes the global-threshold rows layer by layer, keeps its cells in a file of
     its own beside the global run's, and refuses a standardized row by name."""
