@@ -215,18 +215,53 @@ def reconstruct(model, dense, masks: Dict[str, torch.Tensor], batches, steps: in
     return out
 
 
+def seed_data(args, seed: int) -> tuple:
+    """(the union of the one-shot benchmark's 2 ranks' calibration batches of ``seed``, train split;
+    a loader of the validation blocks, of which the one-shot runs read ``2 * eval_batches``)."""
+    tok = dsdata.get_tokenizer(None)
+    blocks = dsdata.chunk_dataset(dsdata.builtin_dataset("train"), tok, args.seq_len)
+    # each rank takes every other block: one process takes both ranks' batches
+    calib = dsdata.calibration_batches(blocks, args.batch_size, 2 * args.num_batches, seed, rank_aware=False)
+    val_blocks = dsdata.chunk_dataset(dsdata.builtin_dataset("validation"), tok, args.seq_len)
+    return calib, dsdata.make_dataloader(val_blocks, args.batch_size, shuffle=False, world_size=1, rank=0,
+                                         drop_last=False)
+
+
+def workdir_parser(description: str, out: str) -> argparse.ArgumentParser:
+    """The arguments of a script that reads ``benchmarks/oneshot.py``'s workdirs (its dense
+    checkpoints, calibration and validation set-up); ``parse_workdir_args`` checks them."""
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("workdirs", nargs="+", help="--workdir folders of benchmarks/oneshot.py (dense_SEED inside)")
+    p.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
+    p.add_argument("--sparsity", type=float, default=0.75)
+    p.add_argument("--seq_len", type=int, default=64)
+    p.add_argument("--batch_size", type=int, default=8)
+    p.add_argument("--num_batches", type=int, default=8, help="calibration batches per rank of the one-shot run")
+    p.add_argument("--eval_batches", type=int, default=16, help="validation batches per rank of the one-shot run")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--out", default=out)
+    p.add_argument("--results", default=RESULTS, help="folder of the .json/.md written")
+    return p
+
+
+def parse_workdir_args(p: argparse.ArgumentParser, argv=None) -> argparse.Namespace:
+    args = p.parse_args(argv)
+    if not 0.0 < args.sparsity < 1.0:
+        p.error(f"--sparsity must be in (0, 1), got {args.sparsity}")
+    for w in args.workdirs:
+        for s in args.seeds:
+            if not os.path.isfile(os.path.join(oneshot_bench.dense_folder(w, s), "latest")):
+                p.error(f"{w}: no dense checkpoint dense_{s} (run `python benchmarks/oneshot.py --workdir {w}` first)")
+    return args
+
+
 def run_seed(workdir: str, seed: int, args) -> dict:
     t0 = time.perf_counter()
     folder = oneshot_bench.dense_folder(workdir, seed)
     torch.manual_seed(seed)
     model, steps = load_dense(folder)
     dense = copy.deepcopy(model)
-    tok = dsdata.get_tokenizer(None)
-    blocks = dsdata.chunk_dataset(dsdata.builtin_dataset("train"), tok, args.seq_len)
-    # the union of the one-shot benchmark's 2 ranks' batches (each rank takes every other block)
-    calib = dsdata.calibration_batches(blocks, args.batch_size, 2 * args.num_batches, seed, rank_aware=False)
-    val_blocks = dsdata.chunk_dataset(dsdata.builtin_dataset("validation"), tok, args.seq_len)
-    val = dsdata.make_dataloader(val_blocks, args.batch_size, shuffle=False, world_size=1, rank=0, drop_last=False)
+    calib, val = seed_data(args, seed)
     n_val = 2 * args.eval_batches
     groups = unit_groups(model, [StructureName.mlp_neuron])
     stats = mlp_stats(model, groups, calib)
@@ -298,28 +333,11 @@ def markdown(results: List[dict], args, command: str) -> str:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("workdirs", nargs="+", help="--workdir folders of benchmarks/oneshot.py (dense_SEED inside)")
-    p.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
-    p.add_argument("--sparsity", type=float, default=0.75)
-    p.add_argument("--seq_len", type=int, default=64)
-    p.add_argument("--batch_size", type=int, default=8)
-    p.add_argument("--num_batches", type=int, default=8, help="calibration batches per rank of the one-shot run")
-    p.add_argument("--eval_batches", type=int, default=16, help="validation batches per rank of the one-shot run")
+    p = workdir_parser(__doc__.split("\n\n")[0], "oneshot_headroom")
     p.add_argument("--ridge", type=float, default=1e-3)
     p.add_argument("--recon_steps", type=int, default=600)
     p.add_argument("--lr", type=float, default=3e-3)
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--out", default="oneshot_headroom")
-    p.add_argument("--results", default=RESULTS, help="folder of the .json/.md written")
-    args = p.parse_args(argv)
-    if not 0.0 < args.sparsity < 1.0:
-        p.error(f"--sparsity must be in (0, 1), got {args.sparsity}")
-    for w in args.workdirs:
-        for s in args.seeds:
-            if not os.path.isfile(os.path.join(oneshot_bench.dense_folder(w, s), "latest")):
-                p.error(f"{w}: no dense checkpoint dense_{s} (run `python benchmarks/oneshot.py --workdir {w}` first)")
-    return args
+    return parse_workdir_args(p, argv)
 
 
 def main(argv=None) -> None:

@@ -38,15 +38,13 @@ from typing import List
 
 import oneshot as oneshot_bench  # benchmarks/oneshot.py: where its workdir keeps checkpoints
 import torch
-from _common import ROOT, command_line, run_logged
-from oneshot_headroom import load_dense, mlp_io
+from _common import command_line, run_logged
+from oneshot_headroom import load_dense, mlp_io, parse_workdir_args, seed_data, workdir_parser
 from transformers import AutoModelForCausalLM
 
-from ds_bitter7 import data as dsdata
 from ds_bitter7.comm import LOCAL, free_port
 from ds_bitter7.oneshot import perplexity
 
-RESULTS = os.path.join(ROOT, "benchmarks", "results")
 COMPENSATIONS = ("none", "mean")
 
 
@@ -205,29 +203,13 @@ def markdown(rows: List[dict], args, command: str, seconds: float) -> str:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("workdirs", nargs="+", help="--workdir folders of benchmarks/oneshot.py (dense_SEED inside)")
-    p.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
-    p.add_argument("--scores", nargs="+", default=["bitter7", "fisher", "obs", "magnitude"],
+    p = workdir_parser(__doc__.split("\n\n")[0], "oneshot_mean_shift")
+    p.add_argument("--scores", nargs="+", default=["bitter7", "obs", "magnitude"],
                    choices=["bitter7", "magnitude", "fisher", "bitter7_variance", "fluctuation", "obs", "bitter7_obs"])
-    p.add_argument("--sparsity", type=float, default=0.75)
-    p.add_argument("--seq_len", type=int, default=64)
-    p.add_argument("--batch_size", type=int, default=8)
-    p.add_argument("--num_batches", type=int, default=8, help="calibration batches per rank of the one-shot run")
-    p.add_argument("--eval_batches", type=int, default=16, help="validation batches per rank of the one-shot run")
     p.add_argument("--port", type=int, default=None, help="the one-shot runs' master port (default: a free one)")
     p.add_argument("--run_timeout", type=int, default=900)
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--out", default="oneshot_mean_shift")
-    p.add_argument("--results", default=RESULTS, help="folder of the .json/.md written")
-    args = p.parse_args(argv)
+    args = parse_workdir_args(p, argv)
     args.port = args.port or free_port()
-    if not 0.0 < args.sparsity < 1.0:
-        p.error(f"--sparsity must be in (0, 1), got {args.sparsity}")
-    for w in args.workdirs:
-        for s in args.seeds:
-            if not os.path.isfile(os.path.join(oneshot_bench.dense_folder(w, s), "latest")):
-                p.error(f"{w}: no dense checkpoint dense_{s} (run `python benchmarks/oneshot.py --workdir {w}` first)")
     return args
 
 
@@ -235,14 +217,9 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     command, t0 = command_line(argv), time.perf_counter()
-    tok = dsdata.get_tokenizer(None)
     rows = []
     for seed in args.seeds:
-        blocks = dsdata.chunk_dataset(dsdata.builtin_dataset("train"), tok, args.seq_len)
-        # the union of the one-shot command's 2 ranks' calibration batches (each rank takes every other block)
-        calib = dsdata.calibration_batches(blocks, args.batch_size, 2 * args.num_batches, seed, rank_aware=False)
-        val_blocks = dsdata.chunk_dataset(dsdata.builtin_dataset("validation"), tok, args.seq_len)
-        val = dsdata.make_dataloader(val_blocks, args.batch_size, shuffle=False, world_size=1, rank=0, drop_last=False)
+        calib, val = seed_data(args, seed)
         val_batches = [b for _, b in zip(range(2 * args.eval_batches), val)]
         for w in args.workdirs:
             torch.manual_seed(seed)

@@ -40,18 +40,25 @@ def _oneshot_benchmark():
     return bench
 
 
+def _on_small_workdir(tmp_path, script: str, *args: str, timeout: int) -> str:
+    """Run ``benchmarks/SCRIPT`` on a workdir holding a 3-step plain DeepSpeed checkpoint (2 layers
+    of 64 neurons) as seed 1's dense model, at the smallest settings; returns the script's path."""
+    from test_oneshot import make_checkpoint
+
+    run_distributed(make_checkpoint, 2, str(tmp_path / "dense_1"), timeout=120)
+    path = str(REPO / "benchmarks" / script)
+    run([sys.executable, path, str(tmp_path), "--seeds", "1", "--seq_len", "32", "--batch_size", "2",
+         "--num_batches", "2", "--eval_batches", "2", "--threads", "1", "--results", str(tmp_path), *args],
+        tmp_path, timeout=timeout)
+    return path
+
+
 def test_oneshot_headroom_benchmark_smoke(tmp_path):
     """benchmarks/oneshot_headroom.py on a 3-step plain DeepSpeed checkpoint (2 layers of 64 neurons):
     the library's global allocation, the per-layer one, a search that keeps the total and never
     raises the calibration loss, the reconstruction on the global allocation; a workdir without a
     seed's checkpoint is refused with the command that makes it."""
-    from test_oneshot import make_checkpoint
-
-    run_distributed(make_checkpoint, 2, str(tmp_path / "dense_1"), timeout=120)
-    script = str(REPO / "benchmarks" / "oneshot_headroom.py")
-    run([sys.executable, script, str(tmp_path), "--seeds", "1", "--seq_len", "32", "--batch_size", "2",
-         "--num_batches", "2", "--eval_batches", "2", "--recon_steps", "3", "--threads", "1", "--out", "h",
-         "--results", str(tmp_path)], tmp_path, timeout=180)
+    script = _on_small_workdir(tmp_path, "oneshot_headroom.py", "--recon_steps", "3", "--out", "h", timeout=180)
     (r,) = json.loads((tmp_path / "h.json").read_text())["results"]
     assert r["steps"] == 3
     kept = r["kept"]
@@ -70,13 +77,7 @@ def test_oneshot_mean_shift_benchmark_smoke(tmp_path):
     """benchmarks/oneshot_mean_shift.py on a 3-step plain DeepSpeed checkpoint: the one-shot command
     runs with no and with mean compensation, and on the calibration tokens (the union of its ranks'
     batches, rebuilt by the script) mean compensation leaves no mean error and never a larger one."""
-    from test_oneshot import make_checkpoint
-
-    run_distributed(make_checkpoint, 2, str(tmp_path / "dense_1"), timeout=120)
-    script = str(REPO / "benchmarks" / "oneshot_mean_shift.py")
-    run([sys.executable, script, str(tmp_path), "--seeds", "1", "--scores", "bitter7", "--seq_len", "32",
-         "--batch_size", "2", "--num_batches", "2", "--eval_batches", "2", "--threads", "1", "--out", "m",
-         "--results", str(tmp_path)], tmp_path, timeout=240)
+    _on_small_workdir(tmp_path, "oneshot_mean_shift.py", "--scores", "bitter7", "--out", "m", timeout=240)
     (r,) = json.loads((tmp_path / "m.json").read_text())["rows"]
     assert r["steps"] == 3 and set(r["ppl"]) == set(r["kl"]) == {"none", "mean", "mean (val.)", "mean part only"}
     none, mean = (r["error"][c]["calibration"] for c in ("none", "mean"))
