@@ -64,11 +64,16 @@ class ByteTokenizer:
 
 
 def get_tokenizer(path: Optional[str] = None):
-    """A :class:`ByteTokenizer` (no ``path``, or ``"bytes"``), or ``AutoTokenizer.from_pretrained(path)``."""
+    """A :class:`ByteTokenizer` (no ``path``, or ``"bytes"``), or ``AutoTokenizer.from_pretrained(path)``
+    (a folder, or a hub name). ``ValueError`` for a local path that does not exist (the hub would
+    be asked for it, and say only that the name is malformed or unreachable)."""
     if not path or path == BYTES:
         return ByteTokenizer()
     from transformers import AutoTokenizer
 
+    local = os.path.isabs(path) or path.startswith((".", "~")) or path.count("/") > 1  # no hub name
+    if local and not os.path.exists(path):
+        raise ValueError(f"tokenizer {path!r}: no such folder")
     return AutoTokenizer.from_pretrained(path)
 
 

@@ -41,6 +41,12 @@ def test_split_is_disjoint_and_small(cache):
     assert data.split_of("stdlib/os.py") == data.split_of("stdlib/os.py")
 
 
+def test_missing_tokenizer_folder_is_named(tmp_path):
+    for path in (str(tmp_path / "tok"), "./no/such/tok"):
+        with pytest.raises(ValueError, match="tokenizer '.*tok': no such folder"):
+            data.get_tokenizer(path)
+
+
 def test_byte_tokenizer_roundtrip():
     tok = data.ByteTokenizer()
     text = "Structured pruning — naïve ✓"
