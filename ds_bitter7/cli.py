@@ -19,11 +19,13 @@ CHECKPOINT_FILES = ("latest", "latest_universal", "zero_to_fp32.py", "zero_to_to
 
 def check_launch_args(parser: argparse.ArgumentParser, args: argparse.Namespace,
                       minimums: Sequence[Tuple[str, int]], reads: Sequence[Optional[str]] = (),
-                      output_dirs: Sequence[Tuple[str, Optional[str]]] = ()) -> None:
+                      output_dirs: Sequence[Tuple[str, Optional[str]]] = (),
+                      checkpoints: Sequence[Optional[str]] = ()) -> None:
     """``parser.error`` (exit 2, usage shown) for an argument below its minimum (``(name, least)``),
     a ``--model_overrides`` that is no JSON object (else parsed in place), an output folder
-    (``(flag, path)``) that cannot be made, or a ``--summary`` that is a folder, cannot be made, or
-    would replace a file the run reads (``reads``: inputs, files or folders) or one of its checkpoints'."""
+    (``(flag, path)``, written by every rank) that cannot be made or written, or, on the rank that
+    writes it, a ``--summary`` that is a folder, cannot be made, or would replace a file the run
+    reads (``reads``: inputs, files or folders) or one of its checkpoints' (``checkpoints``: folders)."""
     for key, least in minimums:
         if getattr(args, key) < least:
             parser.error(f"--{key} must be >= {least}, got {getattr(args, key)}")
@@ -32,14 +34,32 @@ def check_launch_args(parser: argparse.ArgumentParser, args: argparse.Namespace,
     except ValueError as err:
         parser.error(str(err))
     for flag, path in output_dirs:  # else found at the first save, after training
-        problem = path and (f"{flag} {path!r} is a file, not a folder" if os.path.lexists(path) and not os.path.isdir(path)
-                            else unwritable(path, flag))
+        problem = folder_problem(path, flag) if path else None
         if problem:
             parser.error(problem)
-    if args.summary:
-        problem = summary_problem(args.summary, reads, [path for _, path in output_dirs])
+    if args.summary and launch_rank() == 0:  # only rank 0 writes it: another node need not see the path
+        problem = summary_problem(args.summary, reads, checkpoints)
         if problem:
             parser.error(problem)
+
+
+def launch_rank() -> int:
+    """This process's global rank as its launcher set it (torchrun / deepspeed: ``RANK``; mpirun:
+    ``OMPI_COMM_WORLD_RANK`` or ``PMI_RANK``), 0 when started alone."""
+    for var in ("RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK"):
+        if os.environ.get(var, "").isdigit():
+            return int(os.environ[var])
+    return 0
+
+
+def folder_problem(path: str, flag: str) -> Optional[str]:
+    """Why ``path`` cannot be a folder this process writes in: a file, an existing folder it may
+    not write in, or (not there yet) one whose nearest existing ancestor is either; else None."""
+    if os.path.lexists(path) and not os.path.isdir(path):
+        return f"{flag} {path!r} is a file, not a folder"
+    if os.path.isdir(path):
+        return None if os.access(path, os.W_OK | os.X_OK) else f"{flag} {path!r}: no permission to write in it"
+    return unwritable(path, flag)
 
 
 def unwritable(path: str, flag: str) -> Optional[str]:
@@ -55,7 +75,7 @@ def unwritable(path: str, flag: str) -> Optional[str]:
     return None
 
 
-def summary_problem(summary: str, reads: Sequence[Optional[str]], checkpoint_dirs: Sequence[Optional[str]]) -> Optional[str]:
+def summary_problem(summary: str, reads: Sequence[Optional[str]], checkpoints: Sequence[Optional[str]]) -> Optional[str]:
     """Why ``--summary`` cannot be written (see ``check_launch_args``), or None."""
     name = f"--summary {summary!r}"
     if os.path.isdir(summary):
@@ -63,9 +83,19 @@ def summary_problem(summary: str, reads: Sequence[Optional[str]], checkpoint_dir
     read = [p for p in reads if p and os.path.exists(p) and is_within(summary, p)]
     if read:
         return f"{name} is or is inside {read[0]!r}, which this run reads: name another file"
-    for folder in checkpoint_dirs:
-        if folder and is_within(summary, folder):
-            inside = os.path.relpath(os.path.realpath(summary), os.path.realpath(folder))
-            if os.sep in inside or inside in CHECKPOINT_FILES:  # a tag folder's file, latest, config.json, ...
-                return f"{name} would replace a file of the checkpoints in {folder!r}: name another file"
+    for folder in checkpoints:
+        if folder and is_within(summary, folder) and _checkpoint_file(folder, summary):
+            return f"{name} would replace a file of the checkpoints in {folder!r}: name another file"
+    if os.path.isfile(summary) and not os.access(summary, os.W_OK):
+        return f"{name}: no permission to replace it"
     return unwritable(summary, "--summary")
+
+
+def _checkpoint_file(folder: str, path: str) -> bool:
+    """Whether ``path`` (inside ``folder``) is a checkpoint's: ``latest``, ``config.json``, ... or
+    anything in a tag folder (DeepSpeed's ``global_stepN``, the Trainer's ``checkpoint-N``)."""
+    parts = os.path.relpath(os.path.realpath(path), os.path.realpath(folder)).split(os.sep)
+    if len(parts) == 1:
+        return parts[0] in CHECKPOINT_FILES
+    return parts[0].startswith(("global_step", "checkpoint-")) or os.path.isfile(
+        os.path.join(folder, parts[0], "mp_rank_00_model_states.pt"))

@@ -95,7 +95,9 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     check_launch_args(p, args, (("steps", 0), ("seq_len", 2), ("eval_every", 0), ("eval_batches", 1),
                                 ("calibration_batches", 0), ("save_every", 0), ("seed", 0)),
                       reads=[args.config, *args.data, args.tokenizer, args.model],
-                      output_dirs=[("--save_dir", args.save_dir), ("--resume", args.resume)])
+                      output_dirs=[("--save_dir", args.save_dir)], checkpoints=[args.save_dir, args.resume])
+    if args.resume and os.path.lexists(args.resume) and not os.path.isdir(args.resume):
+        p.error(f"--resume {args.resume!r} is a file, not a folder")
     return args
 
 

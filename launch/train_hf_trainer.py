@@ -71,7 +71,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = p.parse_args(argv)
     check_launch_args(p, args, (("seq_len", 2), ("max_steps", 1), ("save_steps", 1), ("seed", 0)),  # -1 steps: 3 epochs
                       reads=[args.deepspeed, *args.data, args.tokenizer, args.model],
-                      output_dirs=[("--output_dir", args.output_dir)])
+                      output_dirs=[("--output_dir", args.output_dir)], checkpoints=[args.output_dir])
     taken = sorted(glob.glob(os.path.join(args.output_dir, "checkpoint-*")))
     if taken and not args.resume:  # the Trainer would replace them one by one, mixing two runs
         p.error(f"--output_dir {args.output_dir!r} already holds checkpoints ({', '.join(map(os.path.basename, taken[:3]))}"

@@ -386,6 +386,8 @@ def test_bad_arguments_are_refused_before_any_work(tmp_path, capsys):
                           (["--summary", base[1]], "which this run reads"),
                           (["--save_dir", str(tmp_path), "--summary", str(tmp_path / "latest")],
                            "would replace a file of the checkpoints in"),
+                          (["--resume", str(tmp_path), "--summary", str(tmp_path / "global_step4" / "s.json")],
+                           "would replace a file of the checkpoints in"),
                           (["--deepspeed_config", str(REPO / "ds_configs" / "cpu_demo.json")],
                            "name different configs: give one"),
                           # the launch scripts pass --config (or --deepspeed_config) before the user's
@@ -394,6 +396,9 @@ def test_bad_arguments_are_refused_before_any_work(tmp_path, capsys):
         with pytest.raises(SystemExit):
             train.parse_args(base + extra)
         assert needle in capsys.readouterr().err, extra
+    for ok in (["--save_dir", str(tmp_path), "--summary", str(tmp_path / "reports" / "summary.json")],
+               ["--resume", str(tmp_path / "not_yet"), "--summary", str(tmp_path / "summary.json")]):
+        train.parse_args(base + ok)  # beside the checkpoints, or in a folder of the user's there: fine
     args = train.parse_args(base + ["--model_overrides", '{"n_layer": 2}', "--deepspeed_config", base[1]])
     assert args.model_overrides == {"n_layer": 2} and args.config == base[1]  # the same config twice
     exported = tmp_path / "exported"  # a model folder, not a checkpoint folder: its config.json is kept
