@@ -36,6 +36,9 @@ CORPUS_FORMAT = 1  # bump when the corpus recipe changes, so old caches are not 
 VALIDATION_PERCENT = 5
 TEXT_SUFFIXES = (".txt", ".text", ".md", ".rst")
 JSON_SUFFIXES = (".json", ".jsonl")
+# named files of these types are refused rather than read as text (a CSV's header would be a document)
+NOT_TEXT_SUFFIXES = (".csv", ".tsv", ".parquet", ".arrow", ".gz", ".bz2", ".xz", ".zst", ".zip", ".tar",
+                     ".safetensors", ".bin", ".pt", ".pth", ".npy", ".npz", ".pkl", ".h5")
 _SKIP_DIRS = {"site-packages", "dist-packages", "__pycache__", "idle_test", "lib2to3", "tests"}
 
 
@@ -247,10 +250,13 @@ def read_local_files(files: Sequence[str]):
     files = list(files)
     if not files:
         raise ValueError("no .txt/.md/.json/.jsonl files given")
-    unsupported = [f for f in files if not f.lower().endswith(TEXT_SUFFIXES + JSON_SUFFIXES)]
+    unsupported = [f for f in files if f.lower().endswith(NOT_TEXT_SUFFIXES)]
     if unsupported:
         raise ValueError(f"unsupported data file type: {unsupported} (supported: "
-                         f"{'/'.join(TEXT_SUFFIXES + JSON_SUFFIXES)})")
+                         f"{'/'.join(TEXT_SUFFIXES + JSON_SUFFIXES)}, or plain text under another name)")
+    other = [f for f in files if not f.lower().endswith(TEXT_SUFFIXES + JSON_SUFFIXES)]
+    if other:  # a named file (a folder gives only those types): WikiText's wiki.train.raw, a bare name
+        logger.warning("data: reading %s as plain text", other)
     empty = [f for f in files if os.path.getsize(f) == 0]
     if empty:
         raise ValueError(f"empty data file(s): {empty}")

@@ -7,11 +7,13 @@ network access for its ``config.json`` only.
 
 from __future__ import annotations
 
+import copy
 import difflib
+import inspect
 import json
 import logging
 import os
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import torch
 
@@ -38,15 +40,41 @@ def parse_overrides(text: str) -> Dict[str, Any]:
     return value
 
 
-def known_keys(config) -> List[str]:
-    """The keys a config of this class defines (its defaults' and its aliases')."""
-    return sorted(set(type(config)().to_dict()) | set(getattr(config, "attribute_map", {})))
+def known_keys(cls, also: Sequence[str] = ()) -> List[str]:
+    """The keys a config class defines: its defaults', its aliases', its (and its bases')
+    ``__init__`` keywords, and ``also`` (a loaded config file's own keys)."""
+    keys = set(cls().to_dict()) | set(getattr(cls, "attribute_map", {})) | set(also)
+    for base in cls.__mro__:
+        if "__init__" in vars(base):
+            keys |= {n for n, p in inspect.signature(base.__init__).parameters.items()
+                     if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL) and n != "self"}
+    return sorted(keys)
 
 
-def unknown_keys(config, overrides: Dict[str, Any]) -> List[str]:
-    """The keys of ``overrides`` that ``config``'s class does not define."""
-    known = set(known_keys(config))
-    return sorted(k for k in overrides if k not in known)
+def unknown_keys(cls, overrides: Dict[str, Any], also: Sequence[str] = ()) -> List[str]:
+    """The keys of ``overrides`` that config class ``cls`` neither defines nor consumes: a config
+    keeps any other keyword as an attribute nothing reads (``rope_theta``, say, is consumed into
+    ``rope_parameters`` and is no such key)."""
+    known, out = set(known_keys(cls, also)), []
+    for key, value in overrides.items():
+        if key in known:
+            continue
+        try:
+            probe = cls(**{key: copy.deepcopy(value)})  # a config may rewrite a dict it is given
+        except Exception:  # noqa: BLE001 - the class read it and refused the value: its own error comes later
+            continue
+        if key in vars(probe):
+            out.append(key)
+    return sorted(out)
+
+
+def _refuse_unknown(cls, overrides: Dict[str, Any], also: Sequence[str] = ()) -> None:
+    unknown = unknown_keys(cls, overrides, also)
+    if unknown:  # a config takes any keyword and keeps it unused: a misspelt size would train the default
+        keys = known_keys(cls, also)
+        near = {k: difflib.get_close_matches(k, keys, n=1) for k in unknown}
+        raise ValueError("--model_overrides: a " + cls.model_type + " config has no " + ", ".join(
+            repr(k) + (f" (did you mean {near[k][0]!r}?)" if near[k] else "") for k in unknown))
 
 
 def _round_up(n: int, multiple: int = 8) -> int:
@@ -102,6 +130,8 @@ def build_config(name_or_path: str, vocab_size: Optional[int] = None, max_positi
         vocab = overrides.pop("vocab_size", vocab)
         if not isinstance(vocab, int) or isinstance(vocab, bool) or vocab < 1:
             raise ValueError(f"vocab_size override must be a positive integer, got {vocab!r}")
+        ids = {k: overrides[k] for k in ("bos_token_id", "eos_token_id")}
+        _refuse_unknown(type(BUILTIN_MODELS[name_or_path](vocab, max_positions, **ids)), overrides)
         config = BUILTIN_MODELS[name_or_path](vocab, max_positions, **overrides)
     else:
         from transformers import AutoConfig
@@ -111,13 +141,9 @@ def build_config(name_or_path: str, vocab_size: Optional[int] = None, max_positi
         if not os.path.exists(name_or_path):
             refuse_near_miss(name_or_path, list(BUILTIN_MODELS), "model")
         config = AutoConfig.from_pretrained(name_or_path)  # a hub name needs network access
+        _refuse_unknown(type(config), overrides, also=list(config.to_dict()))
         for key, value in overrides.items():
             setattr(config, key, value)
-    unknown = unknown_keys(config, overrides)
-    if unknown:  # a config takes any keyword and keeps it unused: a misspelt size would train the default
-        near = {k: difflib.get_close_matches(k, known_keys(config), n=1) for k in unknown}
-        raise ValueError("--model_overrides: a " + config.model_type + " config has no " + ", ".join(
-            repr(k) + (f" (did you mean {near[k][0]!r}?)" if near[k] else "") for k in unknown))
     if vocab_size is not None and vocab_size > config.vocab_size:
         raise ValueError(f"tokenizer has {vocab_size} ids but model {name_or_path!r} only "
                          f"{config.vocab_size}")

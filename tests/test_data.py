@@ -102,6 +102,8 @@ def test_bad_local_files_are_named(tmp_path, monkeypatch):
     (tmp_path / "rows.csv").write_text("id,text\n1,words\n")
     with pytest.raises(ValueError, match=r"unsupported data file type: \['.*rows.csv'\] \(supported: .txt/"):
         data.load_text_datasets([str(tmp_path / "one.txt"), str(tmp_path / "rows.csv")])
+    (tmp_path / "wiki.train.raw").write_text("first document\n\nsecond document\n")  # other names: plain text
+    assert data.read_local_files([str(tmp_path / "wiki.train.raw")])["text"] == ["first document", "second document"]
     # JSON lines that are not UTF-8: the reader takes the bytes, their decoding failed naming no file
     (tmp_path / "latin1.jsonl").write_bytes(json.dumps({"text": "caf"}).encode()[:-2] + b"\xe9\"}\n")
     with pytest.raises(ValueError, match=r"\['.*latin1.jsonl'\]: not UTF-8 text"):
@@ -172,6 +174,10 @@ def test_local_model_with_weights_is_checked_and_overridden(tmp_path):
         modeling.build_model("tiny-llama", 257, overrides={"num_layers": 2})
     with pytest.raises(ValueError, match="a gpt2 config has no 'n_layers'"):
         modeling.build_model(str(tmp_path), vocab_size=257, overrides={"n_layers": 2})  # a local folder's config
+    # keys a config consumes under another name, or reads in its __init__ only, are no typos
+    llama = modeling.build_config("tiny-llama", 257, overrides={"rope_theta": 5e5, "attn_implementation": "eager",
+                                                                "rope_scaling": {"rope_type": "linear", "factor": 2.0}})
+    assert llama.rope_parameters["factor"] == 2.0 and llama._attn_implementation == "eager"
 
 
 def test_typos_of_builtin_names_are_refused_before_the_hub():
