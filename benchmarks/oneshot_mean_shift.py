@@ -42,6 +42,7 @@ from _common import command_line, run_logged
 from oneshot_headroom import load_dense, mlp_io, parse_workdir_args, seed_data, workdir_parser
 from transformers import AutoModelForCausalLM
 
+from ds_bitter7.checkpoint_files import MODEL_STATES_FILE, resolve_tag
 from ds_bitter7.comm import LOCAL, free_port
 from ds_bitter7.oneshot import perplexity
 
@@ -49,16 +50,26 @@ COMPENSATIONS = ("none", "mean")
 
 
 def prune(dense_dir: str, out: str, score: str, comp: str, seed: int, args) -> None:
-    """The one-shot command on 2 ranks, as the one-shot benchmark's cell (export into ``out``)."""
-    if os.path.isfile(os.path.join(out, "pruning_report.json")):
-        return  # pruned by an earlier invocation (the folder name holds every argument that varies)
+    """The one-shot command on 2 ranks, as the one-shot benchmark's cell (export into ``out``); an
+    export an earlier invocation made from the same checkpoint files with the same arguments is kept."""
+    command = ["-m", "ds_bitter7.oneshot", dense_dir, out, "--sparsity", str(args.sparsity),
+               "--structures", "mlp_neuron", "--score", score, "--compensation", comp, "--calibration", "builtin",
+               "--num_batches", str(args.num_batches), "--batch_size", str(args.batch_size),
+               "--seq_len", str(args.seq_len), "--seed", str(seed), "--overwrite"]
+    tag = resolve_tag(dense_dir)
+    stamp = {"command": command, "tag": tag,
+             "checkpoint_mtime_ns": os.stat(os.path.join(dense_dir, tag, MODEL_STATES_FILE)).st_mtime_ns}
+    stamp_file = out + ".stamp.json"
+    if os.path.isfile(os.path.join(out, "pruning_report.json")) and os.path.isfile(stamp_file):
+        with open(stamp_file, encoding="utf-8") as f:
+            if json.load(f) == stamp:
+                return
     os.makedirs(os.path.dirname(out), exist_ok=True)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(args.port),
-           "-m", "ds_bitter7.oneshot", dense_dir, out, "--sparsity", str(args.sparsity),
-           "--structures", "mlp_neuron", "--score", score, "--compensation", comp, "--calibration", "builtin",
-           "--num_batches", str(args.num_batches), "--batch_size", str(args.batch_size),
-           "--seq_len", str(args.seq_len), "--seed", str(seed), "--overwrite"]
+           *command]
     run_logged(cmd, out + ".log", args.run_timeout, f"one-shot {score} + {comp}, seed {seed}")
+    with open(stamp_file, "w", encoding="utf-8") as f:
+        json.dump(stamp, f)
 
 
 def mlp_errors(model, pairs: List[tuple]) -> List[dict]:
