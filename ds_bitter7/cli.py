@@ -7,14 +7,14 @@ import argparse
 import os
 from typing import Optional, Sequence, Tuple
 
-from .export import is_within
+from .export import TOKENIZER_FILES, is_within, nearest_existing
 from .modeling import parse_overrides
+from .state import MODEL_STATES_FILE
 
 # what a run writes directly into its checkpoint folder besides the tag folders (DeepSpeed's
 # ``latest`` files and script, launch/train.py's model config and tokenizer)
-CHECKPOINT_FILES = ("latest", "latest_universal", "zero_to_fp32.py", "zero_to_torch.py", "config.json", "tokenizer.json",
-                    "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "vocab.json",
-                    "merges.txt", "tokenizer.model", "chat_template.jinja", "generation_config.json")
+CHECKPOINT_FILES = ("latest", "latest_universal", "zero_to_fp32.py", "zero_to_torch.py", "config.json",
+                    *TOKENIZER_FILES)
 
 
 def check_launch_args(parser: argparse.ArgumentParser, args: argparse.Namespace,
@@ -65,9 +65,7 @@ def folder_problem(path: str, flag: str) -> Optional[str]:
 def unwritable(path: str, flag: str) -> Optional[str]:
     """Why ``path`` (a file or folder to be made, with any missing parents) cannot be: its nearest
     existing ancestor is a file, or a folder this process may not write in; else None."""
-    ancestor = os.path.dirname(os.path.abspath(path))
-    while not os.path.lexists(ancestor):
-        ancestor = os.path.dirname(ancestor)
+    ancestor = nearest_existing(path)
     if not os.path.isdir(ancestor):
         return f"{flag} {path!r}: {ancestor!r} is a file, not a folder"
     if not os.access(ancestor, os.W_OK | os.X_OK):
@@ -98,4 +96,4 @@ def _checkpoint_file(folder: str, path: str) -> bool:
     if len(parts) == 1:
         return parts[0] in CHECKPOINT_FILES
     return parts[0].startswith(("global_step", "checkpoint-")) or os.path.isfile(
-        os.path.join(folder, parts[0], "mp_rank_00_model_states.pt"))
+        os.path.join(folder, parts[0], MODEL_STATES_FILE))

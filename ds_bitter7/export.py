@@ -38,7 +38,7 @@ from .state import umask_mode
 
 logger = logging.getLogger(__name__)
 
-_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
                     "vocab.json", "merges.txt", "tokenizer.model", "chat_template.jinja", "chat_template.json",
                     "generation_config.json")
 REPORT_FILE = "pruning_report.json"  # marks a folder as an export (``--overwrite`` replaces only those)
@@ -132,14 +132,20 @@ def is_within(path: str, folder: str) -> bool:
     return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
 
 
+def nearest_existing(path: str) -> str:
+    """The nearest existing ancestor of ``path`` (what decides whether it can be made)."""
+    ancestor = os.path.dirname(os.path.abspath(path))
+    while not os.path.lexists(ancestor):
+        ancestor = os.path.dirname(ancestor)
+    return ancestor
+
+
 def check_output_dir(output_dir: str, overwrite: bool, keep: Sequence[Optional[str]] = ()) -> None:
     """Raise ``ExportError`` unless ``output_dir`` may be written: it does not exist, or, with
     ``overwrite``, it is an empty folder or a previous export (holds ``pruning_report.json``) and
     holds none of the ``keep`` paths (the checkpoint and config being read). Nothing else is ever
     deleted. Its nearest existing ancestor must be a folder (the export makes the missing ones)."""
-    ancestor = os.path.dirname(os.path.abspath(output_dir))
-    while not os.path.lexists(ancestor):
-        ancestor = os.path.dirname(ancestor)
+    ancestor = nearest_existing(output_dir)
     if not os.path.isdir(ancestor):
         raise ExportError(f"output directory {output_dir!r} cannot be made: {ancestor!r} is a file, not a folder")
     if not os.path.lexists(output_dir):
@@ -228,7 +234,7 @@ def export_model(model: PreTrainedModel, masks: Mapping[str, torch.Tensor], outp
     try:
         small.save_pretrained(tmp)
         _write_remote_code(tmp, small.config.model_type)
-        for name in _TOKENIZER_FILES if copy_from else ():
+        for name in TOKENIZER_FILES if copy_from else ():
             if os.path.isfile(os.path.join(copy_from, name)):
                 shutil.copy2(os.path.join(copy_from, name), tmp)
         if hasattr(tokenizer, "save_pretrained"):  # the byte tokenizer has no files

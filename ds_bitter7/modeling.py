@@ -51,11 +51,11 @@ def known_keys(cls, also: Sequence[str] = ()) -> List[str]:
     return sorted(keys)
 
 
-def unknown_keys(cls, overrides: Dict[str, Any], also: Sequence[str] = ()) -> List[str]:
-    """The keys of ``overrides`` that config class ``cls`` neither defines nor consumes: a config
-    keeps any other keyword as an attribute nothing reads (``rope_theta``, say, is consumed into
-    ``rope_parameters`` and is no such key)."""
-    known, out = set(known_keys(cls, also)), []
+def unknown_keys(cls, overrides: Dict[str, Any], known: Sequence[str]) -> List[str]:
+    """The keys of ``overrides`` that config class ``cls`` neither defines (``known``: its
+    ``known_keys``) nor consumes: a config keeps any other keyword as an attribute nothing reads
+    (``rope_theta``, say, is consumed into ``rope_parameters`` and is no such key)."""
+    known, out = set(known), []
     for key, value in overrides.items():
         if key in known:
             continue
@@ -69,9 +69,9 @@ def unknown_keys(cls, overrides: Dict[str, Any], also: Sequence[str] = ()) -> Li
 
 
 def _refuse_unknown(cls, overrides: Dict[str, Any], also: Sequence[str] = ()) -> None:
-    unknown = unknown_keys(cls, overrides, also)
+    keys = known_keys(cls, also)
+    unknown = unknown_keys(cls, overrides, keys)
     if unknown:  # a config takes any keyword and keeps it unused: a misspelt size would train the default
-        keys = known_keys(cls, also)
         near = {k: difflib.get_close_matches(k, keys, n=1) for k in unknown}
         raise ValueError("--model_overrides: a " + cls.model_type + " config has no " + ", ".join(
             repr(k) + (f" (did you mean {near[k][0]!r}?)" if near[k] else "") for k in unknown))

@@ -85,7 +85,6 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
         p.error(f"{' and '.join(named)} name different configs: give one (the launch scripts pass CONFIG's "
                 "as --config or --deepspeed_config: set CONFIG=... instead)")
     args.config = args.config or args.deepspeed_config
-    args.saved_tokenizer = None  # train() sets it when --tokenizer defaults to a folder's saved one
     if not args.config:
         p.error("a DeepSpeed config is required: --config or --deepspeed_config")
     if args.resume == "":
@@ -239,7 +238,7 @@ def train(args) -> Dict[str, Any]:
     except ValueError as err:
         raise SystemExit(f"launch/train.py --config {args.config}: {err}") from None
     if args.tokenizer is None:  # the run's own (saved beside its checkpoints) or the model folder's, as one-shot
-        args.tokenizer = args.saved_tokenizer = dsdata.tokenizer_beside(args.resume) or dsdata.tokenizer_beside(args.model)
+        args.tokenizer = dsdata.tokenizer_beside(args.resume) or dsdata.tokenizer_beside(args.model)
     tokenizer = dsdata.get_tokenizer(args.tokenizer)
     train_blocks, val_blocks = build_data(args, tokenizer, rank)
     logger.info("data: %d train / %d validation blocks of %d tokens, %d ranks",
@@ -364,9 +363,9 @@ def run_loop(args, engine, pruner, tokenizer, train_blocks, val_blocks, world_si
                            "its masks are not kept from here on and its checkpoints will not carry them "
                            "(export needs them); add the checkpoint's bitter7 section to --config", path)
         start, ppl_start, loss_start = client.get("step", engine.global_steps), client.get("ppl_start"), client.get("loss_start")
-        ours = args.tokenizer or dsdata.BYTES  # the checkpoint folder's own tokenizer is the run's
-        refused, warned = (None, None) if args.saved_tokenizer == args.resume else \
-            dsdata.tokenizer_change(client.get("tokenizer"), ours)
+        own = args.tokenizer is not None and os.path.realpath(args.tokenizer) == os.path.realpath(args.resume)
+        refused, warned = (None, None) if own else \
+            dsdata.tokenizer_change(client.get("tokenizer"), args.tokenizer or dsdata.BYTES)  # own: saved beside it
         if refused:  # the same client state on every rank: every rank stops
             raise SystemExit(f"{path}: {refused}")
         if rank == 0 and warned:
