@@ -12,7 +12,13 @@ from typing import List, Optional
 
 from . import models as models  # noqa: F401  (registers bitter7_gpt2 / bitter7_llama with the Auto classes)
 from .comm import release_shm_buffers
-from .config import Bitter7Config, check_deepspeed_support, load_ds_config, parse_config
+from .config import (
+    Bitter7Config,
+    check_deepspeed_support,
+    check_same_on_every_rank,
+    load_ds_config,
+    parse_config,
+)
 from .structures import get_adapter, register_adapter
 
 __all__ = [
@@ -48,9 +54,13 @@ def initialize(args=None, model=None, optimizer=None, model_parameters=None, tra
     """
     import deepspeed
     import torch
+    import torch.distributed as dist
 
     ds_config = _config_from(args, config, config_params)
     cfg = parse_config(ds_config)
+    checked = dist.is_initialized()  # else DeepSpeed starts the group: then the check follows its start
+    if checked:  # before the model changes with the config (added biases would split DeepSpeed's start)
+        check_same_on_every_rank(cfg)
     if cfg.enabled:
         check_deepspeed_support(ds_config)
         get_adapter(model)
@@ -67,8 +77,10 @@ def initialize(args=None, model=None, optimizer=None, model_parameters=None, tra
         args=args, model=model, optimizer=optimizer, model_parameters=model_parameters,
         training_data=training_data, lr_scheduler=lr_scheduler, config=ds_only, **kwargs)
     release_shm_buffers()  # DeepSpeed's own start may have made them
+    if not checked:
+        check_same_on_every_rank(cfg)
     if cfg.enabled:
-        attach(engine, cfg, calibration_data)
+        _attach(engine, cfg, calibration_data)
     return engine, opt, loader, sched
 
 
@@ -110,16 +122,21 @@ def attach(engine, config, calibration_data=None):
     """Attach a pruner to an engine that already exists (e.g. the one HF Trainer built).
 
     ``config``: a parsed ``Bitter7Config``, or the DeepSpeed config (dict or path). Returns the
-    pruner (None when disabled).
+    pruner (None when disabled). Collective: every rank calls it with the same config (checked).
     """
-    from .pruner import Pruner
-    from .state import install_checkpoint_hooks
-
     cfg = config if isinstance(config, Bitter7Config) else parse_config(config)
+    check_same_on_every_rank(cfg)
     if not cfg.enabled:
         return None
     if not isinstance(config, Bitter7Config):
         check_deepspeed_support(load_ds_config(config))
+    return _attach(engine, cfg, calibration_data)
+
+
+def _attach(engine, cfg: Bitter7Config, calibration_data):
+    from .pruner import Pruner
+    from .state import install_checkpoint_hooks
+
     get_adapter(engine.module)
     if get_pruner(engine) is not None:
         raise ValueError("ds_bitter7: a pruner is already attached to this engine (ds_bitter7.initialize "

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import glob
+import hashlib
 import logging
 import os
 import socket
@@ -262,6 +263,15 @@ class Communicator:
         Collective: every rank must call this, in the same order.
         """
         return bool(self.all_reduce_max(torch.tensor([int(flag)], dtype=torch.int32)).item())
+
+    def same(self, text: str) -> bool:
+        """Whether every rank passed the same ``text`` (compared by a 62-bit hash of it).
+
+        Collective: every rank must call this, in the same order.
+        """
+        value = int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "big") >> 2
+        top = self.all_reduce_max(torch.tensor([value, -value], dtype=torch.int64))
+        return int(top[0]) == value == -int(top[1])  # the largest and the smallest are this rank's
 
     def raise_if_any(self, error: Optional[BaseException], what: str, kind: type = RuntimeError) -> None:
         """Raise on every rank when ``error`` happened on any, so no rank waits forever (the

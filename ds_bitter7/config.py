@@ -342,3 +342,15 @@ def check_deepspeed_support(ds_config: dict) -> None:
                             "CPU/NVMe offload is not supported yet (allowed: 'none')")
     if problems:
         raise ValueError("DeepSpeed config not supported by ds_bitter7:\n" + "\n".join(problems))
+
+
+def check_same_on_every_rank(cfg: Bitter7Config) -> None:
+    """``ValueError`` on every rank when the ranks' parsed ``"bitter7"`` sections differ (a node
+    with another config file): their masks would split, or their collectives wait on each other
+    for good. Collective over the default process group (nothing without one)."""
+    from .comm import Communicator
+
+    text = json.dumps(cfg.model_dump(mode="json"), sort_keys=True)
+    if not Communicator().same(text):
+        raise ValueError(f"ds_bitter7: the ranks' \"bitter7\" config sections differ (this rank's, as parsed: {text}); "
+                         "every rank must be given the same config")

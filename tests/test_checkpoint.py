@@ -20,10 +20,14 @@ def full_run(tmp_path_factory):
     return ckpt, run_distributed(workers.resume_run, 2, ckpt, "full", BITTER7, {})
 
 
-def test_resume_same_world_size_matches_uninterrupted_run(full_run):
+@pytest.mark.parametrize("order", ["same", "reversed"])
+def test_resume_same_world_size_matches_uninterrupted_run(full_run, order):
+    """'reversed': the config lists the same structure types in the other order (each type is
+    pruned on its own; the resume was refused as another set of structures)."""
     ckpt, full = full_run
     assert os.path.isfile(os.path.join(ckpt, "global_step3", "bitter7_rank1.pt"))
-    resumed = run_distributed(workers.resume_run, 2, ckpt, "resume", BITTER7, {})
+    bitter7 = BITTER7 if order == "same" else {**BITTER7, "structures": BITTER7["structures"][::-1]}
+    resumed = run_distributed(workers.resume_run, 2, ckpt, "resume", bitter7, {})
     for a, b in zip(full, resumed):
         assert b["losses"] == pytest.approx(a["losses"], rel=1e-6, abs=0)
         assert all(b["masks"][k].equal(a["masks"][k]) for k in a["masks"])

@@ -177,6 +177,12 @@ def test_client_torch_adamw(stage):
             assert res["masks"][key].equal(mask)
 
 
+def test_configs_that_differ_between_ranks_fail_on_every_rank():
+    for res in run_distributed(workers.differing_configs, 2):
+        for case in ("target", "disabled"):
+            assert res[case] and "the ranks' \"bitter7\" config sections differ" in res[case], res
+
+
 def test_bad_config_fails_on_every_rank_before_any_collective():
     from reference import ds_config
 

@@ -178,6 +178,21 @@ def bad_config(config: dict) -> dict:
     return {"error": None, "calls": counts["calls"]}
 
 
+def differing_configs() -> dict:
+    """Rank 1 given another bitter7 section (another target; the section disabled): a ValueError on
+    every rank before DeepSpeed starts, not split masks or a rank waiting for good."""
+    out = {}
+    for case, change in {"target": {"target_sparsity": 0.25}, "disabled": {"enabled": False}}.items():
+        model = tiny_model("gpt2")
+        section = {"schedule": {"start_step": 1, "end_step": 3}, **(change if dist.get_rank() == 1 else {})}
+        try:
+            ds_bitter7.initialize(model=model, model_parameters=model.parameters(), config=ds_config(2, "fp32", section))
+            out[case] = None
+        except ValueError as e:
+            out[case] = str(e)
+    return out
+
+
 def nan_event(family: str) -> dict:
     """A NaN in one rank's optimizer state: the event prunes nothing, identically everywhere."""
     model = tiny_model(family)
