@@ -172,23 +172,36 @@ def zero3_problem(folder: str) -> Optional[str]:
             "ds_bitter7 works with ZeRO stage 0, 1 and 2 checkpoints only")
 
 
-def load_pruner_state(checkpoint_dir: str, tag: Optional[str]) -> Tuple[dict, str]:
-    """(pruner state dict, the file it came from): `bitter7_state.pt` if present, else the
-    `"bitter7"` client-state entry of the tag's model-states file (no tag: the file only)."""
+def saved_pruner_state(checkpoint_dir: str, tag: Optional[str]) -> Tuple[object, Optional[str]]:
+    """(the pruner state a checkpoint holds, the file it came from), or (None, None): the
+    ``"bitter7"`` client-state entry of the tag's model-states file, which DeepSpeed saves together
+    with the weights, else ``bitter7_state.pt`` (the Trainer callback's copy, for a checkpoint
+    without DeepSpeed files). The callback writes its copy after the checkpoint, so a run redone
+    from an earlier checkpoint and stopped between the two writes leaves the earlier run's file
+    beside the new weights: it never wins over the checkpoint's own."""
+    model_file = os.path.join(checkpoint_dir, tag, MODEL_STATES_FILE) if tag is not None else None
+    if model_file and os.path.isfile(model_file):
+        states = read_torch_file(model_file)  # memory-mapped: the weights are not read
+        if isinstance(states, dict) and STATE_KEY in states:
+            return states[STATE_KEY], model_file
     trainer_file = os.path.join(checkpoint_dir, TRAINER_STATE_FILE)
-    model_file = os.path.join(checkpoint_dir, tag if tag is not None else "", MODEL_STATES_FILE)
     if os.path.isfile(trainer_file):
-        state, source = read_torch_file(trainer_file), trainer_file
-    elif tag is not None and os.path.isfile(model_file):
-        source = model_file
-        state = read_torch_file(model_file)
-        if not isinstance(state, dict) or STATE_KEY not in state:
+        return read_torch_file(trainer_file), trainer_file
+    return None, None
+
+
+def load_pruner_state(checkpoint_dir: str, tag: Optional[str]) -> Tuple[dict, str]:
+    """(pruner state dict, the file it came from): ``saved_pruner_state``, with an ``ExportError``
+    saying what is missing or wrong."""
+    state, source = saved_pruner_state(checkpoint_dir, tag)
+    if source is None:
+        trainer_file = os.path.join(checkpoint_dir, TRAINER_STATE_FILE)
+        model_file = os.path.join(checkpoint_dir, tag if tag is not None else "", MODEL_STATES_FILE)
+        if tag is not None and os.path.isfile(model_file):
             raise ExportError(f"no pruner state: {model_file!r} has no {STATE_KEY!r} client state and "
                               f"{trainer_file!r} does not exist (a dense checkpoint: prune and export it in "
                               "one step with python -m ds_bitter7.oneshot)")
-        state = state[STATE_KEY]
-    else:
-        raise ExportError(zero3_problem(os.path.join(checkpoint_dir, tag))
+        raise ExportError((zero3_problem(os.path.join(checkpoint_dir, tag)) if tag is not None else None)
                           or f"no pruner state: neither {trainer_file!r} nor {model_file!r} exists")
     masks = state.get("masks") if isinstance(state, dict) else None
     if isinstance(masks, dict) and not masks and state.get("structures") == ["unstructured"]:

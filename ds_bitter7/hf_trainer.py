@@ -25,19 +25,16 @@ from transformers import TrainerCallback
 
 from . import prepare_model  # noqa: F401  (re-exported: call it before Trainer(...))
 from .calibration import needs_stats
-from .checkpoint_files import read_torch_file
+from .checkpoint_files import saved_pruner_state
 from .comm import is_main_process, world_size_and_rank
-from .config import enum_name
+from .config import check_same_on_every_rank, enum_name
+from .state import TRAINER_FILE as STATE_FILE
 from .state import (
-    CLIENT_KEY,
-    MODEL_STATES_FILE,
     CheckpointError,
     atomic_save,
     latest_tag,
-    load_file,
     restore_local,
 )
-from .state import TRAINER_FILE as STATE_FILE
 
 logger = logging.getLogger(__name__)
 
@@ -104,6 +101,7 @@ class Bitter7Callback(TrainerCallback):
             raise RuntimeError("Bitter7Callback needs a DeepSpeed Trainer (TrainingArguments(deepspeed=...))")
         config = self._config(args)
         cfg = ds_bitter7.parse_config(config)
+        check_same_on_every_rank(cfg)  # before a rank's disabled section would leave the others waiting
         if not cfg.enabled:
             folder = self._resume_folder(args, state)
             if folder is not None and os.path.exists(os.path.join(folder, STATE_FILE)) and is_main_process():
@@ -151,17 +149,13 @@ class Bitter7Callback(TrainerCallback):
 
     def _read_state(self, folder: str, tag: Optional[str], state) -> Tuple[dict, str]:
         """(the saved pruner state, its file), checked against the Trainer's step (local: no
-        collective): ``bitter7_state.pt``, else the copy in the DeepSpeed checkpoint of ``tag`` (the
-        Trainer writes ``bitter7_state.pt`` after the checkpoint, and a job killed in between has none)."""
-        state_file = path = os.path.join(folder, STATE_FILE)
-        saved = None
-        if os.path.exists(state_file):
-            saved = load_file(state_file)
-        elif tag is not None and os.path.isfile(os.path.join(folder, tag, MODEL_STATES_FILE)):
-            path = os.path.join(folder, tag, MODEL_STATES_FILE)
-            states = read_torch_file(path)  # memory-mapped: the weights are not read
-            saved = states.get(CLIENT_KEY) if isinstance(states, dict) else None
-        if not isinstance(saved, dict):
+        collective): the DeepSpeed checkpoint's copy of ``tag``, else ``bitter7_state.pt``
+        (``checkpoint_files.saved_pruner_state``)."""
+        saved, path = saved_pruner_state(folder, tag)
+        if path is not None and not isinstance(saved, dict):
+            raise CheckpointError(f"{path} does not hold a bitter7 pruner state")
+        if saved is None:
+            state_file = os.path.join(folder, STATE_FILE)
             raise FileNotFoundError(
                 f"resuming at step {state.global_step} but neither {state_file} nor a DeepSpeed checkpoint with a "
                 "bitter7 state is there" + ("" if self.resume_from_checkpoint else

@@ -76,6 +76,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     if taken and not args.resume:  # the Trainer would replace them one by one, mixing two runs
         p.error(f"--output_dir {args.output_dir!r} already holds checkpoints ({', '.join(map(os.path.basename, taken[:3]))}"
                 f"{', ...' if len(taken) > 3 else ''}): continue that run with --resume, or choose another --output_dir")
+    steps = [int(n.rsplit("-", 1)[1]) for n in taken if n.rsplit("-", 1)[1].isdigit()]
+    if args.resume and not steps:  # else found after the data, the model and DeepSpeed's start
+        p.error(f"--resume: --output_dir {args.output_dir!r} holds no checkpoint-N folder to resume from")
+    if args.resume and args.max_steps <= max(steps):  # the Trainer would still take a step, and save it
+        p.error(f"--max_steps {args.max_steps}: the last checkpoint in --output_dir is at step {max(steps)}; "
+                f"pass --max_steps > {max(steps)} to train on")
     return args
 
 

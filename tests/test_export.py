@@ -276,6 +276,9 @@ def test_trainer_checkpoint_saved_without_deepspeed_files(gpt2_checkpoint, tmp_p
     with pytest.raises(ExportError, match=r"a Trainer output_dir: pass one of its checkpoint folders "
                                           r"\(checkpoint-1, checkpoint-12\)"):
         export_checkpoint(str(tmp_path), str(tmp_path / "out"))
+    (folder / "bitter7_state.pt").write_bytes(b"not a torch file")
+    with pytest.raises(ExportError, match="cannot read .*bitter7_state.pt"):
+        export_checkpoint(str(folder), str(tmp_path / "out"))
     (folder / "bitter7_state.pt").unlink()  # the run died between the Trainer's save and the callback's
     with pytest.raises(ExportError, match=r"holds model weights \(model.safetensors\) but no bitter7_state.pt"):
         export_checkpoint(str(folder), str(tmp_path / "out"))  # was: 'pass --tag', and there is no tag
@@ -292,20 +295,40 @@ def test_missing_pruner_state(gpt2_checkpoint, tmp_path):
         export_checkpoint(str(ckpt), str(tmp_path / "out"))
 
 
+def _set_client_state(ckpt, value) -> None:
+    states = ckpt / "global_step1" / "mp_rank_00_model_states.pt"
+    data = torch.load(states, weights_only=False)
+    data["bitter7"] = value
+    torch.save(data, states)
+
+
 def test_corrupt_pruner_state(gpt2_checkpoint, tmp_path):
     ckpt = tmp_path / "ckpt"
     shutil.copytree(gpt2_checkpoint, ckpt)
-    (ckpt / "bitter7_state.pt").write_bytes(b"not a torch file")
-    with pytest.raises(ExportError, match="cannot read .*bitter7_state.pt"):
+    _set_client_state(ckpt, "not a state")
+    with pytest.raises(ExportError, match="mp_rank_00_model_states.pt' is corrupt: expected a dict"):
         export_checkpoint(str(ckpt), str(tmp_path / "out"))
+
+
+def test_stale_trainer_state_file_loses_to_the_checkpoints_own(gpt2_checkpoint, tmp_path):
+    """The Trainer callback writes bitter7_state.pt after DeepSpeed's checkpoint: a run redone from
+    an earlier checkpoint and stopped in between leaves an earlier run's file beside the new
+    weights. The state saved with the weights wins (the stale one exported live neurons removed)."""
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(gpt2_checkpoint, ckpt)
+    state = torch.load(ckpt / "global_step1" / "mp_rank_00_model_states.pt", weights_only=False)["bitter7"]
+    stale = {**state, "masks": {k: ~m for k, m in state["masks"].items()}}  # other units pruned
+    torch.save(stale, ckpt / "bitter7_state.pt")
+    export_checkpoint(str(ckpt), str(tmp_path / "out"))
+    assert_logits_match(str(tmp_path / "out"), gpt2_checkpoint)
 
 
 def test_masks_that_do_not_match_the_model(gpt2_checkpoint, tmp_path):
     ckpt = tmp_path / "ckpt"
     shutil.copytree(gpt2_checkpoint, ckpt)
     masks = {"layers.0.mlp": torch.ones(10, dtype=torch.bool), "layers.7.attn": torch.ones(4, dtype=torch.bool)}
-    torch.save({"version": 1, "masks": masks}, ckpt / "bitter7_state.pt")
-    with pytest.raises(ExportError, match=r"bitter7_state.pt.*has 10 units; the model has 64.*unknown key"):
+    _set_client_state(ckpt, {"version": 1, "masks": masks})
+    with pytest.raises(ExportError, match=r"model_states.pt.*has 10 units; the model has 64.*unknown key"):
         export_checkpoint(str(ckpt), str(tmp_path / "out"))
 
 
