@@ -150,6 +150,7 @@ def worker(argv: List[str]) -> None:
     from ds_bitter7.checkpoint_loading import build_engine, inspect_checkpoint
     from ds_bitter7.comm import Communicator, init_distributed
     from ds_bitter7.config import parse_config
+    from ds_bitter7.evaluation import perplexity
     from ds_bitter7.export import load_config
 
     p = argparse.ArgumentParser()
@@ -186,10 +187,10 @@ def worker(argv: List[str]) -> None:
                 model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
                 engine = build_engine(args, info, model, comm)
                 if dense is None:
-                    dense = oneshot.perplexity(engine.module, val, a.eval_batches, comm)
+                    dense = perplexity(engine.module, val, a.eval_batches, comm)
                 pruner = ds_bitter7.attach(engine, cfg, calib)
                 event = pruner.prune_to(sparsity)
-                ppl = oneshot.perplexity(engine.module, val, a.eval_batches, comm)
+                ppl = perplexity(engine.module, val, a.eval_batches, comm)
                 rows.append({"seed": a.seed, "score": row, "scope": scope, "compensation": comp, "sparsity": sparsity,
                              "ppl": ppl, "dense_ppl": dense, "num_batches": a.num_batches, "ridge": a.ridge,
                              "event_seconds": event["seconds"],

@@ -47,9 +47,9 @@ from ds_bitter7.calibration import UnitStats
 from ds_bitter7.checkpoint_files import consolidate, resolve_tag
 from ds_bitter7.comm import LOCAL
 from ds_bitter7.config import StructureName
+from ds_bitter7.evaluation import perplexity
 from ds_bitter7.export import load_config
 from ds_bitter7.least_squares import solve_update
-from ds_bitter7.oneshot import perplexity
 from ds_bitter7.structures import unit_groups
 from ds_bitter7.threshold import n_to_prune
 

@@ -44,7 +44,7 @@ from transformers import AutoModelForCausalLM
 
 from ds_bitter7.checkpoint_files import MODEL_STATES_FILE, resolve_tag
 from ds_bitter7.comm import LOCAL, free_port
-from ds_bitter7.oneshot import perplexity
+from ds_bitter7.evaluation import perplexity
 
 COMPENSATIONS = ("none", "mean")
 

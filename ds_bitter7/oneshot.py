@@ -43,12 +43,13 @@ from .checkpoint_loading import (
     universal_dir,
 )
 from .comm import abort_job_on_error, log_main
-from .config import enum_name
+from .config import StructureName, enum_name
+from .evaluation import perplexity
 from .export import is_within, json_safe
 from .modeling import max_positions
 from .scores import get_scorer
 from .state import MODEL_STATES_FILE as MODEL_STATES
-from .structures import unstructured_params
+from .structures import unit_groups, unstructured_params
 from .threshold import n_to_prune
 
 logger = logging.getLogger(__name__)
@@ -346,30 +347,30 @@ def keep_zeros(model, zeros: Dict[str, torch.Tensor]) -> int:
     return sum(int(w.sum()) for w in zeros.values())
 
 
+def check_frozen_units(model, info: CheckpointInfo, structures: Sequence[str]) -> None:
+    """``OneShotError``, before the checkpoint loads, when a parameter frozen in training (in no
+    optimizer group of the checkpoint) belongs to units of ``structures``: DeepSpeed keeps no fp32
+    master or Adam state for it, so those units can be neither scored nor zeroed."""
+    if not info.param_groups:
+        return
+    trained = {n for names in info.param_groups for n in names}
+    frozen = {kind: sorted({s.name for g in unit_groups(model, [StructureName(kind)]) for s in g.slices} - trained)
+              for kind in ("mlp_neuron", "attention_head")}
+    hit = [k for k in structures if frozen[k]]
+    if hit:
+        names, free = frozen[hit[0]], [k for k, v in frozen.items() if not v]
+        raise OneShotError(
+            f"{names[0]}{f' (and {len(names) - 1} more)' if len(names) > 1 else ''} was frozen in training (in no "
+            f"optimizer group of {info.folder!r}) but belongs to the {hit[0]} units --structures prunes: they have "
+            "no optimizer state to be scored or kept at zero by; "
+            + (f"pass --structures {' '.join(free)}" if free else "no structure type is free of frozen parameters"))
+
+
 def validation_loader(args, tokenizer, world: Optional[int] = None, rank: Optional[int] = None):
     """This rank's validation batches (``data.eval_dataloader``; default: this process's rank)."""
     blocks = dsdata.chunk_dataset(_texts(args.validation, "validation", args.seed), tokenizer, args.seq_len,
                                   what=f"--validation {' '.join(args.validation)}")
     return dsdata.eval_dataloader(blocks, args.batch_size, world, rank)
-
-
-@torch.no_grad()
-def perplexity(model, loader, n_batches: int, comm) -> float:
-    """Token-weighted validation perplexity over every rank's share. Collective."""
-    was = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    total = torch.zeros(2, dtype=torch.float64)  # [sum of token losses, tokens]
-    for i, batch in enumerate(loader):
-        if i >= n_batches:
-            break
-        ids = batch["input_ids"].to(device)
-        n = ids.shape[0] * (ids.shape[1] - 1)
-        total[0] += float(model(input_ids=ids, labels=ids).loss.double()) * n
-        total[1] += n
-    total = comm.all_reduce_sum(total)
-    model.train(was)
-    return math.exp(min(float(total[0] / total[1].clamp(min=1)), 50.0))
 
 
 # --------------------------------------------------------------------------- export
@@ -417,6 +418,7 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     fit_checkpoint_biases(model, info)
     check_model_matches(model, info, config_dir)
+    check_frozen_units(model, info, args.structures)
     engine = build_engine(args, info, model, comm)
     params_before = sum(p.numel() for p in engine.module.parameters())  # the checkpoint's model
     # zero biases for the out projections that still have none, added after loading: one-shot takes no
@@ -424,7 +426,10 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
     added = ds_bitter7.prepare_model(engine.module, cfg)
     device = next(engine.module.parameters()).device
     calib = [{k: v.to(device) for k, v in b.items()} for b in calib] if calib is not None else None
-    pruner = ds_bitter7.attach(engine, cfg, calib)
+    try:
+        pruner = ds_bitter7.attach(engine, cfg, calib)
+    except ValueError as err:  # a set-up the pruner cannot serve: said as one-shot's other errors are
+        raise OneShotError(str(err)) from None
     if info.client_bitter7 is not None:  # a ds_bitter7 checkpoint: units pruned in training stay pruned
         restore_training_masks(pruner, info.client_bitter7, info.folder)
         already = already_pruned(pruner, args)

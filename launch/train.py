@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
 import os
 import re
 import sys
@@ -38,6 +37,7 @@ from ds_bitter7.checkpoint_files import checkpoint_problems
 from ds_bitter7.cli import check_launch_args
 from ds_bitter7.comm import Communicator, abort_job_on_error, init_distributed
 from ds_bitter7.config import load_ds_config, parse_config
+from ds_bitter7.evaluation import perplexity_of, token_loss
 from ds_bitter7.export import REPORT_FILE, json_safe
 from ds_bitter7.schedule import sparsity_reached
 from ds_bitter7.state import CLIENT_KEY as PRUNER_STATE_KEY
@@ -133,21 +133,9 @@ def build_data(args, tokenizer, rank: int):
 
 @torch.no_grad()
 def evaluate(engine, loader, n_batches: int) -> Tuple[float, float]:
-    """(mean token loss, perplexity) over ``n_batches`` per rank, token-weighted over all ranks
-    (a short last batch counts by its tokens). Collective."""
-    engine.eval()
-    total = torch.zeros(2, dtype=torch.float64, device=engine.device)  # [sum of token losses, tokens]
-    for i, batch in enumerate(loader):
-        if i >= n_batches:
-            break
-        ids = batch["input_ids"].to(engine.device)
-        n = ids.shape[0] * (ids.shape[1] - 1)
-        total[0] += engine(input_ids=ids, labels=ids).loss.double() * n
-        total[1] += n
-    dist.all_reduce(total)
-    engine.train()
-    loss = (total[0] / total[1].clamp(min=1)).item()
-    return loss, math.exp(min(loss, 50.0))
+    """(mean token loss, perplexity) over ``n_batches`` per rank, token-weighted over all ranks. Collective."""
+    loss = token_loss(engine, loader, n_batches, Communicator())
+    return loss, perplexity_of(loss)
 
 
 def sparsity_by_kind(pruner) -> Dict[str, float]:
@@ -240,9 +228,7 @@ def train(args) -> Dict[str, Any]:
     if args.tokenizer is None:  # the run's own (saved beside its checkpoints) or the model folder's, as one-shot
         args.tokenizer = dsdata.tokenizer_beside(args.resume) or dsdata.tokenizer_beside(args.model)
     tokenizer = dsdata.get_tokenizer(args.tokenizer)
-    train_blocks, val_blocks = build_data(args, tokenizer, rank)
-    logger.info("data: %d train / %d validation blocks of %d tokens, %d ranks",
-                len(train_blocks), len(val_blocks), args.seq_len, world_size)
+    # the model before the data: a wrong --model or --model_overrides fails before a long tokenization
     saved = saved_model_config(args.resume) if args.resume else {}
     # the built-ins' position table: the checkpoint's where this --seq_len fits it (a resume may change it)
     positions = next((saved[k] for k in ("n_positions", "max_position_embeddings")
@@ -266,6 +252,9 @@ def train(args) -> Dict[str, Any]:
                    f"pass --seq_len <= {positions}")
     if Communicator().any(problem is not None):  # a node whose files differ must not leave the others waiting
         raise SystemExit(problem or "another rank cannot build the model to resume (see its error)")
+    train_blocks, val_blocks = build_data(args, tokenizer, rank)
+    logger.info("data: %d train / %d validation blocks of %d tokens, %d ranks",
+                len(train_blocks), len(val_blocks), args.seq_len, world_size)
     device = deepspeed.accelerator.get_accelerator().current_device_name()
     calib = None
     if args.calibration_batches > 0 and bitter7.enabled and needs_stats(bitter7):  # else no batch is read

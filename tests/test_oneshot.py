@@ -10,7 +10,7 @@
 from __future__ import annotations
 
 import os
-from typing import Optional
+from typing import Optional, Sequence
 
 import pytest
 import torch
@@ -42,18 +42,18 @@ UNSTRUCTURED = {"structures": ["unstructured"], "score": "bitter7", "target_spar
 
 
 def make_checkpoint(folder: str, llama: bool = False, bf16: bool = False, bitter7: Optional[dict] = None,
-                    frozen: bool = False) -> None:
+                    frozen: Sequence[str] = ()) -> None:
     """Plain DeepSpeed ZeRO-2 training for 3 steps, then save (no ds_bitter7 involved; with
     ``bitter7``, ds_bitter7 training with that section). The LLaMA one (no biases) has weight-decay
-    and no-decay parameter groups, as HF Trainer makes them. ``frozen``: GPT-2's position table is
-    frozen (not given to the optimizer), as in a fine-tuning that trains part of a model."""
+    and no-decay parameter groups, as HF Trainer makes them. ``frozen``: the parameters whose names
+    start so are frozen (not given to the optimizer), as in a fine-tuning that trains part of a model."""
     import deepspeed
 
     import ds_bitter7
 
     model = _llama() if llama else _model()
-    if frozen:
-        model.transformer.wpe.weight.requires_grad_(False)
+    for name, param in model.named_parameters():
+        param.requires_grad_(not name.startswith(tuple(frozen)))
     params = [p for p in model.parameters() if p.requires_grad]
     if llama:
         decay = [p for n, p in model.named_parameters() if p.dim() > 1]
@@ -146,17 +146,24 @@ def test_checkpoint_with_frozen_parameters_loads_at_any_world_size(checkpoint, t
     """A parameter frozen in training is in no optimizer group: rebuilt with every parameter, the
     ZeRO partitions did not match the saved ones ('is one of its files corrupt?'), and DeepSpeed's
     universal loading (another world size) does not restore its weights. At sparsity 0 the export
-    is the checkpoint's weights exactly."""
+    is the checkpoint's weights exactly. Units with a frozen parameter (layer 1's MLP) cannot be
+    pruned: named before the load, with the structure type that can (was a traceback after it)."""
     from ds_bitter7.checkpoint_files import consolidate
 
     root, _, text = checkpoint
     ckpt = str(tmp_path / "frozen")
-    run_distributed(make_checkpoint, 2, ckpt, False, False, None, True, timeout=120)
+    run_distributed(make_checkpoint, 2, ckpt, False, False, None, ("transformer.wpe.", "transformer.h.1.mlp."),
+                    timeout=120)
     saved = consolidate(ckpt, "global_step3")
+    out = run_distributed(run_oneshot, 1, [ckpt, str(tmp_path / "neurons"), "--sparsity", "0.5", "--score", "obs",
+                                           "--calibration", text])[0]
+    assert out.startswith("OneShotError: transformer.h.1.mlp.c_fc.bias (and 2 more) was frozen in training") and \
+        out.endswith("pass --structures attention_head"), out
     for world in (2, 1):
         out = run_distributed(run_oneshot, world, [ckpt, str(tmp_path / f"out{world}"), "--sparsity", "0",
                                                    "--score", "magnitude", "--compensation", "none",
-                                                   "--calibration", text], timeout=150)[0]
+                                                   "--structures", "attention_head", "--calibration", text],
+                              timeout=150)[0]
         assert isinstance(out, dict), out
         small = AutoModelForCausalLM.from_pretrained(str(tmp_path / f"out{world}")).state_dict()
         for name, value in saved.items():
