@@ -24,7 +24,10 @@ from every rank's owned part, or, when ``|K| + 1 < |R|`` (deep one-shot pruning)
 products ``S_KR W_R^(r)`` and ``mu_R W_R^(r)`` with its owned elements ``W_R^(r)``
 (``(|K| + 1) x out``). Every rank then solves the same float64 system, adds its own elements of
 ``D`` to its fp32 master fragment (and, ZeRO 1/2, the whole ``D`` to the model's replicated
-parameter) and ``b' - b`` to the bias. The covariance itself was all-reduced by
+parameter) and ``b' - b`` to the bias. With ``unstructured`` among the structures, the masks
+then zero ``D`` on the elements of ``W`` that unstructured pruning dropped; each rank sums
+``mu`` times those of its own elements, and one more all-reduce (``out`` numbers per group) gives
+that part to the bias, so the layer's mean output is still kept. The covariance itself was all-reduced by
 ``ActivationStats`` (``F^2`` numbers per group: README Guarantee 5's documented exception).
 """
 
@@ -142,14 +145,43 @@ def compensate_least_squares(pruner, masks_before: Dict[str, torch.Tensor], stat
         skipped += [g.key for g, _, _ in chunk if not finite_stats(chunk_stats[g.key])]  # same on every rank
         updates += _refit(pruner, [c for c in chunk if c[0].key not in skipped], chunk_stats, ridge, record)
         del chunk_stats  # this chunk's matrices
-    for g, keep, delta, bias_delta in updates:
-        shape = pruner.model.get_parameter(g.out_weight).shape
-        add_to_param(pruner, g.out_weight, _weight_update(g, shape, keep, delta))
-        add_to_param(pruner, g.out_bias, bias_delta)
+    weights = [_weight_update(g, pruner.model.get_parameter(g.out_weight).shape, keep, delta)
+               for g, keep, delta, _ in updates]
+    if pruner.unstructured is not None and updates:  # the same on every rank: the config's structures
+        taken = _sum_over_ranks(pruner, [_dropped_part(pruner, g, w, stats[g.key].mean)
+                                         for (g, *_), w in zip(updates, weights)])
+    else:
+        taken = [0.0] * len(updates)
+    for (g, _, _, bias_delta), update, back in zip(updates, weights, taken):
+        add_to_param(pruner, g.out_weight, update)
+        add_to_param(pruner, g.out_bias, bias_delta + back)
     units = sum(int((masks_before[g.key] & ~pruner.masks[g.key]).sum()) for g, _, _ in todo if g.key not in skipped)
     event["compensation"] = {"mode": "least_squares", "units": units, "groups": len(todo) - len(skipped), **record,
                              "ridge": ridge, "skipped": skipped, "seconds": time.perf_counter() - t0}
     warn_skipped(skipped, pruner.step_count)
+
+
+def _dropped_part(pruner, g: UnitGroup, update: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
+    """``mu @ U`` over the elements of ``W`` that unstructured pruning dropped and this rank owns
+    (``[out]``, float64): the part of the refit ``U`` the masks take back after it, which the bias
+    then gives back, so the layer's mean output is kept (the refit assumed all of ``U`` stays)."""
+    in_dim = g.out_in_dim
+    out = torch.zeros(update.shape[1 - in_dim], dtype=torch.float64)
+    frag = pruner.access.fragments.get(g.out_weight)
+    dropped = pruner.unstructured.pruned.get(g.out_weight) if frag is not None else None
+    if dropped is None or not bool(dropped.any()):
+        return out
+    where = torch.zeros(update.numel(), dtype=torch.float64)
+    where[frag.start:frag.start + frag.numel] = dropped.to(device="cpu", dtype=torch.float64)
+    mean = mean.to(device="cpu", dtype=torch.float64)
+    per_row = mean.view(-1, 1) if in_dim == 0 else mean.view(1, -1)  # mu_f along W's input dim
+    return (per_row * update * where.view(update.shape)).sum(dim=in_dim)
+
+
+def _sum_over_ranks(pruner, parts: List[torch.Tensor]) -> List[torch.Tensor]:
+    """``parts`` summed over the ranks that share the ZeRO partition (one all-reduce)."""
+    summed = pruner.score_comm.all_reduce_sum(torch.cat(parts))
+    return list(torch.split(summed, [p.numel() for p in parts]))
 
 
 def _refit(pruner, todo: List[Tuple[UnitGroup, torch.Tensor, torch.Tensor]], stats, ridge: float,
