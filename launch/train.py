@@ -220,11 +220,14 @@ def train(args) -> Dict[str, Any]:
     taken = save_dir_problem(args)
     if Communicator().any(taken is not None):  # a node whose disk differs must not leave the others waiting
         raise SystemExit(taken or "another rank finds --save_dir holding checkpoints (see its error)")
-    try:  # before data and model are built: a bad config fails in a second, on every rank alike
+    problem = None
+    try:  # before data and model are built: a bad config fails in a second
         ds_config = load_ds_config(args.config)
         bitter7 = parse_config(ds_config)
     except ValueError as err:
-        raise SystemExit(f"launch/train.py --config {args.config}: {err}") from None
+        problem = f"launch/train.py --config {args.config}: {err}"
+    if Communicator().any(problem is not None):  # on every rank: a node whose file differs must not leave the others waiting
+        raise SystemExit(problem or f"another rank cannot read --config {args.config} (see its error)")
     if args.tokenizer is None:  # the run's own (saved beside its checkpoints) or the model folder's, as one-shot
         args.tokenizer = dsdata.tokenizer_beside(args.resume) or dsdata.tokenizer_beside(args.model)
     tokenizer = dsdata.get_tokenizer(args.tokenizer)

@@ -135,10 +135,11 @@ def test_torchrun_with_checkpoint_and_resume(trained, tmp_path):
 
 
 def test_train_warns_and_refuses_in_one_process(tmp_path):
-    """A bad bitter7 key is refused before data and model are built; a run shorter than the
-    schedule says where it stops; the tokenizer goes beside the checkpoint and into an export; a
-    second run into the same --save_dir is refused; resuming a pruned checkpoint with no bitter7
-    section says the masks are dropped (one process: plain python, no launcher)."""
+    """A bad bitter7 key is refused before data and model are built, a bad model key before the
+    data; a run shorter than the schedule says where it stops; the tokenizer goes beside the
+    checkpoint and into an export; a second run into the same --save_dir is refused; resuming a
+    pruned checkpoint with no bitter7 section says the masks are dropped (one process: plain
+    python, no launcher)."""
     python = str(VENV_BIN / "python")
     corpus, config = write_corpus(tmp_path / "corpus.jsonl"), tiny_ds_config(tmp_path / "ds.json")
     cfg = json.loads(config.read_text())
@@ -149,6 +150,9 @@ def test_train_warns_and_refuses_in_one_process(tmp_path):
     bad.write_text(json.dumps(dict(cfg, bitter7=dict(cfg["bitter7"], targt_sparsity=0.5))))
     out = run(base + ["--config", str(bad), "--steps", "4"], tmp_path, fails=True)
     assert "bitter7.targt_sparsity = 0.5: unknown key" in out and "data:" not in out
+    out = run(base + ["--config", str(config), "--steps", "4", "--model_overrides", '{"n_embed": 64}'], tmp_path,
+              fails=True)  # the model is built before the data, whose tokenization can take long
+    assert "a gpt2 config has no 'n_embed' (did you mean 'n_embd'?)" in out and "data:" not in out
     ckpt = tmp_path / "ckpt"
     out = run(base + ["--config", str(config), "--steps", "4", "--save_dir", str(ckpt)], tmp_path)
     assert "--steps 4 ends before schedule.end_step 6: the run stops at sparsity 0.0625 of target_sparsity 0.5" in out
