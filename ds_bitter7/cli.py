@@ -7,6 +7,7 @@ import argparse
 import os
 from typing import Optional, Sequence, Tuple
 
+from .comm import launch_rank
 from .export import TOKENIZER_FILES, is_within, nearest_existing
 from .modeling import parse_overrides
 from .state import MODEL_STATES_FILE
@@ -41,15 +42,6 @@ def check_launch_args(parser: argparse.ArgumentParser, args: argparse.Namespace,
         problem = summary_problem(args.summary, reads, checkpoints)
         if problem:
             parser.error(problem)
-
-
-def launch_rank() -> int:
-    """This process's global rank as its launcher set it (torchrun / deepspeed: ``RANK``; mpirun:
-    ``OMPI_COMM_WORLD_RANK`` or ``PMI_RANK``), 0 when started alone."""
-    for var in ("RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK"):
-        if os.environ.get(var, "").isdigit():
-            return int(os.environ[var])
-    return 0
 
 
 def folder_problem(path: str, flag: str) -> Optional[str]:

@@ -122,6 +122,17 @@ def drop_stale_rank_env() -> None:
             os.environ.pop(key, None)
 
 
+def launch_rank() -> int:
+    """This process's global rank as its launcher set it, before torch.distributed starts: under
+    mpirun MPI's own (a ``RANK`` left from elsewhere is stale: ``drop_stale_rank_env``), else
+    ``RANK`` (torchrun, the deepspeed launcher) or PMIx's; 0 when started alone."""
+    ours = None if any(k in os.environ for k in PER_NODE_LAUNCHERS) else mpi_rank_and_size()
+    for value in (ours[0] if ours else None, os.environ.get("RANK"), os.environ.get("PMIX_RANK")):
+        if value is not None and value.isdigit():
+            return int(value)
+    return 0
+
+
 def init_distributed() -> Tuple[int, int]:
     """Start torch.distributed: from the launcher's env (torchrun, the deepspeed launcher), from
     MPI (mpirun, through mpi4py), or as a one-rank group for a plain ``python``. Returns

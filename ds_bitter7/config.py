@@ -199,8 +199,8 @@ class Bitter7Config(DeepSpeedConfigModel):
         if kinds == ["unstructured"] and scorer.fn is not None and scorer.uses_activation_std:
             problems.append(f"score {score!r} scores whole units by their activations; it does "
                             "not apply to structures ['unstructured'] (use 'bitter7')")
-        if problems:
-            raise ValueError("; ".join(problems))
+        if problems:  # one line each (``_describe`` splits them): the count says how many
+            raise ValueError("\n".join(problems))
         return self
 
 
@@ -213,8 +213,8 @@ def _describe(error: dict) -> str:
     allowed = (error.get("ctx") or {}).get("expected")
     if allowed and str(allowed) not in msg:
         msg = f"{msg} (allowed: {allowed})"
-    if not error["loc"]:  # a check across keys: the section's value would be every key
-        return f"  {SECTION}: {msg}"
+    if not error["loc"]:  # a check across keys (one line per problem): the section's value would be every key
+        return "\n".join(f"  {SECTION}: {line}" for line in msg.splitlines())
     loc = ".".join(str(p) for p in error["loc"])
     return f"  {SECTION}.{loc} = {error.get('input')!r}: {msg}"
 
@@ -274,7 +274,8 @@ def parse_config(config: Union[str, os.PathLike, dict, Any]) -> Bitter7Config:
                 line = _describe(dict(err, input=_at(section, err["loc"])) if err["type"] == "value_error" else err)
                 if line not in lines:
                     lines.append(line)
-    raise ValueError(f"Invalid '{SECTION}' config ({len(lines)} problem(s)):\n" + "\n".join(lines)) from None
+    text = "\n".join(lines)
+    raise ValueError(f"Invalid '{SECTION}' config ({len(text.splitlines())} problem(s)):\n{text}") from None
 
 
 def _reads_a_default(err: dict, removed: List[tuple]) -> bool:

@@ -343,8 +343,10 @@ def local_files(spec: Sequence[str]) -> Optional[List[str]]:
         if os.path.isdir(item):
             found = _folder_files(item)
             json_files = [f for f in found if f.lower().endswith(JSON_SUFFIXES)]
-            if json_files and len(json_files) < len(found):
-                logger.info("%s: reading its JSON files only (%d), not its text files", item, len(json_files))
+            if json_files and len(json_files) < len(found):  # said: a text file put there as data is left out
+                skipped = [os.path.basename(f) for f in found if f not in json_files]
+                logger.warning("data: %s: reading its JSON files only (%d), not its text files %s", item,
+                               len(json_files), skipped[:5] + (["..."] if len(skipped) > 5 else []))
             files += json_files or found
         elif os.path.exists(item):
             files.append(item)

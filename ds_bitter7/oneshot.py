@@ -42,7 +42,7 @@ from .checkpoint_loading import (
     loading_config,
     universal_dir,
 )
-from .comm import abort_job_on_error, log_main
+from .comm import abort_job_on_error, launch_rank, log_main
 from .config import StructureName, enum_name
 from .evaluation import perplexity
 from .export import is_within, json_safe
@@ -508,8 +508,7 @@ def shortfall(pruner, args) -> Dict[str, float]:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
-    rank = int(next((os.environ[k] for k in ("RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK")
-                      if k in os.environ), 0))
+    rank = launch_rank()
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     try:

@@ -175,9 +175,10 @@ def test_every_bad_combination_is_named_at_once():
     with pytest.raises(ValueError) as e:
         parse_config({"bitter7": {"score": "obs", "scope": "standardized", "structures": ["unstructured"]}})
     msg = str(e.value)
-    for needle in ("scope 'standardized' ranks whole units", "score 'obs' ranks units by the step",
-                   "score 'obs' scores whole units"):
-        assert needle in msg, (needle, msg)
+    assert msg.startswith("Invalid 'bitter7' config (3 problem(s)):\n"), msg  # was '(1 problem(s))'
+    for needle in ("  bitter7: scope 'standardized' ranks whole units", "  bitter7: score 'obs' ranks units by the step",
+                   "  bitter7: score 'obs' scores whole units"):
+        assert any(line.startswith(needle) for line in msg.splitlines()), (needle, msg)
 
 
 def test_json_integers_are_numbers():

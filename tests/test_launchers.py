@@ -91,7 +91,7 @@ def test_rank_variables_of_a_per_node_launcher_under_mpi_are_kept(monkeypatch):
     """``srun --mpi=pmix torchrun`` or ``mpirun -ppn 1 torchrun``: MPI numbers the nodes, torchrun
     the processes, and torchrun's RANK is the one to use; without a per-node launcher a RANK that
     disagrees with MPI's is stale (test_oneshot_under_mpirun runs that case)."""
-    from ds_bitter7.comm import PER_NODE_LAUNCHERS, drop_stale_rank_env
+    from ds_bitter7.comm import PER_NODE_LAUNCHERS, drop_stale_rank_env, launch_rank
 
     for var in PER_NODE_LAUNCHERS + ("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_RANK"):
         monkeypatch.delenv(var, raising=False)
@@ -99,9 +99,11 @@ def test_rank_variables_of_a_per_node_launcher_under_mpi_are_kept(monkeypatch):
     for key, value in env.items():
         monkeypatch.setenv(key, value)
     monkeypatch.setenv("TORCHELASTIC_RUN_ID", "job")
+    assert launch_rank() == 5
     drop_stale_rank_env()
     assert {k: os.environ.get(k) for k in env} == env
     monkeypatch.delenv("TORCHELASTIC_RUN_ID")
+    assert launch_rank() == 1  # read before the stale RANK is dropped (one-shot's rank 1 printed rank 0's lines)
     drop_stale_rank_env()
     assert [os.environ.get(k) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK")] == [None, None, None]
 
