@@ -104,6 +104,22 @@ def _out_params(model, group):
     return (w if group.out_in_dim == 0 else w.T.contiguous()), model.get_parameter(group.out_bias).detach().double().clone()
 
 
+def out_projection_inputs(model, pruner) -> Dict[str, torch.Tensor]:
+    """Each group's out-projection inputs (float64 rows) on the union of all ranks' calibration
+    data, which every rank runs."""
+    inputs = {g.key: [] for g in pruner.groups}
+    hooks = [model.get_submodule(g.out_module).register_forward_pre_hook(
+        lambda m, a, k=g.key: inputs[k].append(a[0].detach().double().reshape(-1, a[0].shape[-1])))
+        for g in pruner.groups]
+    model.eval()
+    with torch.no_grad():
+        for x in calibration(0, 1):
+            model(x)
+    for h in hooks:
+        h.remove()
+    return {k: torch.cat(v) for k, v in inputs.items()}
+
+
 def ls_case(family: str, stage: int, fraction: float) -> Dict[str, dict]:
     """Prune ``fraction`` of the neurons with least squares; return what the test compares per group."""
     world, rank = dist.get_world_size(), dist.get_rank()
@@ -113,22 +129,13 @@ def ls_case(family: str, stage: int, fraction: float) -> Dict[str, dict]:
     engine, *_ = ds_bitter7.initialize(model=model, model_parameters=model.parameters(),
                                        config=ds_config(stage, "fp32", bitter7), calibration_data=calibration(rank, world))
     pruner = ds_bitter7.get_pruner(engine)
-    inputs = {g.key: [] for g in pruner.groups}
-    hooks = [model.get_submodule(g.out_module).register_forward_pre_hook(
-        lambda m, a, k=g.key: inputs[k].append(a[0].detach().double().reshape(-1, a[0].shape[-1])))
-        for g in pruner.groups]
-    model.eval()
-    with torch.no_grad():
-        for x in calibration(0, 1):  # every rank: the union of all ranks' calibration data
-            model(x)
-    for h in hooks:
-        h.remove()
+    inputs = out_projection_inputs(model, pruner)
     before = {g.key: _out_params(model, g) for g in pruner.groups}
     event = pruner.prune_to(fraction)
     out = {}
     for g in pruner.groups:
         w, b = _out_params(model, g)
-        out[g.key] = {"x": torch.cat(inputs[g.key]), "w0": before[g.key][0], "b0": before[g.key][1],
+        out[g.key] = {"x": inputs[g.key], "w0": before[g.key][0], "b0": before[g.key][1],
                       "w": w, "b": b, "keep": pruner.masks[g.key].clone(), "ids": g.feature_units.clone()}
     out["_event"] = event["compensation"]
     return out
@@ -197,22 +204,13 @@ def unstructured_case(stage: int) -> List[float]:
     pruner = ds_bitter7.get_pruner(engine)
     pruner.prune_to(0.5)  # unstructured elements only
     pruner.config.min_units_per_layer = 0
-    inputs = {g.key: [] for g in pruner.groups}
-    hooks = [model.get_submodule(g.out_module).register_forward_pre_hook(
-        lambda m, a, k=g.key: inputs[k].append(a[0].detach().double().reshape(-1, a[0].shape[-1])))
-        for g in pruner.groups]
-    model.eval()
-    with torch.no_grad():
-        for x in calibration(0, 1):  # the union of all ranks' calibration data
-            model(x)
-    for h in hooks:
-        h.remove()
+    inputs = out_projection_inputs(model, pruner)
     before = {g.key: _out_params(model, g) for g in pruner.groups}
     event = pruner.prune_to(0.5)
     assert event["compensation"]["units"] > 0
     shifts = []
     for g in pruner.groups:
-        mu = torch.cat(inputs[g.key]).mean(0)
+        mu = inputs[g.key].mean(0)
         (w0, b0), (w, b) = before[g.key], _out_params(model, g)
         shifts.append(float(((mu @ w + b) - (mu @ w0 + b0)).abs().max() / (mu @ w0 + b0).abs().max()))
     return shifts
