@@ -54,13 +54,8 @@ def initialize(args=None, model=None, optimizer=None, model_parameters=None, tra
     """
     import deepspeed
     import torch
-    import torch.distributed as dist
-
     ds_config = _config_from(args, config, config_params)
     cfg = parse_config(ds_config)
-    checked = dist.is_initialized()  # else DeepSpeed starts the group: then the check follows its start
-    if checked:  # before the model changes with the config (added biases would split DeepSpeed's start)
-        check_same_on_every_rank(cfg)
     if cfg.enabled:
         check_deepspeed_support(ds_config)
         get_adapter(model)
@@ -77,8 +72,8 @@ def initialize(args=None, model=None, optimizer=None, model_parameters=None, tra
         args=args, model=model, optimizer=optimizer, model_parameters=model_parameters,
         training_data=training_data, lr_scheduler=lr_scheduler, config=ds_only, **kwargs)
     release_shm_buffers()  # DeepSpeed's own start may have made them
-    if not checked:
-        check_same_on_every_rank(cfg)
+    # the engine's data-parallel group knows the ranks that share it (an engine may live on a subgroup)
+    check_same_on_every_rank(cfg, _dp_group(engine))
     if cfg.enabled:
         _attach(engine, cfg, calibration_data)
     return engine, opt, loader, sched
@@ -125,12 +120,17 @@ def attach(engine, config, calibration_data=None):
     pruner (None when disabled). Collective: every rank calls it with the same config (checked).
     """
     cfg = config if isinstance(config, Bitter7Config) else parse_config(config)
-    check_same_on_every_rank(cfg)
+    check_same_on_every_rank(cfg, _dp_group(engine))
     if not cfg.enabled:
         return None
     if not isinstance(config, Bitter7Config):
         check_deepspeed_support(load_ds_config(config))
     return _attach(engine, cfg, calibration_data)
+
+
+def _dp_group(engine):
+    """The process group of the engine's data-parallel ranks (None: the whole world), as the pruner's."""
+    return getattr(engine.optimizer, "dp_process_group", None)
 
 
 def _attach(engine, cfg: Bitter7Config, calibration_data):

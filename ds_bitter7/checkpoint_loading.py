@@ -14,7 +14,7 @@ import shutil
 import subprocess
 import sys
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, Iterable, List, Optional, Tuple
 
 import torch
 
@@ -168,6 +168,13 @@ def fit_checkpoint_biases(model, info: CheckpointInfo) -> None:
     add_missing_biases_(model, {k: torch.zeros(s) for k, s in info.module_shapes.items() if k.endswith(".bias")})
 
 
+def frozen_in_training(names: Iterable[str], info: CheckpointInfo) -> List[str]:
+    """Those of ``names`` in no optimizer group of the checkpoint: frozen in training (none where
+    the checkpoint names no groups)."""
+    listed = {n for group in info.param_groups or () for n in group}
+    return [n for n in names if n not in listed] if info.param_groups else []
+
+
 def saved_param_groups(model, info: CheckpointInfo):
     """The model's parameters grouped as the checkpoint's optimizer had them (a ZeRO partition is
     laid out per group: weight-decay / no-decay groups must be rebuilt to load it). A parameter in
@@ -176,8 +183,7 @@ def saved_param_groups(model, info: CheckpointInfo):
     named = dict(model.named_parameters())
     if not info.param_groups:
         return [p for p in named.values() if p.requires_grad]
-    listed = {n for names in info.param_groups for n in names}
-    frozen = [n for n in named if n not in listed]
+    frozen = frozen_in_training(named, info)
     if frozen:
         module = strip_module_prefix(read_torch_file(os.path.join(info.folder, MODEL_STATES))["module"])
         with torch.no_grad():

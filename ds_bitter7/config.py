@@ -256,7 +256,7 @@ def parse_config(config: Union[str, os.PathLike, dict, Any]) -> Bitter7Config:
         return Bitter7Config(strict=True, **section)
     except ValidationError as e:
         errors = e.errors()
-    lines = [_describe(err) for err in errors]
+    lines = [line for err in errors for line in _describe(err).splitlines()]  # one per problem
     # Checks across keys (end_step >= start_step, score / structure combinations) run only once
     # every key of their model is valid: run them again with the bad keys at their defaults (a
     # nested model's check failing hides the outer ones: again), to name them all now.
@@ -269,20 +269,23 @@ def parse_config(config: Union[str, os.PathLike, dict, Any]) -> Bitter7Config:
         except ValidationError as e:
             for err in e.errors():  # shown with the user's own value, not the stripped copy
                 bad.append(err["loc"])
-                if err["type"] == "value_error" and _reads_a_default(err, removed):
-                    continue  # it may be about a default put in for a bad key, not the user's value
-                line = _describe(dict(err, input=_at(section, err["loc"])) if err["type"] == "value_error" else err)
-                if line not in lines:
-                    lines.append(line)
-    text = "\n".join(lines)
-    raise ValueError(f"Invalid '{SECTION}' config ({len(text.splitlines())} problem(s)):\n{text}") from None
+                if err["type"] == "value_error":  # each problem of a check across keys on its own
+                    kept = [m for m in err["msg"].splitlines() if not _reads_a_default(err, removed, m)]
+                    if not kept:
+                        continue  # about a default put in for a bad key, not the user's value
+                    err = dict(err, msg="\n".join(kept), input=_at(section, err["loc"]))
+                for line in _describe(err).splitlines():
+                    if line not in lines:
+                        lines.append(line)
+    raise ValueError(f"Invalid '{SECTION}' config ({len(lines)} problem(s)):\n" + "\n".join(lines)) from None
 
 
-def _reads_a_default(err: dict, removed: List[tuple]) -> bool:
-    """Whether a check across keys names a key of its own model that was replaced by its default."""
+def _reads_a_default(err: dict, removed: List[tuple], msg: str) -> bool:
+    """Whether ``msg``, one problem of a check across keys, names a key of its own model that was
+    replaced by its default."""
     loc = tuple(err["loc"])
     return any(tuple(r[:len(loc)]) == loc and len(r) > len(loc) and isinstance(r[len(loc)], str)
-               and r[len(loc)] in err["msg"] for r in removed)
+               and r[len(loc)] in msg for r in removed)
 
 
 def _at(section: dict, loc: tuple) -> Any:
@@ -345,13 +348,14 @@ def check_deepspeed_support(ds_config: dict) -> None:
         raise ValueError("DeepSpeed config not supported by ds_bitter7:\n" + "\n".join(problems))
 
 
-def check_same_on_every_rank(cfg: Bitter7Config) -> None:
-    """``ValueError`` on every rank when the ranks' parsed ``"bitter7"`` sections differ (a node
-    with another config file): their masks would split, or their collectives wait on each other
-    for good. Collective over the default process group (nothing without one)."""
+def check_same_on_every_rank(cfg: Bitter7Config, group=None) -> None:
+    """``ValueError`` on every rank of ``group`` (default: the world) when their parsed
+    ``"bitter7"`` sections differ (a node with another config file): their masks would split, or
+    their collectives wait on each other for good. Collective over ``group`` (nothing without a
+    process group)."""
     from .comm import Communicator
 
     text = json.dumps(cfg.model_dump(mode="json"), sort_keys=True)
-    if not Communicator().same(text):
+    if not Communicator(group).same(text):
         raise ValueError(f"ds_bitter7: the ranks' \"bitter7\" config sections differ (this rank's, as parsed: {text}); "
                          "every rank must be given the same config")

@@ -27,7 +27,7 @@ from . import prepare_model  # noqa: F401  (re-exported: call it before Trainer(
 from .calibration import needs_stats
 from .checkpoint_files import saved_pruner_state
 from .comm import is_main_process, world_size_and_rank
-from .config import check_same_on_every_rank, enum_name
+from .config import enum_name
 from .state import TRAINER_FILE as STATE_FILE
 from .state import (
     CheckpointError,
@@ -101,7 +101,14 @@ class Bitter7Callback(TrainerCallback):
             raise RuntimeError("Bitter7Callback needs a DeepSpeed Trainer (TrainingArguments(deepspeed=...))")
         config = self._config(args)
         cfg = ds_bitter7.parse_config(config)
-        check_same_on_every_rank(cfg)  # before a rank's disabled section would leave the others waiting
+        self.pruner = ds_bitter7.get_pruner(engine)  # a second trainer.train(): the same engine and pruner
+        if self.pruner is None:
+            calib = self.calibration_data
+            source = enum_name(cfg.bias_compensation.source)
+            if cfg.enabled and calib is None and needs_stats(cfg) and source == "calibration":  # compensation, or the score
+                calib = self._default_calibration(engine, cfg.bias_compensation.num_batches)
+            # on every rank, the section enabled or not: attach first checks that the ranks' agree
+            self.pruner = ds_bitter7.attach(engine, config, calibration_data=calib)
         if not cfg.enabled:
             folder = self._resume_folder(args, state)
             if folder is not None and os.path.exists(os.path.join(folder, STATE_FILE)) and is_main_process():
@@ -109,13 +116,6 @@ class Bitter7Callback(TrainerCallback):
                                "missing: its masks are not kept from here on and its checkpoints will not carry "
                                "them (export needs them)", folder)
             return control
-        self.pruner = ds_bitter7.get_pruner(engine)  # a second trainer.train(): the same engine and pruner
-        if self.pruner is None:
-            calib = self.calibration_data
-            source = enum_name(cfg.bias_compensation.source)
-            if calib is None and needs_stats(cfg) and source == "calibration":  # compensation, or the score
-                calib = self._default_calibration(engine, cfg.bias_compensation.num_batches)
-            self.pruner = ds_bitter7.attach(engine, config, calibration_data=calib)
         self._maybe_resume(args, state)
         return control
 

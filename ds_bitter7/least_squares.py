@@ -145,15 +145,15 @@ def compensate_least_squares(pruner, masks_before: Dict[str, torch.Tensor], stat
         skipped += [g.key for g, _, _ in chunk if not finite_stats(chunk_stats[g.key])]  # same on every rank
         updates += _refit(pruner, [c for c in chunk if c[0].key not in skipped], chunk_stats, ridge, record)
         del chunk_stats  # this chunk's matrices
-    weights = [_weight_update(g, pruner.model.get_parameter(g.out_weight).shape, keep, delta)
-               for g, keep, delta, _ in updates]
+    def update(g: UnitGroup, keep: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:  # one layer's at a time
+        return _weight_update(g, pruner.model.get_parameter(g.out_weight).shape, keep, delta)
+
+    backs = [0.0] * len(updates)
     if pruner.unstructured is not None and updates:  # the same on every rank: the config's structures
-        taken = _sum_over_ranks(pruner, [_dropped_part(pruner, g, w, stats[g.key].mean)
-                                         for (g, *_), w in zip(updates, weights)])
-    else:
-        taken = [0.0] * len(updates)
-    for (g, _, _, bias_delta), update, back in zip(updates, weights, taken):
-        add_to_param(pruner, g.out_weight, update)
+        backs = _sum_over_ranks(pruner, [_dropped_part(pruner, g, update(g, keep, delta), stats[g.key].mean)
+                                         for g, keep, delta, _ in updates])
+    for (g, keep, delta, bias_delta), back in zip(updates, backs):
+        add_to_param(pruner, g.out_weight, update(g, keep, delta))
         add_to_param(pruner, g.out_bias, bias_delta + back)
     units = sum(int((masks_before[g.key] & ~pruner.masks[g.key]).sum()) for g, _, _ in todo if g.key not in skipped)
     event["compensation"] = {"mode": "least_squares", "units": units, "groups": len(todo) - len(skipped), **record,

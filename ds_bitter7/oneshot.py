@@ -38,6 +38,7 @@ from .checkpoint_loading import (
     check_model_matches,
     ds_config_stage_problems,
     fit_checkpoint_biases,
+    frozen_in_training,
     inspect_checkpoint,
     loading_config,
     universal_dir,
@@ -351,10 +352,8 @@ def check_frozen_units(model, info: CheckpointInfo, structures: Sequence[str]) -
     """``OneShotError``, before the checkpoint loads, when a parameter frozen in training (in no
     optimizer group of the checkpoint) belongs to units of ``structures``: DeepSpeed keeps no fp32
     master or Adam state for it, so those units can be neither scored nor zeroed."""
-    if not info.param_groups:
-        return
-    trained = {n for names in info.param_groups for n in names}
-    frozen = {kind: sorted({s.name for g in unit_groups(model, [StructureName(kind)]) for s in g.slices} - trained)
+    frozen = {kind: sorted(frozen_in_training({s.name for g in unit_groups(model, [StructureName(kind)])
+                                               for s in g.slices}, info))
               for kind in ("mlp_neuron", "attention_head")}
     hit = [k for k in structures if frozen[k]]
     if hit:
@@ -426,10 +425,7 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
     added = ds_bitter7.prepare_model(engine.module, cfg)
     device = next(engine.module.parameters()).device
     calib = [{k: v.to(device) for k, v in b.items()} for b in calib] if calib is not None else None
-    try:
-        pruner = ds_bitter7.attach(engine, cfg, calib)
-    except ValueError as err:  # a set-up the pruner cannot serve: said as one-shot's other errors are
-        raise OneShotError(str(err)) from None
+    pruner = ds_bitter7.attach(engine, cfg, calib)
     if info.client_bitter7 is not None:  # a ds_bitter7 checkpoint: units pruned in training stay pruned
         restore_training_masks(pruner, info.client_bitter7, info.folder)
         already = already_pruned(pruner, args)

@@ -8,9 +8,9 @@
 from __future__ import annotations
 
 import argparse
-import glob
 import json
 import os
+import re
 import sys
 from typing import Dict, List
 
@@ -72,17 +72,27 @@ def parse_args(argv=None) -> argparse.Namespace:
     check_launch_args(p, args, (("seq_len", 2), ("max_steps", 1), ("save_steps", 1), ("seed", 0)),  # -1 steps: 3 epochs
                       reads=[args.deepspeed, *args.data, args.tokenizer, args.model],
                       output_dirs=[("--output_dir", args.output_dir)], checkpoints=[args.output_dir])
-    taken = sorted(glob.glob(os.path.join(args.output_dir, "checkpoint-*")))
-    if taken and not args.resume:  # the Trainer would replace them one by one, mixing two runs
-        p.error(f"--output_dir {args.output_dir!r} already holds checkpoints ({', '.join(map(os.path.basename, taken[:3]))}"
-                f"{', ...' if len(taken) > 3 else ''}): continue that run with --resume, or choose another --output_dir")
-    steps = [int(n.rsplit("-", 1)[1]) for n in taken if n.rsplit("-", 1)[1].isdigit()]
+    steps = trainer_checkpoints(args.output_dir)
+    if steps and not args.resume:  # the Trainer would replace them one by one, mixing two runs
+        names = [f"checkpoint-{n}" for n in sorted(steps)]
+        p.error(f"--output_dir {args.output_dir!r} already holds checkpoints ({', '.join(names[:3])}"
+                f"{', ...' if len(names) > 3 else ''}): continue that run with --resume, or choose another --output_dir")
     if args.resume and not steps:  # else found after the data, the model and DeepSpeed's start
         p.error(f"--resume: --output_dir {args.output_dir!r} holds no checkpoint-N folder to resume from")
     if args.resume and args.max_steps <= max(steps):  # the Trainer would still take a step, and save it
         p.error(f"--max_steps {args.max_steps}: the last checkpoint in --output_dir is at step {max(steps)}; "
                 f"pass --max_steps > {max(steps)} to train on")
     return args
+
+
+def trainer_checkpoints(output_dir: str) -> List[int]:
+    """The steps of the ``checkpoint-N`` folders in ``output_dir``, as the Trainer's own
+    ``get_last_checkpoint`` finds them (folders named exactly so)."""
+    from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+    names = os.listdir(output_dir) if os.path.isdir(output_dir) else []
+    found = (re.fullmatch(PREFIX_CHECKPOINT_DIR + r"-(\d+)", n) for n in names)
+    return [int(m.group(1)) for m in found if m and os.path.isdir(os.path.join(output_dir, m.group(0)))]
 
 
 def main() -> None:

@@ -179,6 +179,11 @@ def test_every_bad_combination_is_named_at_once():
     for needle in ("  bitter7: scope 'standardized' ranks whole units", "  bitter7: score 'obs' ranks units by the step",
                    "  bitter7: score 'obs' scores whole units"):
         assert any(line.startswith(needle) for line in msg.splitlines()), (needle, msg)
+    with pytest.raises(ValueError) as e:  # a bad key in the same model hid every combination problem
+        parse_config({"bitter7": {"structures": ["unstructured"], "scope": "standardized",
+                                  "bias_compensation": {"enabled": True, "source": "bogus"}}})
+    assert str(e.value).startswith("Invalid 'bitter7' config (2 problem(s)):") and \
+        "scope 'standardized' ranks whole units" in str(e.value), str(e.value)
 
 
 def test_json_integers_are_numbers():

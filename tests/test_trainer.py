@@ -125,6 +125,8 @@ def test_trainer_script_refuses_bad_arguments_before_any_work(tmp_path, capsys):
     hf = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(hf)
     (tmp_path / "used" / "checkpoint-4").mkdir(parents=True)
+    (tmp_path / "used" / "checkpoint-old-100").mkdir()  # not the Trainer's: its step is not 100
+    (tmp_path / "used" / "checkpoint-200").write_text("a file")
     base = ["--deepspeed", str(REPO / "ds_configs" / "cpu_demo.json"), "--output_dir", str(tmp_path / "new")]
     for extra, needle in ((["--seq_len", "1"], "--seq_len must be >= 2, got 1"),
                           (["--max_steps", "-1"], "--max_steps must be >= 1, got -1"),
