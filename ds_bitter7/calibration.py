@@ -8,8 +8,8 @@ float64 count, sum and sum of squares (and, for least squares, the second-moment
 ``X^T X``). ``gather()`` packs every group's vector sums into one vector and all-reduces it once
 (and each group's matrix on its own, on the device it was summed on), so the result is the
 single-process statistic over the union of all ranks' data. Padding does not count:
-when the model is called with an ``attention_mask`` keyword (``[batch, seq]``), the rows of
-masked-out positions are dropped (a forward pre-hook on the model reads the mask).
+when the model is called with an ``attention_mask`` (``[batch, seq]``, by keyword or position),
+the rows of masked-out positions are dropped (a forward pre-hook on the model reads the mask).
 
 Two sources (``bias_compensation.source``):
 - ``calibration``: ``gather()`` runs ``num_batches`` batches of ``calibration_data`` (every rank
@@ -33,6 +33,8 @@ from __future__ import annotations
 import collections
 import collections.abc
 import contextlib
+import functools
+import inspect
 import itertools
 import logging
 from dataclasses import dataclass
@@ -196,6 +198,7 @@ class ActivationStats:
             g.key: collections.deque(maxlen=1 if self.with_matrix else self.window) for g in self.groups}
         self._handles = []
         self._row_mask: Optional[torch.Tensor] = None  # kept rows of the running forward (padding)
+        self._warned_mask = False
         if self.source == StatsSource.training:
             self._register()
 
@@ -207,9 +210,20 @@ class ActivationStats:
         self._handles.append(self.model.register_forward_pre_hook(self._capture_mask, with_kwargs=True))
 
     def _capture_mask(self, module, args, kwargs) -> None:
-        """Remember which token positions of this forward are real (``attention_mask`` != 0)."""
+        """Remember which token positions of this forward are real (``attention_mask`` != 0, given
+        by keyword or by position). A mask of another form (4-D) is not read, and that is said once."""
         mask = kwargs.get("attention_mask")
+        if mask is None and len(args) > 1:  # model(input_ids, attention_mask), as a training loop may call it
+            mask = _bound_argument(module, args, kwargs, "attention_mask")
         self._row_mask = mask.reshape(-1) != 0 if torch.is_tensor(mask) and mask.dim() == 2 else None
+        if torch.is_tensor(mask) and self._row_mask is None:
+            self._unread_mask(f"an attention_mask of shape {tuple(mask.shape)}, not [batch, seq]")
+
+    def _unread_mask(self, why: str) -> None:
+        if not self._warned_mask:
+            self._warned_mask = True
+            log_main("bitter7: %s: padded positions, if any, count in the activation statistics (pass a "
+                     "[batch, seq] attention_mask to drop them)", why, level=logging.WARNING, log=logger)
 
     def remove_hooks(self) -> None:
         """Unregister every forward hook (the pruner is being detached)."""
@@ -229,6 +243,8 @@ class ActivationStats:
             keep = self._row_mask
             if keep is not None and keep.numel() == x.shape[0]:  # drop padded positions
                 x = x[keep.to(x.device)]
+            elif keep is not None:
+                self._unread_mask(f"the attention_mask has {keep.numel()} positions, the input of {key} {x.shape[0]} rows")
             if self._current is not None:  # a calibration pass
                 self._current[key].add_rows(x)
             elif module.training and not _in_backward():  # a training forward
@@ -392,11 +408,12 @@ class ActivationStats:
         counts = {key: int(row[0].item()) for key, row in rows.items()}
         for g in self.groups:
             if counts[g.key] == 0:
-                raise RuntimeError(f"ds_bitter7: no activations of {g.key} were observed on any rank "
-                                   "(source 'training' needs training forward passes before each event; "
-                                   "with least squares or score 'obs' / 'bitter7_obs' only those of the "
-                                   "`window` steps before a scheduled event are kept: for an event at "
-                                   "another time use source 'calibration')")
+                why = ("every position of the calibration batches is masked out by their attention_mask"
+                       if self.source != StatsSource.training else
+                       "source 'training' needs training forward passes before each event; with least squares "
+                       "or score 'obs' / 'bitter7_obs' only those of the `window` steps before a scheduled event "
+                       "are kept: for an event at another time use source 'calibration'")
+                raise RuntimeError(f"ds_bitter7: no activations of {g.key} were observed on any rank ({why})")
         out = {}
         for g in self.groups:
             count, (s, sq) = counts[g.key], rows[g.key][1:].chunk(2)
@@ -461,8 +478,23 @@ def _to(value, device):
     return value
 
 
+@functools.cache
+def _forward_signature(cls) -> inspect.Signature:
+    return inspect.signature(cls.forward)
+
+
+def _bound_argument(module, args, kwargs, name: str):
+    """The value ``module``'s forward receives as ``name`` from this call, or None."""
+    try:
+        return _forward_signature(type(module)).bind_partial(module, *args, **kwargs).arguments.get(name)
+    except TypeError:  # arguments the signature does not take: the forward's own error follows
+        return None
+
+
 def _forward(model, batch, device, index: int) -> None:
     """The model's forward on calibration batch ``index``; its error says which batch it was."""
+    if not isinstance(batch, dict) and not torch.is_tensor(batch):  # a DataLoader's (ids, mask) tuple, say
+        raise ValueError(f"ds_bitter7: calibration batch {index} is a {type(batch).__name__}: {BATCH_FORM}")
     batch = _to(batch, device)
     try:
         if isinstance(batch, dict):

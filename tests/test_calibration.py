@@ -491,3 +491,41 @@ def test_calibration_data_problem():
 def test_a_generator_of_calibration_batches_serves_every_event(world2):
     for res in world2:
         assert len(res["generator"]) == 2 and all(n > 0 for n in res["generator"]), res["generator"]
+
+
+def mask_forms() -> dict:
+    """Source 'training' with the mask given by position (model(input_ids, attention_mask), LLaMA's
+    order): its padded rows must not count (they did); a DataLoader of [ids, mask] pairs, met only
+    at the event (a DataLoader is not iterated at initialize: an AttributeError); batches whose every
+    position is masked out: the error says so (it spoke of source 'training')."""
+    out = {}
+    model = tiny_model("llama")
+    cfg = ds_config(2, "fp32", {"structures": BOTH, "score": "bitter7_variance",
+                                "schedule": {"start_step": 1000, "end_step": 1000},
+                                "bias_compensation": {"enabled": True, "source": "training", "window": 1}})
+    engine, *_ = ds_bitter7.initialize(model=model, model_parameters=model.parameters(), config=cfg)
+    x = batches(1)[0].masked_fill(PAD, 0)
+    engine.backward(engine(x, (~PAD).long(), labels=x).loss)
+    engine.step()
+    out["rows"] = {k: s.count for k, s in ds_bitter7.get_pruner(engine).stats.gather().items()}
+    out["real"] = int((~PAD).sum())
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, (~PAD).long()), batch_size=2)
+    for name, calib in {"pairs": loader,  # [ids, mask] lists: a DataLoader is not iterated at initialize
+                        "all_masked": [{"input_ids": x, "attention_mask": torch.zeros_like(x)}]}.items():
+        model = tiny_model("gpt2")
+        cfg = ds_config(2, "fp32", {"structures": BOTH, "score": "bitter7_variance",
+                                    "schedule": {"start_step": 1000, "end_step": 1000}})
+        engine, *_ = ds_bitter7.initialize(model=model, model_parameters=model.parameters(), config=cfg,
+                                           calibration_data=calib)
+        try:
+            ds_bitter7.get_pruner(engine).stats.gather()
+        except (ValueError, RuntimeError) as err:
+            out[name] = str(err)
+    return out
+
+
+def test_masks_by_position_and_batches_of_the_wrong_form_at_the_event():
+    out = run_distributed(mask_forms, 1, timeout=120)[0]
+    assert set(out["rows"].values()) == {out["real"]}, out
+    assert out["pairs"].startswith("ds_bitter7: calibration batch 0 is a list: each batch is a dict"), out
+    assert "every position of the calibration batches is masked out by their attention_mask" in out["all_masked"]
