@@ -393,20 +393,30 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
     from .config import parse_config
     from .export import export_model, load_config
 
-    check_args(args, None)  # argument errors first, whatever the checkpoint
-    info = inspect_checkpoint(args.checkpoint_dir, args.tag)
-    check_args(args, info)
-    try:
-        config, config_dir = load_config(args.checkpoint_dir, args.model_config)
-    except ExportError as err:
-        raise OneShotError(str(err)) from None
-    args.seq_len = resolve_seq_len(args, info, config)
-    try:
-        cfg = parse_config({"bitter7": bitter7_section(args)})
-    except ValueError as err:
-        raise OneShotError(str(err)) from None
+    def checked() -> Tuple[CheckpointInfo, Any, str, Any]:
+        check_args(args, None)  # argument errors first, whatever the checkpoint
+        info = inspect_checkpoint(args.checkpoint_dir, args.tag)
+        check_args(args, info)
+        try:
+            config, config_dir = load_config(args.checkpoint_dir, args.model_config)
+        except ExportError as err:
+            raise OneShotError(str(err)) from None
+        args.seq_len = resolve_seq_len(args, info, config)
+        try:
+            return info, config, config_dir, parse_config({"bitter7": bitter7_section(args)})
+        except ValueError as err:
+            raise OneShotError(str(err)) from None
+
     init_distributed()
     comm = Communicator()
+    # every rank checks, and a problem on any stops them all: a node whose files differ (a
+    # calibration file missing there) must not leave the others waiting
+    error = None
+    try:
+        info, config, config_dir, cfg = checked()
+    except OneShotError as err:
+        error = err
+    comm.raise_if_any(error, "checking the arguments and the checkpoint", kind=OneShotError)
     # rank 0 writes OUTPUT_DIR: checked before any work (on every rank that sees it), every rank fails alike
     problem = output_dir_problem(args, config_dir)
     if comm.any(problem is not None):

@@ -113,13 +113,11 @@ def named_configs(argv) -> list:
 
 
 def rank0_first(fn, rank: int):
-    """Run ``fn`` on rank 0, then on the others (they reuse rank 0's caches)."""
-    if rank != 0:
-        dist.barrier()
-    out = fn()
-    if rank == 0:
-        dist.barrier()
-    return out
+    """Run ``fn`` on rank 0, then on the others (they reuse rank 0's caches). Collective: an error
+    on any rank stops every rank (a node whose data files differ must not leave the others waiting)."""
+    comm = Communicator()
+    out = comm.call("building the data on rank 0", fn if rank == 0 else lambda: None)
+    return comm.call("building the data", (lambda: out) if rank == 0 else fn)
 
 
 def build_data(args, tokenizer, rank: int):
@@ -341,8 +339,8 @@ def run_loop(args, engine, pruner, tokenizer, train_blocks, val_blocks, world_si
             problems = [p for p in (stale_universal(args.resume),) if p]
         elif os.path.isfile(os.path.join(args.resume, "latest")):
             problems = checkpoint_problems(args.resume, world_size=world_size, zero_stage=engine.zero_optimization_stage())
-        else:
-            problems = []
+        else:  # said on every rank: a node that sees no checkpoint there must not fail alone
+            problems = ["no DeepSpeed checkpoint in it (no 'latest' file)"]
         if Communicator().any(bool(problems)):
             why = "; ".join(problems) or "another rank cannot read it (see its error)"
             raise SystemExit(f"cannot resume from {args.resume!r}: {why}")

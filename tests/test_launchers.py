@@ -478,3 +478,33 @@ def test_resume_under_another_zero_stage_is_named(trained):
         "but this run has ZeRO stage 0: resume with stage 1 or 2" in problems[0], problems
     assert checkpoint_problems(str(ckpt), world_size=2, zero_stage=1) == []
     assert checkpoint_problems(str(ckpt), world_size=2, zero_stage=2) == []
+
+
+def _data_failing_on_rank_1() -> str:
+    """launch/train.py's rank0_first with a data error on rank 1 only (its node lacks a file)."""
+    import importlib.util
+
+    import torch.distributed as dist
+
+    spec = importlib.util.spec_from_file_location("launch_train", REPO / "launch" / "train.py")
+    train = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(train)
+
+    def build():
+        if dist.get_rank() == 1:
+            raise FileNotFoundError("data path 'corpus.txt' does not exist")
+        return "blocks"
+
+    try:
+        return f"built {train.rank0_first(build, dist.get_rank())}"
+    except Exception as err:  # noqa: BLE001 - the test compares what each rank got
+        return f"{type(err).__name__}: {err}"
+
+
+def test_data_error_on_one_rank_stops_every_rank():
+    """Rank 0 went on to DeepSpeed's start and waited there for good (two nodes, one without a file)."""
+    from distributed import run_distributed
+
+    first, second = run_distributed(_data_failing_on_rank_1, 2, timeout=90)
+    assert first == "RuntimeError: building the data failed on another rank; see that rank's error", first
+    assert second == "FileNotFoundError: data path 'corpus.txt' does not exist", second
