@@ -54,6 +54,7 @@ def initialize(args=None, model=None, optimizer=None, model_parameters=None, tra
     """
     import deepspeed
     import torch
+
     ds_config = _config_from(args, config, config_params)
     cfg = parse_config(ds_config)
     if cfg.enabled:
