@@ -171,8 +171,10 @@ def fit_checkpoint_biases(model, info: CheckpointInfo) -> None:
 def frozen_in_training(names: Iterable[str], info: CheckpointInfo) -> List[str]:
     """Those of ``names`` in no optimizer group of the checkpoint: frozen in training (none where
     the checkpoint names no groups)."""
-    listed = {n for group in info.param_groups or () for n in group}
-    return [n for n in names if n not in listed] if info.param_groups else []
+    if not info.param_groups:
+        return []
+    listed = {n for group in info.param_groups for n in group}
+    return [n for n in names if n not in listed]
 
 
 def saved_param_groups(model, info: CheckpointInfo):

@@ -21,7 +21,6 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import datasets
 import deepspeed
-import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
@@ -129,7 +128,6 @@ def build_data(args, tokenizer, rank: int):
                                                         hub_config=args.data_config), rank)
 
 
-@torch.no_grad()
 def evaluate(engine, loader, n_batches: int) -> Tuple[float, float]:
     """(mean token loss, perplexity) over ``n_batches`` per rank, token-weighted over all ranks. Collective."""
     loss = token_loss(engine, loader, n_batches, Communicator())
