@@ -8,14 +8,16 @@ calibration data), reads the ``"bitter7"`` section of the same config, and retur
 from __future__ import annotations
 
 import copy
+import logging
 from typing import List, Optional
 
 from . import models as models  # noqa: F401  (registers bitter7_gpt2 / bitter7_llama with the Auto classes)
-from .comm import release_shm_buffers
+from .comm import log_main, release_shm_buffers
 from .config import (
     Bitter7Config,
     check_deepspeed_support,
     check_same_on_every_rank,
+    enum_name,
     load_ds_config,
     parse_config,
 )
@@ -32,6 +34,7 @@ __all__ = [
 ]
 
 _ATTR = "_bitter7_pruner"
+logger = logging.getLogger(__name__)
 
 
 def _config_from(args, config, config_params):
@@ -90,11 +93,23 @@ def prepare_model(model, config) -> List[str]:
     cfg = config if isinstance(config, Bitter7Config) else parse_config(config)
     if cfg.enabled and not isinstance(config, Bitter7Config):
         check_deepspeed_support(load_ds_config(config))
+    if cfg.enabled:
+        _warn_if_unexportable(model, cfg)
     if cfg.enabled and cfg.bias_compensation.enabled:
         from .compensation import add_missing_out_biases
 
         return add_missing_out_biases(model, cfg)
     return []
+
+
+def _warn_if_unexportable(model, cfg: Bitter7Config) -> None:
+    """Said now, not when the export refuses it after training (``shrink.window_export_problem``)."""
+    from .shrink import window_export_problem
+
+    problem = window_export_problem(getattr(model, "config", None), [enum_name(k) for k in cfg.structures],
+                                    enum_name(cfg.scope), cfg.bias_compensation.enabled)
+    if problem:
+        log_main("%s; training and the masked model are not affected", problem, level=logging.WARNING, log=logger)
 
 
 def _add_to_client_optimizer(optimizer, new) -> None:

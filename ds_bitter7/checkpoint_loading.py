@@ -27,6 +27,7 @@ from .checkpoint_files import (
     zero3_problem,
     zero_file_problems,
 )
+from .comm import mark_every_rank, rank_list, ranks_not_sharing
 from .state import MODEL_STATES_FILE as MODEL_STATES
 
 logger = logging.getLogger(__name__)
@@ -198,14 +199,26 @@ def saved_param_groups(model, info: CheckpointInfo):
 def to_universal(info: CheckpointInfo, work_dir: str, comm) -> str:
     """Convert a ZeRO-1/2 checkpoint to DeepSpeed's universal format (rank 0); returns the folder
     to load from with ``load_universal``. Collective: every rank must call this."""
-    error = None
     out = os.path.join(work_dir, info.tag)
+
+    def make_work_dir() -> None:
+        shutil.rmtree(work_dir, ignore_errors=True)  # an earlier run's (output_dir_problem checked the mark)
+        os.makedirs(work_dir)
+        with open(os.path.join(work_dir, UNIVERSAL_MARK), "w") as f:
+            f.write("a universal checkpoint made by ds_bitter7.oneshot; deleted after loading\n")
+
+    comm.call(f"making {work_dir!r}", make_work_dir if comm.rank == 0 else lambda: None)
+    unseen = ranks_not_sharing(work_dir, comm)
+    if unseen:  # found alike on every rank, before the conversion: else the others failed to load it
+        if comm.rank == 0:
+            shutil.rmtree(work_dir, ignore_errors=True)
+        error = OneShotError(f"rank 0 converts the checkpoint for {comm.world_size} ranks into {work_dir!r}, which "
+                             f"rank(s) {rank_list(unseen)} do not see: put OUTPUT_DIR on a file system every node sees")
+        mark_every_rank(error)
+        raise error
+    error = None
     if comm.rank == 0:
         try:
-            shutil.rmtree(work_dir, ignore_errors=True)  # an earlier run's (output_dir_problem checked the mark)
-            os.makedirs(work_dir)
-            with open(os.path.join(work_dir, UNIVERSAL_MARK), "w") as f:
-                f.write("a universal checkpoint made by ds_bitter7.oneshot; deleted after loading\n")
             cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", info.folder,
                    "--output_folder", out, "--inject_missing_state", "--num_extract_workers", "1",
                    "--num_merge_workers", "1"]

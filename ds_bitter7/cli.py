@@ -1,13 +1,14 @@
 """Argument checks shared by the launch scripts (``launch/train.py``, ``launch/train_hf_trainer.py``):
-made before any work, so a bad value fails in a second, not after a model load or a training run."""
+made before any work, so a bad value fails in a second, not after a model load or a training run.
+Values are checked before the ranks start; paths, once they have (a node's disk may differ)."""
 
 from __future__ import annotations
 
 import argparse
 import os
-from typing import Optional, Sequence, Tuple
+from typing import Callable, List, Optional, Sequence, Tuple
 
-from .comm import launch_rank
+from .comm import Communicator, rank_list, ranks_not_sharing
 from .export import TOKENIZER_FILES, is_within, nearest_existing
 from .modeling import parse_overrides
 from .state import MODEL_STATES_FILE
@@ -19,14 +20,10 @@ CHECKPOINT_FILES = ("latest", "latest_universal", "zero_to_fp32.py", "zero_to_to
 
 
 def check_launch_args(parser: argparse.ArgumentParser, args: argparse.Namespace,
-                      minimums: Sequence[Tuple[str, int]], reads: Sequence[Optional[str]] = (),
-                      output_dirs: Sequence[Tuple[str, Optional[str]]] = (),
-                      checkpoints: Sequence[Optional[str]] = ()) -> None:
-    """``parser.error`` (exit 2, usage shown) for an argument below its minimum (``(name, least)``),
-    a ``--model_overrides`` that is no JSON object (else parsed in place), an output folder
-    (``(flag, path)``, written by every rank) that cannot be made or written, or, on the rank that
-    writes it, a ``--summary`` that is a folder, cannot be made, or would replace a file the run
-    reads (``reads``: inputs, files or folders) or one of its checkpoints' (``checkpoints``: folders)."""
+                      minimums: Sequence[Tuple[str, int]]) -> None:
+    """``parser.error`` (exit 2, usage shown) for an argument below its minimum (``(name, least)``)
+    or a ``--model_overrides`` that is no JSON object (else parsed in place). These read no file, so
+    every node finds the same: checked before any rank starts (the paths: ``path_problems``)."""
     for key, least in minimums:
         if getattr(args, key) < least:
             parser.error(f"--{key} must be >= {least}, got {getattr(args, key)}")
@@ -34,14 +31,54 @@ def check_launch_args(parser: argparse.ArgumentParser, args: argparse.Namespace,
         args.model_overrides = parse_overrides(args.model_overrides)
     except ValueError as err:
         parser.error(str(err))
-    for flag, path in output_dirs:  # else found at the first save, after training
-        problem = folder_problem(path, flag) if path else None
-        if problem:
-            parser.error(problem)
-    if args.summary and launch_rank() == 0:  # only rank 0 writes it: another node need not see the path
-        problem = summary_problem(args.summary, reads, checkpoints)
-        if problem:
-            parser.error(problem)
+
+
+def path_problems(rank: int, summary: Optional[str], reads: Sequence[Optional[str]] = (),
+                  output_dirs: Sequence[Tuple[str, Optional[str]]] = (),
+                  checkpoints: Sequence[Optional[str]] = ()) -> List[str]:
+    """Why this rank cannot write the run's outputs: an output folder (``(flag, path)``, written by
+    every rank) that cannot be made or written, or, on rank 0 (only it writes the summary, so
+    another node need not see the path), a ``--summary`` that is a folder, cannot be made, or would
+    replace a file the run reads (``reads``: inputs, files or folders) or one of its checkpoints'
+    (``checkpoints``: folders). Found before any work: else at the first save, after training.
+    A node's disk may differ from the others': pass them to ``exit_on_every_rank``."""
+    problems = [problem for flag, path in output_dirs if path
+                for problem in (folder_problem(path, flag),) if problem]
+    if summary and rank == 0:
+        problems += [p for p in (summary_problem(summary, reads, checkpoints),) if p]
+    return problems
+
+
+def problems_of(check: Callable[[], List[str]]) -> List[str]:
+    """``check()``'s problems, or the ``OSError`` it raised as one (a folder this rank cannot list):
+    for ``exit_on_every_rank``, which a rank must reach even when its check fails."""
+    try:
+        return check()
+    except OSError as err:
+        return [f"cannot check the arguments' paths: {err}"]
+
+
+def exit_on_every_rank(*problems: Optional[str], elsewhere: str) -> None:
+    """``SystemExit`` on every rank when any rank has a problem (``None``: none): its own, one
+    per line, or ``elsewhere`` (what another rank refused) on the others. A node whose files
+    differ must not leave the others waiting. Collective: every rank calls it, in the same order."""
+    mine = [p for p in problems if p]
+    if Communicator().any(bool(mine)):
+        raise SystemExit("\n".join(mine) if mine else f"{elsewhere} (see that rank's error)")
+
+
+def unshared_problem(path: str, flag: str) -> Optional[str]:
+    """Why ``path``, a checkpoint folder every rank writes in, is not one folder for all ranks (a
+    folder local to each node), else None. Rank 0 makes it where missing.
+
+    Collective: every rank must call this, in the same order; every rank gets the same answer.
+    """
+    ranks = ranks_not_sharing(path, Communicator())
+    if not ranks:
+        return None
+    return (f"{flag} {path!r} is not on a file system every node sees: rank(s) {rank_list(ranks)} do not "
+            "see a file rank 0 wrote there. Each rank writes its own ZeRO files into it and rank 0 the rest, so "
+            "no node would hold a whole checkpoint: put it on a file system shared by all nodes")
 
 
 def folder_problem(path: str, flag: str) -> Optional[str]:
@@ -66,7 +103,7 @@ def unwritable(path: str, flag: str) -> Optional[str]:
 
 
 def summary_problem(summary: str, reads: Sequence[Optional[str]], checkpoints: Sequence[Optional[str]]) -> Optional[str]:
-    """Why ``--summary`` cannot be written (see ``check_launch_args``), or None."""
+    """Why ``--summary`` cannot be written (see ``path_problems``), or None."""
     name = f"--summary {summary!r}"
     if os.path.isdir(summary):
         return f"{name} is a folder: name a file"

@@ -12,12 +12,13 @@ import glob
 import hashlib
 import logging
 import os
+import secrets
 import socket
 import sys
 import time
 import traceback
 from dataclasses import dataclass, field
-from typing import Callable, Dict, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -198,8 +199,11 @@ def abort_job_on_error(unless: Tuple[type, ...] = ()):
 
 
 def is_main_process() -> bool:
-    """True on global rank 0 (and without torch.distributed)."""
-    return world_size_and_rank()[1] == 0
+    """True on global rank 0: before torch.distributed starts, the rank its launcher set (a plain
+    ``python`` is rank 0)."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank() == 0
+    return launch_rank() == 0
 
 
 def log_main(msg: str, *args, level: int = logging.INFO, log: Optional[logging.Logger] = None) -> None:
@@ -305,6 +309,70 @@ class Communicator:
             error = e
         self.raise_if_any(error, what)
         return out
+
+
+SHARED_WAIT_ENV = "DS_BITTER7_SHARED_FS_WAIT"  # seconds a rank looks for rank 0's marker (``ranks_not_sharing``)
+SHARED_WAIT_S = 65.0  # an NFS client may trust a cached "no such file" up to its acdirmax (60 s by default)
+
+
+def ranks_not_sharing(folder: str, comm: Communicator) -> List[int]:
+    """The ranks that do not see what rank 0 writes in ``folder`` (a folder local to each node,
+    where a file system every node sees was meant; rank 0 makes it where missing). Rank 0 writes
+    a marker named by a number it draws; every rank looks for it, a rank that misses it for up to
+    ``$DS_BITTER7_SHARED_FS_WAIT`` seconds (default 65, for a network file system's cached
+    lookups); rank 0 removes it.
+
+    Collective: every rank must call this, in the same order.
+    """
+    if comm.world_size == 1:
+        return []
+    drawn = secrets.randbits(62) if comm.rank == 0 else 0
+    token = int(comm.all_reduce_max(torch.tensor([drawn], dtype=torch.int64)).item())
+    mark = os.path.join(folder, f".ds_bitter7_shared_{token:x}")
+
+    def write_mark() -> None:
+        os.makedirs(folder, exist_ok=True)
+        with open(mark, "w", encoding="utf-8"):
+            pass
+
+    # also a barrier: the marker is there before any rank looks
+    comm.call(f"writing in {folder!r}", write_mark if comm.rank == 0 else lambda: None)
+    missing = torch.zeros(comm.world_size, dtype=torch.int32)
+    missing[comm.rank] = int(not _appears(mark, _shared_wait_s()))
+    missing = comm.all_reduce_sum(missing)  # every rank has looked
+    if comm.rank == 0:
+        with contextlib.suppress(OSError):  # a marker left behind is harmless; a rank failing alone is not
+            os.remove(mark)
+    return [r for r in range(comm.world_size) if missing[r]]
+
+
+def rank_list(ranks: List[int], shown: int = 8) -> str:
+    """``ranks`` for a message: the first ``shown``, then how many more."""
+    more = len(ranks) - shown
+    return ", ".join(map(str, ranks[:shown])) + (f" and {more} more" if more > 0 else "")
+
+
+def _shared_wait_s() -> float:
+    try:
+        return max(0.0, float(os.environ.get(SHARED_WAIT_ENV, SHARED_WAIT_S)))
+    except ValueError:
+        logger.warning("%s=%r is no number of seconds: waiting %.0f s", SHARED_WAIT_ENV,
+                       os.environ[SHARED_WAIT_ENV], SHARED_WAIT_S)
+        return SHARED_WAIT_S
+
+
+def _appears(path: str, wait_s: float) -> bool:
+    """Whether the file ``path`` is there, or appears within ``wait_s`` seconds (polled each second,
+    listing the folders above it, which makes a network file system's client look again)."""
+    deadline = time.monotonic() + wait_s
+    while not os.path.isfile(path):
+        if time.monotonic() >= deadline:
+            return False
+        for folder in (os.path.dirname(path), os.path.dirname(os.path.dirname(path))):
+            with contextlib.suppress(OSError):
+                os.listdir(folder)
+        time.sleep(1.0)  # polling a file system, not timing anything
+    return True
 
 
 class LocalComm(Communicator):

@@ -49,8 +49,9 @@ from .evaluation import perplexity
 from .export import is_within, json_safe
 from .modeling import max_positions
 from .scores import get_scorer
+from .shrink import window_export_problem
 from .state import MODEL_STATES_FILE as MODEL_STATES
-from .structures import unit_groups, unstructured_params
+from .structures import adapter_for, unit_groups, unstructured_params
 from .threshold import n_to_prune
 
 logger = logging.getLogger(__name__)
@@ -401,6 +402,15 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
             config, config_dir = load_config(args.checkpoint_dir, args.model_config)
         except ExportError as err:
             raise OneShotError(str(err)) from None
+        try:  # before the data is read and the checkpoint loaded
+            adapter_for(getattr(config, "model_type", None))
+        except ValueError as err:
+            raise OneShotError(f"{config_dir}: {err}") from None
+        unexportable = window_export_problem(config, args.structures, args.scope, args.compensation != "none")
+        if unexportable:  # else found by the export, after the whole run
+            fixes = [f for f, bad in (("--scope per_layer", args.scope != "per_layer"),
+                                      ("--compensation none", args.compensation != "none")) if bad]
+            raise OneShotError(f"{config_dir}: {unexportable}: pass {' '.join(fixes)}")
         args.seq_len = resolve_seq_len(args, info, config)
         try:
             return info, config, config_dir, parse_config({"bitter7": bitter7_section(args)})

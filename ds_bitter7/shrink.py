@@ -284,7 +284,7 @@ def build_config(config, counts: Mapping[str, int], extra_flags: Optional[Dict[s
         except Exception as err:  # ValueError, or huggingface_hub's strict-dataclass validation error
             why = f"the standard {config.model_type} config refuses the shape ({err})"
             logger.info("standard %s config cannot express the shape (%s); using bitter7_llama", config.model_type, err)
-    window = _binding_sliding_window(config)
+    window = binding_sliding_window(config)
     widths = {"intermediate_sizes": mlp, "num_heads_per_layer": [a * q_per_unit for a in attn],
               "num_kv_heads_per_layer": attn, "head_dim": head_dim}
     if window is not None and config.model_type in ("mistral", "bitter7_mistral"):
@@ -300,7 +300,21 @@ def build_config(config, counts: Mapping[str, int], extra_flags: Optional[Dict[s
     return Bitter7LlamaConfig(**{**data, **widths})
 
 
-def _binding_sliding_window(config) -> Optional[int]:
+def window_export_problem(config, structures: Sequence[str], scope: str, compensation: bool) -> Optional[str]:
+    """Why a model whose ``structures`` are pruned with ``scope`` (and compensation biases, with
+    ``compensation``) cannot be exported smaller: a Qwen2 model whose sliding window binds exports
+    only as a standard ``qwen2`` (``build_config``: the same widths in every block, no biases its
+    class cannot hold); else None. Unstructured pruning changes no width."""
+    window = binding_sliding_window(config) if getattr(config, "model_type", None) == "qwen2" else None
+    why = [w for w, bad in ((f"scope {scope}", scope != "per_layer"), ("bias compensation", compensation)) if bad]
+    if window is None or not why or not set(structures) & {"mlp_neuron", "attention_head"}:
+        return None
+    return (f"this qwen2 model's sliding window ({window} tokens) binds: with {' and '.join(why)} its pruned "
+            "model cannot be exported smaller (only a standard qwen2 keeps the window: scope per_layer, "
+            "no bias compensation)")
+
+
+def binding_sliding_window(config) -> Optional[int]:
     """The attention window of a Mistral / Qwen2 config when it can change the output, else None."""
     window = getattr(config, "sliding_window", None)
     if config.model_type == "qwen2":  # its blocks slide where layer_types says so (from max_window_layers)

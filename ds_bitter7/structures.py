@@ -295,7 +295,11 @@ def register_adapter(model_type: str, adapter: Adapter) -> None:
 
 def get_adapter(model: nn.Module) -> Adapter:
     """The adapter for ``model.config.model_type``; raises with the supported list."""
-    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    return adapter_for(getattr(getattr(model, "config", None), "model_type", None))
+
+
+def adapter_for(model_type: Optional[str]) -> Adapter:
+    """The adapter for ``model_type``; ``ValueError`` naming the supported types."""
     if model_type not in ADAPTERS:
         raise ValueError(f"ds_bitter7 has no structure adapter for model_type={model_type!r} "
                          f"(supported: {sorted(ADAPTERS)}); register one with "

@@ -29,11 +29,11 @@ try:
 except ImportError:  # run from a checkout without `pip install -e .`
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     import ds_bitter7
+from ds_bitter7 import cli, modeling
 from ds_bitter7 import data as dsdata
-from ds_bitter7 import modeling
 from ds_bitter7.calibration import needs_stats
 from ds_bitter7.checkpoint_files import checkpoint_problems
-from ds_bitter7.cli import check_launch_args
+from ds_bitter7.cli import check_launch_args, exit_on_every_rank
 from ds_bitter7.comm import Communicator, abort_job_on_error, init_distributed
 from ds_bitter7.config import load_ds_config, parse_config
 from ds_bitter7.evaluation import perplexity_of, token_loss
@@ -91,12 +91,18 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     if args.resume is not None and not args.resume:
         p.error("--resume needs a folder or --save_dir")
     check_launch_args(p, args, (("steps", 0), ("seq_len", 2), ("eval_every", 0), ("eval_batches", 1),
-                                ("calibration_batches", 0), ("save_every", 0), ("seed", 0)),
-                      reads=[args.config, *args.data, args.tokenizer, args.model],
-                      output_dirs=[("--save_dir", args.save_dir)], checkpoints=[args.save_dir, args.resume])
-    if args.resume and os.path.lexists(args.resume) and not os.path.isdir(args.resume):
-        p.error(f"--resume {args.resume!r} is a file, not a folder")
+                                ("calibration_batches", 0), ("save_every", 0), ("seed", 0)))
     return args
+
+
+def path_problems(args, rank: int) -> List[str]:
+    """What this rank's file system refuses in the arguments (``cli.path_problems``, a ``--resume``
+    file, a ``--save_dir`` of another run's): made on every rank once the ranks have started."""
+    problems = cli.path_problems(rank, args.summary, reads=[args.config, *args.data, args.tokenizer, args.model],
+                                 output_dirs=[("--save_dir", args.save_dir)], checkpoints=[args.save_dir, args.resume])
+    if args.resume and os.path.lexists(args.resume) and not os.path.isdir(args.resume):
+        problems.append(f"--resume {args.resume!r} is a file, not a folder")
+    return problems + [p for p in (save_dir_problem(args),) if p]
 
 
 def named_configs(argv) -> list:
@@ -213,28 +219,34 @@ def train(args) -> Dict[str, Any]:
     if rank != 0:
         datasets.disable_progress_bars()
     deepspeed.runtime.utils.set_random_seed(args.seed)
-    taken = save_dir_problem(args)
-    if Communicator().any(taken is not None):  # a node whose disk differs must not leave the others waiting
-        raise SystemExit(taken or "another rank finds --save_dir holding checkpoints (see its error)")
+    comm = Communicator()
+    exit_on_every_rank(*cli.problems_of(lambda: path_problems(args, rank)),
+                       elsewhere="another rank refuses the arguments' paths")
+    unshared = cli.unshared_problem(args.save_dir, "--save_dir") if args.save_dir else None
+    if unshared:  # found alike on every rank
+        raise SystemExit(unshared)
     problem = None
     try:  # before data and model are built: a bad config fails in a second
         ds_config = load_ds_config(args.config)
         bitter7 = parse_config(ds_config)
     except ValueError as err:
         problem = f"launch/train.py --config {args.config}: {err}"
-    if Communicator().any(problem is not None):  # on every rank: a node whose file differs must not leave the others waiting
-        raise SystemExit(problem or f"another rank cannot read --config {args.config} (see its error)")
+    exit_on_every_rank(problem, elsewhere=f"another rank cannot read --config {args.config}")
     if args.tokenizer is None:  # the run's own (saved beside its checkpoints) or the model folder's, as one-shot
         args.tokenizer = dsdata.tokenizer_beside(args.resume) or dsdata.tokenizer_beside(args.model)
-    tokenizer = dsdata.get_tokenizer(args.tokenizer)
+        if not comm.same(str(args.tokenizer)):  # a node without the saved files would tokenize bytes
+            raise SystemExit(f"the ranks find different tokenizers beside --resume / --model (this rank: "
+                             f"{args.tokenizer or 'bytes'}): a node misses the saved files; pass --tokenizer")
+    # collective: a tokenizer or model folder missing on one node stops every rank
+    tokenizer = comm.call("loading the tokenizer", dsdata.get_tokenizer, args.tokenizer)
     # the model before the data: a wrong --model or --model_overrides fails before a long tokenization
     saved = saved_model_config(args.resume) if args.resume else {}
     # the built-ins' position table: the checkpoint's where this --seq_len fits it (a resume may change it)
     positions = next((saved[k] for k in ("n_positions", "max_position_embeddings")
                       if isinstance(saved.get(k), int) and saved[k] >= args.seq_len), max(args.seq_len, 256))
-    model = modeling.build_model(args.model, dsdata.tokenizer_vocab_size(tokenizer),
-                                 max_positions=positions, seed=args.seed,
-                                 overrides=args.model_overrides, eos_token_id=dsdata.eos_id(tokenizer))
+    model = comm.call("building the model", lambda: modeling.build_model(
+        args.model, dsdata.tokenizer_vocab_size(tokenizer), max_positions=positions, seed=args.seed,
+        overrides=args.model_overrides, eos_token_id=dsdata.eos_id(tokenizer)))
     problem = None
     mismatch = model_mismatch(saved, model.config)
     if mismatch:  # DeepSpeed's loading would fail on every rank with a size-mismatch traceback
@@ -249,8 +261,7 @@ def train(args) -> Dict[str, Any]:
     if problem is None and positions and args.seq_len > positions:  # the embedding would fail on the first batch
         problem = (f"--seq_len {args.seq_len} is longer than the model's {positions} positions: "
                    f"pass --seq_len <= {positions}")
-    if Communicator().any(problem is not None):  # a node whose files differ must not leave the others waiting
-        raise SystemExit(problem or "another rank cannot build the model to resume (see its error)")
+    exit_on_every_rank(problem, elsewhere="another rank cannot build the model to resume")
     train_blocks, val_blocks = build_data(args, tokenizer, rank)
     logger.info("data: %d train / %d validation blocks of %d tokens, %d ranks",
                 len(train_blocks), len(val_blocks), args.seq_len, world_size)

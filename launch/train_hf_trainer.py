@@ -21,10 +21,11 @@ try:
 except ImportError:  # run from a checkout without `pip install -e .`
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     import ds_bitter7  # noqa: F401
+from ds_bitter7 import cli, modeling
 from ds_bitter7 import data as dsdata
-from ds_bitter7 import modeling
-from ds_bitter7.cli import check_launch_args
-from ds_bitter7.comm import abort_job_on_error, init_distributed, launched_by_mpi
+from ds_bitter7.cli import check_launch_args, exit_on_every_rank
+from ds_bitter7.comm import Communicator, abort_job_on_error, init_distributed
+from ds_bitter7.config import load_ds_config
 from ds_bitter7.hf_trainer import Bitter7Callback, prepare_model
 
 
@@ -69,20 +70,28 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--local_rank", "--local-rank", type=int, default=-1)
     args = p.parse_args(argv)
-    check_launch_args(p, args, (("seq_len", 2), ("max_steps", 1), ("save_steps", 1), ("seed", 0)),  # -1 steps: 3 epochs
-                      reads=[args.deepspeed, *args.data, args.tokenizer, args.model],
-                      output_dirs=[("--output_dir", args.output_dir)], checkpoints=[args.output_dir])
+    check_launch_args(p, args, (("seq_len", 2), ("max_steps", 1), ("save_steps", 1), ("seed", 0)))  # -1 steps: 3 epochs
+    return args
+
+
+def path_problems(args, rank: int) -> List[str]:
+    """What this rank's file system refuses in the arguments (``cli.path_problems``, and the
+    ``checkpoint-N`` folders in --output_dir against --resume and --max_steps): made on every rank
+    once the ranks have started."""
+    problems = cli.path_problems(rank, args.summary, reads=[args.deepspeed, *args.data, args.tokenizer, args.model],
+                                 output_dirs=[("--output_dir", args.output_dir)], checkpoints=[args.output_dir])
     steps = trainer_checkpoints(args.output_dir)
     if steps and not args.resume:  # the Trainer would replace them one by one, mixing two runs
         names = [f"checkpoint-{n}" for n in sorted(steps)]
-        p.error(f"--output_dir {args.output_dir!r} already holds checkpoints ({', '.join(names[:3])}"
-                f"{', ...' if len(names) > 3 else ''}): continue that run with --resume, or choose another --output_dir")
+        problems.append(f"--output_dir {args.output_dir!r} already holds checkpoints ({', '.join(names[:3])}"
+                        f"{', ...' if len(names) > 3 else ''}): continue that run with --resume, or choose another "
+                        "--output_dir")
     if args.resume and not steps:  # else found after the data, the model and DeepSpeed's start
-        p.error(f"--resume: --output_dir {args.output_dir!r} holds no checkpoint-N folder to resume from")
-    if args.resume and args.max_steps <= max(steps):  # the Trainer would still take a step, and save it
-        p.error(f"--max_steps {args.max_steps}: the last checkpoint in --output_dir is at step {max(steps)}; "
-                f"pass --max_steps > {max(steps)} to train on")
-    return args
+        problems.append(f"--resume: --output_dir {args.output_dir!r} holds no checkpoint-N folder to resume from")
+    if args.resume and steps and args.max_steps <= max(steps):  # the Trainer would still take a step, and save it
+        problems.append(f"--max_steps {args.max_steps}: the last checkpoint in --output_dir is at step {max(steps)}; "
+                        f"pass --max_steps > {max(steps)} to train on")
+    return problems
 
 
 def trainer_checkpoints(output_dir: str) -> List[int]:
@@ -101,17 +110,22 @@ def main() -> None:
     from deepspeed.accelerator import get_accelerator
     from transformers import Trainer, TrainingArguments
 
-    if launched_by_mpi():  # accelerate reads rank, world and address from the env only: mpi4py finds them
-        init_distributed()
-
-    with open(args.deepspeed, encoding="utf-8") as f:
-        ds_config = json.load(f)
-    tokenizer = dsdata.get_tokenizer(args.tokenizer)
-    train, _ = dsdata.build_lm_datasets(args.data, tokenizer, args.seq_len, seed=args.seed,
-                                        hub_config=args.data_config)
-    model = modeling.build_model(args.model, dsdata.tokenizer_vocab_size(tokenizer), seed=args.seed,
-                                 max_positions=max(args.seq_len, 256),
-                                 overrides=args.model_overrides, eos_token_id=dsdata.eos_id(tokenizer))
+    # the group first (accelerate reuses it; under mpirun it reads rank, world and address from the env
+    # only, which mpi4py finds), so a problem on one node only stops every rank
+    _, rank = init_distributed()
+    exit_on_every_rank(*cli.problems_of(lambda: path_problems(args, rank)),
+                       elsewhere="another rank refuses the arguments' paths")
+    unshared = cli.unshared_problem(args.output_dir, "--output_dir")
+    if unshared:  # found alike on every rank
+        raise SystemExit(unshared)
+    comm = Communicator()
+    ds_config = comm.call(f"reading --deepspeed {args.deepspeed}", load_ds_config, args.deepspeed)
+    tokenizer = comm.call("loading the tokenizer", dsdata.get_tokenizer, args.tokenizer)
+    train, _ = comm.call("building the data", lambda: dsdata.build_lm_datasets(
+        args.data, tokenizer, args.seq_len, seed=args.seed, hub_config=args.data_config))
+    model = comm.call("building the model", lambda: modeling.build_model(
+        args.model, dsdata.tokenizer_vocab_size(tokenizer), seed=args.seed, max_positions=max(args.seq_len, 256),
+        overrides=args.model_overrides, eos_token_id=dsdata.eos_id(tokenizer)))
     positions = modeling.max_positions(model.config)
     if positions and args.seq_len > positions:  # the embedding would fail on the first batch
         raise SystemExit(f"--seq_len {args.seq_len} is longer than the model's {positions} positions: "

@@ -367,9 +367,10 @@ def test_save_dir_check_compares_folders_not_strings(tmp_path):
 
 
 def test_bad_arguments_are_refused_before_any_work(tmp_path, capsys):
-    """Checked when the arguments are parsed (the same on every rank): the run would otherwise
-    fail after training (a --save_dir or --summary path of the wrong kind), fail without naming
-    the option, or report a made-up perplexity (--eval_batches 0)."""
+    """Values checked when the arguments are parsed (the same on every rank), paths once the ranks
+    have started (``path_problems``): the run would otherwise fail after training (a --save_dir or
+    --summary path of the wrong kind), fail without naming the option, or report a made-up
+    perplexity (--eval_batches 0)."""
     import importlib.util
 
     spec = importlib.util.spec_from_file_location("launch_train", REPO / "launch" / "train.py")
@@ -382,18 +383,6 @@ def test_bad_arguments_are_refused_before_any_work(tmp_path, capsys):
                           (["--seq_len", "1"], "--seq_len must be >= 2, got 1"),
                           (["--model_overrides", "{n_layer: 2}"], "--model_overrides is not valid JSON"),
                           (["--model_overrides", "[2]"], "--model_overrides must be a JSON object"),
-                          (["--save_dir", str(tmp_path / "afile")], "is a file, not a folder"),
-                          (["--summary", str(tmp_path)], "is a folder: name a file"),
-                          (["--save_dir", str(tmp_path / "afile" / "ckpt")], "afile' is a file, not a folder"),
-                          (["--summary", str(tmp_path / "afile" / "s.json")], "afile' is a file, not a folder"),
-                          # the summary replaced the run's own data, config or checkpoint files
-                          (["--data", str(tmp_path / "afile"), "--summary", str(tmp_path / "afile")],
-                           "which this run reads: name another file"),
-                          (["--summary", base[1]], "which this run reads"),
-                          (["--save_dir", str(tmp_path), "--summary", str(tmp_path / "latest")],
-                           "would replace a file of the checkpoints in"),
-                          (["--resume", str(tmp_path), "--summary", str(tmp_path / "global_step4" / "s.json")],
-                           "would replace a file of the checkpoints in"),
                           (["--deepspeed_config", str(REPO / "ds_configs" / "cpu_demo.json")],
                            "name different configs: give one"),
                           # the launch scripts pass --config (or --deepspeed_config) before the user's
@@ -402,9 +391,27 @@ def test_bad_arguments_are_refused_before_any_work(tmp_path, capsys):
         with pytest.raises(SystemExit):
             train.parse_args(base + extra)
         assert needle in capsys.readouterr().err, extra
+    # the paths: on each rank once the ranks have started (a node's disk may differ from the others')
+    for extra, needle in ((["--save_dir", str(tmp_path / "afile")], "is a file, not a folder"),
+                          (["--summary", str(tmp_path)], "is a folder: name a file"),
+                          (["--save_dir", str(tmp_path / "afile" / "ckpt")], "afile' is a file, not a folder"),
+                          (["--summary", str(tmp_path / "afile" / "s.json")], "afile' is a file, not a folder"),
+                          (["--resume", str(tmp_path / "afile")], "is a file, not a folder"),
+                          # the summary replaced the run's own data, config or checkpoint files
+                          (["--data", str(tmp_path / "afile"), "--summary", str(tmp_path / "afile")],
+                           "which this run reads: name another file"),
+                          (["--summary", base[1]], "which this run reads"),
+                          (["--save_dir", str(tmp_path), "--summary", str(tmp_path / "latest")],
+                           "would replace a file of the checkpoints in"),
+                          (["--resume", str(tmp_path), "--summary", str(tmp_path / "global_step4" / "s.json")],
+                           "would replace a file of the checkpoints in")):
+        problems = train.path_problems(train.parse_args(base + extra), rank=0)
+        assert any(needle in p for p in problems), (extra, problems)
+        if "--summary" in extra and "--save_dir" not in extra and "--resume" not in extra:
+            assert not train.path_problems(train.parse_args(base + extra), rank=1)  # only rank 0 writes it
     for ok in (["--save_dir", str(tmp_path), "--summary", str(tmp_path / "reports" / "summary.json")],
                ["--resume", str(tmp_path / "not_yet"), "--summary", str(tmp_path / "summary.json")]):
-        train.parse_args(base + ok)  # beside the checkpoints, or in a folder of the user's there: fine
+        assert not train.path_problems(train.parse_args(base + ok), rank=0)  # beside the checkpoints, or in a folder of the user's there: fine
     args = train.parse_args(base + ["--model_overrides", '{"n_layer": 2}', "--deepspeed_config", base[1]])
     assert args.model_overrides == {"n_layer": 2} and args.config == base[1]  # the same config twice
     exported = tmp_path / "exported"  # a model folder, not a checkpoint folder: its config.json is kept
@@ -420,6 +427,45 @@ def test_seq_len_beyond_the_model_positions_is_named(tmp_path):
     out = run([str(VENV_BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", str(free_port()),
                *train_args(tmp_path, tmp_path / "summary.json", ["--model_overrides", small])], tmp_path, fails=True)
     assert "--seq_len 32 is longer than the model's 16 positions" in out and "IndexError" not in out
+
+
+def _train_where_node_1_differs(tmp_path, flag: str, path, suffix: str, extra=()) -> str:
+    """launch/train.py on two ranks given ``flag path``, where rank 1 (a node of its own) finds
+    ``path`` + ``suffix`` instead: the same argument naming another file on that node. Fails."""
+    per_node = (f'if [ "$RANK" = 1 ]; then d="$0{suffix}"; else d="$0"; fi; '
+                f'export DS_BITTER7_SHARED_FS_WAIT=0; exec "$@" {flag} "$d"')  # a local disk: no cached lookups
+    return run([str(VENV_BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", str(free_port()), "--no-python",
+                "sh", "-c", per_node, str(path), str(VENV_BIN / "python"),
+                *train_args(tmp_path, tmp_path / "summary.json", extra)], tmp_path, fails=True)
+
+
+@pytest.mark.parametrize("node_1", ["file", "own"])
+def test_a_save_folder_refused_on_one_node_stops_every_rank(tmp_path, node_1):
+    """A --save_dir that is a file on one node only, or a folder of that node's own disk: refused
+    once the ranks have started, on every rank. Checked in parse_args, that node exited alone and
+    the others waited for it in DeepSpeed's start until the store timed out; a folder per node was
+    found only at resume, when no node held a whole checkpoint."""
+    (tmp_path / "ckpt.file").write_text("x")
+    out = _train_where_node_1_differs(tmp_path, "--save_dir", tmp_path / "ckpt", f".{node_1}")
+    if node_1 == "file":
+        assert f"--save_dir '{tmp_path / 'ckpt.file'}' is a file, not a folder" in out, out[-3000:]
+        assert "another rank refuses the arguments' paths (see that rank's error)" in out, out[-3000:]
+        assert not (tmp_path / "ckpt").exists()
+    else:
+        assert f"--save_dir '{tmp_path / 'ckpt'}' is not on a file system every node sees: rank(s) 1 do not" in out
+        assert f"--save_dir '{tmp_path / 'ckpt.own'}' is not on a file system every node sees: rank(s) 1" in out
+    assert not (tmp_path / "summary.json").exists()
+
+
+def test_a_tokenizer_saved_on_one_node_only_is_refused(tmp_path):
+    """The run's tokenizer beside --resume on one node only: that node tokenized bytes, the
+    others the saved tokenizer (models of different vocabularies, a split start)."""
+    write_word_tokenizer(tmp_path / "run")
+    (tmp_path / "run.bare").mkdir()
+    out = _train_where_node_1_differs(tmp_path, "--resume", tmp_path / "run", ".bare",
+                                      ["--save_dir", str(tmp_path / "ckpt")])
+    assert f"the ranks find different tokenizers beside --resume / --model (this rank: {tmp_path / 'run'})" in out
+    assert "(this rank: bytes): a node misses the saved files; pass --tokenizer" in out
 
 
 def test_resume_with_another_model_is_named(trained):
@@ -499,6 +545,33 @@ def _data_failing_on_rank_1() -> str:
         return f"built {train.rank0_first(build, dist.get_rank())}"
     except Exception as err:  # noqa: BLE001 - the test compares what each rank got
         return f"{type(err).__name__}: {err}"
+
+
+def _folders_seen_by_rank_0(root: str) -> list:
+    """cli.unshared_problem for one folder all ranks see, then for one of each rank's own (a
+    folder on each node's local disk: emulated by a path per rank)."""
+    import torch.distributed as dist
+
+    from ds_bitter7.cli import unshared_problem
+
+    own = os.path.join(root, f"node{dist.get_rank()}", "ckpt")
+    os.environ["DS_BITTER7_SHARED_FS_WAIT"] = "0"  # a local disk caches no lookup: no need to wait
+    return [unshared_problem(os.path.join(root, "shared"), "--save_dir"), unshared_problem(own, "--save_dir"),
+            sorted(os.listdir(os.path.join(root, "shared")))]
+
+
+def test_a_save_folder_local_to_each_node_is_refused_at_start(tmp_path):
+    """A --save_dir on each node's own disk left no node a whole checkpoint, found only at resume."""
+    from distributed import run_distributed
+
+    first, second = run_distributed(_folders_seen_by_rank_0, 2, str(tmp_path), timeout=90)
+    assert first[0] is None and first[2] == []  # made by rank 0; its marker removed
+    assert second[0] is None and "node1" in second[1] and "rank(s) 1 do not see a file rank 0 wrote" in second[1]
+    assert first[1] == (f"--save_dir '{tmp_path / 'node0' / 'ckpt'}' is not on a file system every node sees: "
+                        "rank(s) 1 do not see a file rank 0 wrote there. Each rank writes its own ZeRO files into it "
+                        "and rank 0 the rest, so no node would hold a whole checkpoint: put it on a file system "
+                        "shared by all nodes")
+    assert not (tmp_path / "node1").exists()  # only rank 0 makes the folder
 
 
 def test_data_error_on_one_rank_stops_every_rank():

@@ -263,6 +263,36 @@ def test_model_config_that_does_not_fit_the_checkpoint_is_named(checkpoint, tmp_
     assert "transformer.h.0.mlp.c_fc.weight: [32, 64] in the checkpoint, [32, 32] in the model" in msg
 
 
+def test_model_type_without_an_adapter_is_named_before_any_work(checkpoint, tmp_path):
+    """A Qwen3 checkpoint (no structure adapter) ended in a ValueError traceback after the data was read."""
+    from transformers import Qwen3Config
+
+    root, ckpt, text = checkpoint
+    Qwen3Config(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, vocab_size=264).save_pretrained(str(tmp_path / "cfg"))
+    argv = _argv(tmp_path, ckpt, text, "out", "--model_config", str(tmp_path / "cfg"))
+    msg = run_distributed(run_oneshot, 1, argv, timeout=60)[0]
+    assert msg.startswith(f"OneShotError: {tmp_path / 'cfg'}: ds_bitter7 has no structure adapter for "
+                          "model_type='qwen3' (supported: ['gpt2', 'llama', 'mistral', 'qwen2'])"), msg
+
+
+def test_model_the_export_would_refuse_is_named_before_any_work(checkpoint, tmp_path):
+    """A Qwen2 model whose sliding window binds, with least squares (the default): the export
+    refused it after the whole run."""
+    from transformers import Qwen2Config
+
+    root, ckpt, text = checkpoint
+    Qwen2Config(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, vocab_size=264,
+                num_key_value_heads=2, use_sliding_window=True, sliding_window=4,
+                max_window_layers=0).save_pretrained(str(tmp_path / "cfg"))
+    argv = _argv(tmp_path, ckpt, text, "out", "--model_config", str(tmp_path / "cfg"))
+    msg = run_distributed(run_oneshot, 1, argv, timeout=60)[0]
+    assert msg == (f"OneShotError: {tmp_path / 'cfg'}: this qwen2 model's sliding window (4 tokens) binds: with scope "
+                   "global and bias compensation its pruned model cannot be exported smaller (only a standard qwen2 "
+                   "keeps the window: scope per_layer, no bias compensation): pass --scope per_layer --compensation "
+                   "none"), msg
+
+
 def _weights_only_checkpoint(folder) -> None:
     tag = folder / "global_step1"
     tag.mkdir()
@@ -444,6 +474,32 @@ def test_infinite_ridge_is_refused(checkpoint):
     args = oneshot.parse_args([ckpt, str(root / "x"), "--sparsity", "0.5", "--ridge", "inf"])
     with pytest.raises(oneshot.OneShotError, match="--ridge must be a finite number >= 0, got inf"):
         oneshot.check_args(args, None)
+
+
+def _convert_into_each_ranks_own_folder(ckpt: str, root: str) -> str:
+    import torch.distributed as dist
+
+    from ds_bitter7.checkpoint_loading import inspect_checkpoint, to_universal
+    from ds_bitter7.comm import Communicator
+
+    work = os.path.join(root, f"node{dist.get_rank()}.universal_tmp")
+    os.environ["DS_BITTER7_SHARED_FS_WAIT"] = "0"  # a local disk caches no lookup: no need to wait
+    try:
+        return to_universal(inspect_checkpoint(ckpt, None), work, Communicator())
+    except oneshot.OneShotError as err:
+        return f"OneShotError: {err}"
+
+
+def test_conversion_folder_that_another_node_does_not_see_is_named(checkpoint, tmp_path):
+    """An OUTPUT_DIR local to each node: rank 0's conversion was invisible to the others, which
+    failed inside DeepSpeed's loading with a missing file. Now found before the conversion."""
+    root, ckpt, _ = checkpoint
+    out = run_distributed(_convert_into_each_ranks_own_folder, 2, ckpt, str(tmp_path), timeout=150)
+    assert out[0].startswith(f"OneShotError: rank 0 converts the checkpoint for 2 ranks into "
+                             f"'{tmp_path / 'node0.universal_tmp'}', which rank(s) 1 do not see: put OUTPUT_DIR "
+                             "on a file system every node sees"), out[0]
+    assert out[1].startswith("OneShotError: rank 0 converts") and "rank(s) 1 do not see" in out[1], out[1]
+    assert not (tmp_path / "node0.universal_tmp").exists()  # a full fp32 copy: removed
 
 
 def test_conversion_folder_is_deleted_only_when_oneshot_made_it(checkpoint, tmp_path):

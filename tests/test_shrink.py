@@ -281,6 +281,24 @@ def test_binding_sliding_window_of_qwen2_is_refused_for_different_widths():
         shrink_model(model, masks)
 
 
+def test_qwen2_whose_window_binds_is_warned_about_at_the_start(caplog):
+    """The export's refusal came only after the whole run: prepare_model (initialize) says it first."""
+    import ds_bitter7
+
+    model = tiny_llama_like("qwen2")
+    model.config.use_sliding_window, model.config.sliding_window = True, 4
+    model.config.layer_types = ["sliding_attention"] * model.config.num_hidden_layers
+    for section, warned in (({"scope": "global"}, "with scope global its pruned model cannot be exported"),
+                            ({"scope": "per_layer", "bias_compensation": {"enabled": True}}, "with bias compensation"),
+                            ({"scope": "per_layer"}, None),
+                            ({"structures": ["unstructured"]}, None)):  # no width changes
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="ds_bitter7"):
+            ds_bitter7.prepare_model(copy.deepcopy(model), ds_bitter7.parse_config({"bitter7": section}))
+        found = [r.getMessage() for r in caplog.records if "sliding window (4 tokens) binds" in r.getMessage()]
+        assert (found and warned in found[0]) if warned else not found, (section, found)
+
+
 def test_qwen2_window_of_no_layer_exports_as_bitter7_llama(tmp_path):
     """use_sliding_window with max_window_layers >= its layers: no block slides (layer_types all
     full_attention), so the window never binds and different widths export as bitter7_llama."""

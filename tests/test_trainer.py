@@ -130,16 +130,19 @@ def test_trainer_script_refuses_bad_arguments_before_any_work(tmp_path, capsys):
     base = ["--deepspeed", str(REPO / "ds_configs" / "cpu_demo.json"), "--output_dir", str(tmp_path / "new")]
     for extra, needle in ((["--seq_len", "1"], "--seq_len must be >= 2, got 1"),
                           (["--max_steps", "-1"], "--max_steps must be >= 1, got -1"),
-                          (["--model_overrides", "n_layer=2"], "--model_overrides is not valid JSON"),
-                          (["--summary", str(tmp_path)], "is a folder: name a file"),
+                          (["--model_overrides", "n_layer=2"], "--model_overrides is not valid JSON")):
+        with pytest.raises(SystemExit):
+            hf.parse_args(base + extra)
+        assert needle in capsys.readouterr().err, extra
+    # the paths: on each rank once the ranks have started (a node's disk may differ from the others')
+    for extra, needle in ((["--summary", str(tmp_path)], "is a folder: name a file"),
                           (["--output_dir", str(tmp_path / "used")], "already holds checkpoints (checkpoint-4)"),
                           (["--resume"], "holds no checkpoint-N folder to resume from"),
                           (["--output_dir", str(tmp_path / "used"), "--resume", "--max_steps", "4"],
                            "the last checkpoint in --output_dir is at step 4")):
-        with pytest.raises(SystemExit):
-            hf.parse_args(base + extra)
-        assert needle in capsys.readouterr().err, extra
-    assert hf.parse_args(base + ["--output_dir", str(tmp_path / "used"), "--resume"]).resume
+        problems = hf.path_problems(hf.parse_args(base + extra), rank=0)
+        assert any(needle in p for p in problems), (extra, problems)
+    assert not hf.path_problems(hf.parse_args(base + ["--output_dir", str(tmp_path / "used"), "--resume"]), rank=0)
 
 
 def test_default_calibration_rows_differ_per_rank():
