@@ -21,7 +21,7 @@ from .config import (
     load_ds_config,
     parse_config,
 )
-from .structures import get_adapter, register_adapter
+from .structures import count_blocks, register_adapter
 
 __all__ = [
     "initialize",
@@ -62,7 +62,7 @@ def initialize(args=None, model=None, optimizer=None, model_parameters=None, tra
     cfg = parse_config(ds_config)
     if cfg.enabled:
         check_deepspeed_support(ds_config)
-        get_adapter(model)
+        count_blocks(model)  # and its adapter: a model it cannot prune fails before DeepSpeed's start
         added = [model.get_parameter(n) for n in prepare_model(model, cfg)]
         if added and isinstance(model_parameters, (list, tuple)):  # a list built before the biases existed
             model_parameters = _with_params(model_parameters, added)
@@ -153,7 +153,7 @@ def _attach(engine, cfg: Bitter7Config, calibration_data):
     from .pruner import Pruner
     from .state import install_checkpoint_hooks
 
-    get_adapter(engine.module)
+    count_blocks(engine.module)
     if get_pruner(engine) is not None:
         raise ValueError("ds_bitter7: a pruner is already attached to this engine (ds_bitter7.initialize "
                          "attaches one when the config enables bitter7)")

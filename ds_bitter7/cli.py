@@ -105,17 +105,26 @@ def unwritable(path: str, flag: str) -> Optional[str]:
 def summary_problem(summary: str, reads: Sequence[Optional[str]], checkpoints: Sequence[Optional[str]]) -> Optional[str]:
     """Why ``--summary`` cannot be written (see ``path_problems``), or None."""
     name = f"--summary {summary!r}"
-    if os.path.isdir(summary):
-        return f"{name} is a folder: name a file"
-    read = [p for p in reads if p and os.path.exists(p) and is_within(summary, p)]
-    if read:
-        return f"{name} is or is inside {read[0]!r}, which this run reads: name another file"
+    problem = file_problem(summary, name, reads)
+    if problem:
+        return problem
     for folder in checkpoints:
         if folder and is_within(summary, folder) and _checkpoint_file(folder, summary):
             return f"{name} would replace a file of the checkpoints in {folder!r}: name another file"
     if os.path.isfile(summary) and not os.access(summary, os.W_OK):
         return f"{name}: no permission to replace it"
     return unwritable(summary, "--summary")
+
+
+def file_problem(path: str, name: str, reads: Sequence[Optional[str]]) -> Optional[str]:
+    """Why ``path`` (an output file, ``name`` in messages) must not be written: it is a folder, or
+    it is or lies inside one of ``reads`` (inputs, files or folders); else None."""
+    if os.path.isdir(path):
+        return f"{name} is a folder: name a file"
+    read = [p for p in reads if p and os.path.exists(p) and is_within(path, p)]
+    if read:
+        return f"{name} is or is inside {read[0]!r}, which this run reads: name another file"
+    return None
 
 
 def _checkpoint_file(folder: str, path: str) -> bool:

@@ -344,6 +344,18 @@ def check_deepspeed_support(ds_config: dict) -> None:
         if device not in (None, "none"):
             problems.append(f"  zero_optimization.{key}.device = {device!r}: "
                             "CPU/NVMe offload is not supported yet (allowed: 'none')")
+    for key in ("cpu_offload", "cpu_offload_param"):  # DeepSpeed's deprecated forms of the two above
+        if _flag(zero.get(key, False)):
+            problems.append(f"  zero_optimization.{key} = true: CPU offload is not supported yet")
+    if _flag(zero.get("round_robin_gradients", False)):  # DeepSpeed maps parameters to the wrong master elements
+        problems.append("  zero_optimization.round_robin_gradients = true: DeepSpeed's fp32 master mapping "
+                        "(_hp_mapping) does not hold under it, so masks would land on other weights; set it false")
+    optimizer = ds_config.get("optimizer")
+    kind = str(optimizer.get("type", "")).lower() if isinstance(optimizer, dict) else ""
+    if kind == "muon" and stage in (1, 2):
+        problems.append(f"  optimizer.type = {optimizer['type']!r} with ZeRO stage {stage}: DeepSpeed keeps Muon's "
+                        "momentum per whole parameter, outside the partition ds_bitter7 keeps at zero, so pruned "
+                        "units' momentum would still move the kept ones; use an Adam-type optimizer")
     if problems:
         raise ValueError("DeepSpeed config not supported by ds_bitter7:\n" + "\n".join(problems))
 

@@ -25,7 +25,7 @@ from transformers import TrainerCallback
 
 from . import prepare_model  # noqa: F401  (re-exported: call it before Trainer(...))
 from .calibration import needs_stats
-from .checkpoint_files import saved_pruner_state
+from .checkpoint_files import ExportError, saved_pruner_state
 from .comm import is_main_process, world_size_and_rank
 from .config import enum_name
 from .state import TRAINER_FILE as STATE_FILE
@@ -151,7 +151,10 @@ class Bitter7Callback(TrainerCallback):
         """(the saved pruner state, its file), checked against the Trainer's step (local: no
         collective): the DeepSpeed checkpoint's copy of ``tag``, else ``bitter7_state.pt``
         (``checkpoint_files.saved_pruner_state``)."""
-        saved, path = saved_pruner_state(folder, tag)
+        try:
+            saved, path = saved_pruner_state(folder, tag)
+        except ExportError as err:  # a file that cannot be read: a checkpoint problem here, not an export's
+            raise CheckpointError(str(err)) from None
         if path is not None and not isinstance(saved, dict):
             raise CheckpointError(f"{path} does not hold a bitter7 pruner state")
         if saved is None:

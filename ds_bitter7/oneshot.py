@@ -43,6 +43,7 @@ from .checkpoint_loading import (
     loading_config,
     universal_dir,
 )
+from .cli import file_problem
 from .comm import abort_job_on_error, launch_rank, log_main
 from .config import StructureName, enum_name
 from .evaluation import perplexity
@@ -198,11 +199,11 @@ def report_problems(args: argparse.Namespace) -> List[str]:
         return []
     report, out = os.path.abspath(args.report), os.path.abspath(args.output_dir)
     name = f"--report {args.report!r}"
-    if os.path.isdir(report) or report == out:
-        return [f"{name} is a folder{' (OUTPUT_DIR)' if report == out else ''}: name a file"]
-    read = [p for p in _inputs(args) if is_within(report, p)]
-    if read:
-        return [f"{name} is or is inside {read[0]!r}, which this run reads: name another file"]
+    if report == out:
+        return [f"{name} is a folder (OUTPUT_DIR): name a file"]
+    problem = file_problem(report, name, _inputs(args))
+    if problem:
+        return [problem]
     if is_within(report, out):
         return []
     if not os.path.isdir(os.path.dirname(report)):

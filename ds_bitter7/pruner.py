@@ -63,6 +63,7 @@ class Pruner:
         _refuse_frozen(self.model, names | set(unstructured))  # same on every rank: no collective yet
         names |= {g.out_bias for g in self.groups if g.out_bias} | {g.out_weight for g in self.groups}
         self.access = ZeroAccess(engine, names | set(unstructured))
+        _refuse_outside_optimizer(self.access, {s.name for g in self.groups for s in g.slices} | set(unstructured))
         # Score chunks small enough that an event's temporaries (about 40 bytes per chunk
         # element) stay well under the size of the local fp32 partition (4 bytes per element).
         self._chunk = max(1 << 12, min(CHUNK_ELEMENTS, self.access.local_numel() // 16))
@@ -378,11 +379,11 @@ class Pruner:
         if "exp_avg_sq" not in self.scorer.needs:
             return
         error = None
-        if self.access.fragments:  # a rank may own no fragment of a pruned unit: it still takes part
-            try:
-                self.access.state(next(iter(self.access.fragments.values())))
-            except MissingOptimizerState as err:  # names the optimizer
-                error = err
+        try:  # every fragment: an optimizer may keep it for some groups only (Muon with an Adam part)
+            for frag in self.access.fragments.values():  # a rank may own none: it still takes part
+                self.access.state(frag)
+        except MissingOptimizerState as err:  # names the optimizer
+            error = err
         self.comm.raise_if_any(error, "the optimizer state check")
 
     def _event_reads_model(self) -> bool:
@@ -515,6 +516,18 @@ class Pruner:
 def _by_group(flat: torch.Tensor, groups: List[UnitGroup]) -> Dict[str, torch.Tensor]:
     """``flat`` (the units of ``groups``, in order) split into one slice per group key."""
     return dict(zip([g.key for g in groups], torch.split(flat, [g.n_units for g in groups])))
+
+
+def _refuse_outside_optimizer(access: ZeroAccess, names) -> None:
+    """Raise when a parameter of a pruned unit is trainable but in no optimizer param group
+    (``model_parameters`` or a client optimizer that leaves it out): as for a frozen one, DeepSpeed
+    keeps no fp32 master or optimizer state for it, and its units would be scored without it."""
+    outside = sorted(n for n in names if n not in access.in_optimizer)
+    if outside:
+        more = f" (and {len(outside) - 1} more)" if len(outside) > 1 else ""
+        raise ValueError(f"ds_bitter7: {outside[0]}{more} is in no optimizer param group but belongs to units "
+                         "bitter7 prunes: pass it to the optimizer (model_parameters), or leave its structure type "
+                         "out of bitter7.structures")
 
 
 def _refuse_frozen(model, names) -> None:

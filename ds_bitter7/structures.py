@@ -307,13 +307,22 @@ def adapter_for(model_type: Optional[str]) -> Adapter:
     return ADAPTERS[model_type]
 
 
+def count_blocks(model: nn.Module) -> int:
+    """The number of transformer blocks; ``ValueError`` for a model without any (nothing to prune)."""
+    adapter = get_adapter(model)
+    prefix = adapter.blocks_prefix(model)
+    n_blocks = len(model.get_submodule(prefix))
+    if n_blocks == 0:
+        raise ValueError(f"the {model.config.model_type} model has no blocks ({prefix} is empty): nothing to prune")
+    return n_blocks
+
+
 def unit_groups(model: nn.Module, kinds: List[StructureName]) -> List[UnitGroup]:
     """Every block's unit groups for the structured kinds, in block order (mlp before attn)."""
     adapter = get_adapter(model)
     prefix = adapter.blocks_prefix(model)
-    n_blocks = len(model.get_submodule(prefix))
     groups = []
-    for i in range(n_blocks):
+    for i in range(count_blocks(model)):
         if StructureName.mlp_neuron in kinds:
             groups.append(adapter.mlp_units(model, prefix, i, model.config))
         if StructureName.attention_head in kinds:
@@ -325,6 +334,5 @@ def unstructured_params(model: nn.Module) -> List[str]:
     """Names of the block weight matrices that ``unstructured`` pruning ranks element by element."""
     adapter = get_adapter(model)
     prefix = adapter.blocks_prefix(model)
-    n_blocks = len(model.get_submodule(prefix))
-    return [f"{prefix}.{i}.{s}" for i in range(n_blocks) for s in adapter.unstructured_params
+    return [f"{prefix}.{i}.{s}" for i in range(count_blocks(model)) for s in adapter.unstructured_params
             if _maybe(model, f"{prefix}.{i}.{s}")]

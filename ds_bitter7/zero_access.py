@@ -12,7 +12,7 @@ optimizer on the model's own parameters). ZeRO-3, offload and stage-0 fp16 are r
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Dict, Iterable, List, Optional, Sequence
+from typing import Callable, Dict, Iterable, List, Optional, Sequence, Set
 
 import torch
 from torch import nn
@@ -76,6 +76,7 @@ class ZeroAccess:
         self._names = {id(p): n for n, p in engine.module.named_parameters()}
         wanted = set(names)
         self.fragments: Dict[str, Fragment] = {}
+        self.in_optimizer: Set[str] = set()  # the names in some optimizer param group (this rank's fragment or not)
         if self.kind == "torch":
             self._flats = None
             self._init_torch(wanted)
@@ -91,6 +92,8 @@ class ZeroAccess:
             for p in params:
                 name = self._names.get(id(p))
                 mapping = getattr(p, "_hp_mapping", None)
+                if name in wanted:
+                    self.in_optimizer.add(name)
                 if name not in wanted or mapping is None:
                     continue
                 lp, hp = mapping.lp_fragment_address, mapping.hp_fragment_address
@@ -102,6 +105,7 @@ class ZeroAccess:
                 name = self._names.get(id(p))
                 if name not in wanted:
                     continue
+                self.in_optimizer.add(name)
                 if p.dtype != torch.float32:
                     raise ValueError(f"ds_bitter7 at ZeRO stage 0 needs fp32 parameters, {name} is {p.dtype}")
                 self.fragments[name] = Fragment(name, p, 0, p.numel(), g, p, 0)

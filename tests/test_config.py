@@ -108,6 +108,15 @@ def test_zero3_and_offload_are_refused():
     with pytest.raises(ValueError) as e:
         check_deepspeed_support({"zero_optimization": {"stage": 3, "offload_optimizer": {"device": "cpu"}}})
     assert "zero_optimization.stage = 3" in str(e.value) and "offload_optimizer.device = 'cpu'" in str(e.value)
+    # DeepSpeed's deprecated offload flag, round-robin gradients (its master mapping does not hold) and
+    # Muon at ZeRO 1/2 (its momentum lies outside the partition) were accepted and went wrong later
+    with pytest.raises(ValueError) as e:
+        check_deepspeed_support({"zero_optimization": {"stage": 2, "cpu_offload": True, "round_robin_gradients": "true"},
+                                 "optimizer": {"type": "Muon", "params": {"lr": 0.02}}})
+    assert "zero_optimization.cpu_offload = true: CPU offload is not supported yet" in str(e.value)
+    assert "zero_optimization.round_robin_gradients = true: DeepSpeed's fp32 master mapping" in str(e.value)
+    assert "optimizer.type = 'Muon' with ZeRO stage 2: DeepSpeed keeps Muon's momentum" in str(e.value)
+    check_deepspeed_support({"zero_optimization": {"stage": 2, "round_robin_gradients": False}, "optimizer": {"type": "AdamW"}})
     # prepare_model, called before Trainer(...) builds the engine, refuses them there (not only attach, after)
     from transformers import GPT2Config, GPT2LMHeadModel
 
@@ -127,6 +136,17 @@ def test_unknown_model_family_is_refused():
     with pytest.raises(ValueError, match=r"model_type='bert'.*supported: \['gpt2', 'llama'"):
         get_adapter(BertModel(BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
                                          intermediate_size=37)))
+
+
+def test_model_without_blocks_is_refused_before_deepspeed_starts():
+    """n_layer 0 trained with a pruner of no units and reported nothing pruned."""
+    import ds_bitter7
+    from ds_bitter7 import modeling
+
+    model = modeling.build_model("tiny-gpt2", 264, overrides={"n_layer": 0})
+    with pytest.raises(ValueError, match=r"^the gpt2 model has no blocks \(transformer.h is empty\): nothing to prune$"):
+        ds_bitter7.initialize(model=model, model_parameters=model.parameters(),
+                              config={"train_batch_size": 1, "bitter7": {"target_sparsity": 0.5}})
 
 
 def test_standardized_scope_is_for_units_only():

@@ -7,6 +7,7 @@ single-process reference computed from full tensors in plain torch (tests/refere
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 import workers
@@ -123,6 +124,12 @@ def test_frozen_unit_parameters_and_non_adam_optimizers_fail_early(stage):
         assert "transformer.h.0.mlp.c_fc.weight is frozen" in res["frozen"], res
         expect = "exp_avg_sq' does not exist" if res["fragments"] else "failed on another rank"
         assert expect in res["sgd"], (rank, res)
+        assert res["outside"] == ("ds_bitter7: transformer.h.0.attn.c_attn.bias (and 5 more) is in no optimizer param "
+                                  "group but belongs to units bitter7 prunes: pass it to the optimizer "
+                                  "(model_parameters), or leave its structure type out of bitter7.structures"), res
+        half = res["half_adam"]  # a weight's (the first fragment, a bias, has it), or another rank's
+        assert re.search(r"'exp_avg_sq' does not exist for transformer\.h\.\d\.mlp\.c_\w+\.weight", half) \
+            or "failed on another rank" in half, (rank, res)
 
 
 def test_prune_to_takes_numbers_and_warns_when_the_floor_holds_units_back():

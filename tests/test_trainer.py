@@ -145,6 +145,19 @@ def test_trainer_script_refuses_bad_arguments_before_any_work(tmp_path, capsys):
     assert not hf.path_problems(hf.parse_args(base + ["--output_dir", str(tmp_path / "used"), "--resume"]), rank=0)
 
 
+def test_corrupt_checkpoint_state_at_resume_is_a_checkpoint_error(tmp_path):
+    """A model-states file that cannot be read raised the export's ExportError at a Trainer resume."""
+    from types import SimpleNamespace
+
+    from ds_bitter7.hf_trainer import Bitter7Callback
+    from ds_bitter7.state import MODEL_STATES_FILE, CheckpointError
+
+    (tmp_path / "global_step4").mkdir()
+    (tmp_path / "global_step4" / MODEL_STATES_FILE).write_bytes(b"not a torch file")
+    with pytest.raises(CheckpointError, match=f"^cannot read '.*{MODEL_STATES_FILE}'"):
+        Bitter7Callback(trainer=None)._read_state(str(tmp_path), "global_step4", SimpleNamespace(global_step=4))
+
+
 def test_default_calibration_rows_differ_per_rank():
     """The callback's default calibration rows: each rank its own (the statistics are all-reduced,
     so identical rows on every rank counted each one world-size times), together the first rows."""

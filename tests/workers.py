@@ -257,6 +257,30 @@ def setup_errors(stage: int) -> dict:
         engine.step()
     except RuntimeError as e:
         out["sgd"] = str(e)
+    # the units' parameters trainable but left out of the optimizer: scored without them before
+    model = tiny_model("gpt2")
+    try:
+        ds_bitter7.initialize(model=model, model_parameters=[p for n, p in model.named_parameters() if ".mlp." in n],
+                              config=ds_config(stage, "fp32", {"structures": ["attention_head"]}))
+    except ValueError as e:
+        out["outside"] = str(e)
+    # exp_avg_sq for one param group only (Muon with its Adam part): the check looked at the first fragment
+    model = tiny_model("gpt2")
+    groups = [{"params": [p for p in model.parameters() if p.dim() == 1], "weight_decay": 0.0},
+              {"params": [p for p in model.parameters() if p.dim() > 1]}]
+    engine, *_ = ds_bitter7.initialize(model=model, model_parameters=groups, config=ds_config(
+        stage, "fp32", {"structures": ["mlp_neuron"], "schedule": {"start_step": 100, "end_step": 100}}))
+    pruner = ds_bitter7.get_pruner(engine)
+    x = torch.randint(0, VOCAB, (2, 16))
+    engine.backward(engine(input_ids=x, labels=x).loss)
+    engine.step()
+    base = pruner.access.base
+    for p in base.param_groups[1]["params"]:  # the weights' group keeps no second moment
+        base.state[p].pop("exp_avg_sq", None)
+    try:
+        pruner._check_optimizer_state()
+    except RuntimeError as e:
+        out["half_adam"] = str(e)
     return out
 
 
