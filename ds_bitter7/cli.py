@@ -41,7 +41,7 @@ def path_problems(rank: int, summary: Optional[str], reads: Sequence[Optional[st
     another node need not see the path), a ``--summary`` that is a folder, cannot be made, or would
     replace a file the run reads (``reads``: inputs, files or folders) or one of its checkpoints'
     (``checkpoints``: folders). Found before any work: else at the first save, after training.
-    A node's disk may differ from the others': pass them to ``exit_on_every_rank``."""
+    A node's disk may differ from the others': pass them to ``exit_on_path_problems``."""
     problems = [problem for flag, path in output_dirs if path
                 for problem in (folder_problem(path, flag),) if problem]
     if summary and rank == 0:
@@ -49,13 +49,22 @@ def path_problems(rank: int, summary: Optional[str], reads: Sequence[Optional[st
     return problems
 
 
-def problems_of(check: Callable[[], List[str]]) -> List[str]:
-    """``check()``'s problems, or the ``OSError`` it raised as one (a folder this rank cannot list):
-    for ``exit_on_every_rank``, which a rank must reach even when its check fails."""
+def exit_on_path_problems(check: Callable[[], List[str]], checkpoints: Optional[Tuple[str, str]]) -> None:
+    """The run's paths, checked on every rank once the ranks have started (a node's disk may differ):
+    ``check()``'s problems (``path_problems``; an ``OSError`` it raises, such as a folder this rank
+    cannot list, is one too) stop every rank; then ``checkpoints`` (``(flag, folder)``, None for
+    none), written by every rank, must be one folder all ranks see (``unshared_problem``).
+
+    Collective: every rank must call this, in the same order.
+    """
     try:
-        return check()
+        problems = check()
     except OSError as err:
-        return [f"cannot check the arguments' paths: {err}"]
+        problems = [f"cannot check the arguments' paths: {err}"]
+    exit_on_every_rank(*problems, elsewhere="another rank refuses the arguments' paths")
+    unshared = unshared_problem(checkpoints[1], checkpoints[0]) if checkpoints else None
+    if unshared:  # found alike on every rank
+        raise SystemExit(unshared)
 
 
 def exit_on_every_rank(*problems: Optional[str], elsewhere: str) -> None:

@@ -59,11 +59,15 @@ class Pruner:
         self.groups: List[UnitGroup] = unit_groups(self.model, self.kinds)
         self.scorer = get_scorer(config.score)
         unstructured = unstructured_params(self.model) if StructureName.unstructured in config.structures else []
-        names = {s.name for g in self.groups for s in g.slices}
-        _refuse_frozen(self.model, names | set(unstructured))  # same on every rank: no collective yet
-        names |= {g.out_bias for g in self.groups if g.out_bias} | {g.out_weight for g in self.groups}
-        self.access = ZeroAccess(engine, names | set(unstructured))
-        _refuse_outside_optimizer(self.access, {s.name for g in self.groups for s in g.slices} | set(unstructured))
+        pruned = {s.name for g in self.groups for s in g.slices} | set(unstructured)
+        # same on every rank: no collective yet. DeepSpeed keeps no fp32 master or optimizer state for
+        # these, so their part of a unit could be neither scored nor kept at zero
+        _refuse(sorted(n for n in pruned if not self.model.get_parameter(n).requires_grad),
+                "is frozen (requires_grad=False)", "unfreeze it")
+        outputs = {g.out_bias for g in self.groups if g.out_bias} | {g.out_weight for g in self.groups}
+        self.access = ZeroAccess(engine, pruned | outputs)
+        _refuse(sorted(n for n in pruned if n not in self.access.in_optimizer), "is in no optimizer param group",
+                "pass it to the optimizer (model_parameters)")  # model_parameters or a client optimizer left it out
         # Score chunks small enough that an event's temporaries (about 40 bytes per chunk
         # element) stay well under the size of the local fp32 partition (4 bytes per element).
         self._chunk = max(1 << 12, min(CHUNK_ELEMENTS, self.access.local_numel() // 16))
@@ -518,23 +522,10 @@ def _by_group(flat: torch.Tensor, groups: List[UnitGroup]) -> Dict[str, torch.Te
     return dict(zip([g.key for g in groups], torch.split(flat, [g.n_units for g in groups])))
 
 
-def _refuse_outside_optimizer(access: ZeroAccess, names) -> None:
-    """Raise when a parameter of a pruned unit is trainable but in no optimizer param group
-    (``model_parameters`` or a client optimizer that leaves it out): as for a frozen one, DeepSpeed
-    keeps no fp32 master or optimizer state for it, and its units would be scored without it."""
-    outside = sorted(n for n in names if n not in access.in_optimizer)
-    if outside:
-        more = f" (and {len(outside) - 1} more)" if len(outside) > 1 else ""
-        raise ValueError(f"ds_bitter7: {outside[0]}{more} is in no optimizer param group but belongs to units "
-                         "bitter7 prunes: pass it to the optimizer (model_parameters), or leave its structure type "
-                         "out of bitter7.structures")
-
-
-def _refuse_frozen(model, names) -> None:
-    """Raise when a parameter of a pruned unit is frozen: DeepSpeed keeps no fp32 master or Adam
-    state for it, so its part of a unit could be neither scored nor kept at zero."""
-    frozen = sorted(n for n in names if not model.get_parameter(n).requires_grad)
-    if frozen:
-        more = f" (and {len(frozen) - 1} more)" if len(frozen) > 1 else ""
-        raise ValueError(f"ds_bitter7: {frozen[0]}{more} is frozen (requires_grad=False) but belongs to units "
-                         "bitter7 prunes: unfreeze it, or leave its structure type out of bitter7.structures")
+def _refuse(names: List[str], what: str, fix: str) -> None:
+    """``ValueError`` naming the first of ``names``, parameters of pruned units that ``what`` (a
+    frozen one, one in no optimizer param group), when there are any."""
+    if names:
+        more = f" (and {len(names) - 1} more)" if len(names) > 1 else ""
+        raise ValueError(f"ds_bitter7: {names[0]}{more} {what} but belongs to units bitter7 prunes: {fix}, or "
+                         "leave its structure type out of bitter7.structures")

@@ -309,20 +309,25 @@ def adapter_for(model_type: Optional[str]) -> Adapter:
 
 def count_blocks(model: nn.Module) -> int:
     """The number of transformer blocks; ``ValueError`` for a model without any (nothing to prune)."""
+    return _blocks(model)[2]
+
+
+def _blocks(model: nn.Module) -> Tuple[Adapter, str, int]:
+    """(adapter, the block list's path, its length): ``ValueError`` for an unsupported model or
+    one without blocks."""
     adapter = get_adapter(model)
     prefix = adapter.blocks_prefix(model)
     n_blocks = len(model.get_submodule(prefix))
     if n_blocks == 0:
         raise ValueError(f"the {model.config.model_type} model has no blocks ({prefix} is empty): nothing to prune")
-    return n_blocks
+    return adapter, prefix, n_blocks
 
 
 def unit_groups(model: nn.Module, kinds: List[StructureName]) -> List[UnitGroup]:
     """Every block's unit groups for the structured kinds, in block order (mlp before attn)."""
-    adapter = get_adapter(model)
-    prefix = adapter.blocks_prefix(model)
+    adapter, prefix, n_blocks = _blocks(model)
     groups = []
-    for i in range(count_blocks(model)):
+    for i in range(n_blocks):
         if StructureName.mlp_neuron in kinds:
             groups.append(adapter.mlp_units(model, prefix, i, model.config))
         if StructureName.attention_head in kinds:
@@ -332,7 +337,6 @@ def unit_groups(model: nn.Module, kinds: List[StructureName]) -> List[UnitGroup]
 
 def unstructured_params(model: nn.Module) -> List[str]:
     """Names of the block weight matrices that ``unstructured`` pruning ranks element by element."""
-    adapter = get_adapter(model)
-    prefix = adapter.blocks_prefix(model)
-    return [f"{prefix}.{i}.{s}" for i in range(count_blocks(model)) for s in adapter.unstructured_params
+    adapter, prefix, n_blocks = _blocks(model)
+    return [f"{prefix}.{i}.{s}" for i in range(n_blocks) for s in adapter.unstructured_params
             if _maybe(model, f"{prefix}.{i}.{s}")]

@@ -220,11 +220,8 @@ def train(args) -> Dict[str, Any]:
         datasets.disable_progress_bars()
     deepspeed.runtime.utils.set_random_seed(args.seed)
     comm = Communicator()
-    exit_on_every_rank(*cli.problems_of(lambda: path_problems(args, rank)),
-                       elsewhere="another rank refuses the arguments' paths")
-    unshared = cli.unshared_problem(args.save_dir, "--save_dir") if args.save_dir else None
-    if unshared:  # found alike on every rank
-        raise SystemExit(unshared)
+    cli.exit_on_path_problems(lambda: path_problems(args, rank),
+                              ("--save_dir", args.save_dir) if args.save_dir else None)
     problem = None
     try:  # before data and model are built: a bad config fails in a second
         ds_config = load_ds_config(args.config)

@@ -23,7 +23,7 @@ except ImportError:  # run from a checkout without `pip install -e .`
     import ds_bitter7  # noqa: F401
 from ds_bitter7 import cli, modeling
 from ds_bitter7 import data as dsdata
-from ds_bitter7.cli import check_launch_args, exit_on_every_rank
+from ds_bitter7.cli import check_launch_args
 from ds_bitter7.comm import Communicator, abort_job_on_error, init_distributed
 from ds_bitter7.config import load_ds_config
 from ds_bitter7.hf_trainer import Bitter7Callback, prepare_model
@@ -113,11 +113,7 @@ def main() -> None:
     # the group first (accelerate reuses it; under mpirun it reads rank, world and address from the env
     # only, which mpi4py finds), so a problem on one node only stops every rank
     _, rank = init_distributed()
-    exit_on_every_rank(*cli.problems_of(lambda: path_problems(args, rank)),
-                       elsewhere="another rank refuses the arguments' paths")
-    unshared = cli.unshared_problem(args.output_dir, "--output_dir")
-    if unshared:  # found alike on every rank
-        raise SystemExit(unshared)
+    cli.exit_on_path_problems(lambda: path_problems(args, rank), ("--output_dir", args.output_dir))
     comm = Communicator()
     ds_config = comm.call(f"reading --deepspeed {args.deepspeed}", load_ds_config, args.deepspeed)
     tokenizer = comm.call("loading the tokenizer", dsdata.get_tokenizer, args.tokenizer)
