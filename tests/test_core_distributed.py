@@ -165,6 +165,16 @@ def test_schedule_reaches_target_and_units_stay_pruned(world_size):
         assert all(res["masks"][k].equal(results[0]["masks"][k]) for k in res["masks"])
 
 
+@pytest.mark.parametrize("family, dtype", [("gpt2", "fp32"), ("llama", "bf16")])
+def test_pruned_units_get_exactly_zero_gradients(family, dtype):
+    """Guarantee 3: once a neuron or head is pruned (weights and bias zero, compensation folded into
+    the next layer), backward gives its parameters exactly zero gradient on every rank, so
+    gradient clipping's norm counts only kept units."""
+    for res in run_distributed(workers.pruned_unit_gradients, 2, family, dtype):
+        assert res["pruned"] > 0
+        assert res["pruned_zero"] and res["kept_nonzero"], res
+
+
 def test_nan_scores_prune_nothing_on_every_rank():
     results = run_distributed(workers.nan_event, 2, "gpt2")
     for res in results:

@@ -167,6 +167,38 @@ def schedule_run(family: str, stage: int, bitter7: dict, steps: int) -> dict:
             "masks": pruner.masks, "zero": pruned_elements_zero(pruner), "step_count": pruner.step_count}
 
 
+def pruned_unit_gradients(family: str, dtype: str) -> dict:
+    """After an event with bias compensation, the gradients this rank computes for pruned neurons'
+    and heads' parameters (taken as backward produces them, before DeepSpeed reduces or clips):
+    whether each is exactly zero, and whether kept units still get gradients."""
+    model = tiny_model(family)
+    cfg = ds_config(2, dtype, {"structures": ["mlp_neuron", "attention_head"], "min_units_per_layer": 0,
+                               "schedule": {"start_step": 10**9, "end_step": 10**9},
+                               "bias_compensation": {"enabled": True, "num_batches": 1}})
+    calib = [torch.randint(0, VOCAB, (2, 16), generator=torch.Generator().manual_seed(3))]
+    engine, *_ = ds_bitter7.initialize(model=model, model_parameters=model.parameters(), config=cfg,
+                                       calibration_data=calib)
+    pruner = ds_bitter7.get_pruner(engine)
+    train_steps(engine, 1)
+    pruner.prune_to(0.5)
+    grads: Dict[str, torch.Tensor] = {}
+    names = {s.name for g in pruner.groups for s in g.slices}
+    handles = [engine.module.get_parameter(n).register_hook(lambda grad, n=n: grads.__setitem__(n, grad.detach().clone()))
+               for n in names]
+    train_steps(engine, 1, seed=1)
+    for h in handles:
+        h.remove()
+    out = {"pruned_zero": True, "kept_nonzero": True, "pruned": 0}
+    for g in pruner.groups:
+        keep = pruner.masks[g.key]
+        out["pruned"] += int((~keep).sum())
+        for s in g.slices:
+            pruned, kept = s.pruned_coords(keep), s.pruned_coords(~keep)
+            out["pruned_zero"] &= not bool(grads[s.name].index_select(s.dim, pruned).ne(0).any())
+            out["kept_nonzero"] &= bool(grads[s.name].index_select(s.dim, kept).ne(0).any())
+    return out
+
+
 def bad_config(config: dict) -> dict:
     """initialize with a bad config: must raise before any collective."""
     model = tiny_model("gpt2")
