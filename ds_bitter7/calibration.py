@@ -504,8 +504,11 @@ def _forward(model, batch, device, index: int) -> None:
     except Exception as err:
         shapes = ({k: tuple(v.shape) for k, v in batch.items() if torch.is_tensor(v)} if isinstance(batch, dict)
                   else tuple(batch.shape) if torch.is_tensor(batch) else type(batch).__name__)
-        if hasattr(err, "add_note"):  # Python 3.11+
-            err.add_note(f"ds_bitter7: in the model's forward on calibration batch {index} (shapes {shapes})")
+        note = f"ds_bitter7: in the model's forward on calibration batch {index} (shapes {shapes})"
+        if hasattr(err, "add_note"):  # Python 3.11+: printed with the traceback
+            err.add_note(note)
+        else:
+            logger.error(note)
         raise
 
 

@@ -231,9 +231,10 @@ def _gpt2_mlp(model, prefix: str, i: int, config) -> UnitGroup:
 
 def _gpt2_attn(model, prefix: str, i: int, config) -> UnitGroup:
     p = f"{prefix}.{i}.attn"
-    width = _shape(model, f"{p}.c_proj.weight")[0]  # n_head * head_dim of this layer
-    n_head = width // (config.n_embd // config.n_head)
-    head = _ids(torch.arange(width) // (width // n_head))  # [width]
+    width = _shape(model, f"{p}.c_proj.weight")[0]  # n_head * head_dim of this layer (bitter7_gpt2: its own)
+    head_dim = config.n_embd // config.n_head
+    n_head = width // head_dim
+    head = _ids(torch.arange(width) // head_dim)  # [width]
     qkv = torch.cat([head, head, head])
     slices = [ParamSlice(f"{p}.c_attn.weight", _shape(model, f"{p}.c_attn.weight"), 1, qkv),
               ParamSlice(f"{p}.c_attn.bias", (3 * width,), 0, qkv),
@@ -285,7 +286,10 @@ _LLAMA = Adapter("llama", ("model.layers", "layers"), _llama_mlp, _llama_attn,
                  tuple(f"self_attn.{p}.weight" for p in ("q_proj", "k_proj", "v_proj", "o_proj"))
                  + tuple(f"mlp.{p}.weight" for p in ("gate_proj", "up_proj", "down_proj")))
 
-ADAPTERS: Dict[str, Adapter] = {"gpt2": _GPT2, "llama": _LLAMA, "mistral": _LLAMA, "qwen2": _LLAMA}
+# The adapters read each block's widths from its weights, so the exported types (ds_bitter7.models:
+# per-block widths, base head_dim and query heads per key/value group) prune again as they train.
+ADAPTERS: Dict[str, Adapter] = {"gpt2": _GPT2, "llama": _LLAMA, "mistral": _LLAMA, "qwen2": _LLAMA,
+                                "bitter7_gpt2": _GPT2, "bitter7_llama": _LLAMA, "bitter7_mistral": _LLAMA}
 
 
 def register_adapter(model_type: str, adapter: Adapter) -> None:

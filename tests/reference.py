@@ -16,9 +16,21 @@ from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausa
 VOCAB = 64
 
 
+# (units, units each block keeps) per kind: the tiny models exported after a global event
+EXPORTED = {"bitter7_gpt2": {"mlp": (96, [60, 84]), "attn": (4, [3, 2])},
+            "bitter7_llama": {"mlp": (80, [50, 70]), "attn": (2, [1, 2])}}
+
+
 def tiny_model(family: str, seed: int = 0, layers: int = 2) -> torch.nn.Module:
     """A GPT-2 (Conv1D, fused qkv) or LLaMA with grouped-query attention, ``layers`` blocks, fp32,
-    no dropout."""
+    no dropout. ``bitter7_gpt2`` / ``bitter7_llama``: that model (2 blocks) shrunk as an export after
+    a global event would, each block keeping the ``EXPORTED`` number of neurons and heads."""
+    if family in EXPORTED:
+        from ds_bitter7.shrink import shrink_model
+
+        masks = {f"layers.{i}.{kind}": torch.arange(n).mul(7).remainder(n) < kept[i]  # scattered units
+                 for kind, (n, kept) in EXPORTED[family].items() for i in range(2)}
+        return shrink_model(tiny_model(family[len("bitter7_"):], seed), masks)[0]
     torch.manual_seed(seed)
     if family == "gpt2":
         cfg = GPT2Config(n_layer=layers, n_embd=48, n_head=4, n_inner=96, vocab_size=VOCAB, n_positions=32,
@@ -77,19 +89,23 @@ def element_score(score: str, w: torch.Tensor, v: torch.Tensor, eps=1e-8, expone
 
 
 def _unit_elements(family: str, model, layer: int, kind: str) -> List[Dict[str, tuple]]:
-    """For each unit, {param name: index expression} of its elements, straight from the README's element lists."""
+    """For each unit, {param name: index expression} of its elements, straight from the README's element lists.
+    Each block's widths come from its weights (an exported ``bitter7_*`` model's differ by block)."""
     units = []
-    if family == "gpt2":
+
+    def width(name: str, dim: int) -> int:
+        return model.get_parameter(name).shape[dim]
+
+    if family.removeprefix("bitter7_") == "gpt2":
         p = f"transformer.h.{layer}"
         if kind == "mlp":
-            n = model.config.n_inner
-            for i in range(n):
+            for i in range(width(f"{p}.mlp.c_fc.weight", 1)):
                 units.append({f"{p}.mlp.c_fc.weight": (slice(None), i), f"{p}.mlp.c_fc.bias": (i,),
                               f"{p}.mlp.c_proj.weight": (i, slice(None))})
         else:
-            e, h = model.config.n_embd, model.config.n_head
-            hd = e // h
-            for j in range(h):
+            hd = model.config.n_embd // model.config.n_head
+            e = width(f"{p}.attn.c_proj.weight", 0)  # this block's q (and k, v) width
+            for j in range(e // hd):
                 cols = torch.cat([torch.arange(j * hd, (j + 1) * hd) + o for o in (0, e, 2 * e)])
                 units.append({f"{p}.attn.c_attn.weight": (slice(None), cols), f"{p}.attn.c_attn.bias": (cols,),
                               f"{p}.attn.c_proj.weight": (slice(j * hd, (j + 1) * hd), slice(None))})
@@ -97,13 +113,13 @@ def _unit_elements(family: str, model, layer: int, kind: str) -> List[Dict[str, 
     p = f"model.layers.{layer}"
     c = model.config
     if kind == "mlp":
-        for i in range(c.intermediate_size):
+        for i in range(width(f"{p}.mlp.gate_proj.weight", 0)):
             units.append({f"{p}.mlp.gate_proj.weight": (i, slice(None)), f"{p}.mlp.up_proj.weight": (i, slice(None)),
                           f"{p}.mlp.down_proj.weight": (slice(None), i)})
         return units
     hd = c.hidden_size // c.num_attention_heads
     per = c.num_attention_heads // c.num_key_value_heads
-    for g in range(c.num_key_value_heads):
+    for g in range(width(f"{p}.self_attn.k_proj.weight", 0) // hd):
         q = slice(g * per * hd, (g + 1) * per * hd)
         kv = slice(g * hd, (g + 1) * hd)
         units.append({f"{p}.self_attn.q_proj.weight": (q, slice(None)), f"{p}.self_attn.k_proj.weight": (kv, slice(None)),

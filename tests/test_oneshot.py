@@ -273,7 +273,8 @@ def test_model_type_without_an_adapter_is_named_before_any_work(checkpoint, tmp_
     argv = _argv(tmp_path, ckpt, text, "out", "--model_config", str(tmp_path / "cfg"))
     msg = run_distributed(run_oneshot, 1, argv, timeout=60)[0]
     assert msg.startswith(f"OneShotError: {tmp_path / 'cfg'}: ds_bitter7 has no structure adapter for "
-                          "model_type='qwen3' (supported: ['gpt2', 'llama', 'mistral', 'qwen2'])"), msg
+                          "model_type='qwen3' (supported: ['bitter7_gpt2', 'bitter7_llama', 'bitter7_mistral', "
+                          "'gpt2', 'llama', 'mistral', 'qwen2'])"), msg
 
 
 def test_model_the_export_would_refuse_is_named_before_any_work(checkpoint, tmp_path):

@@ -10,7 +10,7 @@ from torch import nn
 from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
 import ds_bitter7.models  # noqa: F401  (registers bitter7_gpt2 / bitter7_llama)
-from ds_bitter7.shrink import shrink_model, zero_pruned_units_
+from ds_bitter7.shrink import shrink_model, unit_counts, zero_pruned_units_
 
 N_LAYER = 3
 
@@ -234,6 +234,22 @@ def test_fully_pruned_block_keeps_one_zero_unit():
 def test_masks_that_do_not_match_the_model_raise(bad, message):
     with pytest.raises(ValueError, match=message):
         shrink_model(tiny_gpt2(), bad)
+
+
+@pytest.mark.parametrize("name", ["gpt2", "llama_gqa"])
+def test_exported_model_shrinks_again(name, tmp_path):
+    """A bitter7_* export, pruned again (its units read from its own weights), exports again."""
+    model = MODELS[name]()
+    masks = random_masks(model, "global")
+    zero_units(model, masks)
+    small = saved_and_loaded(model, masks, tmp_path / "once")
+    assert small.config.model_type == "bitter7_" + name.split("_")[0]
+    gen = torch.Generator().manual_seed(5)
+    again = {k: (torch.rand(n, generator=gen) < 0.6).index_fill_(0, torch.tensor([0]), True)
+             for k, n in unit_counts(small.state_dict(), small.config).items()}
+    zero_pruned_units_(small, again)
+    smaller = saved_and_loaded(small, again, tmp_path / "twice")
+    assert unit_counts(smaller.state_dict(), smaller.config) == {k: int(m.sum()) for k, m in again.items()}
 
 
 def test_qwen2_with_compensation_biases_exports_as_bitter7_llama(tmp_path):
