@@ -18,7 +18,7 @@ import logging
 import math
 import numbers
 import time
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Set, Tuple
 
 import torch
 
@@ -75,6 +75,10 @@ class Pruner:
         self.score_comm = Communicator(self.comm.group) if not self.access.replicated else LOCAL
         self.masks: Dict[str, torch.Tensor] = {g.key: torch.ones(g.n_units, dtype=torch.bool)
                                                for g in self.groups}
+        # an export's all-zero stand-ins for layers pruned whole: pruned from the start, in no fraction
+        self.placeholders: Set[str] = placeholder_groups(self.model, self.groups)
+        for key in self.placeholders:
+            self.masks[key][:] = False
         self.unstructured = (UnstructuredMasks(self, unstructured) if unstructured else None)
         self._plans: Dict[str, List[tuple]] = {}  # fragment name -> zeroing plan (structured)
         self._drop: Dict[str, torch.Tensor] = {}  # fragment name -> BoolTensor[numel] (unstructured)
@@ -132,14 +136,15 @@ class Pruner:
         return event
 
     def sparsity_report(self) -> List[dict]:
-        """Per layer key: units kept / total and parameter elements kept / total."""
+        """Per layer key: units kept / total and parameter elements kept / total (an export's
+        placeholder unit, ``placeholders``, counts among the parameters only)."""
         rows = []
         for g in self.groups:
             keep = self.masks[g.key]
             per_unit = g.params_per_unit()
             rows.append({"key": g.key, "kind": enum_name(g.kind), "units_kept": int(keep.sum()),
-                         "units_total": g.n_units, "params_kept": int(per_unit[keep].sum()),
-                         "params_total": int(per_unit.sum())})
+                         "units_total": 0 if g.key in self.placeholders else g.n_units,
+                         "params_kept": int(per_unit[keep].sum()), "params_total": int(per_unit.sum())})
         if self.unstructured is not None:
             rows.extend(self.unstructured.report())
         return rows
@@ -148,9 +153,9 @@ class Pruner:
         """The sparsity report as a fixed-width table."""
         lines = [f"{'layer':<22}{'kind':<16}{'units kept':>14}{'params kept':>20}"]
         for r in self.sparsity_report():
-            frac = 1 - r["units_kept"] / max(1, r["units_total"])
+            frac = f"sparsity {1 - r['units_kept'] / r['units_total']:.3f}" if r["units_total"] else "placeholder"
             lines.append(f"{r['key']:<22}{r['kind']:<16}{r['units_kept']:>7}/{r['units_total']:<6}"
-                         f"{r['params_kept']:>11}/{r['params_total']:<8} sparsity {frac:.3f}")
+                         f"{r['params_kept']:>11}/{r['params_total']:<8} {frac}")
         return "\n".join(lines)
 
     # -- scores ------------------------------------------------------------------------------------
@@ -214,6 +219,16 @@ class Pruner:
             out = {g.key: out[g.key] * unit_std(g, stats[g.key]) for g in groups}
         return out
 
+    def _fraction_of_all(self, kind: StructureName, fraction: float) -> float:
+        """The fraction of all of ``kind``'s units that prunes ``fraction`` of its live ones, the
+        placeholder units (pruned already) aside. ``per_layer`` needs none: a placeholder's layer
+        has no other unit."""
+        n = sum(g.n_units for g in self.groups if g.kind == kind)
+        dead = sum(g.n_units for g in self.groups if g.kind == kind and g.key in self.placeholders)
+        if not dead or self.config.scope == Scope.per_layer:
+            return fraction
+        return (dead + n_to_prune(fraction, n - dead)) / n
+
     def _output_column_sums(self, groups: List[UnitGroup]) -> Dict[str, torch.Tensor]:
         """Per group key, float64[out]: Adam's ``exp_avg_sq`` of the next layer's weight summed over
         its input features, for each output feature; each rank sums the range it owns, one
@@ -240,7 +255,8 @@ class Pruner:
             event["stats_rows"] = min(s.count for s in stats.values())  # token rows, all ranks
         masks_before = {k: v.clone() for k, v in self.masks.items()}
         for kind in self.kinds:
-            scores = self._kind_scores(kind, stats, fraction)  # obs orders only the prefix it needs
+            of_all = self._fraction_of_all(kind, fraction)  # placeholder units stand outside the fraction
+            scores = self._kind_scores(kind, stats, of_all)  # obs orders only the prefix it needs
             keys = list(scores)
             flat = torch.cat([scores[k] for k in keys])
             if not bool(torch.isfinite(flat).all()):
@@ -252,21 +268,23 @@ class Pruner:
             before = ~torch.cat([self.masks[k] for k in keys])
             if self.config.scope == Scope.standardized:
                 flat = standardize(flat, layers, before)  # thresholds are then in z units
-            after = select_units(flat, layers, before, fraction, self.config.scope == Scope.per_layer,
+            after = select_units(flat, layers, before, of_all, self.config.scope == Scope.per_layer,
                                  self.config.min_units_per_layer)
             event["thresholds"][enum_name(kind)] = threshold_of(flat, before, after)
+            live = ~torch.cat([torch.full((scores[k].numel(),), k in self.placeholders) for k in keys])
+            reached = float((after & live).sum()) / max(1, int(live.sum()))
             if (self.config.scope != Scope.per_layer and self.config.min_units_per_layer
-                    and int(after.sum()) < n_to_prune(fraction, after.numel())):  # the floor held units back
+                    and int(after.sum()) < n_to_prune(of_all, after.numel())):  # the floor held units back
                 log_main("bitter7 step %d: %s: min_units_per_layer %d keeps %d units of %d; %.4f pruned, "
                          "not the %.4f asked", self.step_count, enum_name(kind), self.config.min_units_per_layer,
-                         int((~after).sum()), after.numel(), float(after.float().mean()), fraction,
+                         int((~after).sum()), int(live.sum()), reached, fraction,
                          level=logging.WARNING, log=logger)
             offset = 0
             for k in keys:
                 n = scores[k].numel()
                 self.masks[k] = ~after[offset:offset + n]
                 offset += n
-            event["sparsity"][enum_name(kind)] = float(after.float().mean())
+            event["sparsity"][enum_name(kind)] = reached
         if self.unstructured is not None:
             self.unstructured.event(fraction, event)
         if self.config.bias_compensation.enabled and stats is not None:
@@ -451,6 +469,8 @@ class Pruner:
                                   f"{' and more' if len(stray) > 3 else ''}; the weights were loaded from another "
                                   "checkpoint than the pruner state (with the Hugging Face Trainer, pass the "
                                   "checkpoint it resumed from as Bitter7Callback(..., resume_from_checkpoint=PATH))")
+        for key in self.placeholders:  # a state saved before placeholders were named: all-zero, so pruned
+            masks[key][:] = False
         self.masks = masks
         self.step_count = int(state["step"])
         self.events = list(state.get("events", []))
@@ -520,6 +540,19 @@ class Pruner:
 def _by_group(flat: torch.Tensor, groups: List[UnitGroup]) -> Dict[str, torch.Tensor]:
     """``flat`` (the units of ``groups``, in order) split into one slice per group key."""
     return dict(zip([g.key for g in groups], torch.split(flat, [g.n_units for g in groups])))
+
+
+def placeholder_groups(model, groups: List[UnitGroup]) -> Set[str]:
+    """The unit groups an exported model's config names as placeholders (``placeholder_units``: a
+    layer pruned whole keeps one all-zero unit), among those pruned here; ``ValueError`` for a
+    named group that is not one unit wide (the config is not the weights')."""
+    named = set(getattr(model.config, "placeholder_units", None) or [])
+    out = {g.key for g in groups if g.key in named}
+    wide = sorted(f"{g.key} ({g.n_units} units)" for g in groups if g.key in out and g.n_units != 1)
+    if wide:
+        raise ValueError(f"ds_bitter7: the model's config names {', '.join(wide)} as a placeholder_units layer "
+                         "(one all-zero unit), but the weights hold more: the config is not the weights' own")
+    return out
 
 
 def _refuse(names: List[str], what: str, fix: str) -> None:

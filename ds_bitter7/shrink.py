@@ -8,6 +8,8 @@ says the new widths: a standard config where one is able to (same width in every
 
 A block whose every unit of a kind was pruned keeps one (all-zero) unit, because transformers'
 layers cannot be zero wide; a pruned unit contributes exactly nothing, so the output is unchanged.
+The config names these blocks (``placeholder_units``): pruned again, their unit is pruned from the
+start and counts for no fraction.
 """
 
 from __future__ import annotations
@@ -256,26 +258,39 @@ def _config_dict(config) -> dict:
     return data
 
 
+def placeholders_after(config, masks: Masks) -> List[str]:
+    """The blocks whose one unit will be an all-zero placeholder once ``masks`` shrink a model of
+    ``config``: those the masks prune whole, and the config's own that the masks leave alone."""
+    whole = {k for k, m in masks.items() if not bool(m.any())}
+    whole |= {k for k in getattr(config, "placeholder_units", None) or [] if k not in masks}
+    return sorted(whole, key=_split_key)
+
+
 def build_config(config, counts: Mapping[str, int], extra_flags: Optional[Dict[str, bool]] = None,
-                 standard: bool = True):
+                 standard: bool = True, placeholders: Sequence[str] = ()):
     """The config of the shrunk model: standard when every block has the same widths (and the
-    standard class can say so; ``standard=False`` skips it), else `bitter7_gpt2` / `bitter7_llama`
+    standard class can say so; ``standard=False`` skips it) and none holds a placeholder unit
+    (``placeholders``, see ``placeholders_after``), else `bitter7_gpt2` / `bitter7_llama`
     (`bitter7_mistral` for a Mistral model whose sliding window binds)."""
     family = family_of(config)
     n = config.num_hidden_layers
     mlp = [counts[f"layers.{i}.mlp"] for i in range(n)]
     attn = [counts[f"layers.{i}.attn"] for i in range(n)]
     data = {**_config_dict(config), **(extra_flags or {})}
-    for key in ("intermediate_sizes", "num_heads_per_layer", "num_kv_heads_per_layer"):
+    for key in ("intermediate_sizes", "num_heads_per_layer", "num_kv_heads_per_layer", "placeholder_units"):
         data.pop(key, None)
+    if placeholders:
+        data["placeholder_units"] = list(placeholders)
     head_dim, q_per_unit = _head_geometry(config, family)
     if family == "gpt2":
-        if _uniform(mlp) and attn == [config.n_head] * n and config.model_type == "gpt2":
+        if _uniform(mlp) and attn == [config.n_head] * n and config.model_type == "gpt2" and not placeholders:
             return type(config)(**{**data, "n_inner": mlp[0]})
         return Bitter7GPT2Config(**data, intermediate_sizes=mlp, num_heads_per_layer=attn)
     why = "its blocks have different widths (prune with scope: per_layer for a standard model)"
     if not standard:
         why = f"it carries compensation biases the standard {config.model_type} class cannot hold"
+    elif placeholders:
+        why = "its config names the all-zero units that stand for layers pruned whole"
     elif _uniform(mlp) and _uniform(attn) and not config.model_type.startswith("bitter7_"):
         uniform = {"intermediate_size": mlp[0], "num_attention_heads": attn[0] * q_per_unit,
                    "num_key_value_heads": attn[0], "head_dim": head_dim}
@@ -363,12 +378,13 @@ def shrink_model(model: PreTrainedModel, masks: Masks) -> Tuple[PreTrainedModel,
     before = model.state_dict()
     counts = unit_counts(before, config)
     after, new_counts = shrink_state_dict(before, config, masks)
-    new_config = build_config(config, new_counts)
+    placeholders = placeholders_after(config, masks)
+    new_config = build_config(config, new_counts, placeholders=placeholders)
     if _misfit(new_config, after):  # compensation biases the config has no flag for
         flags = _add_zero_biases(after, config, family)
-        new_config = build_config(config, new_counts, flags)
+        new_config = build_config(config, new_counts, flags, placeholders=placeholders)
         if _misfit(new_config, after):  # a standard Mistral / Qwen2 cannot say "bias on o_proj"
-            new_config = build_config(config, new_counts, flags, standard=False)
+            new_config = build_config(config, new_counts, flags, standard=False, placeholders=placeholders)
     dtype = next(model.parameters()).dtype
     small = AutoModelForCausalLM.from_config(new_config, dtype=dtype)
     missing, unexpected = key_mismatch(small, after)

@@ -53,6 +53,22 @@ def test_exported_models_prune_again(family):
     _check_against_reference(family, 2, [CASES[2], CASES[5], CASES[6]])
 
 
+def test_placeholder_units_of_an_export_stay_outside_the_fraction():
+    """A layer pruned whole exports with one all-zero unit, which its config names: pruned again,
+    that unit is pruned from the start and counts for no fraction (here 1 of the 3 live heads, not
+    1 of 4 units with the dead one kept), nor for the reported sparsity."""
+    for res in run_distributed(workers.placeholder_case, 2):
+        assert res["placeholder_units"] == ["layers.1.attn"]
+        assert res["attach"]["layers.1.attn"].tolist() == [False] and res["attach"]["layers.0.attn"].all()
+        assert res["masks"]["layers.1.attn"].tolist() == [False]
+        assert int((~res["masks"]["layers.0.attn"]).sum()) == 1  # floor(0.5 * 3 live heads)
+        assert res["sparsity"] == {"mlp_neuron": 0.5, "attention_head": pytest.approx(1 / 3)}
+        rows = {r["key"]: r for r in res["report"]}
+        assert (rows["layers.1.attn"]["units_kept"], rows["layers.1.attn"]["units_total"]) == (0, 0)
+        assert "placeholder" in res["table"]
+        assert res["zero"] == {"master": True, "moments": True, "model": True}
+
+
 @pytest.mark.skipif(not _fp16_supported(), reason="DeepSpeed has no fp16 on this CPU (oneDNN without AVX512-FP16 or AMX)")
 @pytest.mark.parametrize("family", ["gpt2", "llama"])
 def test_fp16_masks_scores_and_zeros_match_reference(family):

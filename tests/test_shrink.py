@@ -252,6 +252,21 @@ def test_exported_model_shrinks_again(name, tmp_path):
     assert unit_counts(smaller.state_dict(), smaller.config) == {k: int(m.sum()) for k, m in again.items()}
 
 
+@pytest.mark.parametrize("name", ["gpt2", "llama_gqa"])
+def test_layers_pruned_whole_are_named_and_stay_placeholders(name, tmp_path):
+    """A block that lost every unit of a kind keeps one all-zero unit, named in the config
+    (placeholder_units); an export of that export names it again, whether its masks prune it
+    (as the pruner does) or leave the block out."""
+    model = MODELS[name]()
+    masks = {k: torch.ones_like(m) for k, m in random_masks(model, "per_layer").items()}
+    masks["layers.1.attn"][:] = False
+    zero_units(model, masks)
+    once = saved_and_loaded(model, masks, tmp_path / "once")
+    assert once.config.model_type.startswith("bitter7_") and once.config.placeholder_units == ["layers.1.attn"]
+    for again in ({"layers.1.attn": torch.zeros(1, dtype=torch.bool)}, {}):
+        assert shrink_model(once, again)[0].config.placeholder_units == ["layers.1.attn"]
+
+
 def test_qwen2_with_compensation_biases_exports_as_bitter7_llama(tmp_path):
     """Qwen2 has no flag for a bias on o_proj / down_proj: even uniform widths need bitter7_llama."""
     model = MODELS["qwen2_extra_bias"]()

@@ -22,6 +22,8 @@ class Bitter7LlamaConfig(LlamaConfig):
     intermediate_sizes: Optional[List[int]] = None
     num_heads_per_layer: Optional[List[int]] = None
     num_kv_heads_per_layer: Optional[List[int]] = None
+    placeholder_units: Optional[List[str]] = None  # blocks ("layers.1.attn") whose one unit is an all-zero
+    # placeholder for units all pruned (a layer cannot be zero wide): pruned from the start when pruned again
 
     def validate_architecture(self):
         """Head counts need not divide hidden_size (head_dim is explicit); check the lists."""

@@ -22,6 +22,8 @@ class Bitter7MistralConfig(MistralConfig):
     intermediate_sizes: Optional[List[int]] = None
     num_heads_per_layer: Optional[List[int]] = None
     num_kv_heads_per_layer: Optional[List[int]] = None
+    placeholder_units: Optional[List[str]] = None  # blocks ("layers.1.attn") whose one unit is an all-zero
+    # placeholder for units all pruned (a layer cannot be zero wide): pruned from the start when pruned again
     mlp_bias: bool = False  # biases on gate/up/down_proj (down_proj's holds the compensation)
     attention_bias: bool = False  # biases on q/k/v/o_proj (o_proj's holds the compensation)
 
