@@ -144,6 +144,12 @@ def build_config(name_or_path: str, vocab_size: Optional[int] = None, max_positi
         _refuse_unknown(type(config), overrides, also=list(config.to_dict()))
         for key, value in overrides.items():
             setattr(config, key, value)
+        if overrides:  # setattr skips the class's checks (an exported model's per-block widths): rebuild it
+            try:
+                type(config).from_dict(config.to_dict())
+            except Exception as err:  # noqa: BLE001 - ValueError, or huggingface_hub's strict-dataclass error
+                raise ValueError(f"--model_overrides {json.dumps(overrides)}: the {config.model_type} config "
+                                 f"refuses them: {' '.join(str(err).split())}") from None
     if vocab_size is not None and vocab_size > config.vocab_size:
         raise ValueError(f"tokenizer has {vocab_size} ids but model {name_or_path!r} only "
                          f"{config.vocab_size}")
@@ -174,3 +180,31 @@ def build_model(name_or_path: str, vocab_size: Optional[int] = None, max_positio
     logger.info("random init %s (%s): %.2fM parameters", name_or_path, config.model_type,
                 sum(p.numel() for p in model.parameters()) / 1e6)
     return model
+
+
+# config keys that set parameters and their shapes (GPT-2's names, the LLaMA family's, and the per-block
+# widths of an exported bitter7_* model)
+SHAPE_KEYS = ("model_type", "vocab_size", "n_layer", "n_embd", "n_head", "n_inner", "n_positions", "num_hidden_layers",
+              "hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads", "head_dim",
+              "max_position_embeddings", "attention_bias", "mlp_bias", "tie_word_embeddings",
+              "intermediate_sizes", "num_heads_per_layer", "num_kv_heads_per_layer")
+
+
+def saved_model_config(folder: str) -> Dict[str, Any]:
+    """The model config a run saved in ``folder`` (launch/train.py's ``--save_dir``, a Trainer's
+    ``checkpoint-N``), with the defaults its config.json leaves out, or {} when it has no readable one."""
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(folder).to_dict()
+    except Exception:  # noqa: BLE001 - no config.json, or one transformers cannot read: nothing to compare
+        return {}
+
+
+def model_mismatch(saved: Dict[str, Any], config) -> Optional[str]:
+    """How a saved model config (``saved_model_config``) differs from ``config`` in what sets the
+    parameters, or None."""
+    ours = config.to_dict()
+    diffs = [f"{k}={saved[k]!r} where this run's has {ours.get(k)!r}" for k in SHAPE_KEYS
+             if k in saved and saved[k] != ours.get(k)]
+    return ", ".join(diffs) or None

@@ -38,6 +38,7 @@ from ds_bitter7.comm import Communicator, abort_job_on_error, init_distributed
 from ds_bitter7.config import load_ds_config, parse_config
 from ds_bitter7.evaluation import perplexity_of, token_loss
 from ds_bitter7.export import REPORT_FILE, json_safe
+from ds_bitter7.modeling import model_mismatch, saved_model_config
 from ds_bitter7.schedule import sparsity_reached
 from ds_bitter7.state import CLIENT_KEY as PRUNER_STATE_KEY
 from ds_bitter7.state import latest_tag
@@ -280,36 +281,10 @@ def train(args) -> Dict[str, Any]:
     return run_loop(args, engine, pruner, tokenizer, train_blocks, val_blocks, world_size, rank)
 
 
-# config keys that set parameters and their shapes (GPT-2's names and the LLaMA family's)
-SHAPE_KEYS = ("model_type", "vocab_size", "n_layer", "n_embd", "n_head", "n_inner", "n_positions", "num_hidden_layers",
-              "hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads", "head_dim",
-              "max_position_embeddings", "attention_bias", "mlp_bias", "tie_word_embeddings")
-
-
 def data_record(args) -> str:
     """What ``--data`` (and ``--data_config``) named, as the checkpoint records it: local paths resolved."""
     names = [os.path.realpath(d) if os.path.exists(d) else d for d in args.data]
     return " ".join(names) + (f" ({args.data_config})" if args.data_config else "")
-
-
-def saved_model_config(folder: str) -> Dict[str, Any]:
-    """The model config a run saved in ``folder`` (its ``--save_dir``), with the defaults its
-    config.json leaves out, or {} when it has no readable one."""
-    from transformers import AutoConfig
-
-    try:
-        return AutoConfig.from_pretrained(folder).to_dict()
-    except Exception:  # noqa: BLE001 - no config.json, or one transformers cannot read: nothing to compare
-        return {}
-
-
-def model_mismatch(saved: Dict[str, Any], config) -> Optional[str]:
-    """How a saved model config (``saved_model_config``) differs from ``config`` in what sets the
-    parameters, or None."""
-    ours = config.to_dict()
-    diffs = [f"{k}={saved[k]!r} where this run's has {ours.get(k)!r}" for k in SHAPE_KEYS
-             if k in saved and saved[k] != ours.get(k)]
-    return ", ".join(diffs) or None
 
 
 def stale_universal(folder: str) -> Optional[str]:

@@ -122,6 +122,11 @@ def main() -> None:
     model = comm.call("building the model", lambda: modeling.build_model(
         args.model, dsdata.tokenizer_vocab_size(tokenizer), seed=args.seed, max_positions=max(args.seq_len, 256),
         overrides=args.model_overrides, eos_token_id=dsdata.eos_id(tokenizer)))
+    last = os.path.join(args.output_dir, f"checkpoint-{max(trainer_checkpoints(args.output_dir), default=0)}")
+    mismatch = modeling.model_mismatch(modeling.saved_model_config(last), model.config) if args.resume else None
+    if mismatch:  # alike on every rank; DeepSpeed's loading would fail with a size-mismatch traceback
+        raise SystemExit(f"cannot resume from {last!r}: its model (config.json) has {mismatch}: pass the "
+                         "training run's --model, --model_overrides and --tokenizer")
     positions = modeling.max_positions(model.config)
     if positions and args.seq_len > positions:  # the embedding would fail on the first batch
         raise SystemExit(f"--seq_len {args.seq_len} is longer than the model's {positions} positions: "

@@ -178,6 +178,13 @@ def test_local_model_with_weights_is_checked_and_overridden(tmp_path):
     llama = modeling.build_config("tiny-llama", 257, overrides={"rope_theta": 5e5, "attn_implementation": "eager",
                                                                 "rope_scaling": {"rope_type": "linear", "factor": 2.0}})
     assert llama.rope_parameters["factor"] == 2.0 and llama._attn_implementation == "eager"
+    # an exported model's per-block widths: fewer layers than they list trained, then failed at the save
+    from ds_bitter7.models import Bitter7LlamaConfig
+
+    Bitter7LlamaConfig(num_hidden_layers=2, hidden_size=32, num_attention_heads=4, num_key_value_heads=2,
+                       intermediate_size=64, intermediate_sizes=[64, 32]).save_pretrained(tmp_path / "export")
+    with pytest.raises(ValueError, match="the bitter7_llama config refuses them.*intermediate_sizes has 2 entries"):
+        modeling.build_config(str(tmp_path / "export"), overrides={"num_hidden_layers": 1})
 
 
 def test_typos_of_builtin_names_are_refused_before_the_hub():

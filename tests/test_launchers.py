@@ -489,6 +489,11 @@ def test_resume_with_another_model_is_named(trained):
     assert "attention_bias=True where this run's has False" in train.model_mismatch(
         train.saved_model_config(str(trained[2].parent / "llama_saved")), modeling.build_config("tiny-llama", 257))
     assert train.saved_model_config(str(trained[2].parent / "nothing_here")) == {}
+    from ds_bitter7.models import Bitter7GPT2Config  # an export resumed with another export's widths
+
+    export = Bitter7GPT2Config(n_layer=2, n_embd=32, n_head=4, intermediate_sizes=[10, 20], num_heads_per_layer=[4, 2])
+    other = Bitter7GPT2Config(n_layer=2, n_embd=32, n_head=4, intermediate_sizes=[10, 30], num_heads_per_layer=[4, 2])
+    assert train.model_mismatch(export.to_dict(), other) == "intermediate_sizes=[10, 20] where this run's has [10, 30]"
 
 
 def test_resume_refuses_a_stale_universal_tag_and_another_tokenizer(tmp_path):

@@ -68,6 +68,10 @@ def test_trainer_prunes_saves_and_resumes(tmp_path):
     log = run(trainer_command(off, corpus, out, summary, save_steps=4) + ["--max_steps", "14", "--resume"], tmp_path,
               timeout=200)
     assert f"{latest} carries ds_bitter7 pruner state but this run's bitter7 section is disabled" in log, log[-3000:]
+    # resumed with another model: named before DeepSpeed's loading failed with a size-mismatch traceback
+    other = [json.dumps({"n_layer": 2, "n_embd": 64}) if arg == TINY_MODEL[-1] else arg for arg in base]
+    log = run(other + ["--max_steps", "20", "--resume"], tmp_path, timeout=200, fails=True)
+    assert "its model (config.json) has n_embd=32 where this run's has 64" in log, log[-3000:]
 
 
 def test_trainer_resume_keeps_unstructured_masks(tmp_path):
