@@ -497,13 +497,8 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
 
 
 def pruned_counts(pruner, kinds) -> Dict[str, Tuple[int, int]]:
-    """Per structure type in ``kinds``: (units the masks prune now, units)."""
-    out = {}
-    for kind in kinds:
-        masks = [pruner.masks[g.key] for g in pruner.groups if enum_name(g.kind) == kind]
-        if masks:
-            out[kind] = (sum(int((~m).sum()) for m in masks), sum(m.numel() for m in masks))
-    return out
+    """Per structure type in ``kinds``: (live units the masks prune now, live units)."""
+    return {kind: counts for kind, counts in pruner.pruned_units().items() if kind in kinds}
 
 
 def already_pruned(pruner, args) -> Dict[str, float]:

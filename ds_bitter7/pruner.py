@@ -96,6 +96,8 @@ class Pruner:
         self._pending: Optional[float] = None  # an event due at this step, run when engine.step returns
         self._hooks = self.access.register_step_hooks(self._pre_step, self._post_step)
         self._wrap_engine_step()
+        if self.placeholders:  # kept at zero from the start (a config-only export trains from a random init)
+            self._apply_masks_now()
 
     # -- public API --------------------------------------------------------------------------------
     def unit_scores(self) -> Dict[str, torch.Tensor]:
@@ -148,6 +150,16 @@ class Pruner:
         if self.unstructured is not None:
             rows.extend(self.unstructured.report())
         return rows
+
+    def pruned_units(self) -> Dict[str, Tuple[int, int]]:
+        """Per structure type (its config name): (live units the masks prune, live units); an
+        export's placeholder units are neither."""
+        out: Dict[str, Tuple[int, int]] = {}
+        for g in self.groups:
+            if g.key not in self.placeholders:
+                pruned, total = out.get(enum_name(g.kind), (0, 0))
+                out[enum_name(g.kind)] = (pruned + int((~self.masks[g.key]).sum()), total + g.n_units)
+        return out
 
     def format_report(self) -> str:
         """The sparsity report as a fixed-width table."""
@@ -271,20 +283,18 @@ class Pruner:
             after = select_units(flat, layers, before, of_all, self.config.scope == Scope.per_layer,
                                  self.config.min_units_per_layer)
             event["thresholds"][enum_name(kind)] = threshold_of(flat, before, after)
-            live = ~torch.cat([torch.full((scores[k].numel(),), k in self.placeholders) for k in keys])
-            reached = float((after & live).sum()) / max(1, int(live.sum()))
-            if (self.config.scope != Scope.per_layer and self.config.min_units_per_layer
-                    and int(after.sum()) < n_to_prune(of_all, after.numel())):  # the floor held units back
-                log_main("bitter7 step %d: %s: min_units_per_layer %d keeps %d units of %d; %.4f pruned, "
-                         "not the %.4f asked", self.step_count, enum_name(kind), self.config.min_units_per_layer,
-                         int((~after).sum()), int(live.sum()), reached, fraction,
-                         level=logging.WARNING, log=logger)
             offset = 0
             for k in keys:
                 n = scores[k].numel()
                 self.masks[k] = ~after[offset:offset + n]
                 offset += n
-            event["sparsity"][enum_name(kind)] = reached
+            pruned, live = self.pruned_units().get(enum_name(kind), (0, 0))
+            event["sparsity"][enum_name(kind)] = reached = pruned / max(1, live)
+            if (self.config.scope != Scope.per_layer and self.config.min_units_per_layer
+                    and int(after.sum()) < n_to_prune(of_all, after.numel())):  # the floor held units back
+                log_main("bitter7 step %d: %s: min_units_per_layer %d keeps %d units of %d; %.4f pruned, "
+                         "not the %.4f asked", self.step_count, enum_name(kind), self.config.min_units_per_layer,
+                         live - pruned, live, reached, fraction, level=logging.WARNING, log=logger)
         if self.unstructured is not None:
             self.unstructured.event(fraction, event)
         if self.config.bias_compensation.enabled and stats is not None:

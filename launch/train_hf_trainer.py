@@ -109,6 +109,7 @@ def main() -> None:
 
     from deepspeed.accelerator import get_accelerator
     from transformers import Trainer, TrainingArguments
+    from transformers.trainer_utils import get_last_checkpoint
 
     # the group first (accelerate reuses it; under mpirun it reads rank, world and address from the env
     # only, which mpi4py finds), so a problem on one node only stops every rank
@@ -122,8 +123,8 @@ def main() -> None:
     model = comm.call("building the model", lambda: modeling.build_model(
         args.model, dsdata.tokenizer_vocab_size(tokenizer), seed=args.seed, max_positions=max(args.seq_len, 256),
         overrides=args.model_overrides, eos_token_id=dsdata.eos_id(tokenizer)))
-    last = os.path.join(args.output_dir, f"checkpoint-{max(trainer_checkpoints(args.output_dir), default=0)}")
-    mismatch = modeling.model_mismatch(modeling.saved_model_config(last), model.config) if args.resume else None
+    last = get_last_checkpoint(args.output_dir) if args.resume else None  # the folder the Trainer resumes from
+    mismatch = modeling.model_mismatch(modeling.saved_model_config(last), model.config) if last else None
     if mismatch:  # alike on every rank; DeepSpeed's loading would fail with a size-mismatch traceback
         raise SystemExit(f"cannot resume from {last!r}: its model (config.json) has {mismatch}: pass the "
                          "training run's --model, --model_overrides and --tokenizer")

@@ -55,17 +55,18 @@ def test_exported_models_prune_again(family):
 
 def test_placeholder_units_of_an_export_stay_outside_the_fraction():
     """A layer pruned whole exports with one all-zero unit, which its config names: pruned again,
-    that unit is pruned from the start and counts for no fraction (here 1 of the 3 live heads, not
-    1 of 4 units with the dead one kept), nor for the reported sparsity."""
+    that unit is pruned (and zero) from the start and counts for no fraction: 2 of the 4 live heads,
+    not the placeholder and 1 live head (floor(0.5 * 5) units), nor for the reported sparsity."""
     for res in run_distributed(workers.placeholder_case, 2):
         assert res["placeholder_units"] == ["layers.1.attn"]
         assert res["attach"]["layers.1.attn"].tolist() == [False] and res["attach"]["layers.0.attn"].all()
         assert res["masks"]["layers.1.attn"].tolist() == [False]
-        assert int((~res["masks"]["layers.0.attn"]).sum()) == 1  # floor(0.5 * 3 live heads)
-        assert res["sparsity"] == {"mlp_neuron": 0.5, "attention_head": pytest.approx(1 / 3)}
+        assert int((~res["masks"]["layers.0.attn"]).sum()) == 2  # floor(0.5 * 4 live heads)
+        assert res["sparsity"] == {"mlp_neuron": 0.5, "attention_head": 0.5}
         rows = {r["key"]: r for r in res["report"]}
         assert (rows["layers.1.attn"]["units_kept"], rows["layers.1.attn"]["units_total"]) == (0, 0)
         assert "placeholder" in res["table"]
+        assert res["zero_at_attach"] == {"master": True, "model": True}
         assert res["zero"] == {"master": True, "moments": True, "model": True}
 
 

@@ -471,29 +471,24 @@ def test_a_tokenizer_saved_on_one_node_only_is_refused(tmp_path):
 def test_resume_with_another_model_is_named(trained):
     """A --model_overrides left out at resume: the shapes that differ are named before DeepSpeed's
     loading (which failed on every rank with a size-mismatch traceback)."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("launch_train", REPO / "launch" / "train.py")
-    train = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(train)
-    saved = train.saved_model_config(str(trained[2]))
+    saved = modeling.saved_model_config(str(trained[2]))
     same = modeling.build_config("tiny-gpt2", 257, overrides=json.loads(TINY_MODEL[-1]))
-    assert train.model_mismatch(saved, same) is None
-    assert train.model_mismatch(saved, modeling.build_config("tiny-gpt2", 257)) == \
+    assert modeling.model_mismatch(saved, same) is None
+    assert modeling.model_mismatch(saved, modeling.build_config("tiny-gpt2", 257)) == \
         "n_layer=2 where this run's has 4, n_embd=32 where this run's has 128"
     # a longer --seq_len than the position table, a bias left out: named too (they failed inside DeepSpeed)
     longer = modeling.build_config("tiny-gpt2", 257, max_positions=300, overrides=json.loads(TINY_MODEL[-1]))
-    assert train.model_mismatch(saved, longer) == "n_positions=256 where this run's has 300"
+    assert modeling.model_mismatch(saved, longer) == "n_positions=256 where this run's has 300"
     llama = modeling.build_config("tiny-llama", 257, overrides={"attention_bias": True})
     llama.save_pretrained(str(trained[2].parent / "llama_saved"))
-    assert "attention_bias=True where this run's has False" in train.model_mismatch(
-        train.saved_model_config(str(trained[2].parent / "llama_saved")), modeling.build_config("tiny-llama", 257))
-    assert train.saved_model_config(str(trained[2].parent / "nothing_here")) == {}
+    assert "attention_bias=True where this run's has False" in modeling.model_mismatch(
+        modeling.saved_model_config(str(trained[2].parent / "llama_saved")), modeling.build_config("tiny-llama", 257))
+    assert modeling.saved_model_config(str(trained[2].parent / "nothing_here")) == {}
     from ds_bitter7.models import Bitter7GPT2Config  # an export resumed with another export's widths
 
     export = Bitter7GPT2Config(n_layer=2, n_embd=32, n_head=4, intermediate_sizes=[10, 20], num_heads_per_layer=[4, 2])
     other = Bitter7GPT2Config(n_layer=2, n_embd=32, n_head=4, intermediate_sizes=[10, 30], num_heads_per_layer=[4, 2])
-    assert train.model_mismatch(export.to_dict(), other) == "intermediate_sizes=[10, 20] where this run's has [10, 30]"
+    assert modeling.model_mismatch(export.to_dict(), other) == "intermediate_sizes=[10, 20] where this run's has [10, 30]"
 
 
 def test_resume_refuses_a_stale_universal_tag_and_another_tokenizer(tmp_path):

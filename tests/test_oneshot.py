@@ -522,14 +522,8 @@ def test_shortfall_and_already_pruned_count_units():
     keeps no minimum, so it never warns."""
     from types import SimpleNamespace
 
-    from ds_bitter7.config import StructureName
-
-    groups = [SimpleNamespace(key=f"h.{i}.mlp", kind=StructureName.mlp_neuron) for i in range(2)]
-
-    def pruner(n_pruned):
-        flat = torch.ones(192, dtype=torch.bool)
-        flat[:n_pruned] = False
-        return SimpleNamespace(groups=groups, masks={"h.0.mlp": flat[:96], "h.1.mlp": flat[96:]})
+    def pruner(n_pruned):  # 192 live neurons (Pruner.pruned_units)
+        return SimpleNamespace(pruned_units=lambda: {"mlp_neuron": (n_pruned, 192)})
 
     args = SimpleNamespace(scope="global", min_units_per_layer=1, structures=["mlp_neuron"], sparsity=0.6)
     assert float(torch.tensor([False] * 115 + [True] * 77).float().mean()) != 0.6  # the trap

@@ -267,6 +267,20 @@ def test_layers_pruned_whole_are_named_and_stay_placeholders(name, tmp_path):
         assert shrink_model(once, again)[0].config.placeholder_units == ["layers.1.attn"]
 
 
+def test_placeholder_units_are_checked_by_the_config():
+    from ds_bitter7.models import Bitter7GPT2Config, Bitter7LlamaConfig
+
+    sizes = {"n_layer": 2, "n_embd": 32, "n_head": 4, "intermediate_sizes": [8, 1], "num_heads_per_layer": [4, 2]}
+    assert Bitter7GPT2Config(**sizes, placeholder_units=["layers.1.mlp"]).placeholder_units == ["layers.1.mlp"]
+    for units, message in ((["layer.1.mlp"], "'layer.1.mlp': expected 'layers.<i>.mlp' or 'layers.<i>.attn' with i < 2"),
+                           (["layers.2.mlp"], "with i < 2"), (["layers.1.attn"], "which is 2 units wide, not 1")):
+        with pytest.raises(Exception, match=message):
+            Bitter7GPT2Config(**sizes, placeholder_units=units)
+    with pytest.raises(Exception, match="'layers.0.mlp', which is 8 units wide"):
+        Bitter7LlamaConfig(num_hidden_layers=2, hidden_size=32, num_attention_heads=4, num_key_value_heads=2,
+                           intermediate_sizes=[8, 1], placeholder_units=["layers.0.mlp"])
+
+
 def test_qwen2_with_compensation_biases_exports_as_bitter7_llama(tmp_path):
     """Qwen2 has no flag for a bias on o_proj / down_proj: even uniform widths need bitter7_llama."""
     model = MODELS["qwen2_extra_bias"]()

@@ -201,24 +201,28 @@ def pruned_unit_gradients(family: str, dtype: str) -> dict:
 
 def placeholder_case() -> dict:
     """A GPT-2 exported after layer 1 lost every head (it keeps one all-zero placeholder head, named
-    in its config) and layer 0 one of 4, pruned again to half its heads and neurons."""
+    in its config), pruned again to half its heads and neurons; the placeholder's weights made
+    nonzero first (a config-only export trains from a random init): kept at zero from the start."""
     from ds_bitter7.shrink import shrink_model, zero_pruned_units_
 
     base = tiny_model("gpt2")
-    masks = {"layers.0.attn": torch.tensor([True, True, False, True]), "layers.1.attn": torch.zeros(4, dtype=torch.bool)}
+    masks = {"layers.1.attn": torch.zeros(4, dtype=torch.bool)}
     zero_pruned_units_(base, masks)
     model = shrink_model(base, masks)[0]
+    with torch.no_grad():
+        model.transformer.h[1].attn.c_proj.weight.fill_(0.5)
     cfg = ds_config(2, "fp32", {"structures": ["mlp_neuron", "attention_head"], "min_units_per_layer": 0,
                                 "schedule": {"start_step": 10**9, "end_step": 10**9}})
     engine, *_ = ds_bitter7.initialize(model=model, model_parameters=model.parameters(), config=cfg)
     pruner = ds_bitter7.get_pruner(engine)
     attach = {k: v.clone() for k, v in pruner.masks.items()}
+    zero_at_attach = pruned_elements_zero(pruner)  # no moments before the first step
     train_steps(engine, 1)
     event = pruner.prune_to(0.5)
     train_steps(engine, 1)
     return {"placeholder_units": model.config.placeholder_units, "attach": attach, "masks": pruner.masks,
             "sparsity": event["sparsity"], "report": pruner.sparsity_report(), "table": pruner.format_report(),
-            "zero": pruned_elements_zero(pruner)}
+            "zero_at_attach": {k: zero_at_attach[k] for k in ("master", "model")}, "zero": pruned_elements_zero(pruner)}
 
 
 def bad_config(config: dict) -> dict:

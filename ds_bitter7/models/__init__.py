@@ -31,7 +31,7 @@ for _config, _model in ((Bitter7GPT2Config, Bitter7GPT2LMHeadModel), (Bitter7Lla
 _REMOTE = {"bitter7_gpt2": ("gpt2", "Bitter7GPT2Config", "Bitter7GPT2LMHeadModel"),
            "bitter7_llama": ("llama", "Bitter7LlamaConfig", "Bitter7LlamaForCausalLM"),
            "bitter7_mistral": ("mistral", "Bitter7MistralConfig", "Bitter7MistralForCausalLM")}
-_IMPORTS = {"mistral": ["llama"]}
+_IMPORTS = {"gpt2": ["widths"], "llama": ["widths"], "mistral": ["llama", "widths"]}
 
 
 def remote_code(model_type: str):

@@ -14,6 +14,8 @@ from huggingface_hub.dataclasses import strict
 from transformers import GPT2Config, GPT2LMHeadModel
 from transformers.models.gpt2.modeling_gpt2 import GPT2MLP, Conv1D
 
+from .widths import validate_placeholders
+
 
 @strict
 class Bitter7GPT2Config(GPT2Config):
@@ -32,6 +34,8 @@ class Bitter7GPT2Config(GPT2Config):
             sizes = getattr(self, name)
             if sizes is not None and len(sizes) != self.n_layer:
                 raise ValueError(f"{name} has {len(sizes)} entries; expected n_layer={self.n_layer}")
+        validate_placeholders(self.placeholder_units, self.n_layer,
+                              {"mlp": self.intermediate_sizes, "attn": self.num_heads_per_layer})
 
 
 def resize_gpt2_blocks(blocks, config: Bitter7GPT2Config) -> None:

@@ -13,6 +13,8 @@ from huggingface_hub.dataclasses import strict
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from .widths import validate_placeholders
+
 
 @strict
 class Bitter7LlamaConfig(LlamaConfig):
@@ -38,6 +40,8 @@ def validate_widths(config) -> None:
             raise ValueError(f"{name} has {len(sizes)} entries; expected num_hidden_layers={config.num_hidden_layers}")
     if (config.num_heads_per_layer is None) != (config.num_kv_heads_per_layer is None):
         raise ValueError("num_heads_per_layer and num_kv_heads_per_layer must be given together")
+    validate_placeholders(config.placeholder_units, config.num_hidden_layers,
+                          {"mlp": config.intermediate_sizes, "attn": config.num_kv_heads_per_layer})
 
 
 def resize_llama_layers(layers, config) -> None:
