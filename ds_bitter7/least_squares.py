@@ -40,6 +40,7 @@ import torch
 
 from .calibration import chunks
 from .compensation import add_to_param, finite_stats, warn_skipped
+from .config import StructureName
 from .structures import UnitGroup
 
 RIDGE_SOLVE = 1e-6  # below this relative damping, a pseudo-inverse (a plain solve may blow up)
@@ -123,42 +124,61 @@ def _weight_update(group: UnitGroup, shape, keep: torch.Tensor, delta: torch.Ten
 def compensate_least_squares(pruner, masks_before: Dict[str, torch.Tensor], stats, event: dict) -> None:
     """Refit every group's out projection on its kept features (module docstring).
 
-    Must run before the masks zero the weights. With ``layers_per_pass`` the groups are refit a
-    chunk at a time, each chunk's matrices from its own calibration pass (``stats`` then holds the
-    vectors only); every update (``D``, ``|K| x out`` float64 per group, held on the CPU) is
-    applied after the last chunk, so every pass sees the same model and the result is that of one
-    pass. Collective: every rank must call this, in the same order
-    (one all-reduce of the removed rows of every W_next per chunk, skipped at stage 0).
+    Must run before the masks zero the weights. The groups are refit from the last block back to
+    the first, with ``layers_per_pass`` a chunk at a time, each chunk's matrices from its own
+    calibration pass (``stats`` then holds the vectors only), and each chunk's updates (``D``,
+    ``|K| x out`` float64 per group, on the CPU) are applied before the next chunk's pass: a
+    group's features are computed before any out projection of a later group runs (a block's
+    attention before its MLP), so every pass sees them as the first did, the result is that of one
+    pass, and only one chunk's ``D`` is held at a time (a chunk that fails, on every rank, leaves the
+    later blocks already refit: the model is then to be reloaded). Collective: every rank must call this, in
+    the same order (one all-reduce of the removed rows of every W_next per chunk, skipped at stage
+    0, and with ``unstructured`` one more of ``out`` numbers per group).
     """
     t0 = time.perf_counter()
     ridge = float(pruner.config.bias_compensation.ridge)
     todo: List[Tuple[UnitGroup, torch.Tensor, torch.Tensor]] = []
-    for g in pruner.groups:
+    for g in sorted(pruner.groups, key=forward_position, reverse=True):
         keep, removed = _features(g, masks_before[g.key], pruner.masks[g.key])
         if removed.numel():
             todo.append((g, keep, removed))
     chunked = bool(pruner.stats.layers_per_pass)
-    updates, record = [], {"groups_by_products": 0, "covariance_bytes": 0, "gathered_bytes": 0}
+    record = {"groups_by_products": 0, "covariance_bytes": 0, "gathered_bytes": 0, "update_bytes": 0}
     skipped = []
     for chunk in chunks(todo, pruner.stats.layers_per_pass):
         chunk_stats = pruner.stats.gather(matrices=[g.key for g, _, _ in chunk]) if chunked else stats
         skipped += [g.key for g, _, _ in chunk if not finite_stats(chunk_stats[g.key])]  # same on every rank
-        updates += _refit(pruner, [c for c in chunk if c[0].key not in skipped], chunk_stats, ridge, record)
+        updates = _refit(pruner, [c for c in chunk if c[0].key not in skipped], chunk_stats, ridge, record)
         del chunk_stats  # this chunk's matrices
-    def update(g: UnitGroup, keep: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:  # one layer's at a time
+        record["update_bytes"] = max(record["update_bytes"], sum(d.numel() * 8 for _, _, d, _ in updates))
+        _apply(pruner, updates, stats)
+        del updates  # this chunk's D: gone before the next chunk's pass
+    units = sum(int((masks_before[g.key] & ~pruner.masks[g.key]).sum()) for g, _, _ in todo if g.key not in skipped)
+    skipped = [g.key for g in pruner.groups if g.key in skipped]  # in the model's order
+    event["compensation"] = {"mode": "least_squares", "units": units, "groups": len(todo) - len(skipped), **record,
+                             "ridge": ridge, "skipped": skipped, "seconds": time.perf_counter() - t0}
+    warn_skipped(skipped, pruner.step_count)
+
+
+def forward_position(group: UnitGroup) -> Tuple[int, int]:
+    """Where a group's out projection runs in the forward: by block, a block's attention first."""
+    return group.layer, 0 if group.kind == StructureName.attention_head else 1
+
+
+def _apply(pruner, updates: List[Tuple[UnitGroup, torch.Tensor, torch.Tensor, torch.Tensor]], stats) -> None:
+    """Add each refit (``D`` placed on W's kept rows, one layer's full update at a time) to W_next
+    and its bias; with ``unstructured``, the bias also gets back the part of ``D`` the masks will
+    take (``_dropped_part``, summed over the ranks: the same structures on every rank)."""
+    def update(g: UnitGroup, keep: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
         return _weight_update(g, pruner.model.get_parameter(g.out_weight).shape, keep, delta)
 
     backs = [0.0] * len(updates)
-    if pruner.unstructured is not None and updates:  # the same on every rank: the config's structures
+    if pruner.unstructured is not None and updates:
         backs = _sum_over_ranks(pruner, [_dropped_part(pruner, g, update(g, keep, delta), stats[g.key].mean)
                                          for g, keep, delta, _ in updates])
     for (g, keep, delta, bias_delta), back in zip(updates, backs):
         add_to_param(pruner, g.out_weight, update(g, keep, delta))
         add_to_param(pruner, g.out_bias, bias_delta + back)
-    units = sum(int((masks_before[g.key] & ~pruner.masks[g.key]).sum()) for g, _, _ in todo if g.key not in skipped)
-    event["compensation"] = {"mode": "least_squares", "units": units, "groups": len(todo) - len(skipped), **record,
-                             "ridge": ridge, "skipped": skipped, "seconds": time.perf_counter() - t0}
-    warn_skipped(skipped, pruner.step_count)
 
 
 def _dropped_part(pruner, g: UnitGroup, update: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
