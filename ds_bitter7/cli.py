@@ -9,6 +9,7 @@ import os
 from typing import Callable, List, Optional, Sequence, Tuple
 
 from .comm import Communicator, rank_list, ranks_not_sharing
+from .config import Bitter7Config, check_deepspeed_support, load_ds_config, parse_config
 from .export import TOKENIZER_FILES, is_within, nearest_existing
 from .modeling import parse_overrides
 from .state import MODEL_STATES_FILE
@@ -65,6 +66,22 @@ def exit_on_path_problems(check: Callable[[], List[str]], checkpoints: Optional[
     unshared = unshared_problem(checkpoints[1], checkpoints[0]) if checkpoints else None
     if unshared:  # found alike on every rank
         raise SystemExit(unshared)
+
+
+def read_ds_config(path: str, where: str) -> Tuple[dict, Bitter7Config]:
+    """The DeepSpeed config at ``path`` and its parsed ``bitter7`` section, the DeepSpeed settings
+    the pruner cannot serve refused: a problem (``where``: the script and its option) stops every
+    rank before a model or data is built. Collective: every rank must call this, in the same order."""
+    ds_config, cfg, problem = None, None, None
+    try:
+        ds_config = load_ds_config(path)
+        cfg = parse_config(ds_config)
+        if cfg.enabled:
+            check_deepspeed_support(ds_config)
+    except ValueError as err:
+        problem = f"{where} {path}: {err}"
+    exit_on_every_rank(problem, elsewhere=f"another rank cannot read {where} {path}")
+    return ds_config, cfg
 
 
 def exit_on_every_rank(*problems: Optional[str], elsewhere: str) -> None:

@@ -416,7 +416,7 @@ class Pruner:
                 self.access.state(frag)
         except MissingOptimizerState as err:  # names the optimizer
             error = err
-        self.comm.raise_if_any(error, "the optimizer state check")
+        self.comm.raise_if_any(error, "the optimizer state check", kind=MissingOptimizerState)
 
     def _event_reads_model(self) -> bool:
         """Whether an event reads the model's parameters (calibration forwards, or a score from

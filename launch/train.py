@@ -35,13 +35,13 @@ from ds_bitter7.calibration import needs_stats
 from ds_bitter7.checkpoint_files import checkpoint_problems
 from ds_bitter7.cli import check_launch_args, exit_on_every_rank
 from ds_bitter7.comm import Communicator, abort_job_on_error, init_distributed
-from ds_bitter7.config import load_ds_config, parse_config
 from ds_bitter7.evaluation import perplexity_of, token_loss
 from ds_bitter7.export import REPORT_FILE, json_safe
 from ds_bitter7.modeling import model_mismatch, saved_model_config
 from ds_bitter7.schedule import sparsity_reached
 from ds_bitter7.state import CLIENT_KEY as PRUNER_STATE_KEY
 from ds_bitter7.state import latest_tag
+from ds_bitter7.zero_access import MissingOptimizerState
 
 logger = logging.getLogger("train")
 
@@ -223,13 +223,7 @@ def train(args) -> Dict[str, Any]:
     comm = Communicator()
     cli.exit_on_path_problems(lambda: path_problems(args, rank),
                               ("--save_dir", args.save_dir) if args.save_dir else None)
-    problem = None
-    try:  # before data and model are built: a bad config fails in a second
-        ds_config = load_ds_config(args.config)
-        bitter7 = parse_config(ds_config)
-    except ValueError as err:
-        problem = f"launch/train.py --config {args.config}: {err}"
-    exit_on_every_rank(problem, elsewhere=f"another rank cannot read --config {args.config}")
+    ds_config, bitter7 = cli.read_ds_config(args.config, "launch/train.py --config")  # fails in a second
     if args.tokenizer is None:  # the run's own (saved beside its checkpoints) or the model folder's, as one-shot
         args.tokenizer = dsdata.tokenizer_beside(args.resume) or dsdata.tokenizer_beside(args.model)
         if not comm.same(str(args.tokenizer)):  # a node without the saved files would tokenize bytes
@@ -440,7 +434,12 @@ def report(summary: Dict[str, Any], pruner) -> None:
 def main(argv: Optional[List[str]] = None) -> None:
     args = parse_args(argv)
     with abort_job_on_error():  # under mpirun, a rank that fails alone stops the job
-        train(args)  # ends with a barrier: no rank is still using the group
+        try:
+            train(args)  # ends with a barrier: no rank is still using the group
+        except MissingOptimizerState as err:  # no exp_avg_sq after the first step (not an Adam optimizer)
+            if not getattr(err, "on_every_rank", False):  # raised by this rank alone: a traceback, MPI aborts
+                raise
+            raise SystemExit(f"launch/train.py: {err}") from None
     if dist.is_initialized():
         dist.destroy_process_group()  # a clean exit, not a communicator torn down at interpreter exit
 

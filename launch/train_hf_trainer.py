@@ -25,7 +25,6 @@ from ds_bitter7 import cli, modeling
 from ds_bitter7 import data as dsdata
 from ds_bitter7.cli import check_launch_args
 from ds_bitter7.comm import Communicator, abort_job_on_error, init_distributed
-from ds_bitter7.config import load_ds_config
 from ds_bitter7.hf_trainer import Bitter7Callback, prepare_model
 
 
@@ -116,7 +115,7 @@ def main() -> None:
     _, rank = init_distributed()
     cli.exit_on_path_problems(lambda: path_problems(args, rank), ("--output_dir", args.output_dir))
     comm = Communicator()
-    ds_config = comm.call(f"reading --deepspeed {args.deepspeed}", load_ds_config, args.deepspeed)
+    ds_config, _ = cli.read_ds_config(args.deepspeed, "launch/train_hf_trainer.py --deepspeed")  # before any work
     tokenizer = comm.call("loading the tokenizer", dsdata.get_tokenizer, args.tokenizer)
     train, _ = comm.call("building the data", lambda: dsdata.build_lm_datasets(
         args.data, tokenizer, args.seq_len, seed=args.seed, hub_config=args.data_config))

@@ -128,6 +128,25 @@ def test_zero3_and_offload_are_refused():
     assert prepare_model(model, {"zero_optimization": {"stage": 3}}) == []  # pruning off: not its business
 
 
+def test_launch_scripts_read_the_config_with_its_deepspeed_settings(tmp_path):
+    """The launch scripts' config check (``cli.read_ds_config``, before a model or data is built)
+    refuses the DeepSpeed settings the pruner cannot serve too; the HF script found them only
+    after building the data and the model, launch/train.py after both as well."""
+    from ds_bitter7 import cli
+
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps({"zero_optimization": {"stage": 2, "round_robin_gradients": True},
+                                "bitter7": {"target_sparsity": 0.5}}))
+    with pytest.raises(SystemExit, match=rf"^x.py --deepspeed {path}: DeepSpeed config not supported by ds_bitter7:\n"
+                                         r"  zero_optimization.round_robin_gradients = true"):
+        cli.read_ds_config(str(path), "x.py --deepspeed")
+    path.write_text(json.dumps({"zero_optimization": {"stage": 2, "round_robin_gradients": True}}))
+    ds_config, cfg = cli.read_ds_config(str(path), "x.py --deepspeed")  # pruning off: not its business
+    assert not cfg.enabled and ds_config["zero_optimization"]["stage"] == 2
+    with pytest.raises(SystemExit, match=f"^x.py --deepspeed {tmp_path}/none.json: DeepSpeed config file not found"):
+        cli.read_ds_config(str(tmp_path / "none.json"), "x.py --deepspeed")
+
+
 def test_unknown_model_family_is_refused():
     from transformers import BertConfig, BertModel
 

@@ -155,6 +155,16 @@ def test_train_warns_and_refuses_in_one_process(tmp_path):
     out = run(base + ["--config", str(config), "--steps", "4", "--model_overrides", '{"n_embed": 64}'], tmp_path,
               fails=True)  # the model is built before the data, whose tokenization can take long
     assert "a gpt2 config has no 'n_embed' (did you mean 'n_embd'?)" in out and "data:" not in out
+    # a DeepSpeed setting the pruner cannot serve: before the model; an optimizer with no Adam state:
+    # said after the first step, without a traceback
+    zero = dict(cfg["zero_optimization"], round_robin_gradients=True)
+    bad.write_text(json.dumps(dict(cfg, zero_optimization=zero)))
+    out = run(base + ["--config", str(bad), "--steps", "4"], tmp_path, fails=True)
+    assert "round_robin_gradients = true: DeepSpeed's fp32 master mapping" in out and "random init" not in out
+    bad.write_text(json.dumps(dict(cfg, optimizer={"type": "SGD", "params": {"lr": 1e-2}},
+                                   zero_allow_untested_optimizer=True)))
+    out = run(base + ["--config", str(bad), "--steps", "4"], tmp_path, fails=True)
+    assert "optimizer state 'exp_avg_sq' does not exist" in out and "Traceback" not in out
     ckpt = tmp_path / "ckpt"
     out = run(base + ["--config", str(config), "--steps", "4", "--save_dir", str(ckpt)], tmp_path)
     assert "--steps 4 ends before schedule.end_step 6: the run stops at sparsity 0.0625 of target_sparsity 0.5" in out
