@@ -142,14 +142,22 @@ def build_config(name_or_path: str, vocab_size: Optional[int] = None, max_positi
             refuse_near_miss(name_or_path, list(BUILTIN_MODELS), "model")
         config = AutoConfig.from_pretrained(name_or_path)  # a hub name needs network access
         _refuse_unknown(type(config), overrides, also=list(config.to_dict()))
+        layer_keys = {"num_hidden_layers", config.attribute_map.get("num_hidden_layers", "num_hidden_layers")}
+        layers = getattr(config, "num_hidden_layers", None)  # GPT-2's n_layer too (attribute_map)
+        per_layer = [k for k, v in config.to_dict().items()  # lists of one entry per block (layer_types)
+                     if isinstance(v, list) and len(v) == layers and k not in overrides
+                     and k != "architectures" and not k.endswith("token_id")]
         for key, value in overrides.items():
             setattr(config, key, value)
         if overrides:  # setattr skips the class's checks (an exported model's per-block widths): rebuild it
             try:
                 type(config).from_dict(config.to_dict())
             except Exception as err:  # noqa: BLE001 - ValueError, or huggingface_hub's strict-dataclass error
+                hint = ""
+                if layer_keys & set(overrides) and per_layer:
+                    hint = f" (override {', '.join(per_layer)} too: one entry per block)"
                 raise ValueError(f"--model_overrides {json.dumps(overrides)}: the {config.model_type} config "
-                                 f"refuses them: {' '.join(str(err).split())}") from None
+                                 f"refuses them: {' '.join(str(err).split())}{hint}") from None
     if vocab_size is not None and vocab_size > config.vocab_size:
         raise ValueError(f"tokenizer has {vocab_size} ids but model {name_or_path!r} only "
                          f"{config.vocab_size}")

@@ -183,8 +183,25 @@ def test_local_model_with_weights_is_checked_and_overridden(tmp_path):
 
     Bitter7LlamaConfig(num_hidden_layers=2, hidden_size=32, num_attention_heads=4, num_key_value_heads=2,
                        intermediate_size=64, intermediate_sizes=[64, 32]).save_pretrained(tmp_path / "export")
-    with pytest.raises(ValueError, match="the bitter7_llama config refuses them.*intermediate_sizes has 2 entries"):
+    with pytest.raises(ValueError, match="the bitter7_llama config refuses them.*intermediate_sizes has 2 entries"
+                                         r".* \(override intermediate_sizes too: one entry per block\)$"):
         modeling.build_config(str(tmp_path / "export"), overrides={"num_hidden_layers": 1})
+    from ds_bitter7.models import Bitter7GPT2Config  # GPT-2 names the layer count n_layer
+
+    Bitter7GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=64, bos_token_id=0, eos_token_id=0,
+                      intermediate_sizes=[64, 32], num_heads_per_layer=[2, 1]).save_pretrained(tmp_path / "gpt2_export")
+    with pytest.raises(ValueError, match=r"\(override intermediate_sizes, num_heads_per_layer too: one entry per block\)$"):
+        modeling.build_config(str(tmp_path / "gpt2_export"), overrides={"n_layer": 1})
+    # a Qwen2 config lists each block's attention type: fewer layers need a shorter list too
+    from transformers import Qwen2Config
+
+    Qwen2Config(num_hidden_layers=2, hidden_size=32, intermediate_size=64, num_attention_heads=4,
+                num_key_value_heads=2).save_pretrained(tmp_path / "qwen2")
+    with pytest.raises(ValueError, match=r"\(override layer_types too: one entry per block\)$"):
+        modeling.build_config(str(tmp_path / "qwen2"), overrides={"num_hidden_layers": 1})
+    shorter = modeling.build_config(str(tmp_path / "qwen2"), overrides={"num_hidden_layers": 1,
+                                                                        "layer_types": ["full_attention"]})
+    assert shorter.num_hidden_layers == 1
 
 
 def test_typos_of_builtin_names_are_refused_before_the_hub():
