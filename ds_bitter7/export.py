@@ -34,7 +34,7 @@ from .checkpoint_files import (
     resolve_tag,
 )
 from .shrink import key_mismatch, shrink_model, unit_counts, validate_masks, zero_pruned_units_
-from .state import umask_mode
+from .state import atomic_write, umask_mode
 
 logger = logging.getLogger(__name__)
 
@@ -172,23 +172,24 @@ def check_output_dir(output_dir: str, overwrite: bool, keep: Sequence[Optional[s
                           f"{', ...' if len(entries) > 3 else ''}): choose another OUTPUT_DIR")
 
 
-def _write_remote_code(folder: str, model_type: str) -> None:
-    """For a bitter7_* type: its module files and ``auto_map``, so that
-    ``AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)`` needs no ds_bitter7."""
+def write_remote_code(folder: str, model_type: str) -> None:
+    """For a bitter7_* type: its module files and ``auto_map`` beside ``folder``'s config.json, so that
+    ``AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)`` needs no ds_bitter7
+    (nothing for a standard type)."""
     from .models import remote_code
 
     files, auto_map = remote_code(model_type)
     if not files:
         return
     for name, source in files.items():
-        with open(os.path.join(folder, name), "w", encoding="utf-8") as f:
-            f.write(source)
+        atomic_write(os.path.join(folder, name), lambda f, text=source: f.write(text.encode("utf-8")))
     path = os.path.join(folder, "config.json")
     with open(path, encoding="utf-8") as f:
         config = json.load(f)
     config["auto_map"] = auto_map
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(config, f, indent=2, sort_keys=True)
+    # atomic: a Trainer checkpoint's config.json is rewritten in place (by every node's writer, with
+    # save_on_each_node on a shared file system), and a kill mid-write must not leave it truncated
+    atomic_write(path, lambda f: f.write(json.dumps(config, indent=2, sort_keys=True).encode("utf-8")))
 
 
 def _publish(tmp: str, output_dir: str, overwrite: bool, keep: Sequence[Optional[str]]) -> None:
@@ -233,7 +234,7 @@ def export_model(model: PreTrainedModel, masks: Mapping[str, torch.Tensor], outp
     os.chmod(tmp, umask_mode(0o777))  # mkdtemp makes it private to the owner
     try:
         small.save_pretrained(tmp)
-        _write_remote_code(tmp, small.config.model_type)
+        write_remote_code(tmp, small.config.model_type)
         for name in TOKENIZER_FILES if copy_from else ():
             if os.path.isfile(os.path.join(copy_from, name)):
                 shutil.copy2(os.path.join(copy_from, name), tmp)

@@ -28,6 +28,7 @@ from .calibration import needs_stats
 from .checkpoint_files import ExportError, saved_pruner_state
 from .comm import is_main_process, world_size_and_rank
 from .config import enum_name
+from .export import write_remote_code
 from .state import TRAINER_FILE as STATE_FILE
 from .state import (
     CheckpointError,
@@ -172,14 +173,20 @@ class Bitter7Callback(TrainerCallback):
                                   "Bitter7Callback(..., resume_from_checkpoint=PATH)")
         return saved, path
 
-    def on_save(self, args, state, control, **kwargs):  # the DeepSpeed checkpoint holds the state too
-        if self.pruner is None:
-            return control
+    def on_save(self, args, state, control, model=None, **kwargs):  # the DeepSpeed checkpoint holds the state too
         folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
-        state_dict = self.pruner.state_dict()  # replicated on every rank
         # where the Trainer writes its own files: global rank 0, or every node's local rank 0 with
         # save_on_each_node (no shared file system: each node resumes from its own copy)
-        if getattr(args, "should_save", is_main_process()):
+        writes = getattr(args, "should_save", is_main_process())
+        model_type = getattr(getattr(model, "config", None), "model_type", None)
+        if writes and model_type and os.path.isfile(os.path.join(folder, "config.json")):
+            # a bitter7_* model (an export trained on) keeps its auto_map: its code goes beside it, as
+            # in the export, or trust_remote_code could not load the checkpoint without ds_bitter7
+            write_remote_code(folder, model_type)
+        if self.pruner is None:
+            return control
+        state_dict = self.pruner.state_dict()  # replicated on every rank
+        if writes:
             os.makedirs(folder, exist_ok=True)
             atomic_save(state_dict, os.path.join(folder, STATE_FILE))
         return control

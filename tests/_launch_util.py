@@ -8,9 +8,10 @@ import shutil
 import signal
 import subprocess
 import sys
+import textwrap
 import uuid
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict, List, Tuple
 
 from ds_bitter7.comm import free_port
 
@@ -111,3 +112,26 @@ def run(cmd: List[str], tmp_path: Path, timeout: int = 120, fails: bool = False)
     else:
         assert proc.returncode == 0, f"{' '.join(cmd)} failed ({proc.returncode}):\n{out[-6000:]}"
     return out
+
+
+def load_without_ds_bitter7(folder: Path, tmp_path: Path, expected_logits: Path) -> Tuple[str, float]:
+    """Load ``folder`` with ``trust_remote_code=True`` in a process that never imports ds_bitter7:
+    (the model's class name, the largest logit difference against ``expected_logits``, relative),
+    on ids ``[2, 11]`` drawn from its vocabulary with seed 2."""
+    script = textwrap.dedent(f"""
+        import sys, torch
+        from transformers import AutoModelForCausalLM
+        model = AutoModelForCausalLM.from_pretrained({str(folder)!r}, trust_remote_code=True).eval()
+        assert not any(m.startswith("ds_bitter7") for m in sys.modules), "ds_bitter7 was imported"
+        ids = torch.randint(0, model.config.vocab_size, (2, 11), generator=torch.Generator().manual_seed(2))
+        with torch.no_grad():
+            got = model(input_ids=ids).logits
+        want = torch.load({str(expected_logits)!r})
+        print(type(model).__name__, float((got - want).abs().max() / want.abs().max()))
+    """)
+    clean = {k: v for k, v in env(tmp_path).items() if k != "PYTHONPATH"}
+    done = subprocess.run([sys.executable, "-c", script], env=dict(clean, HF_MODULES_CACHE=str(tmp_path / "modules")),
+                          capture_output=True, text=True, timeout=120, cwd=str(tmp_path))
+    assert done.returncode == 0, done.stderr[-3000:]
+    cls, rel = done.stdout.split()[-2:]
+    return cls, float(rel)

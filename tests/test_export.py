@@ -12,6 +12,7 @@ import textwrap
 
 import pytest
 import torch
+from _launch_util import load_without_ds_bitter7
 from transformers import AutoModelForCausalLM
 
 import ds_bitter7.models  # noqa: F401  (registers bitter7_gpt2 / bitter7_llama)
@@ -364,23 +365,8 @@ def test_bitter7_types_load_with_trust_remote_code_alone(name, tmp_path):
     zero_units(model, masks)
     export_model(model, masks, str(tmp_path / "small"))
     torch.save(logits(model), tmp_path / "expected.pt")
-    script = textwrap.dedent(f"""
-        import sys, torch
-        from transformers import AutoModelForCausalLM
-        model = AutoModelForCausalLM.from_pretrained({str(tmp_path / "small")!r}, trust_remote_code=True).eval()
-        assert not any(m.startswith("ds_bitter7") for m in sys.modules), "ds_bitter7 was imported"
-        ids = torch.randint(0, model.config.vocab_size, (2, 11), generator=torch.Generator().manual_seed(2))
-        with torch.no_grad():
-            got = model(input_ids=ids).logits
-        want = torch.load({str(tmp_path / "expected.pt")!r})
-        print(type(model).__name__, float((got - want).abs().max() / want.abs().max()))
-    """)
-    env = {**_env(), "HF_MODULES_CACHE": str(tmp_path / "modules"), "PYTHONPATH": ""}
-    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120,
-                          cwd=str(tmp_path))
-    assert done.returncode == 0, done.stderr[-3000:]
-    cls, rel = done.stdout.split()[-2:]
-    assert cls.startswith("Bitter7") and float(rel) <= 1e-5, done.stdout
+    cls, rel = load_without_ds_bitter7(tmp_path / "small", tmp_path, tmp_path / "expected.pt")
+    assert cls.startswith("Bitter7") and rel <= 1e-5, (cls, rel)
 
 
 def test_overwrite_resolves_links(tmp_path):

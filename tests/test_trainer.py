@@ -13,6 +13,7 @@ from _launch_util import (
     TINY_MODEL,
     VENV_BIN,
     free_port,
+    load_without_ds_bitter7,
     mpirun,
     run,
     tiny_ds_config,
@@ -72,6 +73,39 @@ def test_trainer_prunes_saves_and_resumes(tmp_path):
     other = [json.dumps({"n_layer": 2, "n_embd": 64}) if arg == TINY_MODEL[-1] else arg for arg in base]
     log = run(other + ["--max_steps", "20", "--resume"], tmp_path, timeout=200, fails=True)
     assert "its model (config.json) has n_embd=32 where this run's has 64" in log, log[-3000:]
+
+
+def test_trainer_checkpoints_of_an_export_load_without_ds_bitter7(tmp_path):
+    """An export whose blocks differ in width (bitter7_gpt2), trained on with the Trainer: each
+    checkpoint keeps the export's auto_map, so it carries the model code too (trust_remote_code
+    found no module file in it), and loads in a process without ds_bitter7 with the logits it has
+    here. The script refuses a DeepSpeed setting the pruner cannot serve before the data."""
+    from test_shrink import logits, random_masks, zero_units
+    from transformers import AutoModelForCausalLM
+
+    from ds_bitter7 import modeling
+    from ds_bitter7.export import export_model
+
+    model = modeling.build_model("tiny-gpt2", 264, overrides={"n_layer": 2, "n_embd": 32})
+    masks = random_masks(model, "global")
+    zero_units(model, masks)
+    export_model(model, masks, str(tmp_path / "small"))
+    config = tiny_ds_config(tmp_path / "ds.json")
+    out = tmp_path / "out"
+    cmd = [str(VENV_BIN / "python"), "launch/train_hf_trainer.py", "--deepspeed", str(config), "--output_dir", str(out),
+           "--data", str(write_corpus(tmp_path / "corpus.jsonl")), "--model", str(tmp_path / "small"),
+           "--seq_len", "32", "--max_steps", "2", "--save_steps", "2"]
+    bad = tmp_path / "bad.json"
+    cfg = json.loads(config.read_text())
+    bad.write_text(json.dumps(dict(cfg, zero_optimization=dict(cfg["zero_optimization"], round_robin_gradients=True))))
+    log = run([str(bad) if arg == str(config) else arg for arg in cmd], tmp_path, fails=True)
+    assert "round_robin_gradients = true: DeepSpeed's fp32 master mapping" in log and "blocks of" not in log, log[-2000:]
+    run(cmd, tmp_path, timeout=200)
+    assert (out / "checkpoint-2" / "modeling_bitter7_gpt2.py").is_file()
+    trained = AutoModelForCausalLM.from_pretrained(str(out / "checkpoint-2")).eval()  # ds_bitter7's classes
+    torch.save(logits(trained), tmp_path / "logits.pt")  # the ids load_without_ds_bitter7 uses
+    cls, rel = load_without_ds_bitter7(out / "checkpoint-2", tmp_path, tmp_path / "logits.pt")
+    assert cls == "Bitter7GPT2LMHeadModel" and rel <= 1e-6, (cls, rel)
 
 
 def test_trainer_resume_keeps_unstructured_masks(tmp_path):
