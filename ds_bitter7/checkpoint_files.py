@@ -50,7 +50,13 @@ def resolve_tag(checkpoint_dir: str, tag: Optional[str] = None) -> str:
                 trainer = sorted((os.path.basename(p) for p in glob.glob(os.path.join(checkpoint_dir, "checkpoint-*"))),
                                  key=lambda name: (len(name), name))
                 weights = [f for f in SAVED_MODEL_FILES if os.path.isfile(os.path.join(checkpoint_dir, f))]
-                if trainer and not steps:
+                tag_files = glob.glob(os.path.join(checkpoint_dir, "*model_states.pt"))
+                if tag_files and not steps:  # a tag folder itself: it holds DeepSpeed's rank files
+                    parent = os.path.dirname(os.path.abspath(checkpoint_dir))
+                    hint = (f"it holds {os.path.basename(sorted(tag_files)[0])}, so it is a tag folder itself: pass "
+                            f"the folder above it ({parent!r}), with --tag {os.path.basename(os.path.abspath(checkpoint_dir))} "
+                            "for this step")
+                elif trainer and not steps:
                     hint = f"a Trainer output_dir: pass one of its checkpoint folders ({', '.join(trainer[-3:])})"
                 elif weights and not steps:  # a Trainer checkpoint saved with save_only_model=True
                     hint = (f"it holds model weights ({weights[0]}) but no {TRAINER_STATE_FILE} beside them: no pruner "

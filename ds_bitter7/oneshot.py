@@ -447,6 +447,12 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
     device = next(engine.module.parameters()).device
     calib = [{k: v.to(device) for k, v in b.items()} for b in calib] if calib is not None else None
     pruner = ds_bitter7.attach(engine, cfg, calib)
+    warnings: List[str] = []  # the summary's
+
+    def warn(message: str) -> None:
+        warnings.append(message)
+        log_main("%s", message, level=logging.WARNING, log=logger)
+
     if info.client_bitter7 is not None:  # a ds_bitter7 checkpoint: units pruned in training stay pruned
         restore_training_masks(pruner, info.client_bitter7, info.folder)
         already = already_pruned(pruner, args)
@@ -454,6 +460,11 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
             log_main("the checkpoint already prunes %s (in training): --sparsity %s removes no more of %s",
                      ", ".join(f"{f:.1%} of {k}" for k, f in already.items()), args.sparsity,
                      " or ".join(already), level=logging.WARNING, log=logger)
+        past = layers_past_target(pruner, args)
+        if past:
+            warn(f"--scope per_layer: the checkpoint already prunes more than {args.sparsity:.1%} of "
+                 f"{', '.join(past)} (in training): those layers keep fewer units than the others, so more than "
+                 "--sparsity is pruned and the export has different widths per layer")
     summary: Dict[str, Any] = {"checkpoint": os.path.abspath(args.checkpoint_dir), "tag": info.tag,
                                "world_size": comm.world_size, "score": args.score,
                                "structures": list(args.structures), "sparsity": args.sparsity,
@@ -468,10 +479,11 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
                                                                 "seconds", "bytes", "stats_rows", "stats_passes")}
     short = shortfall(pruner, args)
     if short:
-        summary["warning"] = (f"reached {', '.join(f'{v:.1%} of {k}' for k, v in short.items())}, not "
-                              f"{args.sparsity:.1%}: --min_units_per_layer {args.min_units_per_layer} keeps "
-                              "that many units in every layer (pass a smaller value to go further)")
-        log_main("%s", summary["warning"], level=logging.WARNING, log=logger)
+        warn(f"reached {', '.join(f'{v:.1%} of {k}' for k, v in short.items())}, not {args.sparsity:.1%}: "
+             f"--min_units_per_layer {args.min_units_per_layer} keeps that many units in every layer (pass a "
+             "smaller value to go further)")
+    if warnings:
+        summary["warning"] = "; ".join(warnings)
     if "ppl_before" in summary:
         summary["ppl_after"] = perplexity(engine.module, val, args.eval_batches, comm)
     drop_unwritten_biases(engine.module, added)
@@ -506,6 +518,17 @@ def already_pruned(pruner, args) -> Dict[str, float]:
     the fraction pruned (this run removes none of them)."""
     return {kind: pruned / n for kind, (pruned, n) in pruned_counts(pruner, args.structures).items()
             if n and pruned > n_to_prune(args.sparsity, n)}
+
+
+def layers_past_target(pruner, args) -> List[str]:
+    """With ``--scope per_layer``: the blocks (``layers.1.mlp``) whose units pruned in training
+    already exceed this layer's ``floor(sparsity * n)`` (the event prunes none of them back), so
+    the result is not one width per layer; their live units only (an export's placeholders aside)."""
+    if args.scope != "per_layer":
+        return []
+    kinds = set(args.structures)
+    return [g.key for g in pruner.groups if enum_name(g.kind) in kinds and g.key not in pruner.placeholders
+            and int((~pruner.masks[g.key]).sum()) > n_to_prune(args.sparsity, g.n_units)]
 
 
 def shortfall(pruner, args) -> Dict[str, float]:

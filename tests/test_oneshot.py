@@ -535,6 +535,31 @@ def test_shortfall_and_already_pruned_count_units():
     assert oneshot.already_pruned(pruner(116), args) == {"mlp_neuron": 116 / 192}
 
 
+def test_per_layer_scope_names_layers_pruned_past_the_target_in_training():
+    """A checkpoint pruned with a global threshold took 75% of one layer: --scope per_layer 0.5 cannot
+    give those units back, so that layer ends narrower (a warning names it; it was silent). An
+    export's placeholder unit is not counted; a global scope never warns."""
+    from types import SimpleNamespace
+
+    from ds_bitter7.config import StructureName
+
+    def group(key, kind, n):
+        return SimpleNamespace(key=key, kind=kind, n_units=n)
+
+    groups = [group("layers.0.mlp", StructureName.mlp_neuron, 8), group("layers.1.mlp", StructureName.mlp_neuron, 8),
+              group("layers.0.attn", StructureName.attention_head, 4), group("layers.1.attn", StructureName.attention_head, 1)]
+    masks = {"layers.0.mlp": torch.tensor([True] * 4 + [False] * 4),  # 4 of 8 pruned: 0.5 allows 4
+             "layers.1.mlp": torch.tensor([True] * 2 + [False] * 6),  # 6 of 8 pruned
+             "layers.0.attn": torch.tensor([True, False, False, False]),  # 3 of 4 pruned
+             "layers.1.attn": torch.tensor([False])}  # an export's placeholder
+    pruner = SimpleNamespace(groups=groups, masks=masks, placeholders={"layers.1.attn"})
+    args = SimpleNamespace(scope="per_layer", structures=["mlp_neuron", "attention_head"], sparsity=0.5)
+    assert oneshot.layers_past_target(pruner, args) == ["layers.1.mlp", "layers.0.attn"]
+    assert oneshot.layers_past_target(pruner, SimpleNamespace(**{**vars(args), "structures": ["mlp_neuron"]})) == [
+        "layers.1.mlp"]
+    assert oneshot.layers_past_target(pruner, SimpleNamespace(**{**vars(args), "scope": "global"})) == []
+
+
 def test_min_units_per_layer_shortfall_is_reported_and_can_be_lifted(checkpoint, tmp_path):
     """8 heads in 2 layers: 90% is 7 heads, but one kept per layer stops at 6 (75%); with
     --min_units_per_layer 0 a layer loses all its heads and the model still exports."""
