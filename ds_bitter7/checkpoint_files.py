@@ -50,12 +50,9 @@ def resolve_tag(checkpoint_dir: str, tag: Optional[str] = None) -> str:
                 trainer = sorted((os.path.basename(p) for p in glob.glob(os.path.join(checkpoint_dir, "checkpoint-*"))),
                                  key=lambda name: (len(name), name))
                 weights = [f for f in SAVED_MODEL_FILES if os.path.isfile(os.path.join(checkpoint_dir, f))]
-                tag_files = glob.glob(os.path.join(checkpoint_dir, "*model_states.pt"))
-                if tag_files and not steps:  # a tag folder itself: it holds DeepSpeed's rank files
-                    parent = os.path.dirname(os.path.abspath(checkpoint_dir))
-                    hint = (f"it holds {os.path.basename(sorted(tag_files)[0])}, so it is a tag folder itself: pass "
-                            f"the folder above it ({parent!r}), with --tag {os.path.basename(os.path.abspath(checkpoint_dir))} "
-                            "for this step")
+                tag_folder = _tag_folder_hint(checkpoint_dir)
+                if tag_folder and not steps:
+                    hint = tag_folder
                 elif trainer and not steps:
                     hint = f"a Trainer output_dir: pass one of its checkpoint folders ({', '.join(trainer[-3:])})"
                 elif weights and not steps:  # a Trainer checkpoint saved with save_only_model=True
@@ -67,8 +64,21 @@ def resolve_tag(checkpoint_dir: str, tag: Optional[str] = None) -> str:
                 raise ExportError(f"no 'latest' file at {latest!r} ({found}); {hint}")
             tag = steps[0]
     if not os.path.isdir(os.path.join(checkpoint_dir, tag)):
-        raise ExportError(f"checkpoint tag folder {os.path.join(checkpoint_dir, tag)!r} does not exist")
+        hint = _tag_folder_hint(checkpoint_dir)
+        raise ExportError(f"checkpoint tag folder {os.path.join(checkpoint_dir, tag)!r} does not exist"
+                          + (f"; {hint}" if hint else ""))
     return tag
+
+
+def _tag_folder_hint(folder: str) -> Optional[str]:
+    """What to pass instead when ``folder`` is a tag folder itself (it holds DeepSpeed's rank
+    files, ``*model_states.pt``), else None."""
+    found = sorted(glob.glob(os.path.join(folder, "*model_states.pt")))
+    if not found:
+        return None
+    folder = os.path.abspath(folder)
+    return (f"it holds {os.path.basename(found[0])}, so it is a tag folder itself: pass the folder above it "
+            f"({os.path.dirname(folder)!r}), with --tag {os.path.basename(folder)} for this step")
 
 
 def read_torch_file(path: str):

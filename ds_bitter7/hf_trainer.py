@@ -178,6 +178,7 @@ class Bitter7Callback(TrainerCallback):
         # where the Trainer writes its own files: global rank 0, or every node's local rank 0 with
         # save_on_each_node (no shared file system: each node resumes from its own copy)
         writes = getattr(args, "should_save", is_main_process())
+        model = model if model is not None else self.trainer.model
         model_type = getattr(getattr(model, "config", None), "model_type", None)
         if writes and model_type and os.path.isfile(os.path.join(folder, "config.json")):
             # a bitter7_* model (an export trained on) keeps its auto_map: its code goes beside it, as

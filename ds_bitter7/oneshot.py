@@ -463,8 +463,8 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
         past = layers_past_target(pruner, args)
         if past:
             warn(f"--scope per_layer: the checkpoint already prunes more than {args.sparsity:.1%} of "
-                 f"{', '.join(past)} (in training): those layers keep fewer units than the others, so more than "
-                 "--sparsity is pruned and the export has different widths per layer")
+                 f"{', '.join(past)} (in training): those units stay pruned, so more than --sparsity is pruned, "
+                 "and the export has one width per layer only if every layer ends with the same count")
     summary: Dict[str, Any] = {"checkpoint": os.path.abspath(args.checkpoint_dir), "tag": info.tag,
                                "world_size": comm.world_size, "score": args.score,
                                "structures": list(args.structures), "sparsity": args.sparsity,
@@ -515,7 +515,10 @@ def pruned_counts(pruner, kinds) -> Dict[str, Tuple[int, int]]:
 
 def already_pruned(pruner, args) -> Dict[str, float]:
     """Per structure type whose units pruned in training already exceed ``floor(sparsity * n)``:
-    the fraction pruned (this run removes none of them)."""
+    the fraction pruned (this run removes none of them). Not with ``per_layer``, whose layers
+    below their own floor still lose units (``layers_past_target`` names the others)."""
+    if args.scope == "per_layer":
+        return {}
     return {kind: pruned / n for kind, (pruned, n) in pruned_counts(pruner, args.structures).items()
             if n and pruned > n_to_prune(args.sparsity, n)}
 

@@ -288,6 +288,8 @@ def test_trainer_checkpoint_saved_without_deepspeed_files(gpt2_checkpoint, tmp_p
     with pytest.raises(ExportError, match=r"it holds mp_rank_00_model_states.pt, so it is a tag folder itself: pass "
                                           rf"the folder above it \('{gpt2_checkpoint}'\), with --tag global_step1"):
         export_checkpoint(tag_dir, str(tmp_path / "out"))
+    with pytest.raises(ExportError, match=r"global_step1/global_step1' does not exist; it holds mp_rank_00_model_states"):
+        export_checkpoint(tag_dir, str(tmp_path / "out"), tag="global_step1")  # --tag does not help
 
 
 def test_missing_pruner_state(gpt2_checkpoint, tmp_path):

@@ -558,6 +558,11 @@ def test_per_layer_scope_names_layers_pruned_past_the_target_in_training():
     assert oneshot.layers_past_target(pruner, SimpleNamespace(**{**vars(args), "structures": ["mlp_neuron"]})) == [
         "layers.1.mlp"]
     assert oneshot.layers_past_target(pruner, SimpleNamespace(**{**vars(args), "scope": "global"})) == []
+    # the global "removes no more" warning does not apply: layers below their own floor still lose units
+    pruner.pruned_units = lambda: {"mlp_neuron": (10, 16), "attention_head": (3, 4)}
+    assert oneshot.already_pruned(pruner, args) == {}
+    assert oneshot.already_pruned(pruner, SimpleNamespace(**{**vars(args), "scope": "global"})) == {
+        "mlp_neuron": 10 / 16, "attention_head": 3 / 4}
 
 
 def test_min_units_per_layer_shortfall_is_reported_and_can_be_lifted(checkpoint, tmp_path):
