@@ -115,7 +115,7 @@ def main() -> None:
     _, rank = init_distributed()
     cli.exit_on_path_problems(lambda: path_problems(args, rank), ("--output_dir", args.output_dir))
     comm = Communicator()
-    ds_config, _ = cli.read_ds_config(args.deepspeed, "launch/train_hf_trainer.py --deepspeed")  # before any work
+    ds_config, bitter7 = cli.read_ds_config(args.deepspeed, "launch/train_hf_trainer.py --deepspeed")  # before any work
     tokenizer = comm.call("loading the tokenizer", dsdata.get_tokenizer, args.tokenizer)
     train, _ = comm.call("building the data", lambda: dsdata.build_lm_datasets(
         args.data, tokenizer, args.seq_len, seed=args.seed, hub_config=args.data_config))
@@ -131,7 +131,7 @@ def main() -> None:
     if positions and args.seq_len > positions:  # the embedding would fail on the first batch
         raise SystemExit(f"--seq_len {args.seq_len} is longer than the model's {positions} positions: "
                          f"pass --seq_len <= {positions}")
-    prepare_model(model, ds_config)  # before DeepSpeed flattens the parameters
+    prepare_model(model, bitter7)  # before DeepSpeed flattens the parameters (the section is checked above)
     training_args = TrainingArguments(
         output_dir=args.output_dir, deepspeed=ds_config, max_steps=args.max_steps,
         save_steps=args.save_steps, save_strategy="steps", logging_steps=min(10, args.max_steps), report_to=[],
