@@ -159,8 +159,7 @@ def check_args(args: argparse.Namespace, info: Optional[CheckpointInfo]) -> None
             given = load_ds_config(args.ds_config)
         except Exception as err:  # noqa: BLE001 - unreadable file or invalid JSON: name it
             given = None
-            if info is None:
-                problems.append(f"--ds_config {args.ds_config!r}: {type(err).__name__}: {err}")
+            problems.append(f"--ds_config {args.ds_config!r}: {type(err).__name__}: {err}")
         if given is not None and info is not None:
             stage_problems = ds_config_stage_problems(args.ds_config, given, info)
             problems += stage_problems
@@ -180,6 +179,15 @@ def check_args(args: argparse.Namespace, info: Optional[CheckpointInfo]) -> None
                                 f"bf16 {'on' if saved else 'off'}")
     if args.num_batches < 1 or args.batch_size < 1 or args.eval_batches < 0:
         problems.append("--num_batches and --batch_size must be >= 1, --eval_batches >= 0")
+    numbers_ok = (0.0 <= args.sparsity < 1.0 and args.min_units_per_layer >= 0 and args.layers_per_pass >= 0
+                  and math.isfinite(args.ridge) and args.ridge >= 0 and args.num_batches >= 1)
+    if numbers_ok:  # the pruner config's own refusals (--scope standardized with an obs score), not twice
+        from .config import parse_config
+
+        try:
+            parse_config({"bitter7": bitter7_section(args)})
+        except ValueError as err:
+            problems.append(str(err))
     if problems:
         raise OneShotError("; ".join(problems))
 
@@ -384,6 +392,44 @@ def drop_unwritten_biases(model, added: Sequence[str]) -> None:
 
 
 # --------------------------------------------------------------------------- the run
+def check_inputs(args: argparse.Namespace) -> Tuple[CheckpointInfo, Any, str, Any]:
+    """(checkpoint info, model config, its folder, pruner config), or one ``OneShotError`` naming every
+    problem with the arguments, the checkpoint and the model config (local: the same on every rank)."""
+    from .config import parse_config
+    from .export import load_config
+
+    problems: List[str] = []
+
+    def check(fn, *fn_args):
+        try:
+            return fn(*fn_args)
+        except OneShotError as err:
+            problems.append(str(err))
+
+    info = check(inspect_checkpoint, args.checkpoint_dir, args.tag)
+    check(check_args, args, info)  # the argument errors also when the checkpoint cannot be read
+    try:
+        config, config_dir = load_config(args.checkpoint_dir, args.model_config)
+    except ExportError as err:
+        problems.append(str(err))
+        config = None
+    if config is not None:
+        try:  # before the data is read and the checkpoint loaded
+            adapter_for(getattr(config, "model_type", None))
+        except ValueError as err:
+            problems.append(f"{config_dir}: {err}")
+        unexportable = window_export_problem(config, args.structures, args.scope, args.compensation != "none")
+        if unexportable:  # else found by the export, after the whole run
+            fixes = [f for f, bad in (("--scope per_layer", args.scope != "per_layer"),
+                                      ("--compensation none", args.compensation != "none")) if bad]
+            problems.append(f"{config_dir}: {unexportable}: pass {' '.join(fixes)}")
+        if info is not None:
+            args.seq_len = check(resolve_seq_len, args, info, config)
+    if problems:
+        raise OneShotError("; ".join(problems))
+    return info, config, config_dir, parse_config({"bitter7": bitter7_section(args)})
+
+
 def run(args: argparse.Namespace) -> Dict[str, Any]:
     """The one-shot pipeline on every rank; returns the summary (identical on every rank)."""
     from transformers import AutoModelForCausalLM
@@ -392,31 +438,7 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
 
     from .calibration import needs_stats
     from .comm import Communicator, init_distributed
-    from .config import parse_config
-    from .export import export_model, load_config
-
-    def checked() -> Tuple[CheckpointInfo, Any, str, Any]:
-        check_args(args, None)  # argument errors first, whatever the checkpoint
-        info = inspect_checkpoint(args.checkpoint_dir, args.tag)
-        check_args(args, info)
-        try:
-            config, config_dir = load_config(args.checkpoint_dir, args.model_config)
-        except ExportError as err:
-            raise OneShotError(str(err)) from None
-        try:  # before the data is read and the checkpoint loaded
-            adapter_for(getattr(config, "model_type", None))
-        except ValueError as err:
-            raise OneShotError(f"{config_dir}: {err}") from None
-        unexportable = window_export_problem(config, args.structures, args.scope, args.compensation != "none")
-        if unexportable:  # else found by the export, after the whole run
-            fixes = [f for f, bad in (("--scope per_layer", args.scope != "per_layer"),
-                                      ("--compensation none", args.compensation != "none")) if bad]
-            raise OneShotError(f"{config_dir}: {unexportable}: pass {' '.join(fixes)}")
-        args.seq_len = resolve_seq_len(args, info, config)
-        try:
-            return info, config, config_dir, parse_config({"bitter7": bitter7_section(args)})
-        except ValueError as err:
-            raise OneShotError(str(err)) from None
+    from .export import export_model
 
     init_distributed()
     comm = Communicator()
@@ -424,7 +446,7 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
     # calibration file missing there) must not leave the others waiting
     error = None
     try:
-        info, config, config_dir, cfg = checked()
+        info, config, config_dir, cfg = check_inputs(args)
     except OneShotError as err:
         error = err
     comm.raise_if_any(error, "checking the arguments and the checkpoint", kind=OneShotError)

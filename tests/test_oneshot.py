@@ -232,6 +232,22 @@ def test_structures_must_include_those_pruned_in_training(tmp_path):
     args = oneshot.parse_args([str(tmp_path), "o", "--sparsity", "0.5", "--structures", "attention_head"])
     with pytest.raises(oneshot.OneShotError, match="pass --structures mlp_neuron attention_head"):
         oneshot.check_args(args, info)
+    # with the pruner config's own refusal in the same error, not one after the other
+    args.scope = "standardized"  # the default score bitter7_obs is a greedy order
+    with pytest.raises(oneshot.OneShotError, match="(?s)pass --structures mlp_neuron attention_head.*"
+                       "standardizing ranks per layer is meaningless"):
+        oneshot.check_args(args, info)
+
+
+def test_every_input_problem_is_named_at_once(tmp_path):
+    """An unreadable checkpoint does not hide the argument errors, nor they the model config's."""
+    args = oneshot.parse_args([str(tmp_path / "ck"), str(tmp_path / "o"), "--sparsity", "1.5",
+                               "--calibration", str(tmp_path / "nope.txt")])
+    with pytest.raises(oneshot.OneShotError) as err:
+        oneshot.check_inputs(args)
+    for part in ("checkpoint directory", "does not exist", "--sparsity must be in [0, 1)", "nope.txt']: not found",
+                 "no model config"):
+        assert part in str(err.value), str(err.value)
 
 
 def test_bad_arguments_fail_on_every_rank(checkpoint):
