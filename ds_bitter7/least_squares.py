@@ -39,6 +39,7 @@ from typing import Dict, List, Tuple
 import torch
 
 from .calibration import chunks
+from .comm import mark_every_rank
 from .compensation import add_to_param, finite_stats, warn_skipped
 from .config import StructureName
 from .structures import UnitGroup
@@ -130,8 +131,8 @@ def compensate_least_squares(pruner, masks_before: Dict[str, torch.Tensor], stat
     ``|K| x out`` float64 per group, on the CPU) are applied before the next chunk's pass: a
     group's features are computed before any out projection of a later group runs (a block's
     attention before its MLP), so every pass sees them as the first did, the result is that of one
-    pass, and only one chunk's ``D`` is held at a time (a chunk that fails, on every rank, leaves the
-    later blocks already refit: the model is then to be reloaded). Collective: every rank must call this, in
+    pass, and only one chunk's ``D`` is held at a time (a chunk that fails after others were applied
+    raises ``partly_refit``'s error, naming the groups already refit). Collective: every rank must call this, in
     the same order (one all-reduce of the removed rows of every W_next per chunk, skipped at stage
     0, and with ``unstructured`` one more of ``out`` numbers per group).
     """
@@ -144,20 +145,38 @@ def compensate_least_squares(pruner, masks_before: Dict[str, torch.Tensor], stat
             todo.append((g, keep, removed))
     chunked = bool(pruner.stats.layers_per_pass)
     record = {"groups_by_products": 0, "covariance_bytes": 0, "gathered_bytes": 0, "update_bytes": 0}
-    skipped = []
+    skipped, refit = [], []
     for chunk in chunks(todo, pruner.stats.layers_per_pass):
-        chunk_stats = pruner.stats.gather(matrices=[g.key for g, _, _ in chunk]) if chunked else stats
-        skipped += [g.key for g, _, _ in chunk if not finite_stats(chunk_stats[g.key])]  # same on every rank
-        updates = _refit(pruner, [c for c in chunk if c[0].key not in skipped], chunk_stats, ridge, record)
+        try:
+            chunk_stats = pruner.stats.gather(matrices=[g.key for g, _, _ in chunk]) if chunked else stats
+            skipped += [g.key for g, _, _ in chunk if not finite_stats(chunk_stats[g.key])]  # same on every rank
+            updates = _refit(pruner, [c for c in chunk if c[0].key not in skipped], chunk_stats, ridge, record)
+        except Exception as err:
+            if not refit:
+                raise
+            waiting = {g.key for g, _, _ in todo} - set(refit)
+            raise partly_refit(err, refit, [g.key for g in pruner.groups if g.key in waiting]) from err
         del chunk_stats  # this chunk's matrices
         record["update_bytes"] = max(record["update_bytes"], sum(d.numel() * 8 for _, _, d, _ in updates))
         _apply(pruner, updates, stats)
+        refit += [g.key for g, _, _, _ in updates]
         del updates  # this chunk's D: gone before the next chunk's pass
     units = sum(int((masks_before[g.key] & ~pruner.masks[g.key]).sum()) for g, _, _ in todo if g.key not in skipped)
     skipped = [g.key for g in pruner.groups if g.key in skipped]  # in the model's order
     event["compensation"] = {"mode": "least_squares", "units": units, "groups": len(todo) - len(skipped), **record,
                              "ridge": ridge, "skipped": skipped, "seconds": time.perf_counter() - t0}
     warn_skipped(skipped, pruner.step_count)
+
+
+def partly_refit(err: Exception, refit: List[str], rest: List[str]) -> RuntimeError:
+    """The error of a chunk that failed after earlier chunks changed the model (on every rank
+    when ``err`` was): it names both, since the model must be reloaded before it is used."""
+    error = RuntimeError(f"least-squares compensation failed ({type(err).__name__}: {err}) after refitting "
+                         f"{refit} (layers_per_pass): their out projections and biases are changed, those of {rest} "
+                         "are not; reload the model or checkpoint before using or pruning it")
+    if getattr(err, "on_every_rank", False):
+        mark_every_rank(error)
+    return error
 
 
 def forward_position(group: UnitGroup) -> Tuple[int, int]:

@@ -341,3 +341,37 @@ def test_layers_per_pass_gives_the_one_pass_result(world_size, family, stage, sc
         assert not all(bool(m.all()) for m in one["masks"].values())  # the event pruned
         assert all(torch.equal(one["params"][n], chunked["params"][n]) for n in one["params"])
         assert chunked["update_bytes"] < one["update_bytes"]  # one refit layer's D held at a time
+
+
+def failing_chunk_case(fail_at: int) -> str:
+    """``passes_case``'s event with ``layers_per_pass: 1`` whose ``fail_at``-th solve raises."""
+    import ds_bitter7.least_squares as ls
+
+    solve, calls = ls.solve_products, []
+
+    def failing(*args):
+        calls.append(1)
+        if len(calls) == fail_at:
+            raise ValueError("injected")
+        return solve(*args)
+
+    ls.solve_products = failing
+    try:
+        passes_case("gpt2", 1)
+    except Exception as err:  # noqa: BLE001 - what the test checks
+        return f"{type(err).__name__}: {err}"
+    finally:
+        ls.solve_products = solve
+    return "no error"
+
+
+def test_a_chunk_failing_after_others_names_the_groups_already_refit():
+    """With ``layers_per_pass``, a later chunk's failure leaves the chunks before it applied: the
+    error says which groups are changed (the last block's MLP first) and which are not; a failure in
+    the first chunk changed nothing and is raised as it is."""
+    first = run_distributed(failing_chunk_case, 1, 1, timeout=90)[0]
+    assert first == "ValueError: injected", first
+    second = run_distributed(failing_chunk_case, 1, 2, timeout=90)[0]
+    assert second.startswith("RuntimeError: least-squares compensation failed (ValueError: injected) after "
+                             "refitting ['layers.1.mlp']"), second
+    assert "those of ['layers.0.mlp', 'layers.0.attn', 'layers.1.attn'] are not" in second, second
