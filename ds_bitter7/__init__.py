@@ -47,10 +47,11 @@ def _config_from(args, config, config_params):
 
 
 def initialize(args=None, model=None, optimizer=None, model_parameters=None, training_data=None,
-               lr_scheduler=None, config=None, config_params=None, calibration_data=None, **kwargs):
+               lr_scheduler=None, *, config=None, config_params=None, calibration_data=None, **kwargs):
     """``deepspeed.initialize`` with the bitter7 pruner attached when the config enables it.
 
-    Same arguments and return tuple ``(engine, optimizer, dataloader, lr_scheduler)``, plus
+    Same arguments (the first six by position, as DeepSpeed's; the rest, whose positions differ
+    there, by keyword only) and return tuple ``(engine, optimizer, dataloader, lr_scheduler)``, plus
     ``calibration_data``: an iterable of model inputs (dicts of keyword arguments, or tensors)
     for bias compensation. A bad ``"bitter7"`` section raises ``ValueError`` on every rank before
     any collective.

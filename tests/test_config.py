@@ -229,3 +229,20 @@ def test_json_integers_are_numbers():
     """Strict numbers still take a JSON integer where a float is asked (`"ridge": 0`)."""
     cfg = parse_config({"bitter7": {"target_sparsity": 0, "bias_compensation": {"ridge": 0}, "exponent": 1}})
     assert cfg.target_sparsity == 0.0 and cfg.bias_compensation.ridge == 0.0 and cfg.exponent == 1.0
+
+
+def test_initialize_takes_deepspeeds_arguments():
+    """DeepSpeed's first six positions, then keywords only: a seventh positional argument is
+    DeepSpeed's distributed_port, not ``config``, so it is refused rather than misread."""
+    import inspect
+
+    import deepspeed
+
+    import ds_bitter7
+
+    ours = inspect.signature(ds_bitter7.initialize).parameters
+    theirs = inspect.signature(deepspeed.initialize).parameters
+    positional = [n for n, p in ours.items() if p.kind == p.POSITIONAL_OR_KEYWORD]
+    assert positional == list(theirs)[:6]
+    with pytest.raises(TypeError):
+        ds_bitter7.initialize(None, None, None, None, None, None, {"train_batch_size": 1})
