@@ -178,10 +178,12 @@ class ActivationStats:
         if self.source == StatsSource.calibration:  # data given to some ranks only fails them all
             missing = ValueError(_calibration_error(pruner.config)) if calibration_data is None else None
             pruner.comm.raise_if_any(missing, "checking calibration_data", ValueError)
-        if isinstance(calibration_data, collections.abc.Iterator):
-            # a one-shot iterator (generator): its first batches serve every event, not only the first
-            calibration_data = pruner.comm.call("reading calibration_data", lambda: list(
-                itertools.islice(calibration_data, self.num_batches)))  # a failure on one rank fails every rank
+        # a one-shot iterator (generator): its first batches serve every event, not only the first.
+        # Collective on every rank, whatever it holds (a generator on one rank, a list or None on
+        # another): a failure on one rank fails every rank
+        calibration_data = pruner.comm.call("reading calibration_data", lambda: list(
+            itertools.islice(calibration_data, self.num_batches))
+            if isinstance(calibration_data, collections.abc.Iterator) else calibration_data)
         if self.source == StatsSource.calibration:  # now, not at the first event (hours later)
             problem = calibration_data_problem(calibration_data, self.num_batches)
             pruner.comm.raise_if_any(ValueError(f"ds_bitter7: calibration_data: {problem}") if problem else None,

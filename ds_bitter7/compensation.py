@@ -150,7 +150,8 @@ def compensate(pruner, masks_before: Dict[str, torch.Tensor], stats, event: dict
         coefs.append(coef)
         n_units += int(newly.sum())
     if todo:
-        partial = torch.cat([local_delta(pruner, g, c) for g, c in zip(todo, coefs)])
+        partial = pruner.comm.call("mean compensation", lambda: torch.cat(  # a failure here fails every rank
+            [local_delta(pruner, g, c) for g, c in zip(todo, coefs)]))
         total = pruner.score_comm.all_reduce_sum(partial)  # [sum of n_out], one reduce per event
         offset = 0
         for g in todo:

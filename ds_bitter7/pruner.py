@@ -200,8 +200,8 @@ class Pruner:
                     for start, numel in s.chunks(frag.start, frag.numel, self._chunk):
                         s.add_unit_sums(out, values(frag, start, numel), start)
                 offset += n
-        except MissingOptimizerState as e:
-            error = e
+        except Exception as e:  # noqa: BLE001 - a missing optimizer state, or this rank's own failure (out of
+            error = e  # memory): raised on every rank below, none waits in the all-reduce
         self.comm.raise_if_any(error, "scoring")
         return self.score_comm.all_reduce_sum(sums.cpu())
 

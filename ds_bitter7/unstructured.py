@@ -14,7 +14,6 @@ import torch
 from .comm import log_main
 from .config import Scope
 from .threshold import key_to_score, kth_keys, n_to_prune, score_keys, tie_quotas
-from .zero_access import MissingOptimizerState
 
 logger = logging.getLogger(__name__)
 
@@ -57,7 +56,7 @@ class UnstructuredMasks:
         error, finite = None, True
         try:
             keys, finite = self._local_keys()
-        except MissingOptimizerState as e:
+        except Exception as e:  # noqa: BLE001 - a missing optimizer state, or this rank's own failure: on every rank
             error, keys = e, {}
         pcomm.raise_if_any(error, "unstructured scoring")
         if pcomm.any(not finite):  # the same decision on every rank, as for structured units

@@ -63,6 +63,7 @@ def calibration_suite(cases, extras: bool) -> dict:
         out["fluctuation"] = fluctuation_score()
         out["in_step"] = {score: model_score_in_step(score) for score in ("fluctuation", "bitter7_obs")}
         out["generator"] = generator_calibration()
+        out["mixed_kinds"] = {source: mixed_calibration_kinds(source) for source in ("calibration", "training")}
         out["bad_batch"] = {where: bad_batch_on_one_rank(where)  # last: they raise
                             for where in ("forward", "fetch", "one_batch", "tuples", "none")}
     return out
@@ -293,6 +294,26 @@ def generator_calibration() -> list:
     return [pruner.prune_to(f)["compensation"]["units"] for f in (0.25, 0.5)]
 
 
+def mixed_calibration_kinds(source: str) -> list:
+    """Rank 0 gives a generator, the others a list (source 'calibration') or nothing ('training'):
+    reading the generator is collective on every rank (it was entered by rank 0 alone, whose
+    all-reduce then met another rank's gradient all-reduce)."""
+    rank = dist.get_rank()
+    model = tiny_model("gpt2")
+    cfg = ds_config(2, "fp32", {"structures": ["mlp_neuron"], "score": "magnitude", "target_sparsity": 0.5,
+                                "schedule": {"start_step": 2, "end_step": 2},
+                                "bias_compensation": {"enabled": True, "source": source, "num_batches": 2}})
+    data = batches(2)
+    given = (x for x in data) if rank == 0 else (list(data) if source == "calibration" else None)
+    engine, *_ = ds_bitter7.initialize(model=model, model_parameters=model.parameters(), config=cfg,
+                                       calibration_data=given)
+    pruner = ds_bitter7.get_pruner(engine)
+    for x in batches(3):
+        engine.backward(engine(input_ids=x, labels=x).loss)
+        engine.step()
+    return [(e["step"], e["compensation"]["units"]) for e in pruner.events]
+
+
 class MissingOnThisNode:
     """Calibration data whose iteration fails (a shard missing on this node)."""
 
@@ -491,6 +512,9 @@ def test_calibration_data_problem():
 def test_a_generator_of_calibration_batches_serves_every_event(world2):
     for res in world2:
         assert len(res["generator"]) == 2 and all(n > 0 for n in res["generator"]), res["generator"]
+    for source in ("calibration", "training"):  # a generator on one rank, a list or nothing on the other
+        events = [res["mixed_kinds"][source] for res in world2]
+        assert events[0] == events[1] and [step for step, _ in events[0]] == [2] and events[0][0][1] > 0, events
 
 
 def mask_forms() -> dict:

@@ -207,6 +207,13 @@ def test_nan_scores_prune_nothing_on_every_rank():
         assert res["kept"] == {"layers.0.mlp": 96, "layers.1.mlp": 96}
 
 
+@pytest.mark.parametrize("where", ["scoring", "unstructured", "mean"])
+def test_a_failure_of_one_ranks_own_event_work_fails_every_rank(where):
+    first, last = run_distributed(workers.local_failure, 2, where, timeout=90)
+    assert last == "injected: out of memory", last
+    assert "failed on another rank" in first, first
+
+
 @pytest.mark.parametrize("stage", [0, 2])
 def test_client_torch_adamw(stage):
     results = run_distributed(workers.client_optimizer_case, 2, "llama", stage)

@@ -265,6 +265,37 @@ def nan_event(family: str) -> dict:
     return {"skipped": event["skipped"], "kept": {k: int(v.sum()) for k, v in pruner.masks.items()}}
 
 
+def local_failure(where: str) -> str:
+    """The last rank's own work in an event fails (an out-of-memory, say): in ``scoring`` (of units),
+    ``unstructured`` scoring, or ``mean`` compensation's partial sums. Every rank must raise (the
+    others name it), none may wait in the next all-reduce. Returns this rank's error."""
+    import ds_bitter7.compensation as compensation
+
+    model = tiny_model("gpt2")
+    structures = ["unstructured"] if where == "unstructured" else ["mlp_neuron"]
+    cfg = ds_config(2, "fp32", {"schedule": {"start_step": 10**9, "end_step": 10**9}, "structures": structures,
+                                "bias_compensation": {"enabled": where == "mean", "num_batches": 1}})
+    calibration = [torch.randint(0, VOCAB, (2, 8), generator=torch.Generator().manual_seed(dist.get_rank()))]
+    engine, *_ = ds_bitter7.initialize(model=model, model_parameters=model.parameters(), config=cfg,
+                                       calibration_data=calibration)
+    pruner = ds_bitter7.get_pruner(engine)
+    train_steps(engine, 1)
+
+    def fail(*args):
+        raise RuntimeError("injected: out of memory")
+
+    if dist.get_rank() == dist.get_world_size() - 1:
+        if where == "mean":
+            compensation.local_delta = fail
+        else:
+            pruner._score_inputs = fail
+    try:
+        pruner.prune_to(0.5)
+    except RuntimeError as err:
+        return str(err)
+    return "no error"
+
+
 def client_optimizer_case(family: str, stage: int) -> dict:
     """A client torch.optim.AdamW (and an LR scheduler bound to it) instead of a config optimizer,
     built before ``initialize`` adds LLaMA's missing output biases for bias compensation: they must
