@@ -168,10 +168,14 @@ def compensate_least_squares(pruner, masks_before: Dict[str, torch.Tensor], stat
     warn_skipped(skipped, pruner.step_count)
 
 
-def partly_refit(err: Exception, refit: List[str], rest: List[str]) -> RuntimeError:
+class PartlyRefit(RuntimeError):
+    """Least squares failed after it changed some layers' weights: the model must be reloaded."""
+
+
+def partly_refit(err: Exception, refit: List[str], rest: List[str]) -> PartlyRefit:
     """The error of a chunk that failed after earlier chunks changed the model (on every rank
     when ``err`` was): it names both, since the model must be reloaded before it is used."""
-    error = RuntimeError(f"least-squares compensation failed ({type(err).__name__}: {err}) after refitting "
+    error = PartlyRefit(f"least-squares compensation failed ({type(err).__name__}: {err}) after refitting "
                          f"{refit} (layers_per_pass): their out projections and biases are changed, those of {rest} "
                          "are not; reload the model or checkpoint before using or pruning it")
     if getattr(err, "on_every_rank", False):

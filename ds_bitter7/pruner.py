@@ -26,6 +26,7 @@ from .calibration import ActivationStats, unit_std
 from .comm import LOCAL, Communicator, log_main
 from .compensation import compensate
 from .config import Bitter7Config, MaskUpkeep, Scope, StatsSource, StructureName, enum_name
+from .least_squares import PartlyRefit
 from .obs import greedy_groups, output_fisher
 from .schedule import next_event_step, sparsity_at, sparsity_reached
 from .scores import ScoreInputs, get_scorer
@@ -92,6 +93,7 @@ class Pruner:
         self.step_count = 0
         self.last_event: Optional[dict] = None
         self.events: List[dict] = []
+        self._broken: Optional[str] = None  # why no event may run: one failed after changing weights
         self._stepping = False  # True while an event runs inside the optimizer step
         self._pending: Optional[float] = None  # an event due at this step, run when engine.step returns
         self._hooks = self.access.register_step_hooks(self._pre_step, self._post_step)
@@ -257,6 +259,8 @@ class Pruner:
 
     # -- events ------------------------------------------------------------------------------------
     def _event(self, fraction: float) -> dict:
+        if self._broken:  # the same on every rank: the refit's failure was
+            raise RuntimeError(f"ds_bitter7: an earlier pruning event failed after changing weights ({self._broken})")
         t0 = time.perf_counter()
         bytes0 = self.comm.bytes_sent + self.score_comm.bytes_sent
         event = {"step": self.step_count, "fraction": fraction, "sparsity": {}, "thresholds": {},
@@ -266,6 +270,36 @@ class Pruner:
         if stats:
             event["stats_rows"] = min(s.count for s in stats.values())  # token rows, all ranks
         masks_before = {k: v.clone() for k, v in self.masks.items()}
+        unstructured_before = self.unstructured.snapshot() if self.unstructured is not None else None
+        try:
+            self._select_and_compensate(fraction, stats, masks_before, event)
+        except Exception as err:
+            # nothing is zeroed yet: with the masks as they were, the pruner is as before the event (a
+            # retry compensates the units again); a refit that changed weights makes it unusable
+            self.masks.update(masks_before)
+            if unstructured_before is not None:
+                self.unstructured.rollback(unstructured_before)
+            if isinstance(err, PartlyRefit):
+                self._broken = str(err)
+            raise
+        self._apply_masks_now()
+        if self.stats is not None and self.stats.source == StatsSource.calibration:
+            event["stats_passes"] = self.stats.passes - passes
+        event["seconds"] = time.perf_counter() - t0
+        event["bytes"] = self.comm.bytes_sent + self.score_comm.bytes_sent - bytes0
+        self.last_event = event
+        self.events.append(event)
+        log_main("bitter7 step %d: sparsity %s thresholds %s (%.3f s, %d bytes reduced)", event["step"],
+                 {k: round(v, 4) for k, v in event["sparsity"].items()},
+                 {k: ("none: no unit pruned" if isinstance(v, float) and math.isnan(v) else v)
+                  for k, v in event["thresholds"].items()},
+                 event["seconds"], event["bytes"], log=logger)
+        return event
+
+    def _select_and_compensate(self, fraction: float, stats, masks_before: Dict[str, torch.Tensor],
+                               event: dict) -> None:
+        """The event's new masks (structured and unstructured) and its compensation (which reads
+        W_next before the masks zero it). Collective."""
         for kind in self.kinds:
             of_all = self._fraction_of_all(kind, fraction)  # placeholder units stand outside the fraction
             scores = self._kind_scores(kind, stats, of_all)  # obs orders only the prefix it needs
@@ -299,19 +333,6 @@ class Pruner:
             self.unstructured.event(fraction, event)
         if self.config.bias_compensation.enabled and stats is not None:
             compensate(self, masks_before, stats, event)  # before zeroing: it reads W_next
-        self._apply_masks_now()
-        if self.stats is not None and self.stats.source == StatsSource.calibration:
-            event["stats_passes"] = self.stats.passes - passes
-        event["seconds"] = time.perf_counter() - t0
-        event["bytes"] = self.comm.bytes_sent + self.score_comm.bytes_sent - bytes0
-        self.last_event = event
-        self.events.append(event)
-        log_main("bitter7 step %d: sparsity %s thresholds %s (%.3f s, %d bytes reduced)", event["step"],
-                 {k: round(v, 4) for k, v in event["sparsity"].items()},
-                 {k: ("none: no unit pruned" if isinstance(v, float) and math.isnan(v) else v)
-                  for k, v in event["thresholds"].items()},
-                 event["seconds"], event["bytes"], log=logger)
-        return event
 
     def _one_batch_list(self):
         """Every calibration pass inside reads the same batches (several per event with
@@ -482,6 +503,7 @@ class Pruner:
         for key in self.placeholders:  # a state saved before placeholders were named: all-zero, so pruned
             masks[key][:] = False
         self.masks = masks
+        self._broken = None  # the weights come with the state (an event that failed after a refit is undone)
         self.step_count = int(state["step"])
         self.events = list(state.get("events", []))
         self.last_event = self.events[-1] if self.events else None

@@ -86,11 +86,21 @@ class UnstructuredMasks:
             new = key < thresh[g]
             tied = (key == thresh[g]).nonzero().flatten()[: int(quota[i, rank])]
             new[tied] = True
-            self.pruned[n] |= new
+            self.pruned[n] = self.pruned[n] | new  # a new tensor: ``snapshot`` keeps the old one
             counts[i] = int(self.pruned[n].sum())
         self.pruned_counts = comm.all_reduce_sum(counts)
         event["sparsity"]["unstructured"] = float(self.pruned_counts.sum()) / float(sum(self.sizes))
         event["thresholds"]["unstructured"] = [float(v) for v in key_to_score(thresh)]
+
+    def snapshot(self) -> tuple:
+        """The masks as they are (references: ``event`` replaces, never changes, a mask tensor)."""
+        return dict(self.pruned), self.pruned_counts.clone()
+
+    def rollback(self, snapshot: tuple) -> None:
+        """Back to a ``snapshot`` (local): an event that failed before its masks zeroed anything."""
+        pruned, counts = snapshot
+        self.pruned.update(pruned)
+        self.pruned_counts = counts
 
     def forget(self) -> None:
         """Drop every mask (local): a checkpoint being loaded brings its own, and the masks of a run

@@ -10,6 +10,7 @@ import math
 import re
 
 import pytest
+import torch
 import workers
 from distributed import run_distributed
 from reference import reference_masks, reference_unit_scores, reference_unstructured, standardized, tiny_model
@@ -212,6 +213,14 @@ def test_a_failure_of_one_ranks_own_event_work_fails_every_rank(where):
     first, last = run_distributed(workers.local_failure, 2, where, timeout=90)
     assert last == "injected: out of memory", last
     assert "failed on another rank" in first, first
+
+
+def test_an_event_that_failed_before_zeroing_can_be_run_again():
+    clean, retried = (run_distributed(workers.retry_after_failure, 2, fail, timeout=90) for fail in (False, True))
+    for a, b in zip(clean, retried):
+        assert a["units"] == b["units"] > 0 and a["sparsity"] == b["sparsity"]
+        for key in ("masks", "unstructured", "params"):
+            assert a[key].keys() == b[key].keys() and all(torch.equal(a[key][k], b[key][k]) for k in a[key]), key
 
 
 @pytest.mark.parametrize("stage", [0, 2])

@@ -297,7 +297,7 @@ class Reshuffled:
         return iter([self.batches[i] for i in order])
 
 
-def passes_case(family: str, layers_per_pass: int, stage: int = 2, scheduled: bool = False) -> dict:
+def passes_case(family: str, layers_per_pass: int, stage: int = 2, scheduled: bool = False, made=None) -> dict:
     """``obs`` + least squares at 75% of neurons and heads; what the comparison needs. ``scheduled``:
     the event comes from the schedule, at step 1 (inside the optimizer step at stage 0)."""
     world, rank = dist.get_world_size(), dist.get_rank()
@@ -311,6 +311,8 @@ def passes_case(family: str, layers_per_pass: int, stage: int = 2, scheduled: bo
                                        config=ds_config(stage, "fp32", bitter7),
                                        calibration_data=Reshuffled(calibration(0, 1)[rank::world]))
     pruner = ds_bitter7.get_pruner(engine)
+    if made is not None:
+        made(pruner)
     if scheduled:
         x = calibration(0, 1)[rank]  # a training batch
         engine.backward(engine(input_ids=x, labels=x).loss)
@@ -343,8 +345,9 @@ def test_layers_per_pass_gives_the_one_pass_result(world_size, family, stage, sc
         assert chunked["update_bytes"] < one["update_bytes"]  # one refit layer's D held at a time
 
 
-def failing_chunk_case(fail_at: int) -> str:
-    """``passes_case``'s event with ``layers_per_pass: 1`` whose ``fail_at``-th solve raises."""
+def failing_chunk_case(fail_at: int) -> tuple:
+    """``passes_case``'s event with ``layers_per_pass: 1`` whose ``fail_at``-th solve raises: its
+    error, and what a second event then does."""
     import ds_bitter7.least_squares as ls
 
     solve, calls = ls.solve_products, []
@@ -356,22 +359,31 @@ def failing_chunk_case(fail_at: int) -> str:
         return solve(*args)
 
     ls.solve_products = failing
+    pruner = []
     try:
-        passes_case("gpt2", 1)
+        passes_case("gpt2", 1, made=pruner.append)
     except Exception as err:  # noqa: BLE001 - what the test checks
-        return f"{type(err).__name__}: {err}"
+        ls.solve_products = solve
+        try:  # the model is half refit: no further event may run on it
+            pruner[0].prune_to(0.8)
+            again = "ran"
+        except Exception as err2:  # noqa: BLE001
+            again = f"{type(err2).__name__}: {err2}"
+        return f"{type(err).__name__}: {err}", again
     finally:
         ls.solve_products = solve
-    return "no error"
+    return "no error", None
 
 
 def test_a_chunk_failing_after_others_names_the_groups_already_refit():
     """With ``layers_per_pass``, a later chunk's failure leaves the chunks before it applied: the
     error says which groups are changed (the last block's MLP first) and which are not; a failure in
     the first chunk changed nothing and is raised as it is."""
-    first = run_distributed(failing_chunk_case, 1, 1, timeout=90)[0]
-    assert first == "ValueError: injected", first
-    second = run_distributed(failing_chunk_case, 1, 2, timeout=90)[0]
-    assert second.startswith("RuntimeError: least-squares compensation failed (ValueError: injected) after "
+    first, again = run_distributed(failing_chunk_case, 1, 1, timeout=90)[0]
+    assert first == "ValueError: injected" and again == "ran", (first, again)  # nothing changed: it may run
+    second, again = run_distributed(failing_chunk_case, 1, 2, timeout=90)[0]
+    assert again.startswith("RuntimeError: ds_bitter7: an earlier pruning event failed after changing weights "
+                            "(least-squares compensation failed"), again
+    assert second.startswith("PartlyRefit: least-squares compensation failed (ValueError: injected) after "
                              "refitting ['layers.1.mlp']"), second
     assert "those of ['layers.0.mlp', 'layers.0.attn', 'layers.1.attn'] are not" in second, second

@@ -296,6 +296,37 @@ def local_failure(where: str) -> str:
     return "no error"
 
 
+def retry_after_failure(fail: bool) -> dict:
+    """Mean compensation fails on every rank (``fail``) in an event to 0.6, and one to 0.5 follows:
+    the pruner must be as before the failed event, so the second equals a clean event (the failed
+    event had already marked its units pruned, and the next compensated none of them)."""
+    import ds_bitter7.compensation as compensation
+
+    model = tiny_model("gpt2")
+    cfg = ds_config(2, "fp32", {"schedule": {"start_step": 10**9, "end_step": 10**9},
+                                "structures": ["mlp_neuron", "unstructured"],
+                                "bias_compensation": {"enabled": True, "num_batches": 1}})
+    calibration = [torch.randint(0, VOCAB, (2, 8), generator=torch.Generator().manual_seed(dist.get_rank()))]
+    engine, *_ = ds_bitter7.initialize(model=model, model_parameters=model.parameters(), config=cfg,
+                                       calibration_data=calibration)
+    pruner = ds_bitter7.get_pruner(engine)
+    train_steps(engine, 1)
+    if fail:
+        delta = compensation.local_delta
+        compensation.local_delta = lambda *args: 1 / 0
+        try:
+            pruner.prune_to(0.6)  # more than the retry: what it marked must not stay pruned
+        except ZeroDivisionError:
+            pass
+        finally:
+            compensation.local_delta = delta
+    event = pruner.prune_to(0.5)
+    return {"units": event["compensation"]["units"], "sparsity": event["sparsity"],
+            "masks": {k: v.clone() for k, v in pruner.masks.items()},
+            "unstructured": {n: m.clone() for n, m in pruner.unstructured.pruned.items()},
+            "params": {n: p.detach().clone() for n, p in model.named_parameters()}}
+
+
 def client_optimizer_case(family: str, stage: int) -> dict:
     """A client torch.optim.AdamW (and an LR scheduler bound to it) instead of a config optimizer,
     built before ``initialize`` adds LLaMA's missing output biases for bias compensation: they must
