@@ -17,7 +17,7 @@ from typing import Dict, List
 import torch
 from torch import nn
 
-from .comm import log_main
+from .comm import log_main, mark_every_rank
 from .config import CompensationMode, StructureName
 from .structures import ParamSlice, UnitGroup, unit_groups
 
@@ -109,6 +109,22 @@ def add_to_param(pruner, name: str, delta: torch.Tensor) -> None:
             param.data.view(-1)[frag.start:frag.start + frag.numel].copy_(master)
 
 
+class PartlyCompensated(RuntimeError):
+    """Compensation failed after it may have changed some layers' weights: reload the model."""
+
+
+def partly_compensated(what: str, err: Exception, changed: List[str], rest: List[str]) -> PartlyCompensated:
+    """The error of a compensation that failed once it had begun to write weights (on every rank
+    when ``err`` was): it names the groups whose out projection or bias may be changed, and the others."""
+    error = PartlyCompensated(
+        f"{what} failed ({type(err).__name__}: {err}) after changing (some of) the out projections or biases of "
+        f"{changed}" + (f"; those of {rest} are unchanged" if rest else "")
+        + ": reload the model or checkpoint before using or pruning it")
+    if getattr(err, "on_every_rank", False):
+        mark_every_rank(error)
+    return error
+
+
 def finite_stats(stats) -> bool:
     """Whether one group's statistics are finite: a forward that overflowed (fp16) makes them
     inf/NaN, and a least-squares refit from them would write NaN into the whole next layer. The
@@ -153,11 +169,18 @@ def compensate(pruner, masks_before: Dict[str, torch.Tensor], stats, event: dict
         partial = pruner.comm.call("mean compensation", lambda: torch.cat(  # a failure here fails every rank
             [local_delta(pruner, g, c) for g, c in zip(todo, coefs)]))
         total = pruner.score_comm.all_reduce_sum(partial)  # [sum of n_out], one reduce per event
-        offset = 0
-        for g in todo:
-            bias = pruner.model.get_parameter(g.out_bias)
-            add_to_param(pruner, g.out_bias, total[offset:offset + bias.numel()])
-            offset += bias.numel()
+
+        def add_all():
+            offset = 0
+            for g in todo:
+                bias = pruner.model.get_parameter(g.out_bias)
+                add_to_param(pruner, g.out_bias, total[offset:offset + bias.numel()])
+                offset += bias.numel()
+
+        try:  # local writes: one rank's failure (out of memory) fails every rank
+            pruner.comm.call("adding the mean compensation", add_all)
+        except Exception as err:
+            raise partly_compensated("mean compensation", err, [g.key for g in todo], []) from err
     event["compensation"] = {"mode": "mean", "units": n_units, "groups": len(todo), "skipped": skipped,
                              "seconds": time.perf_counter() - t0}
     warn_skipped(skipped, pruner.step_count)

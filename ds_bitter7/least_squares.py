@@ -39,8 +39,7 @@ from typing import Dict, List, Tuple
 import torch
 
 from .calibration import chunks
-from .comm import mark_every_rank
-from .compensation import add_to_param, finite_stats, warn_skipped
+from .compensation import add_to_param, finite_stats, partly_compensated, warn_skipped
 from .config import StructureName
 from .structures import UnitGroup
 
@@ -131,8 +130,8 @@ def compensate_least_squares(pruner, masks_before: Dict[str, torch.Tensor], stat
     ``|K| x out`` float64 per group, on the CPU) are applied before the next chunk's pass: a
     group's features are computed before any out projection of a later group runs (a block's
     attention before its MLP), so every pass sees them as the first did, the result is that of one
-    pass, and only one chunk's ``D`` is held at a time (a chunk that fails after others were applied
-    raises ``partly_refit``'s error, naming the groups already refit). Collective: every rank must call this, in
+    pass, and only one chunk's ``D`` is held at a time (a failure once a chunk's refit is being
+    written raises ``PartlyCompensated``, naming the groups refit). Collective: every rank must call this, in
     the same order (one all-reduce of the removed rows of every W_next per chunk, skipped at stage
     0, and with ``unstructured`` one more of ``out`` numbers per group).
     """
@@ -154,11 +153,13 @@ def compensate_least_squares(pruner, masks_before: Dict[str, torch.Tensor], stat
         except Exception as err:
             if not refit:
                 raise
-            waiting = {g.key for g, _, _ in todo} - set(refit)
-            raise partly_refit(err, refit, [g.key for g in pruner.groups if g.key in waiting]) from err
+            raise partly_refit(pruner, err, refit, todo) from err
         del chunk_stats  # this chunk's matrices
         record["update_bytes"] = max(record["update_bytes"], sum(d.numel() * 8 for _, _, d, _ in updates))
-        _apply(pruner, updates, stats)
+        try:
+            _apply(pruner, updates, stats)
+        except Exception as err:
+            raise partly_refit(pruner, err, refit + [g.key for g, _, _, _ in updates], todo) from err
         refit += [g.key for g, _, _, _ in updates]
         del updates  # this chunk's D: gone before the next chunk's pass
     units = sum(int((masks_before[g.key] & ~pruner.masks[g.key]).sum()) for g, _, _ in todo if g.key not in skipped)
@@ -168,19 +169,11 @@ def compensate_least_squares(pruner, masks_before: Dict[str, torch.Tensor], stat
     warn_skipped(skipped, pruner.step_count)
 
 
-class PartlyRefit(RuntimeError):
-    """Least squares failed after it changed some layers' weights: the model must be reloaded."""
-
-
-def partly_refit(err: Exception, refit: List[str], rest: List[str]) -> PartlyRefit:
-    """The error of a chunk that failed after earlier chunks changed the model (on every rank
-    when ``err`` was): it names both, since the model must be reloaded before it is used."""
-    error = PartlyRefit(f"least-squares compensation failed ({type(err).__name__}: {err}) after refitting "
-                         f"{refit} (layers_per_pass): their out projections and biases are changed, those of {rest} "
-                         "are not; reload the model or checkpoint before using or pruning it")
-    if getattr(err, "on_every_rank", False):
-        mark_every_rank(error)
-    return error
+def partly_refit(pruner, err: Exception, changed: List[str], todo) -> Exception:
+    """``PartlyCompensated`` naming the groups whose refit may be written and those not."""
+    rest = {g.key for g, _, _ in todo} - set(changed)
+    return partly_compensated("least-squares compensation", err, changed,
+                              [g.key for g in pruner.groups if g.key in rest])
 
 
 def forward_position(group: UnitGroup) -> Tuple[int, int]:
@@ -199,9 +192,12 @@ def _apply(pruner, updates: List[Tuple[UnitGroup, torch.Tensor, torch.Tensor, to
     if pruner.unstructured is not None and updates:
         backs = _sum_over_ranks(pruner, [_dropped_part(pruner, g, update(g, keep, delta), stats[g.key].mean)
                                          for g, keep, delta, _ in updates])
-    for (g, keep, delta, bias_delta), back in zip(updates, backs):
-        add_to_param(pruner, g.out_weight, update(g, keep, delta))
-        add_to_param(pruner, g.out_bias, bias_delta + back)
+    def add_all():
+        for (g, keep, delta, bias_delta), back in zip(updates, backs):
+            add_to_param(pruner, g.out_weight, update(g, keep, delta))
+            add_to_param(pruner, g.out_bias, bias_delta + back)
+
+    pruner.comm.call("applying the least-squares refit", add_all)  # local writes: a failure fails every rank
 
 
 def _dropped_part(pruner, g: UnitGroup, update: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:

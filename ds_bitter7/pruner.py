@@ -23,10 +23,9 @@ from typing import Dict, List, Optional, Set, Tuple
 import torch
 
 from .calibration import ActivationStats, unit_std
-from .comm import LOCAL, Communicator, log_main
-from .compensation import compensate
+from .comm import LOCAL, Communicator, log_main, mark_every_rank
+from .compensation import PartlyCompensated, compensate
 from .config import Bitter7Config, MaskUpkeep, Scope, StatsSource, StructureName, enum_name
-from .least_squares import PartlyRefit
 from .obs import greedy_groups, output_fisher
 from .schedule import next_event_step, sparsity_at, sparsity_reached
 from .scores import ScoreInputs, get_scorer
@@ -259,8 +258,7 @@ class Pruner:
 
     # -- events ------------------------------------------------------------------------------------
     def _event(self, fraction: float) -> dict:
-        if self._broken:  # the same on every rank: the refit's failure was
-            raise RuntimeError(f"ds_bitter7: an earlier pruning event failed after changing weights ({self._broken})")
+        self.refuse_if_broken("prune")
         t0 = time.perf_counter()
         bytes0 = self.comm.bytes_sent + self.score_comm.bytes_sent
         event = {"step": self.step_count, "fraction": fraction, "sparsity": {}, "thresholds": {},
@@ -279,7 +277,7 @@ class Pruner:
             self.masks.update(masks_before)
             if unstructured_before is not None:
                 self.unstructured.rollback(unstructured_before)
-            if isinstance(err, PartlyRefit):
+            if isinstance(err, PartlyCompensated):
                 self._broken = str(err)
             raise
         self._apply_masks_now()
@@ -295,6 +293,15 @@ class Pruner:
                   for k, v in event["thresholds"].items()},
                  event["seconds"], event["bytes"], log=logger)
         return event
+
+    def refuse_if_broken(self, what: str) -> None:
+        """Raise (on every rank alike, as the failure was) when an earlier event failed after its
+        compensation changed weights: the model must be reloaded before it is pruned or saved."""
+        if self._broken:
+            error = RuntimeError(f"ds_bitter7: cannot {what}: an earlier pruning event failed after changing weights "
+                                 f"({self._broken})")
+            mark_every_rank(error)
+            raise error
 
     def _select_and_compensate(self, fraction: float, stats, masks_before: Dict[str, torch.Tensor],
                                event: dict) -> None:

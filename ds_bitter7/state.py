@@ -74,6 +74,8 @@ def load_file(path: str) -> dict:
     """torch.load a pruner state file, with an error naming the file when it is bad."""
     if not os.path.isfile(path):
         raise CheckpointError(f"bitter7 pruner state file {path} does not exist")
+    if os.path.getsize(path) == 0:  # torch's own word is about mmap and zipfiles
+        raise CheckpointError(f"bitter7 pruner state file {path} is empty (an interrupted copy?)")
     try:
         state = torch.load(path, map_location="cpu", weights_only=False, mmap=True)  # tensors read as copied
     except Exception as e:  # truncated or not a torch file
@@ -126,6 +128,7 @@ def install_checkpoint_hooks(engine, pruner) -> None:
     save_signature, load_signature = inspect.signature(save), inspect.signature(load)
 
     def save_checkpoint(*args, **kwargs):
+        pruner.refuse_if_broken("save a checkpoint")  # half-refit weights under the old masks, which a load trusts
         call = save_signature.bind(*args, **kwargs)
         call.apply_defaults()
         given = call.arguments

@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import tempfile
 from typing import Dict, List
 
 import pytest
@@ -312,7 +313,7 @@ def passes_case(family: str, layers_per_pass: int, stage: int = 2, scheduled: bo
                                        calibration_data=Reshuffled(calibration(0, 1)[rank::world]))
     pruner = ds_bitter7.get_pruner(engine)
     if made is not None:
-        made(pruner)
+        made(engine)
     if scheduled:
         x = calibration(0, 1)[rank]  # a training batch
         engine.backward(engine(input_ids=x, labels=x).loss)
@@ -359,17 +360,20 @@ def failing_chunk_case(fail_at: int) -> tuple:
         return solve(*args)
 
     ls.solve_products = failing
-    pruner = []
+    engines = []
     try:
-        passes_case("gpt2", 1, made=pruner.append)
+        passes_case("gpt2", 1, made=engines.append)
     except Exception as err:  # noqa: BLE001 - what the test checks
         ls.solve_products = solve
-        try:  # the model is half refit: no further event may run on it
-            pruner[0].prune_to(0.8)
-            again = "ran"
-        except Exception as err2:  # noqa: BLE001
-            again = f"{type(err2).__name__}: {err2}"
-        return f"{type(err).__name__}: {err}", again
+        then = []
+        for action in (lambda: ds_bitter7.get_pruner(engines[0]).prune_to(0.8),  # no further event on it
+                       lambda: engines[0].save_checkpoint(tempfile.mkdtemp())):  # nor a checkpoint of it
+            try:
+                action()
+                then.append("ran")
+            except Exception as err2:  # noqa: BLE001
+                then.append(f"{type(err2).__name__}: {err2}")
+        return f"{type(err).__name__}: {err}", then
     finally:
         ls.solve_products = solve
     return "no error", None
@@ -379,11 +383,13 @@ def test_a_chunk_failing_after_others_names_the_groups_already_refit():
     """With ``layers_per_pass``, a later chunk's failure leaves the chunks before it applied: the
     error says which groups are changed (the last block's MLP first) and which are not; a failure in
     the first chunk changed nothing and is raised as it is."""
-    first, again = run_distributed(failing_chunk_case, 1, 1, timeout=90)[0]
-    assert first == "ValueError: injected" and again == "ran", (first, again)  # nothing changed: it may run
-    second, again = run_distributed(failing_chunk_case, 1, 2, timeout=90)[0]
-    assert again.startswith("RuntimeError: ds_bitter7: an earlier pruning event failed after changing weights "
-                            "(least-squares compensation failed"), again
-    assert second.startswith("PartlyRefit: least-squares compensation failed (ValueError: injected) after "
-                             "refitting ['layers.1.mlp']"), second
-    assert "those of ['layers.0.mlp', 'layers.0.attn', 'layers.1.attn'] are not" in second, second
+    first, then = run_distributed(failing_chunk_case, 1, 1, timeout=90)[0]
+    assert first == "ValueError: injected" and then == ["ran", "ran"], (first, then)  # nothing changed: it may run
+    for second, then in run_distributed(failing_chunk_case, 2, 2, timeout=120):
+        assert second == ("PartlyCompensated: least-squares compensation failed (ValueError: "
+                          "injected) after changing (some of) the out projections or biases of ['layers.1.mlp']; "
+                          "those of ['layers.0.mlp', 'layers.0.attn', 'layers.1.attn'] are unchanged: reload the "
+                          "model or checkpoint before using or pruning it"), second
+        for what, message in zip(("prune", "save a checkpoint"), then):
+            assert message.startswith(f"RuntimeError: ds_bitter7: cannot {what}: an earlier pruning event failed "
+                                      "after changing weights (least-squares compensation"), message
