@@ -12,6 +12,7 @@ import logging
 import math
 import os
 import zipfile
+import zlib
 from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
@@ -83,6 +84,8 @@ def _tag_folder_hint(folder: str) -> Optional[str]:
 
 def read_torch_file(path: str):
     """torch.load (memory-mapped, on the CPU), with an ``ExportError`` naming a bad file."""
+    if os.path.isfile(path) and os.path.getsize(path) == 0:  # torch's own word is about mmap and zipfiles
+        raise ExportError(f"cannot read {path!r}: the file is empty (an interrupted copy?)")
     try:
         return torch.load(path, map_location="cpu", weights_only=False, mmap=True)
     except Exception as err:  # a truncated or foreign file: say which one
@@ -92,7 +95,8 @@ def read_torch_file(path: str):
 def zero_file_problems(tag_dir: str, dp_world_size: Optional[int] = None) -> List[str]:
     """What is wrong with a tag folder's per-rank ZeRO files, read without loading them: a rank's
     ``*optim_states.pt`` missing (ranks 0..N-1, N the saved ``dp_world_size`` when known), or a
-    file that is not a complete archive (truncated copy). Local: checked before any rank starts
+    file that is not a complete archive (truncated copy) or whose pickle fails its CRC (a bad
+    copy: it failed on one rank inside DeepSpeed's loading). Local: checked before any rank starts
     DeepSpeed's loading, whose collectives would wait forever on a rank that failed to read."""
     files = glob.glob(os.path.join(tag_dir, "*optim_states.pt"))
     if not files:
@@ -116,9 +120,13 @@ def zero_file_problems(tag_dir: str, dp_world_size: Optional[int] = None) -> Lis
                         f"{os.path.basename(ranks[extra[0]])!r}{' and the others' if len(extra) > 1 else ''} away")
     for path in sorted(files):
         try:
-            with zipfile.ZipFile(path) as archive:  # reads the central directory at the end only
-                archive.infolist()
-        except zipfile.BadZipFile as err:
+            with zipfile.ZipFile(path) as archive:  # the central directory, at the end
+                for info in archive.infolist():  # and the CRC of every record but the tensors' storages (the
+                    # pickle: small; a full read would double the load's I/O), where torch wrote one (CRC 0:
+                    # torch.serialization.set_crc32_options(False))
+                    if "/data/" not in info.filename and info.CRC:
+                        archive.read(info)
+        except (zipfile.BadZipFile, EOFError, NotImplementedError, RuntimeError, zlib.error) as err:
             with open(path, "rb") as f:
                 legacy = f.read(1) == b"\x80"  # torch's pre-1.6 format, a pickle: not checkable here
             if not legacy:
@@ -128,15 +136,16 @@ def zero_file_problems(tag_dir: str, dp_world_size: Optional[int] = None) -> Lis
     return problems
 
 
-def checkpoint_problems(checkpoint_dir: str, tag: Optional[str] = None,
-                        world_size: Optional[int] = None, zero_stage: Optional[int] = None) -> List[str]:
+def checkpoint_problems(checkpoint_dir: str, tag: Optional[str] = None, world_size: Optional[int] = None,
+                        zero_stage: Optional[int] = None, bf16: Optional[bool] = None) -> List[str]:
     """What stops loading a checkpoint's tag (``latest`` by default) with its optimizer state: a
     tag or model-states file that cannot be found or read, ``zero_file_problems`` for the saved
     data-parallel world size, no ``*optim_states.pt`` at all although the model-states file says
     the optimizer state was saved in them (ZeRO), given the loading run's ``zero_stage``, optimizer
     state kept where that stage does not look (stage 0 against 1/2; 1 and 2 load each other's),
     and, given its ``world_size``, a ZeRO checkpoint saved by another number of ranks (how to
-    convert it)."""
+    convert it), given ``bf16`` (whether the loading run enables it), ZeRO files of the other
+    precision (``precision_problem``)."""
     try:
         tag_dir = os.path.join(checkpoint_dir, resolve_tag(checkpoint_dir, tag))
         states = os.path.join(tag_dir, MODEL_STATES_FILE)
@@ -158,6 +167,9 @@ def checkpoint_problems(checkpoint_dir: str, tag: Optional[str] = None,
         problems.append(f"{tag_dir!r} was saved with ZeRO stage {stage} (its optimizer state is {where}), but "
                         f"this run has ZeRO stage {zero_stage}: resume with stage "
                         f"{'1 or 2' if stage else '0'} (DeepSpeed cannot load it across stage 0 and 1/2)")
+    if not problems and stage and bf16 is not None:
+        problems += [p for p in (precision_problem(glob.glob(os.path.join(tag_dir, "*optim_states.pt")), bf16,
+                                                   "this run"),) if p]
     if not problems and stage and world and world_size and world != world_size:
         problems.append(f"{tag_dir!r} was saved with ZeRO stage {stage} by {world} data-parallel ranks, not "
                         f"{world_size}: convert it with python -m deepspeed.checkpoint.ds_to_universal "
@@ -165,6 +177,19 @@ def checkpoint_problems(checkpoint_dir: str, tag: Optional[str] = None,
                         "then set \"checkpoint\": {\"load_universal\": true} in the DeepSpeed config for that one "
                         "resume, and remove it once the run has saved again (README: resuming at another world size)")
     return problems
+
+
+def precision_problem(zero_files: List[str], bf16: bool, who: str) -> Optional[str]:
+    """Why a run with (``bf16``) or without bf16 cannot load these ZeRO files: DeepSpeed names a bf16
+    run's ``bf16_zero_pp_rank_*`` and looks for that name only; else None. ``who``: the loading run."""
+    if not zero_files:
+        return None
+    saved = all(os.path.basename(f).startswith("bf16_") for f in zero_files)
+    if saved == bf16:
+        return None
+    return (f"{who} {'enables' if bf16 else 'does not enable'} bf16, but checkpoint "
+            f"{os.path.dirname(zero_files[0])!r} was saved {'with' if saved else 'without'} it "
+            f"({os.path.basename(zero_files[0])}): DeepSpeed can only load it with bf16 {'on' if saved else 'off'}")
 
 
 def zero_stage_of(saved) -> int:

@@ -350,6 +350,10 @@ def check_deepspeed_support(ds_config: dict) -> None:
     if _flag(zero.get("round_robin_gradients", False)):  # DeepSpeed maps parameters to the wrong master elements
         problems.append("  zero_optimization.round_robin_gradients = true: DeepSpeed's fp32 master mapping "
                         "(_hp_mapping) does not hold under it, so masks would land on other weights; set it false")
+    for key in ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps"):
+        value = ds_config.get(key)  # read before DeepSpeed by the launch scripts (data, calibration batches)
+        if value not in (None, "auto") and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            problems.append(f"  {key} = {value!r}: must be a positive integer (\"auto\" with the HF Trainer, or left out)")
     optimizer = ds_config.get("optimizer")
     kind = str(optimizer.get("type", "")).lower() if isinstance(optimizer, dict) else ""
     if kind == "muon" and stage in (1, 2):

@@ -269,13 +269,16 @@ def read_local_files(files: Sequence[str]):
     else:
         try:
             ds = datasets.load_dataset("json", data_files=files, split="train")
-        except Exception as err:  # malformed JSON: datasets does not always name the file
-            raise ValueError(f"cannot read {files} as JSON: {type(err).__name__}: {err}") from err
+        except Exception as err:  # malformed JSON: datasets names neither the file nor the line
+            where = _first_json_error(files)
+            raise ValueError(f"cannot read {files} as JSON: " + (where or f"{type(err).__name__}: {err}")) from err
     if "text" not in ds.column_names:
         raise ValueError(f"{files}: every JSON record needs a 'text' field; the records have {ds.column_names}")
     if kind == "json" and getattr(ds.features["text"], "dtype", None) not in ("string", "large_string"):
-        raise ValueError(f"{files}: the 'text' field of every JSON record must be a string; "
-                         f"these records hold {ds.features['text']}")
+        bad = next(((i, t) for i, t in enumerate(ds["text"]) if t is not None and not isinstance(t, str)), None)
+        what = (f"record {bad[0]} (counting from 0 over the files) holds {bad[1]!r}" if bad
+                else "in every record it is null or missing")
+        raise ValueError(f"{files}: the 'text' field of every JSON record must be a string; {what}")
     try:  # the JSON reader takes any bytes; they are decoded here
         missing, records = (ds["text"].count(None) if kind == "json" else 0), len(ds)
         ds = ds.filter(lambda row: isinstance(row["text"], str) and bool(row["text"].strip()))
@@ -286,6 +289,37 @@ def read_local_files(files: Sequence[str]):
     if len(ds) == 0:
         raise ValueError(f"no text in {files} (only whitespace)")
     return ds
+
+
+def _first_json_error(files: Sequence[str]) -> Optional[str]:
+    """Where the first of ``files`` that is not valid JSON (a .json document) or JSON lines (one
+    record per line) fails, as ``file:line: error``; None when each parses."""
+    import json
+
+    def parses(text: str) -> Optional[json.JSONDecodeError]:
+        try:
+            json.loads(text)
+        except json.JSONDecodeError as err:
+            return err
+        return None
+
+    for path in files:
+        try:
+            with open(path, encoding="utf-8") as f:
+                lines = f.read().splitlines()
+        except (OSError, UnicodeDecodeError) as err:
+            return f"{path}: {type(err).__name__}: {err}"
+        records = [(n, line) for n, line in enumerate(lines, 1) if line.strip()]
+        whole = parses("\n".join(lines)) if path.lower().endswith(".json") else None
+        if path.lower().endswith(".json") and (whole is None or not records or parses(records[0][1])):
+            if whole is not None:  # one JSON document (a .json file of JSON lines falls through)
+                return f"{path}:{whole.lineno}: {whole.msg} (column {whole.colno})"
+            continue
+        for number, line in records:
+            err = parses(line)
+            if err is not None:
+                return f"{path}:{number}: {err.msg} (column {err.colno})"
+    return None
 
 
 def _is_utf8(path: str) -> bool:

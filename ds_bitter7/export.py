@@ -148,6 +148,9 @@ def check_output_dir(output_dir: str, overwrite: bool, keep: Sequence[Optional[s
     ancestor = nearest_existing(output_dir)
     if not os.path.isdir(ancestor):
         raise ExportError(f"output directory {output_dir!r} cannot be made: {ancestor!r} is a file, not a folder")
+    if not os.access(ancestor, os.W_OK | os.X_OK):  # the export is written beside OUTPUT_DIR, then renamed
+        raise ExportError(f"output directory {output_dir!r} cannot be written: no permission to write in "
+                          f"{ancestor!r} (or a read-only file system)")
     if not os.path.lexists(output_dir):
         return
     if not overwrite:
@@ -157,6 +160,9 @@ def check_output_dir(output_dir: str, overwrite: bool, keep: Sequence[Optional[s
                           "folder; choose another OUTPUT_DIR")
     if not os.path.isdir(output_dir):
         raise ExportError(f"output path {output_dir!r} exists and is not a folder: choose another OUTPUT_DIR")
+    if os.path.ismount(output_dir):
+        raise ExportError(f"output directory {output_dir!r} is a mount point, which --overwrite cannot replace (it "
+                          "renames the folder): choose a folder inside it")
     paths = [p for p in keep if p]
     # the entries too (a tag folder linked from elsewhere), but for a previous export kept beside them
     paths += [os.path.join(p, e) for p in paths if os.path.isdir(p) for e in os.listdir(p)

@@ -200,13 +200,19 @@ SHAPE_KEYS = ("model_type", "vocab_size", "n_layer", "n_embd", "n_head", "n_inne
 
 def saved_model_config(folder: str) -> Dict[str, Any]:
     """The model config a run saved in ``folder`` (launch/train.py's ``--save_dir``, a Trainer's
-    ``checkpoint-N``), with the defaults its config.json leaves out, or {} when it has no readable one."""
+    ``checkpoint-N``), with the defaults its config.json leaves out, or {} when it has none (never a
+    hub name); ``ValueError`` naming a config.json that cannot be read (truncated, say): the check
+    it serves would be skipped, and DeepSpeed's loading fail with a size-mismatch traceback."""
     from transformers import AutoConfig
 
+    path = os.path.join(folder, "config.json")
+    if not os.path.isfile(path):
+        return {}
     try:
         return AutoConfig.from_pretrained(folder).to_dict()
-    except Exception:  # noqa: BLE001 - no config.json, or one transformers cannot read: nothing to compare
-        return {}
+    except Exception as err:  # noqa: BLE001 - an empty, truncated or foreign file
+        raise ValueError(f"{path} cannot be read ({type(err).__name__}: {' '.join(str(err).split())[:300]}): "
+                         "copy it again from the training run") from None
 
 
 def model_mismatch(saved: Dict[str, Any], config) -> Optional[str]:

@@ -29,7 +29,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import torch
 
 from . import data as dsdata
-from .checkpoint_files import ExportError
+from .checkpoint_files import ExportError, precision_problem
 from .checkpoint_loading import (
     UNIVERSAL_MARK,
     CheckpointInfo,
@@ -43,7 +43,7 @@ from .checkpoint_loading import (
     loading_config,
     universal_dir,
 )
-from .cli import file_problem
+from .cli import file_problem, unwritable
 from .comm import abort_job_on_error, launch_rank, log_main
 from .config import StructureName, enum_name
 from .evaluation import perplexity
@@ -168,15 +168,9 @@ def check_args(args: argparse.Namespace, info: Optional[CheckpointInfo]) -> None
                     check_deepspeed_support(loading_config(args, info, given))
             except ValueError as err:
                 problems.append(f"--ds_config {args.ds_config!r}: {err}")
-        if given is not None and info is not None and info.zero_files:
-            # DeepSpeed names a bf16 run's ZeRO files bf16_zero_pp_rank_*: the other precision cannot load them
-            saved = all(os.path.basename(f).startswith("bf16_") for f in info.zero_files)
+        if given is not None and info is not None:
             wants = bool((given.get("bf16") or given.get("bfloat16") or {}).get("enabled", False))
-            if saved != wants:
-                problems.append(f"--ds_config {args.ds_config!r} {'enables' if wants else 'does not enable'} bf16, "
-                                f"but checkpoint {info.folder!r} was saved {'with' if saved else 'without'} it "
-                                f"({os.path.basename(info.zero_files[0])}): DeepSpeed can only load it with "
-                                f"bf16 {'on' if saved else 'off'}")
+            problems += [p for p in (precision_problem(info.zero_files, wants, f"--ds_config {args.ds_config!r}"),) if p]
     if args.num_batches < 1 or args.batch_size < 1 or args.eval_batches < 0:
         problems.append("--num_batches and --batch_size must be >= 1, --eval_batches >= 0")
     numbers_ok = (0.0 <= args.sparsity < 1.0 and args.min_units_per_layer >= 0 and args.layers_per_pass >= 0
@@ -218,7 +212,9 @@ def report_problems(args: argparse.Namespace) -> List[str]:
         return [f"{name}: folder {os.path.dirname(report)!r} does not exist"]
     if os.path.lexists(report) and not args.overwrite:
         return [f"{name} already exists (pass --overwrite to replace it)"]
-    return []
+    if os.path.lexists(report):  # written in place: its folder need not be writable
+        return [] if os.access(report, os.W_OK) else [f"{name}: no permission to replace it"]
+    return [p for p in (unwritable(report, "--report"),) if p]
 
 
 def output_dir_problem(args: argparse.Namespace, config_dir: str) -> Optional[str]:
@@ -408,11 +404,12 @@ def check_inputs(args: argparse.Namespace) -> Tuple[CheckpointInfo, Any, str, An
 
     info = check(inspect_checkpoint, args.checkpoint_dir, args.tag)
     check(check_args, args, info)  # the argument errors also when the checkpoint cannot be read
-    try:
-        config, config_dir = load_config(args.checkpoint_dir, args.model_config)
+    config = None
+    try:  # not for a checkpoint folder that does not exist: "no config.json" in it would add nothing
+        if args.model_config or os.path.isdir(args.checkpoint_dir):
+            config, config_dir = load_config(args.checkpoint_dir, args.model_config)
     except ExportError as err:
         problems.append(str(err))
-        config = None
     if config is not None:
         try:  # before the data is read and the checkpoint loaded
             adapter_for(getattr(config, "model_type", None))

@@ -103,6 +103,8 @@ def path_problems(args, rank: int) -> List[str]:
                                  output_dirs=[("--save_dir", args.save_dir)], checkpoints=[args.save_dir, args.resume])
     if args.resume and os.path.lexists(args.resume) and not os.path.isdir(args.resume):
         problems.append(f"--resume {args.resume!r} is a file, not a folder")
+    elif args.resume and not os.path.lexists(args.resume):
+        problems.append(f"--resume {args.resume!r} does not exist")
     return problems + [p for p in (save_dir_problem(args),) if p]
 
 
@@ -232,7 +234,12 @@ def train(args) -> Dict[str, Any]:
     # collective: a tokenizer or model folder missing on one node stops every rank
     tokenizer = comm.call("loading the tokenizer", dsdata.get_tokenizer, args.tokenizer)
     # the model before the data: a wrong --model or --model_overrides fails before a long tokenization
-    saved = saved_model_config(args.resume) if args.resume else {}
+    saved, problem = {}, None
+    try:
+        saved = saved_model_config(args.resume) if args.resume else {}
+    except ValueError as err:
+        problem = f"cannot resume from {args.resume!r}: {err}"
+    exit_on_every_rank(problem, elsewhere=f"another rank cannot read the model config in {args.resume!r}")
     # the built-ins' position table: the checkpoint's where this --seq_len fits it (a resume may change it)
     positions = next((saved[k] for k in ("n_positions", "max_position_embeddings")
                       if isinstance(saved.get(k), int) and saved[k] >= args.seq_len), max(args.seq_len, 256))
@@ -313,7 +320,8 @@ def run_loop(args, engine, pruner, tokenizer, train_blocks, val_blocks, world_si
         if universal:
             problems = [p for p in (stale_universal(args.resume),) if p]
         elif os.path.isfile(os.path.join(args.resume, "latest")):
-            problems = checkpoint_problems(args.resume, world_size=world_size, zero_stage=engine.zero_optimization_stage())
+            problems = checkpoint_problems(args.resume, world_size=world_size, zero_stage=engine.zero_optimization_stage(),
+                                           bf16=engine.bfloat16_enabled())
         else:  # said on every rank: a node that sees no checkpoint there must not fail alone
             problems = ["no DeepSpeed checkpoint in it (no 'latest' file)"]
         if Communicator().any(bool(problems)):

@@ -123,7 +123,12 @@ def main() -> None:
         args.model, dsdata.tokenizer_vocab_size(tokenizer), seed=args.seed, max_positions=max(args.seq_len, 256),
         overrides=args.model_overrides, eos_token_id=dsdata.eos_id(tokenizer)))
     last = get_last_checkpoint(args.output_dir) if args.resume else None  # the folder the Trainer resumes from
-    mismatch = modeling.model_mismatch(modeling.saved_model_config(last), model.config) if last else None
+    mismatch, problem = None, None
+    try:
+        mismatch = modeling.model_mismatch(modeling.saved_model_config(last), model.config) if last else None
+    except ValueError as err:  # its config.json cannot be read (a node's copy may differ)
+        problem = f"cannot resume from {last!r}: {err}"
+    cli.exit_on_every_rank(problem, elsewhere=f"another rank cannot read the model config in {last!r}")
     if mismatch:  # alike on every rank; DeepSpeed's loading would fail with a size-mismatch traceback
         raise SystemExit(f"cannot resume from {last!r}: its model (config.json) has {mismatch}: pass the "
                          "training run's --model, --model_overrides and --tokenizer")

@@ -148,3 +148,38 @@ def test_resume_past_the_schedule_end_under_a_higher_target_is_said(tmp_path):
     for res in results:  # masks of other units than the weights' zeros: refused on every rank
         assert "the model's weights do not match the bitter7 pruner state in another run: units it marks " \
             "pruned have nonzero weights in layers.0.mlp" in res["error"], res["error"]
+
+
+def test_an_empty_file_is_named_as_empty(tmp_path):
+    """torch's error for a zero-byte file speaks of mmap and zip files."""
+    from ds_bitter7.checkpoint_files import ExportError, read_torch_file
+    from ds_bitter7.state import CheckpointError, load_file
+
+    (tmp_path / "bitter7_rank1.pt").write_bytes(b"")
+    with pytest.raises(CheckpointError, match="bitter7_rank1.pt is empty"):
+        load_file(str(tmp_path / "bitter7_rank1.pt"))
+    with pytest.raises(ExportError, match="bitter7_rank1.pt'?: the file is empty"):
+        read_torch_file(str(tmp_path / "bitter7_rank1.pt"))
+
+
+def test_rank_files_saved_without_crc_are_accepted(tmp_path):
+    """torch.serialization.set_crc32_options(False) (faster saves) writes CRC 0 for every record:
+    such files load, so the pickle's CRC check must not refuse them; a damaged pickle with a CRC is named."""
+    import torch
+
+    from ds_bitter7.checkpoint_files import zero_file_problems
+
+    path = tmp_path / "zero_pp_rank_0_mp_rank_00_optim_states.pt"
+    torch.serialization.set_crc32_options(False)
+    try:
+        torch.save({"optimizer_state_dict": {"step": 1}, "t": torch.ones(3)}, path)
+    finally:
+        torch.serialization.set_crc32_options(True)
+    assert zero_file_problems(str(tmp_path), 1) == []
+    torch.save({"optimizer_state_dict": {"step": 1}, "t": torch.ones(3)}, path)
+    data = path.read_bytes()
+    with open(path, "r+b") as f:  # inside the pickle
+        f.seek(data.index(b"optimizer_state_dict"))
+        f.write(b"\xff" * 8)
+    problems = zero_file_problems(str(tmp_path), 1)
+    assert len(problems) == 1 and "is truncated or corrupt (Bad CRC-32" in problems[0], problems

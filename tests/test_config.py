@@ -246,3 +246,12 @@ def test_initialize_takes_deepspeeds_arguments():
     assert positional == list(theirs)[:6]
     with pytest.raises(TypeError):
         ds_bitter7.initialize(None, None, None, None, None, None, {"train_batch_size": 1})
+
+
+def test_batch_sizes_must_be_positive_integers():
+    """The launch scripts read them before DeepSpeed: "4" failed with a TypeError naming no key."""
+    with pytest.raises(ValueError, match="train_micro_batch_size_per_gpu = '4': must be a positive integer"):
+        check_deepspeed_support({"train_micro_batch_size_per_gpu": "4"})
+    with pytest.raises(ValueError, match="gradient_accumulation_steps = 0"):
+        check_deepspeed_support({"gradient_accumulation_steps": 0})
+    check_deepspeed_support({"train_batch_size": "auto", "train_micro_batch_size_per_gpu": 2})  # the HF Trainer's

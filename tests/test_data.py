@@ -91,10 +91,19 @@ def test_bad_local_files_are_named(tmp_path, monkeypatch):
     (tmp_path / "other.jsonl").write_text(json.dumps({"id": "doc-1", "content": "words"}) + "\n")
     (tmp_path / "one.txt").write_text("one document on one line\n")
     (tmp_path / "numbers.jsonl").write_text("".join(json.dumps({"text": i}) + "\n" for i in range(3)))
+    (tmp_path / "mixed.jsonl").write_text('{"text": "a"}\n{"text": 5}\n{"text": null}\n')
+    (tmp_path / "nulls.jsonl").write_text('{"text": null}\n{"id": 1}\n')
+    (tmp_path / "broken.jsonl").write_text('{"text": "a"}\n{"text": "b"\n{"text": "c"}\n')
+    (tmp_path / "broken.json").write_text('[\n {"text": "a"},\n {"text": "b"}\n {"text": "c"}\n]\n')
     for name, message in (("empty.txt", "empty data file"), ("blank.txt", "only whitespace"),
                           ("other.jsonl", "needs a 'text' field; the records have \\['id', 'content'\\]"),
-                          ("numbers.jsonl", "'text' field of every JSON record must be a string; these records "
-                           "hold Value\\('int64'\\)"),
+                          ("numbers.jsonl", "'text' field of every JSON record must be a string; record 0 "
+                           "\\(counting from 0 over the files\\) holds 0"),
+                          ("mixed.jsonl", "must be a string; record 1 .* holds 5"),
+                          ("nulls.jsonl", "must be a string; in every record it is null or missing"),
+                          # datasets said only "An error occurred while generating the dataset"
+                          ("broken.jsonl", "broken.jsonl:2: Expecting ',' delimiter \\(column 13\\)"),
+                          ("broken.json", "broken.json:4: Expecting ',' delimiter"),
                           ("one.txt", "hold one document")):
         with pytest.raises(ValueError, match=message):
             data.load_text_datasets(str(tmp_path / name))

@@ -407,6 +407,8 @@ def test_bad_arguments_are_refused_before_any_work(tmp_path, capsys):
                           (["--save_dir", str(tmp_path / "afile" / "ckpt")], "afile' is a file, not a folder"),
                           (["--summary", str(tmp_path / "afile" / "s.json")], "afile' is a file, not a folder"),
                           (["--resume", str(tmp_path / "afile")], "is a file, not a folder"),
+                          # it went on to the hub (a name there?), built the data, and said "no checkpoint in it"
+                          (["--resume", str(tmp_path / "not_yet")], "does not exist"),
                           # the summary replaced the run's own data, config or checkpoint files
                           (["--data", str(tmp_path / "afile"), "--summary", str(tmp_path / "afile")],
                            "which this run reads: name another file"),
@@ -420,7 +422,7 @@ def test_bad_arguments_are_refused_before_any_work(tmp_path, capsys):
         if "--summary" in extra and "--save_dir" not in extra and "--resume" not in extra:
             assert not train.path_problems(train.parse_args(base + extra), rank=1)  # only rank 0 writes it
     for ok in (["--save_dir", str(tmp_path), "--summary", str(tmp_path / "reports" / "summary.json")],
-               ["--resume", str(tmp_path / "not_yet"), "--summary", str(tmp_path / "summary.json")]):
+               ["--resume", str(tmp_path), "--summary", str(tmp_path / "summary.json")]):
         assert not train.path_problems(train.parse_args(base + ok), rank=0)  # beside the checkpoints, or in a folder of the user's there: fine
     args = train.parse_args(base + ["--model_overrides", '{"n_layer": 2}', "--deepspeed_config", base[1]])
     assert args.model_overrides == {"n_layer": 2} and args.config == base[1]  # the same config twice
@@ -494,6 +496,11 @@ def test_resume_with_another_model_is_named(trained):
     assert "attention_bias=True where this run's has False" in modeling.model_mismatch(
         modeling.saved_model_config(str(trained[2].parent / "llama_saved")), modeling.build_config("tiny-llama", 257))
     assert modeling.saved_model_config(str(trained[2].parent / "nothing_here")) == {}
+    empty = trained[2].parent / "empty_config"  # a truncated copy: the check above was skipped without a word
+    empty.mkdir(exist_ok=True)
+    (empty / "config.json").write_text("")
+    with pytest.raises(ValueError, match="empty_config/config.json cannot be read .*copy it again"):
+        modeling.saved_model_config(str(empty))
     from ds_bitter7.models import Bitter7GPT2Config  # an export resumed with another export's widths
 
     export = Bitter7GPT2Config(n_layer=2, n_embd=32, n_head=4, intermediate_sizes=[10, 20], num_heads_per_layer=[4, 2])
@@ -533,7 +540,28 @@ def test_resume_under_another_zero_stage_is_named(trained):
     assert len(problems) == 1 and "was saved with ZeRO stage 2 (its optimizer state is in *optim_states.pt), " \
         "but this run has ZeRO stage 0: resume with stage 1 or 2" in problems[0], problems
     assert checkpoint_problems(str(ckpt), world_size=2, zero_stage=1) == []
-    assert checkpoint_problems(str(ckpt), world_size=2, zero_stage=2) == []
+    assert checkpoint_problems(str(ckpt), world_size=2, zero_stage=2, bf16=False) == []
+    # with bf16 on, DeepSpeed looks for bf16_zero_pp_rank_* files: a bare FileNotFoundError on every rank
+    problems = checkpoint_problems(str(ckpt), world_size=2, zero_stage=2, bf16=True)
+    assert len(problems) == 1 and "this run enables bf16, but checkpoint" in problems[0] and \
+        "can only load it with bf16 off" in problems[0], problems
+
+
+def test_resume_from_a_corrupt_rank_file_is_named(trained, tmp_path):
+    """A rank file whose archive directory is whole but whose pickle is not (a bad copy) failed
+    inside DeepSpeed's loading on that rank with a UnicodeDecodeError, the other rank with a
+    closed connection; its CRC names it on every rank before DeepSpeed's loading."""
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(trained[2], ckpt)
+    rank_file = ckpt / f"global_step{STEPS}" / "zero_pp_rank_1_mp_rank_00_optim_states.pt"
+    with open(rank_file, "r+b") as f:
+        f.seek(300)
+        f.write(b"\xff" * 200)
+    out = run([str(VENV_BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", str(free_port()),
+               *train_args(tmp_path, tmp_path / "s.json", ["--resume", str(ckpt), "--steps", str(STEPS + 2)])],
+              tmp_path, fails=True)
+    assert out.count(f"cannot resume from {str(ckpt)!r}: {str(rank_file)!r} is truncated or corrupt (Bad CRC-32") == 2, \
+        out[-3000:]
 
 
 def _data_failing_on_rank_1() -> str:

@@ -245,9 +245,12 @@ def test_every_input_problem_is_named_at_once(tmp_path):
                                "--calibration", str(tmp_path / "nope.txt")])
     with pytest.raises(oneshot.OneShotError) as err:
         oneshot.check_inputs(args)
-    for part in ("checkpoint directory", "does not exist", "--sparsity must be in [0, 1)", "nope.txt']: not found",
-                 "no model config"):
+    for part in ("checkpoint directory", "does not exist", "--sparsity must be in [0, 1)", "nope.txt']: not found"):
         assert part in str(err.value), str(err.value)
+    assert "no model config" not in str(err.value)  # in a folder that does not exist: nothing to add
+    (tmp_path / "ck").mkdir()  # a folder without a checkpoint or config.json: both said
+    with pytest.raises(oneshot.OneShotError, match="(?s)--sparsity must be in.*no model config"):
+        oneshot.check_inputs(args)
 
 
 def test_bad_arguments_fail_on_every_rank(checkpoint):
@@ -683,17 +686,35 @@ def test_ds_config_of_the_other_precision_is_refused(tmp_path):
 
 
 def test_rank_file_with_corrupt_contents_is_named(checkpoint, tmp_path):
-    """A rank file whose zip directory is whole (it passes the checks before loading) but whose
-    pickle is garbage fails inside DeepSpeed's loading: that rank names the checkpoint, and no rank waits."""
+    """A rank file whose zip directory is whole but whose pickle is garbage: its CRC names it on
+    every rank before loading; rewritten with a valid CRC, it fails inside DeepSpeed's loading,
+    where that rank names the checkpoint. No rank waits."""
     import shutil
+    import zipfile
 
     root, ckpt, text = checkpoint
     copy = tmp_path / "ckpt"
     shutil.copytree(ckpt, copy)
-    with open(copy / "global_step3" / "zero_pp_rank_1_mp_rank_00_optim_states.pt", "r+b") as f:
+    rank_file = copy / "global_step3" / "zero_pp_rank_1_mp_rank_00_optim_states.pt"
+    with open(rank_file, "r+b") as f:
         f.seek(200)
         f.write(b"\xff" * 1800)
+    out = run_distributed(run_oneshot, 2, _argv(tmp_path, str(copy), text, "out"), timeout=120)
+    assert all(o.startswith("OneShotError") and "is truncated or corrupt (Bad CRC-32" in o for o in out), out
+    with zipfile.ZipFile(rank_file) as archive:  # a garbage pickle, with its CRC
+        records = [(info.filename, b"\xff" * info.file_size if info.filename.endswith("data.pkl")
+                    else _raw(archive, info)) for info in archive.infolist()]
+    with zipfile.ZipFile(rank_file, "w", zipfile.ZIP_STORED) as archive:
+        for name, data in records:
+            archive.writestr(name, data)
     out = run_distributed(run_oneshot, 2, _argv(tmp_path, str(copy), text, "out"), timeout=120)
     assert out[1].startswith("OneShotError") and "could not load" in out[1] and "on rank 1" in out[1], out[1]
     assert out[0].startswith("OneShotError"), out[0]
     assert not (tmp_path / "out").exists()
+
+
+def _raw(archive, info) -> bytes:
+    """A record's stored bytes, without the CRC check (the damaged pickle's is wrong)."""
+    with archive.open(info) as f:
+        f._expected_crc = None
+        return f.read()
