@@ -181,7 +181,7 @@ def check_output_dir(output_dir: str, overwrite: bool, keep: Sequence[Optional[s
 def write_remote_code(folder: str, model_type: str) -> None:
     """For a bitter7_* type: its module files and ``auto_map`` beside ``folder``'s config.json, so that
     ``AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)`` needs no ds_bitter7
-    (nothing for a standard type)."""
+    (nothing for a standard type; the module files only where the folder has no config.json yet)."""
     from .models import remote_code
 
     files, auto_map = remote_code(model_type)
@@ -190,6 +190,8 @@ def write_remote_code(folder: str, model_type: str) -> None:
     for name, source in files.items():
         atomic_write(os.path.join(folder, name), lambda f, text=source: f.write(text.encode("utf-8")))
     path = os.path.join(folder, "config.json")
+    if not os.path.isfile(path):
+        return
     with open(path, encoding="utf-8") as f:
         config = json.load(f)
     config["auto_map"] = auto_map

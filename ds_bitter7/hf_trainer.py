@@ -173,13 +173,16 @@ class Bitter7Callback(TrainerCallback):
                                   "Bitter7Callback(..., resume_from_checkpoint=PATH)")
         return saved, path
 
+    def _model_type(self, model) -> Optional[str]:
+        model = model if model is not None else self.trainer.model
+        return getattr(getattr(model, "config", None), "model_type", None)
+
     def on_save(self, args, state, control, model=None, **kwargs):  # the DeepSpeed checkpoint holds the state too
         folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
         # where the Trainer writes its own files: global rank 0, or every node's local rank 0 with
         # save_on_each_node (no shared file system: each node resumes from its own copy)
         writes = getattr(args, "should_save", is_main_process())
-        model = model if model is not None else self.trainer.model
-        model_type = getattr(getattr(model, "config", None), "model_type", None)
+        model_type = self._model_type(model)
         if writes and model_type and os.path.isfile(os.path.join(folder, "config.json")):
             # a bitter7_* model (an export trained on) keeps its auto_map: its code goes beside it, as
             # in the export, or trust_remote_code could not load the checkpoint without ds_bitter7
@@ -190,4 +193,17 @@ class Bitter7Callback(TrainerCallback):
         if writes:
             os.makedirs(folder, exist_ok=True)
             atomic_save(state_dict, os.path.join(folder, STATE_FILE))
+        return control
+
+    def on_push_begin(self, args, state, control, model=None, **kwargs):
+        """Before the Trainer uploads ``output_dir`` (with ``hub_strategy`` checkpoint, also the
+        latest ``checkpoint-N``), which it does before ``on_save`` runs: a bitter7_* model's code
+        goes there too, so the uploaded ``auto_map`` finds its module files."""
+        model_type = self._model_type(model)
+        if not model_type:
+            return control
+        write_remote_code(args.output_dir, model_type)  # its config.json is copied in after this
+        folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
+        if os.path.isfile(os.path.join(folder, "config.json")):
+            write_remote_code(folder, model_type)
         return control

@@ -205,3 +205,35 @@ def test_default_calibration_rows_differ_per_rank():
     assert rows == [[0, 2, 4], [1, 3, 5]]
     assert rank_rows(range(100), 3, 1, 0) == [0, 1, 2]
     assert rank_rows(range(4), 3, 2, 1) == [1, 3]  # a short dataset: fewer rows, never another rank's
+
+
+def test_a_push_uploads_the_model_code_of_an_export(tmp_path):
+    """The Trainer's push (transformers 5: ``_push_from_checkpoint`` and ``push_to_hub``) calls
+    ``on_push_begin``, then copies config.json and the weights from checkpoint-N into output_dir
+    and uploads output_dir, all before ``on_save``: the callback writes a bitter7_* model's code
+    there first, so what would be uploaded loads without ds_bitter7 (it lacked the module files)."""
+    import shutil
+    from types import SimpleNamespace
+
+    from test_shrink import logits, random_masks, zero_units
+    from transformers import AutoModelForCausalLM
+
+    from ds_bitter7 import modeling
+    from ds_bitter7.export import export_model
+    from ds_bitter7.hf_trainer import Bitter7Callback
+
+    model = modeling.build_model("tiny-gpt2", 264, overrides={"n_layer": 2, "n_embd": 32})
+    masks = random_masks(model, "global")
+    zero_units(model, masks)
+    export_model(model, masks, str(tmp_path / "small"))
+    small = AutoModelForCausalLM.from_pretrained(str(tmp_path / "small")).eval()
+    out = tmp_path / "out"
+    small.save_pretrained(str(out / "checkpoint-2"))  # as the Trainer saves it, before the push
+    Bitter7Callback(trainer=None).on_push_begin(SimpleNamespace(output_dir=str(out)), SimpleNamespace(global_step=2),
+                                                None, model=small)
+    assert (out / "checkpoint-2" / "modeling_bitter7_gpt2.py").is_file()  # hub_strategy checkpoint uploads it too
+    for name in ("config.json", "model.safetensors"):  # the Trainer's copy into output_dir
+        shutil.copy(out / "checkpoint-2" / name, out / name)
+    torch.save(logits(small), tmp_path / "logits.pt")
+    cls, rel = load_without_ds_bitter7(out, tmp_path, tmp_path / "logits.pt")
+    assert cls == "Bitter7GPT2LMHeadModel" and rel <= 1e-6, (cls, rel)
