@@ -515,6 +515,11 @@ class Pruner:
         self.events = list(state.get("events", []))
         self.last_event = self.events[-1] if self.events else None
         reached, wanted = (self.last_event or {}).get("fraction", 0.0), sparsity_reached(self.config, self.step_count)
+        if reached > self.config.target_sparsity + 1e-9:
+            log_main("bitter7: resumed at step %d from %s with its units pruned to %.4f, beyond this config's "
+                     "target_sparsity %.4f: pruned units are never brought back, so the run keeps %.4f",
+                     self.step_count, source, reached, self.config.target_sparsity, reached,
+                     level=logging.WARNING, log=logger)
         if next_event_step(self.config, self.step_count) is None and reached < wanted - 1e-9:
             log_main("bitter7: resumed at step %d from %s with its units pruned to %.4f, below this config's %.4f, "
                      "but schedule.end_step %d has passed: no event is left to prune further. Move end_step past "

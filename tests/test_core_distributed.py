@@ -223,6 +223,13 @@ def test_an_event_that_failed_before_zeroing_can_be_run_again():
             assert a[key].keys() == b[key].keys() and all(torch.equal(a[key][k], b[key][k]) for k in a[key]), key
 
 
+def test_a_state_pruned_beyond_the_target_is_said_at_resume():
+    """A run resumed with a lower target_sparsity than its checkpoint reached kept the pruned
+    units without a word (they never come back)."""
+    warnings = run_distributed(workers.state_beyond_target, 1)[0]
+    assert any("pruned to 0.5000, beyond this config's target_sparsity 0.3000" in w for w in warnings), warnings
+
+
 @pytest.mark.parametrize("stage", [0, 2])
 def test_client_torch_adamw(stage):
     results = run_distributed(workers.client_optimizer_case, 2, "llama", stage)

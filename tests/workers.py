@@ -327,6 +327,24 @@ def retry_after_failure(fail: bool) -> dict:
             "params": {n: p.detach().clone() for n, p in model.named_parameters()}}
 
 
+def state_beyond_target() -> list:
+    """A pruner state pruned to 0.5 restored under target_sparsity 0.3: the warnings logged."""
+    import logging
+
+    model = tiny_model("gpt2")
+    cfg = ds_config(2, "fp32", {"schedule": {"start_step": 10**9, "end_step": 10**9}, "target_sparsity": 0.3})
+    engine, *_ = ds_bitter7.initialize(model=model, model_parameters=model.parameters(), config=cfg)
+    pruner = ds_bitter7.get_pruner(engine)
+    train_steps(engine, 1)
+    pruner.prune_to(0.5)
+    records = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = lambda record: records.append(record.getMessage())
+    logging.getLogger("ds_bitter7.pruner").addHandler(handler)
+    pruner.load_state_dict(pruner.state_dict(), source="the saved state")
+    return records
+
+
 def client_optimizer_case(family: str, stage: int) -> dict:
     """A client torch.optim.AdamW (and an LR scheduler bound to it) instead of a config optimizer,
     built before ``initialize`` adds LLaMA's missing output biases for bias compensation: they must
