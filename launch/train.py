@@ -21,6 +21,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import datasets
 import deepspeed
+import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
@@ -181,7 +182,13 @@ def pruning_events(pruner, seen_step: Optional[int]) -> Tuple[List[Tuple[str, fl
 
 
 def save(engine, tokenizer, save_dir: str, step: int, extra: Dict[str, Any]) -> None:
-    """DeepSpeed checkpoint (ds_bitter7 adds the pruner's state itself). Collective."""
+    """DeepSpeed checkpoint (ds_bitter7 adds the pruner's state itself), refused on every rank when
+    the model's weights are not finite: 'latest' would name it, over the last good one. Collective."""
+    bad = [name for name, p in engine.module.named_parameters() if not bool(torch.isfinite(p).all())]
+    problem = (f"not saving step {step} in {save_dir!r}: the model's weights hold NaN or Inf ({', '.join(bad[:3])}"
+               f"{' and more' if len(bad) > 3 else ''}): training diverged, or the checkpoint it resumed from has "
+               f"damaged tensors; 'latest' still names {latest_tag(save_dir)!r}") if bad else None
+    exit_on_every_rank(problem, elsewhere=f"another rank does not save step {step}")
     client = dict(extra, step=step)
     engine.save_checkpoint(save_dir, tag=f"global_step{step}", client_state=client)
     if engine.global_rank == 0:  # export and one-shot read the model config and tokenizer beside the checkpoints

@@ -564,6 +564,29 @@ def test_resume_from_a_corrupt_rank_file_is_named(trained, tmp_path):
         out[-3000:]
 
 
+def test_a_model_with_nan_weights_is_not_saved_over_the_last_checkpoint(trained, tmp_path):
+    """Damaged tensor bytes in a rank file load (only the pickle's CRC is checked): the resumed
+    run's weights turn NaN, and its save moved 'latest' onto them. The save is refused instead."""
+    import zipfile
+
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(trained[2], ckpt)
+    rank_file = ckpt / f"global_step{STEPS}" / "zero_pp_rank_1_mp_rank_00_optim_states.pt"
+    with zipfile.ZipFile(rank_file) as archive:  # the largest tensor: the fp32 master partition
+        info = max((i for i in archive.infolist() if "/data/" in i.filename), key=lambda i: i.file_size)
+    with open(rank_file, "r+b") as f:
+        f.seek(info.header_offset + 26)
+        name_len, extra_len = (int.from_bytes(f.read(2), "little") for _ in range(2))
+        f.seek(info.header_offset + 30 + name_len + extra_len)
+        f.write(b"\xff" * info.file_size)  # NaN in every element
+    out = run([str(VENV_BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", str(free_port()),
+               *train_args(tmp_path, tmp_path / "s.json", ["--resume", str(ckpt), "--save_dir", str(ckpt),
+                                                           "--steps", str(STEPS + 2)])], tmp_path, fails=True)
+    assert f"not saving step {STEPS + 2} in {str(ckpt)!r}: the model's weights hold NaN or Inf" in out, out[-3000:]
+    assert (ckpt / "latest").read_text().strip() == f"global_step{STEPS}"
+    assert not (ckpt / f"global_step{STEPS + 2}").exists()
+
+
 def _data_failing_on_rank_1() -> str:
     """launch/train.py's rank0_first with a data error on rank 1 only (its node lacks a file)."""
     import importlib.util
