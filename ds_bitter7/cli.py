@@ -10,7 +10,7 @@ from typing import Callable, List, Optional, Sequence, Tuple
 
 from .comm import Communicator, rank_list, ranks_not_sharing
 from .config import Bitter7Config, check_deepspeed_support, load_ds_config, parse_config
-from .export import TOKENIZER_FILES, is_within, nearest_existing
+from .export import TOKENIZER_FILES, is_within, unwritable
 from .modeling import parse_overrides
 from .state import MODEL_STATES_FILE
 
@@ -68,20 +68,36 @@ def exit_on_path_problems(check: Callable[[], List[str]], checkpoints: Optional[
         raise SystemExit(unshared)
 
 
-def read_ds_config(path: str, where: str) -> Tuple[dict, Bitter7Config]:
+def read_ds_config(path: str, where: str, trainer: bool = False) -> Tuple[dict, Bitter7Config]:
     """The DeepSpeed config at ``path`` and its parsed ``bitter7`` section, the DeepSpeed settings
-    the pruner cannot serve refused: a problem (``where``: the script and its option) stops every
-    rank before a model or data is built. Collective: every rank must call this, in the same order."""
+    the pruner cannot serve refused (and ``"auto"`` values, which only the HF Trainer fills in,
+    unless ``trainer``): a problem (``where``: the script and its option) stops every rank before a
+    model or data is built. Collective: every rank must call this, in the same order."""
     ds_config, cfg, problem = None, None, None
     try:
         ds_config = load_ds_config(path)
         cfg = parse_config(ds_config)
         if cfg.enabled:
             check_deepspeed_support(ds_config)
+        auto = auto_keys(ds_config)
+        if auto and not trainer:
+            raise ValueError(f"{', '.join(auto)} = \"auto\": only the HF Trainer (launch/train_hf_trainer.py) "
+                             "fills \"auto\" in; give numbers")
     except ValueError as err:
         problem = f"{where} {path}: {err}"
     exit_on_every_rank(problem, elsewhere=f"another rank cannot read {where} {path}")
     return ds_config, cfg
+
+
+def auto_keys(config: dict, prefix: str = "") -> List[str]:
+    """The dotted keys of ``config`` whose value is ``"auto"``, nested objects included."""
+    keys = []
+    for key, value in config.items():
+        if value == "auto":
+            keys.append(prefix + str(key))
+        elif isinstance(value, dict):
+            keys += auto_keys(value, f"{prefix}{key}.")
+    return keys
 
 
 def exit_on_every_rank(*problems: Optional[str], elsewhere: str) -> None:
@@ -114,18 +130,14 @@ def folder_problem(path: str, flag: str) -> Optional[str]:
         return f"{flag} {path!r} is a file, not a folder"
     if os.path.isdir(path):
         return None if os.access(path, os.W_OK | os.X_OK) else f"{flag} {path!r}: no permission to write in it"
-    return unwritable(path, flag)
+    return make_problem(path, flag)
 
 
-def unwritable(path: str, flag: str) -> Optional[str]:
-    """Why ``path`` (a file or folder to be made, with any missing parents) cannot be: its nearest
-    existing ancestor is a file, or a folder this process may not write in; else None."""
-    ancestor = nearest_existing(path)
-    if not os.path.isdir(ancestor):
-        return f"{flag} {path!r}: {ancestor!r} is a file, not a folder"
-    if not os.access(ancestor, os.W_OK | os.X_OK):
-        return f"{flag} {path!r}: no permission to write in {ancestor!r}"
-    return None
+def make_problem(path: str, flag: str) -> Optional[str]:
+    """Why ``path`` (a file or folder to be made, with any missing parents) cannot be (see
+    ``export.unwritable``), in ``flag``'s name; else None."""
+    problem = unwritable(path)
+    return f"{flag} {path!r}: {problem}" if problem else None
 
 
 def summary_problem(summary: str, reads: Sequence[Optional[str]], checkpoints: Sequence[Optional[str]]) -> Optional[str]:
@@ -139,7 +151,7 @@ def summary_problem(summary: str, reads: Sequence[Optional[str]], checkpoints: S
             return f"{name} would replace a file of the checkpoints in {folder!r}: name another file"
     if os.path.isfile(summary) and not os.access(summary, os.W_OK):
         return f"{name}: no permission to replace it"
-    return unwritable(summary, "--summary")
+    return make_problem(summary, "--summary")
 
 
 def file_problem(path: str, name: str, reads: Sequence[Optional[str]]) -> Optional[str]:

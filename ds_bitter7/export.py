@@ -140,17 +140,26 @@ def nearest_existing(path: str) -> str:
     return ancestor
 
 
+def unwritable(path: str) -> Optional[str]:
+    """Why ``path`` (a file or folder to be made, with any missing parents) cannot be: its nearest
+    existing ancestor is a file, or a folder this process may not write in (``os.access``, which
+    also says so for a read-only file system); else None."""
+    ancestor = nearest_existing(path)
+    if not os.path.isdir(ancestor):
+        return f"{ancestor!r} is a file, not a folder"
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        return f"no permission to write in {ancestor!r}"
+    return None
+
+
 def check_output_dir(output_dir: str, overwrite: bool, keep: Sequence[Optional[str]] = ()) -> None:
     """Raise ``ExportError`` unless ``output_dir`` may be written: it does not exist, or, with
     ``overwrite``, it is an empty folder or a previous export (holds ``pruning_report.json``) and
     holds none of the ``keep`` paths (the checkpoint and config being read). Nothing else is ever
     deleted. Its nearest existing ancestor must be a folder (the export makes the missing ones)."""
-    ancestor = nearest_existing(output_dir)
-    if not os.path.isdir(ancestor):
-        raise ExportError(f"output directory {output_dir!r} cannot be made: {ancestor!r} is a file, not a folder")
-    if not os.access(ancestor, os.W_OK | os.X_OK):  # the export is written beside OUTPUT_DIR, then renamed
-        raise ExportError(f"output directory {output_dir!r} cannot be written: no permission to write in "
-                          f"{ancestor!r} (or a read-only file system)")
+    problem = unwritable(output_dir)  # the export is written beside OUTPUT_DIR, then renamed
+    if problem:
+        raise ExportError(f"output directory {output_dir!r} cannot be written: {problem}")
     if not os.path.lexists(output_dir):
         return
     if not overwrite:

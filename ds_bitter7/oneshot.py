@@ -43,7 +43,7 @@ from .checkpoint_loading import (
     loading_config,
     universal_dir,
 )
-from .cli import file_problem, unwritable
+from .cli import file_problem, make_problem
 from .comm import abort_job_on_error, launch_rank, log_main
 from .config import StructureName, enum_name
 from .evaluation import perplexity
@@ -129,9 +129,8 @@ def check_data_spec(spec: Optional[Sequence[str]], what: str) -> List[str]:
 
 def check_args(args: argparse.Namespace, info: Optional[CheckpointInfo]) -> None:
     """Raise one ``OneShotError`` listing every problem (same on every rank: local checks only)."""
-    problems = []
-    if not 0.0 <= args.sparsity < 1.0:
-        problems.append(f"--sparsity must be in [0, 1), got {args.sparsity}")
+    pruner_numbers = pruner_number_problems(args)
+    problems = list(pruner_numbers)
     problems += check_data_spec(args.calibration, "calibration") + check_data_spec(args.validation, "validation")
     if info is not None and not info.has_optimizer_state and args.score in NEEDS_OPTIMIZER:
         problems.append(f"checkpoint {info.folder!r} has no optimizer state (no *optim_states.pt and no "
@@ -145,12 +144,6 @@ def check_args(args: argparse.Namespace, info: Optional[CheckpointInfo]) -> None
                         f"(pass --structures {' '.join(dict.fromkeys(trained + list(args.structures)))})")
     if args.seq_len is not None and args.seq_len < 2:
         problems.append(f"--seq_len must be >= 2, got {args.seq_len}")
-    if args.min_units_per_layer < 0:
-        problems.append(f"--min_units_per_layer must be >= 0, got {args.min_units_per_layer}")
-    if not (math.isfinite(args.ridge) and args.ridge >= 0):
-        problems.append(f"--ridge must be a finite number >= 0, got {args.ridge}")
-    if args.layers_per_pass < 0:
-        problems.append(f"--layers_per_pass must be >= 0, got {args.layers_per_pass}")
     problems += report_problems(args)
     if args.ds_config is not None:
         from .config import check_deepspeed_support, load_ds_config
@@ -171,11 +164,9 @@ def check_args(args: argparse.Namespace, info: Optional[CheckpointInfo]) -> None
         if given is not None and info is not None:
             wants = bool((given.get("bf16") or given.get("bfloat16") or {}).get("enabled", False))
             problems += [p for p in (precision_problem(info.zero_files, wants, f"--ds_config {args.ds_config!r}"),) if p]
-    if args.num_batches < 1 or args.batch_size < 1 or args.eval_batches < 0:
-        problems.append("--num_batches and --batch_size must be >= 1, --eval_batches >= 0")
-    numbers_ok = (0.0 <= args.sparsity < 1.0 and args.min_units_per_layer >= 0 and args.layers_per_pass >= 0
-                  and math.isfinite(args.ridge) and args.ridge >= 0 and args.num_batches >= 1)
-    if numbers_ok:  # the pruner config's own refusals (--scope standardized with an obs score), not twice
+    if args.batch_size < 1 or args.eval_batches < 0:
+        problems.append("--batch_size must be >= 1, --eval_batches >= 0")
+    if not pruner_numbers:  # the pruner config's own refusals (--scope standardized with an obs score), not twice
         from .config import parse_config
 
         try:
@@ -184,6 +175,17 @@ def check_args(args: argparse.Namespace, info: Optional[CheckpointInfo]) -> None
             problems.append(str(err))
     if problems:
         raise OneShotError("; ".join(problems))
+
+
+def pruner_number_problems(args: argparse.Namespace) -> List[str]:
+    """Why the numbers ``bitter7_section`` passes to the pruner config are out of range, in the
+    flags' own words (the config would name its keys)."""
+    checks = ((0.0 <= args.sparsity < 1.0, f"--sparsity must be in [0, 1), got {args.sparsity}"),
+              (args.min_units_per_layer >= 0, f"--min_units_per_layer must be >= 0, got {args.min_units_per_layer}"),
+              (math.isfinite(args.ridge) and args.ridge >= 0, f"--ridge must be a finite number >= 0, got {args.ridge}"),
+              (args.layers_per_pass >= 0, f"--layers_per_pass must be >= 0, got {args.layers_per_pass}"),
+              (args.num_batches >= 1, f"--num_batches must be >= 1, got {args.num_batches}"))
+    return [problem for ok, problem in checks if not ok]
 
 
 def _inputs(args: argparse.Namespace, config_dir: Optional[str] = None) -> List[str]:
@@ -214,7 +216,7 @@ def report_problems(args: argparse.Namespace) -> List[str]:
         return [f"{name} already exists (pass --overwrite to replace it)"]
     if os.path.lexists(report):  # written in place: its folder need not be writable
         return [] if os.access(report, os.W_OK) else [f"{name}: no permission to replace it"]
-    return [p for p in (unwritable(report, "--report"),) if p]
+    return [p for p in (make_problem(report, "--report"),) if p]
 
 
 def output_dir_problem(args: argparse.Namespace, config_dir: str) -> Optional[str]:

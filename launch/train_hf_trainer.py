@@ -115,7 +115,7 @@ def main() -> None:
     _, rank = init_distributed()
     cli.exit_on_path_problems(lambda: path_problems(args, rank), ("--output_dir", args.output_dir))
     comm = Communicator()
-    ds_config, bitter7 = cli.read_ds_config(args.deepspeed, "launch/train_hf_trainer.py --deepspeed")  # before any work
+    ds_config, bitter7 = cli.read_ds_config(args.deepspeed, "launch/train_hf_trainer.py --deepspeed", trainer=True)  # before any work
     tokenizer = comm.call("loading the tokenizer", dsdata.get_tokenizer, args.tokenizer)
     train, _ = comm.call("building the data", lambda: dsdata.build_lm_datasets(
         args.data, tokenizer, args.seq_len, seed=args.seed, hub_config=args.data_config))

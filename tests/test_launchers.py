@@ -161,6 +161,11 @@ def test_train_warns_and_refuses_in_one_process(tmp_path):
     bad.write_text(json.dumps(dict(cfg, zero_optimization=zero)))
     out = run(base + ["--config", str(bad), "--steps", "4"], tmp_path, fails=True)
     assert "round_robin_gradients = true: DeepSpeed's fp32 master mapping" in out and "random init" not in out
+    # "auto" is the HF Trainer's to fill in: this script read it as a number after building the data
+    bad.write_text(json.dumps(dict(cfg, train_micro_batch_size_per_gpu="auto", gradient_clipping="auto")))
+    out = run(base + ["--config", str(bad), "--steps", "4"], tmp_path, fails=True)
+    assert 'train_micro_batch_size_per_gpu, gradient_clipping = "auto": only the HF Trainer' in out, out
+    assert "random init" not in out
     bad.write_text(json.dumps(dict(cfg, optimizer={"type": "SGD", "params": {"lr": 1e-2}},
                                    zero_allow_untested_optimizer=True)))
     out = run(base + ["--config", str(bad), "--steps", "4"], tmp_path, fails=True)
