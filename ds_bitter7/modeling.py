@@ -112,6 +112,18 @@ def has_weights(path: str) -> bool:
 LAST_ID = -1  # build_config's default eos_token_id: the vocabulary's last id (the byte tokenizer's)
 
 
+def _derived_head_dim(config, saved: bool = True) -> Optional[int]:
+    """``hidden_size // num_attention_heads`` of a config with a ``head_dim`` (LLaMA-like); with
+    ``saved``, only where the config's own ``head_dim`` is that (derived, not chosen); else None. A
+    saved config.json writes the derived value out, so overriding the width would keep it."""
+    hidden, heads = getattr(config, "hidden_size", None), getattr(config, "num_attention_heads", None)
+    if getattr(config, "head_dim", None) is None or not isinstance(hidden, int) or not isinstance(heads, int) or heads < 1:
+        return None
+    if saved and config.head_dim != hidden // heads:
+        return None
+    return hidden // heads
+
+
 def build_config(name_or_path: str, vocab_size: Optional[int] = None, max_positions: int = 256,
                  overrides: Optional[Dict[str, Any]] = None, eos_token_id: Optional[int] = LAST_ID):
     """The ``PretrainedConfig`` for a built-in name, a local directory or a transformers name.
@@ -147,8 +159,11 @@ def build_config(name_or_path: str, vocab_size: Optional[int] = None, max_positi
         per_layer = [k for k, v in config.to_dict().items()  # lists of one entry per block (layer_types)
                      if isinstance(v, list) and len(v) == layers and k not in overrides
                      and k != "architectures" and not k.endswith("token_id")]
+        derived_head_dim = _derived_head_dim(config)
         for key, value in overrides.items():
             setattr(config, key, value)
+        if derived_head_dim and "head_dim" not in overrides and {"hidden_size", "num_attention_heads"} & set(overrides):
+            config.head_dim = _derived_head_dim(config, saved=False)  # as the class derives it, not the file's
         if overrides:  # setattr skips the class's checks (an exported model's per-block widths): rebuild it
             try:
                 type(config).from_dict(config.to_dict())

@@ -211,6 +211,18 @@ def test_local_model_with_weights_is_checked_and_overridden(tmp_path):
     shorter = modeling.build_config(str(tmp_path / "qwen2"), overrides={"num_hidden_layers": 1,
                                                                         "layer_types": ["full_attention"]})
     assert shorter.num_hidden_layers == 1
+    # a saved config.json holds head_dim: a width override kept it (4 heads of 8 in a 64-wide model)
+    from transformers import LlamaConfig
+
+    LlamaConfig(num_hidden_layers=1, hidden_size=32, intermediate_size=64, num_attention_heads=4,
+                num_key_value_heads=2).save_pretrained(tmp_path / "llama")
+    for overrides, head_dim in (({"hidden_size": 64}, 16), ({"num_attention_heads": 8, "num_key_value_heads": 8}, 4),
+                                ({"hidden_size": 64, "head_dim": 8}, 8)):
+        assert modeling.build_config(str(tmp_path / "llama"), overrides=overrides).head_dim == head_dim, overrides
+    chosen = LlamaConfig(num_hidden_layers=1, hidden_size=32, intermediate_size=64, num_attention_heads=4,
+                         num_key_value_heads=2, head_dim=16)  # not derived: kept
+    chosen.save_pretrained(tmp_path / "llama_wide_heads")
+    assert modeling.build_config(str(tmp_path / "llama_wide_heads"), overrides={"hidden_size": 64}).head_dim == 16
 
 
 def test_typos_of_builtin_names_are_refused_before_the_hub():
