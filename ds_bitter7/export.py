@@ -59,6 +59,21 @@ def load_config(checkpoint_dir: str, model_config: Optional[str] = None):
         raise ExportError(f"model config {path!r} cannot be read by transformers: {first}") from None
 
 
+def load_generation_config(folder: str):
+    """The ``GenerationConfig`` saved in ``folder`` (a chat model's stop tokens, sampling
+    defaults: not in config.json), or None where there is none."""
+    from transformers import GenerationConfig
+
+    path = os.path.join(folder, "generation_config.json")
+    if not os.path.isfile(path):
+        return None
+    try:
+        return GenerationConfig.from_pretrained(folder)
+    except (OSError, ValueError, TypeError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ExportError(f"generation config {path!r} cannot be read by transformers: {first}") from None
+
+
 def add_missing_biases_(model: nn.Module, state_dict: Mapping[str, torch.Tensor]) -> None:
     """Give nn.Linear layers a bias where the checkpoint has one the config does not declare
     (the pruner adds a compensation bias to LLaMA's down_proj / o_proj)."""

@@ -394,7 +394,7 @@ def check_inputs(args: argparse.Namespace) -> Tuple[CheckpointInfo, Any, str, An
     """(checkpoint info, model config, its folder, pruner config), or one ``OneShotError`` naming every
     problem with the arguments, the checkpoint and the model config (local: the same on every rank)."""
     from .config import parse_config
-    from .export import load_config
+    from .export import load_config, load_generation_config
 
     problems: List[str] = []
 
@@ -410,6 +410,7 @@ def check_inputs(args: argparse.Namespace) -> Tuple[CheckpointInfo, Any, str, An
     try:  # not for a checkpoint folder that does not exist: "no config.json" in it would add nothing
         if args.model_config or os.path.isdir(args.checkpoint_dir):
             config, config_dir = load_config(args.checkpoint_dir, args.model_config)
+            load_generation_config(config_dir)  # the export carries it
     except ExportError as err:
         problems.append(str(err))
     if config is not None:
@@ -437,7 +438,7 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
 
     from .calibration import needs_stats
     from .comm import Communicator, init_distributed
-    from .export import export_model
+    from .export import export_model, load_generation_config
 
     init_distributed()
     comm = Communicator()
@@ -457,6 +458,7 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
     calib, val = read_data(args, tokenizer, needs_stats(cfg), comm)  # before the (long) checkpoint load
     torch.manual_seed(args.seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.generation_config = load_generation_config(config_dir) or model.generation_config
     fit_checkpoint_biases(model, info)
     check_model_matches(model, info, config_dir)
     check_frozen_units(model, info, args.structures)

@@ -14,6 +14,7 @@ start and counts for no fraction.
 
 from __future__ import annotations
 
+import copy
 import logging
 import re
 from dataclasses import dataclass
@@ -392,6 +393,8 @@ def shrink_model(model: PreTrainedModel, masks: Masks) -> Tuple[PreTrainedModel,
         raise RuntimeError(f"shrunk weights do not fit the new model: missing {missing}, unexpected {unexpected}")
     small.load_state_dict(after, strict=False)
     small.tie_weights()
+    if getattr(model, "generation_config", None) is not None:  # stop tokens, sampling defaults: not in config.json
+        small.generation_config = copy.deepcopy(model.generation_config)
     small.eval()
     return small, layer_report(before, after, config, masks, counts)
 

@@ -193,6 +193,8 @@ def save(engine, tokenizer, save_dir: str, step: int, extra: Dict[str, Any]) -> 
     engine.save_checkpoint(save_dir, tag=f"global_step{step}", client_state=client)
     if engine.global_rank == 0:  # export and one-shot read the model config and tokenizer beside the checkpoints
         engine.module.config.save_pretrained(save_dir)
+        if getattr(engine.module, "generation_config", None) is not None:  # a --model's stop tokens: the export keeps them
+            engine.module.generation_config.save_pretrained(save_dir)
         if not isinstance(tokenizer, dsdata.ByteTokenizer):  # bytes: what they use when no files are there
             tokenizer.save_pretrained(save_dir)
 

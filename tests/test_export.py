@@ -397,7 +397,7 @@ def test_overwrite_resolves_links(tmp_path):
 
 def test_output_under_a_file_and_unreadable_configs_are_named(tmp_path):
     """Checked before any work, with one line naming the path (not a traceback after consolidation)."""
-    from ds_bitter7.export import check_output_dir, load_config
+    from ds_bitter7.export import check_output_dir, load_config, load_generation_config
 
     (tmp_path / "afile").write_text("x")
     with pytest.raises(ExportError, match="afile' is a file, not a folder"):
@@ -409,6 +409,10 @@ def test_output_under_a_file_and_unreadable_configs_are_named(tmp_path):
     (tmp_path / "bad" / "config.json").write_text('{"model_type": "nosuchmodel"}')
     with pytest.raises(ExportError, match="cannot be read by transformers: .*nosuchmodel"):
         load_config(str(tmp_path / "bad"))
+    assert load_generation_config(str(tmp_path / "bad")) is None  # none saved: the model's own
+    (tmp_path / "bad" / "generation_config.json").write_text("{not json")
+    with pytest.raises(ExportError, match="generation_config.json' cannot be read by transformers"):
+        load_generation_config(str(tmp_path / "bad"))
 
 
 def test_tokenizer_files_and_chat_template_travel_with_the_export(tmp_path):
@@ -426,6 +430,24 @@ def test_tokenizer_files_and_chat_template_travel_with_the_export(tmp_path):
     export_model(model, masks, str(tmp_path / "out"), copy_from=str(src))
     for name in ("tokenizer.json", "chat_template.jinja", "added_tokens.json"):
         assert (tmp_path / "out" / name).read_text() == (src / name).read_text(), name
+
+
+def test_the_generation_config_travels_with_the_export(tmp_path):
+    """A chat model's stop tokens and sampling defaults: the shrunk model was built from its config
+    alone, so generate() stopped on other tokens and decoded greedily."""
+    from test_shrink import MODELS, random_masks, zero_units
+    from transformers import GenerationConfig
+
+    from ds_bitter7.export import export_model
+
+    model = MODELS["llama_gqa"]()
+    model.generation_config.eos_token_id, model.generation_config.do_sample = [0, 7], True
+    model.generation_config.temperature = 0.6
+    masks = random_masks(model, "global")
+    zero_units(model, masks)
+    export_model(model, masks, str(tmp_path / "out"))
+    saved = GenerationConfig.from_pretrained(str(tmp_path / "out"))
+    assert (saved.eos_token_id, saved.do_sample, saved.temperature) == ([0, 7], True, 0.6)
 
 
 def test_model_config_with_other_shapes_is_named(gpt2_checkpoint, tmp_path):

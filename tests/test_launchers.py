@@ -23,7 +23,7 @@ from _launch_util import (
     write_corpus,
     write_word_tokenizer,
 )
-from transformers import AutoTokenizer
+from transformers import AutoTokenizer, GenerationConfig
 
 from ds_bitter7 import data as dsdata
 from ds_bitter7 import modeling
@@ -190,13 +190,18 @@ def test_train_warns_and_refuses_in_one_process(tmp_path):
     assert "tokenizer" not in out.split("resumed from")[-1]  # neither refused nor warned: it is the run's own
     # a --model folder with weights: its own tokenizer files, else (more ids than bytes) a refusal
     model_dir = tmp_path / "word_model"
-    modeling.build_model("tiny-gpt2", 500, overrides={"n_layer": 1, "n_embd": 32}).save_pretrained(model_dir)
+    word_model = modeling.build_model("tiny-gpt2", 500, overrides={"n_layer": 1, "n_embd": 32})
+    word_model.generation_config.eos_token_id = [499, 7]  # a chat model's stop tokens: beside the checkpoints
+    word_model.save_pretrained(model_dir)
     out = run(no_tok + ["--config", str(dense), "--steps", "1", "--model", str(model_dir)], tmp_path, fails=True)
     assert "has trained weights for 504 token ids and no tokenizer files beside them" in out
     AutoTokenizer.from_pretrained(str(tokenizer)).save_pretrained(model_dir)
     run(no_tok + ["--config", str(dense), "--steps", "1", "--model", str(model_dir), "--save_dir",
                   str(tmp_path / "word_ckpt")], tmp_path)
     assert len(AutoTokenizer.from_pretrained(str(tmp_path / "word_ckpt"))) == 500
+    run([python, "-m", "ds_bitter7.oneshot", str(tmp_path / "word_ckpt"), str(tmp_path / "word_small"),
+         "--sparsity", "0.25", "--compensation", "none"], tmp_path)
+    assert GenerationConfig.from_pretrained(str(tmp_path / "word_small")).eos_token_id == [499, 7]
 
 
 def test_deepspeed_launcher(tmp_path):
