@@ -233,7 +233,12 @@ def _publish(tmp: str, output_dir: str, overwrite: bool, keep: Sequence[Optional
         old = tempfile.mkdtemp(dir=os.path.dirname(output_dir), prefix=f".{os.path.basename(output_dir)}.old-")
         os.rmdir(old)
         os.rename(output_dir, old)
-    os.rename(tmp, output_dir)
+    try:
+        os.rename(tmp, output_dir)
+    except OSError:
+        if old:  # the previous export back in place, not left hidden
+            os.rename(old, output_dir)
+        raise
     if old:
         shutil.rmtree(old, ignore_errors=True)
 

@@ -155,6 +155,28 @@ def test_existing_output_needs_overwrite(gpt2_checkpoint, tmp_path):
         assert stat.S_IMODE(os.stat(tmp_path / "small" / name).st_mode) == 0o666 & ~mask, name
 
 
+
+def test_a_failed_rename_puts_the_previous_export_back(gpt2_checkpoint, tmp_path, monkeypatch):
+    """--overwrite moves the previous export aside, then renames the new one into place: a failure
+    there left the previous one in a hidden folder."""
+    import ds_bitter7.export as export
+
+    export_checkpoint(gpt2_checkpoint, str(tmp_path / "small"))
+    before = sorted(os.listdir(tmp_path / "small"))
+    rename = os.rename
+
+    def failing(src, dst):
+        if ".tmp-" in os.path.basename(src):
+            raise OSError(28, "No space left on device")
+        rename(src, dst)
+
+    monkeypatch.setattr(export.os, "rename", failing)
+    with pytest.raises(OSError, match="No space left"):
+        export_checkpoint(gpt2_checkpoint, str(tmp_path / "small"), overwrite=True)
+    assert sorted(os.listdir(tmp_path / "small")) == before
+    assert sorted(os.listdir(tmp_path)) == ["small"]  # nothing hidden left beside it
+
+
 def test_overwrite_never_deletes_what_is_not_an_export(gpt2_checkpoint, tmp_path):
     runs = tmp_path / "runs"
     shutil.copytree(gpt2_checkpoint, runs / "ckpt")
