@@ -177,6 +177,27 @@ def check_args(args: argparse.Namespace, info: Optional[CheckpointInfo]) -> None
         raise OneShotError("; ".join(problems))
 
 
+def unused_section(args: argparse.Namespace) -> Optional[str]:
+    """What to say when ``--ds_config`` has a ``"bitter7"`` section: one-shot prunes as its flags
+    say, and where the section says otherwise, which flags would follow it."""
+    from .config import load_ds_config
+
+    section = load_ds_config(args.ds_config).get("bitter7") if args.ds_config else None
+    if not isinstance(section, dict):
+        return None
+    flags = {"score": "--score", "structures": "--structures", "scope": "--scope", "target_sparsity": "--sparsity",
+             "min_units_per_layer": "--min_units_per_layer"}
+    mine = bitter7_section(args)
+    differ = [f"{flag} {' '.join(map(str, section[key])) if isinstance(section[key], list) else section[key]}"
+              for key, flag in flags.items() if key in section and _sorted(section[key]) != _sorted(mine[key])]
+    return (f"--ds_config {args.ds_config!r}: its bitter7 section is not used (one-shot prunes as its flags say)"
+            + (f"; to follow it, pass {' '.join(differ)}" if differ else ""))
+
+
+def _sorted(value):
+    return sorted(map(str, value)) if isinstance(value, list) else value
+
+
 def pruner_number_problems(args: argparse.Namespace) -> List[str]:
     """Why the numbers ``bitter7_section`` passes to the pruner config are out of range, in the
     flags' own words (the config would name its keys)."""
@@ -476,6 +497,9 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
         warnings.append(message)
         log_main("%s", message, level=logging.WARNING, log=logger)
 
+    unused = unused_section(args)
+    if unused:
+        warn(unused)
     if info.client_bitter7 is not None:  # a ds_bitter7 checkpoint: units pruned in training stay pruned
         restore_training_masks(pruner, info.client_bitter7, info.folder)
         already = already_pruned(pruner, args)
