@@ -50,7 +50,8 @@ def load_config(checkpoint_dir: str, model_config: Optional[str] = None):
     folder = model_config or checkpoint_dir
     path = os.path.join(folder, "config.json")
     if not os.path.isfile(path):
-        hint = "" if model_config else " (pass --model_config DIR with the training model's config.json)"
+        hint = "" if model_config else (" (pass --model_config DIR, model_config= from Python, with the training "
+                                        "model's config.json)")
         raise ExportError(f"no model config: {path!r} does not exist{hint}")
     try:
         return AutoConfig.from_pretrained(folder), folder

@@ -115,6 +115,17 @@ def _tags(folder: str) -> list:
     return sorted(d for d in os.listdir(folder) if os.path.isfile(os.path.join(folder, d, MODEL_STATES_FILE)))
 
 
+def save_model_config(model, save_dir: str) -> None:
+    """The model's ``config.json`` (and generation config) beside its checkpoints, where the export
+    and one-shot read it, unless one is there (a Trainer's ``checkpoint-N``, ``launch/train.py``'s)."""
+    config = getattr(model, "config", None)
+    if not hasattr(config, "save_pretrained") or os.path.exists(os.path.join(save_dir, "config.json")):
+        return
+    config.save_pretrained(save_dir)
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.save_pretrained(save_dir)
+
+
 def install_checkpoint_hooks(engine, pruner) -> None:
     """Make ``engine.save_checkpoint``/``load_checkpoint`` carry the pruner's state; they take
     DeepSpeed's arguments, positional or by name.
@@ -142,8 +153,10 @@ def install_checkpoint_hooks(engine, pruner) -> None:
         out = save(*call.args, **call.kwargs)
         rank_file = _rank_file(os.path.join(save_dir, tag), pruner.comm.rank)
         pruner.comm.call(f"writing {rank_file}", lambda: atomic_save(pruner.local_state_dict(), rank_file))
+        rank0 = engine.global_rank == 0
+        pruner.comm.call(f"writing the model config into {save_dir}",
+                         lambda: save_model_config(engine.module, save_dir) if rank0 else None)
         if save_latest and not decoupled:
-            rank0 = engine.global_rank == 0
             pruner.comm.call(f"writing {save_dir}/latest", lambda: write_latest(save_dir, tag) if rank0 else None)
         return out
 

@@ -75,7 +75,7 @@ def make_checkpoint(folder: str, llama: bool = False, bf16: bool = False, bitter
         engine.backward(engine(input_ids=ids, labels=ids).loss)
         engine.step()
     engine.save_checkpoint(folder, tag="global_step3")
-    if dist.get_rank() == 0:
+    if dist.get_rank() == 0 and bitter7 is None:  # ds_bitter7's save writes it (the README's training loop)
         model.config.save_pretrained(folder)
 
 
@@ -354,6 +354,7 @@ def test_least_squares_keeps_the_zeros_of_unstructured_training(checkpoint, tmp_
     _, _, text = checkpoint
     ckpt = str(tmp_path / "ckpt")
     run_distributed(make_checkpoint, 2, ckpt, False, False, UNSTRUCTURED, timeout=120)
+    assert os.path.isfile(os.path.join(ckpt, "config.json"))  # written by the engine's save, not the script
     zeros = {}
     for comp in ("least_squares", "none"):  # none: the checkpoint's weights on the same kept units
         out = run_distributed(run_oneshot, 2, _argv(tmp_path, ckpt, text, comp, "--structures", "mlp_neuron",
