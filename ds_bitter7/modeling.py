@@ -181,13 +181,15 @@ def build_config(name_or_path: str, vocab_size: Optional[int] = None, max_positi
 
 def build_model(name_or_path: str, vocab_size: Optional[int] = None, max_positions: int = 256,
                 seed: int = 0, overrides: Optional[Dict[str, Any]] = None,
-                dtype: Optional[torch.dtype] = None, eos_token_id: Optional[int] = LAST_ID):
+                dtype: Optional[torch.dtype] = None, eos_token_id: Optional[int] = LAST_ID, resuming: bool = False):
     """A causal LM: ``from_pretrained`` for a local directory holding weights, else a seeded
     random init from :func:`build_config` (built-in names: ``tiny-gpt2``, ``tiny-llama``). Either
-    way the config is checked against the tokenizer's ``vocab_size`` and gets the ``overrides``."""
+    way the config is checked against the tokenizer's ``vocab_size`` and gets the ``overrides``.
+    ``resuming``: ``name_or_path`` may be a DeepSpeed checkpoint folder (its config.json; the
+    weights come from the checkpoint)."""
     from transformers import AutoModelForCausalLM
 
-    if (os.path.isdir(name_or_path) and not has_weights(name_or_path)
+    if (not resuming and os.path.isdir(name_or_path) and not has_weights(name_or_path)
             and os.path.isfile(os.path.join(name_or_path, "latest"))):  # would train from a random init
         raise ValueError(f"model {name_or_path!r} is a DeepSpeed checkpoint folder (it holds 'latest' and no model "
                          "weights): continue that run with --resume, or export it (python -m ds_bitter7.export) "

@@ -54,7 +54,8 @@ DEMO_DEFAULTS = dict(model="tiny-gpt2", steps=200, seq_len=64, eval_every=50, ev
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--model", help="tiny-gpt2 | tiny-llama | local model dir | transformers config name")
+    p.add_argument("--model", help="tiny-gpt2 | tiny-llama | local model dir | transformers config name (default: "
+                   "tiny-gpt2, or with --resume the checkpoint's config.json)")
     p.add_argument("--model_overrides", default="{}", help="JSON dict set on the model config")
     p.add_argument("--data", nargs="+", default=["builtin"],
                    help="builtin | local .txt/.md/.rst/.text/.json/.jsonl files or dirs | hub dataset name")
@@ -78,6 +79,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
                    help="set by the deepspeed launcher")
     p = deepspeed.add_config_arguments(p)
     args = p.parse_args(argv)
+    args.model_given = args.model is not None  # else, resuming, the checkpoint's own (its config.json)
     for key, value in (DEMO_DEFAULTS if args.demo else DEFAULTS).items():
         if getattr(args, key) is None:
             setattr(args, key, value)
@@ -235,6 +237,11 @@ def train(args) -> Dict[str, Any]:
     cli.exit_on_path_problems(lambda: path_problems(args, rank),
                               ("--save_dir", args.save_dir) if args.save_dir else None)
     ds_config, bitter7 = cli.read_ds_config(args.config, "launch/train.py --config")  # fails in a second
+    resume_model = args.resume is not None and not args.model_given
+    if resume_model and not comm.any(not os.path.isfile(os.path.join(args.resume, "config.json"))):
+        args.model = args.resume  # the run's own model, its --model_overrides included
+    else:
+        resume_model = False
     if args.tokenizer is None:  # the run's own (saved beside its checkpoints) or the model folder's, as one-shot
         args.tokenizer = dsdata.tokenizer_beside(args.resume) or dsdata.tokenizer_beside(args.model)
         if not comm.same(str(args.tokenizer)):  # a node without the saved files would tokenize bytes
@@ -254,7 +261,7 @@ def train(args) -> Dict[str, Any]:
                       if isinstance(saved.get(k), int) and saved[k] >= args.seq_len), max(args.seq_len, 256))
     model = comm.call("building the model", lambda: modeling.build_model(
         args.model, dsdata.tokenizer_vocab_size(tokenizer), max_positions=positions, seed=args.seed,
-        overrides=args.model_overrides, eos_token_id=dsdata.eos_id(tokenizer)))
+        overrides=args.model_overrides, eos_token_id=dsdata.eos_id(tokenizer), resuming=resume_model))
     problem = None
     mismatch = model_mismatch(saved, model.config)
     if mismatch:  # DeepSpeed's loading would fail on every rank with a size-mismatch traceback

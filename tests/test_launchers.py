@@ -123,10 +123,13 @@ def test_torchrun_with_checkpoint_and_resume(trained, tmp_path):
     assert resumed["ppl_start"] == pytest.approx(first["ppl_start"])
     assert [r["units_kept"] for r in resumed["layers"]] == [r["units_kept"] for r in first["layers"]]
     # resumed again with no step to take and no --save_dir: both said, and the final perplexity is
-    # the resumed model's own, not the step-0 one from the checkpoint
+    # the resumed model's own, not the step-0 one from the checkpoint; no --model: the checkpoint's
+    # (its config.json), not the default tiny-gpt2 refused as another model
     again = tmp_path / "again.json"
-    out = run([str(VENV_BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", str(free_port()),
-               *train_args(tmp_path, again, ["--resume", str(ckpt), "--steps", str(STEPS + 2)])], tmp_path)
+    no_model = [a for a in train_args(tmp_path, again, ["--resume", str(ckpt), "--steps", str(STEPS + 2)])
+                if a not in TINY_MODEL]
+    out = run([str(VENV_BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", str(free_port()), *no_model],
+              tmp_path)
     assert "is not past the checkpoint's step" in out and "no --save_dir: this resumed run's checkpoints" in out
     again = json.loads(again.read_text())
     assert again["start_step"] == again["steps"] == STEPS + 2
