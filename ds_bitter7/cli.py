@@ -5,6 +5,7 @@ Values are checked before the ranks start; paths, once they have (a node's disk 
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 from typing import Callable, List, Optional, Sequence, Tuple
 
@@ -13,6 +14,8 @@ from .config import Bitter7Config, check_deepspeed_support, load_ds_config, pars
 from .export import TOKENIZER_FILES, is_within, unwritable
 from .modeling import parse_overrides
 from .state import MODEL_STATES_FILE
+
+logger = logging.getLogger(__name__)
 
 # what a run writes directly into its checkpoint folder besides the tag folders (DeepSpeed's
 # ``latest`` files and script, launch/train.py's model config and tokenizer)
@@ -98,6 +101,19 @@ def auto_keys(config: dict, prefix: str = "") -> List[str]:
         elif isinstance(value, dict):
             keys += auto_keys(value, f"{prefix}{key}.")
     return keys
+
+
+def build_or_exit(what: str, fn: Callable, *args):
+    """``Communicator().call(what, fn, *args)`` for what a launch script builds from the user's
+    arguments (tokenizer, data, model): a bad path or name stops every rank with one line, the
+    error of the rank that found it (the others: that another rank failed), not a traceback per
+    rank. Collective: every rank must call this, in the same order."""
+    try:
+        return Communicator().call(what, fn, *args)
+    except (ValueError, OSError, RuntimeError) as err:  # raised on every rank alike by the call
+        logger.debug("%s failed", what, exc_info=True)
+        message = f"{type(err).__name__}: {err}".strip()
+        raise SystemExit(str(err) if str(err).startswith(what) else f"{what}: {message}") from None
 
 
 def exit_on_every_rank(*problems: Optional[str], elsewhere: str) -> None:

@@ -248,7 +248,7 @@ def train(args) -> Dict[str, Any]:
             raise SystemExit(f"the ranks find different tokenizers beside --resume / --model (this rank: "
                              f"{args.tokenizer or 'bytes'}): a node misses the saved files; pass --tokenizer")
     # collective: a tokenizer or model folder missing on one node stops every rank
-    tokenizer = comm.call("loading the tokenizer", dsdata.get_tokenizer, args.tokenizer)
+    tokenizer = cli.build_or_exit("loading the tokenizer", dsdata.get_tokenizer, args.tokenizer)
     # the model before the data: a wrong --model or --model_overrides fails before a long tokenization
     saved, problem = {}, None
     try:
@@ -259,7 +259,7 @@ def train(args) -> Dict[str, Any]:
     # the built-ins' position table: the checkpoint's where this --seq_len fits it (a resume may change it)
     positions = next((saved[k] for k in ("n_positions", "max_position_embeddings")
                       if isinstance(saved.get(k), int) and saved[k] >= args.seq_len), max(args.seq_len, 256))
-    model = comm.call("building the model", lambda: modeling.build_model(
+    model = cli.build_or_exit("building the model", lambda: modeling.build_model(
         args.model, dsdata.tokenizer_vocab_size(tokenizer), max_positions=positions, seed=args.seed,
         overrides=args.model_overrides, eos_token_id=dsdata.eos_id(tokenizer), resuming=resume_model))
     problem = None
@@ -277,7 +277,7 @@ def train(args) -> Dict[str, Any]:
         problem = (f"--seq_len {args.seq_len} is longer than the model's {positions} positions: "
                    f"pass --seq_len <= {positions}")
     exit_on_every_rank(problem, elsewhere="another rank cannot build the model to resume")
-    train_blocks, val_blocks = build_data(args, tokenizer, rank)
+    train_blocks, val_blocks = cli.build_or_exit("building the data", build_data, args, tokenizer, rank)
     logger.info("data: %d train / %d validation blocks of %d tokens, %d ranks",
                 len(train_blocks), len(val_blocks), args.seq_len, world_size)
     device = deepspeed.accelerator.get_accelerator().current_device_name()

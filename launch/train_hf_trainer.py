@@ -24,7 +24,7 @@ except ImportError:  # run from a checkout without `pip install -e .`
 from ds_bitter7 import cli, modeling
 from ds_bitter7 import data as dsdata
 from ds_bitter7.cli import check_launch_args
-from ds_bitter7.comm import Communicator, abort_job_on_error, init_distributed
+from ds_bitter7.comm import abort_job_on_error, init_distributed
 from ds_bitter7.hf_trainer import Bitter7Callback, prepare_model
 
 
@@ -114,12 +114,11 @@ def main() -> None:
     # only, which mpi4py finds), so a problem on one node only stops every rank
     _, rank = init_distributed()
     cli.exit_on_path_problems(lambda: path_problems(args, rank), ("--output_dir", args.output_dir))
-    comm = Communicator()
     ds_config, bitter7 = cli.read_ds_config(args.deepspeed, "launch/train_hf_trainer.py --deepspeed", trainer=True)  # before any work
-    tokenizer = comm.call("loading the tokenizer", dsdata.get_tokenizer, args.tokenizer)
-    train, _ = comm.call("building the data", lambda: dsdata.build_lm_datasets(
+    tokenizer = cli.build_or_exit("loading the tokenizer", dsdata.get_tokenizer, args.tokenizer)
+    train, _ = cli.build_or_exit("building the data", lambda: dsdata.build_lm_datasets(
         args.data, tokenizer, args.seq_len, seed=args.seed, hub_config=args.data_config))
-    model = comm.call("building the model", lambda: modeling.build_model(
+    model = cli.build_or_exit("building the model", lambda: modeling.build_model(
         args.model, dsdata.tokenizer_vocab_size(tokenizer), seed=args.seed, max_positions=max(args.seq_len, 256),
         overrides=args.model_overrides, eos_token_id=dsdata.eos_id(tokenizer)))
     last = get_last_checkpoint(args.output_dir) if args.resume else None  # the folder the Trainer resumes from

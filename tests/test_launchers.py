@@ -493,6 +493,22 @@ def test_a_tokenizer_saved_on_one_node_only_is_refused(tmp_path):
     assert "(this rank: bytes): a node misses the saved files; pass --tokenizer" in out
 
 
+def test_a_wrong_data_tokenizer_or_model_is_one_line_on_every_rank(tmp_path):
+    """Each rank printed its traceback, the message buried in about a hundred lines."""
+    python = str(VENV_BIN / "python")
+    base = ["launch/train.py", "--config", str(tiny_ds_config(tmp_path / "ds.json")), *TINY_MODEL, "--seq_len", "32",
+            "--steps", "1", "--calibration_batches", "0"]
+    out = run([str(VENV_BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", str(free_port()), *base,
+               "--data", str(tmp_path / "mydata.txt")], tmp_path, fails=True)
+    assert f"building the data: ValueError: data path {str(tmp_path / 'mydata.txt')!r} does not exist" in out
+    assert "failed on another rank; see that rank's error" in out
+    assert 'train.py", line' not in out, out  # torchrun's own traceback follows: a child failed
+    for extra, needle in ((["--tokenizer", str(tmp_path / "no_tokenizer")], "loading the tokenizer: "),
+                          (["--model", "tiny-gtp2"], "building the model: ValueError: model 'tiny-gtp2'")):
+        out = run([python, *base, "--data", "builtin", *extra], tmp_path, fails=True)
+        assert needle in out and "Traceback" not in out, out
+
+
 def test_resume_with_another_model_is_named(trained):
     """A --model_overrides left out at resume: the shapes that differ are named before DeepSpeed's
     loading (which failed on every rank with a size-mismatch traceback)."""
