@@ -26,6 +26,7 @@ logger = logging.getLogger(__name__)
 SAVED_MODEL_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
                      "pytorch_model.bin.index.json")  # a Trainer's model weights
 BF16_OPTIMIZER_PREFIX = "bf16_zero_pp_rank_"  # DeepSpeed's BF16_Optimizer's rank files
+EXPORT_REPORT_FILE = "pruning_report.json"  # marks a folder as an export (``--overwrite`` replaces only those)
 
 
 class ExportError(RuntimeError):
@@ -51,11 +52,14 @@ def resolve_tag(checkpoint_dir: str, tag: Optional[str] = None) -> str:
                 trainer = sorted((os.path.basename(p) for p in glob.glob(os.path.join(checkpoint_dir, "checkpoint-*"))),
                                  key=lambda name: (len(name), name))
                 weights = [f for f in SAVED_MODEL_FILES if os.path.isfile(os.path.join(checkpoint_dir, f))]
-                tag_folder = _tag_folder_hint(checkpoint_dir)
+                tag_folder = tag_folder_hint(checkpoint_dir)
                 if tag_folder and not steps:
                     hint = tag_folder
                 elif trainer and not steps:
                     hint = f"a Trainer output_dir: pass one of its checkpoint folders ({', '.join(trainer[-3:])})"
+                elif weights and not steps and os.path.isfile(os.path.join(checkpoint_dir, EXPORT_REPORT_FILE)):
+                    hint = (f"it is an export ({EXPORT_REPORT_FILE}): pruned already and without optimizer state; to "
+                            "prune it further, train it (launch/train.py --model DIR) and prune that run's checkpoint")
                 elif weights and not steps:  # a Trainer checkpoint saved with save_only_model=True
                     hint = (f"it holds model weights ({weights[0]}) but no {TRAINER_STATE_FILE} beside them: no pruner "
                             "masks to read (Bitter7Callback writes that file at each save; a run killed in between, "
@@ -65,13 +69,13 @@ def resolve_tag(checkpoint_dir: str, tag: Optional[str] = None) -> str:
                 raise ExportError(f"no 'latest' file at {latest!r} ({found}); {hint}")
             tag = steps[0]
     if not os.path.isdir(os.path.join(checkpoint_dir, tag)):
-        hint = _tag_folder_hint(checkpoint_dir)
+        hint = tag_folder_hint(checkpoint_dir)
         raise ExportError(f"checkpoint tag folder {os.path.join(checkpoint_dir, tag)!r} does not exist"
                           + (f"; {hint}" if hint else ""))
     return tag
 
 
-def _tag_folder_hint(folder: str) -> Optional[str]:
+def tag_folder_hint(folder: str) -> Optional[str]:
     """What to pass instead when ``folder`` is a tag folder itself (it holds DeepSpeed's rank
     files, ``*model_states.pt``), else None."""
     found = sorted(glob.glob(os.path.join(folder, "*model_states.pt")))

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
+from .checkpoint_files import EXPORT_REPORT_FILE as REPORT_FILE
 from .checkpoint_files import (
     ExportError,
     consolidate,
@@ -41,7 +42,6 @@ logger = logging.getLogger(__name__)
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
                     "vocab.json", "merges.txt", "tokenizer.model", "chat_template.jinja", "chat_template.json",
                     "generation_config.json")
-REPORT_FILE = "pruning_report.json"  # marks a folder as an export (``--overwrite`` replaces only those)
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 

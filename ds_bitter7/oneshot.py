@@ -29,7 +29,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import torch
 
 from . import data as dsdata
-from .checkpoint_files import ExportError, precision_problem
+from .checkpoint_files import ExportError, precision_problem, tag_folder_hint
 from .checkpoint_loading import (
     UNIVERSAL_MARK,
     CheckpointInfo,
@@ -428,8 +428,8 @@ def check_inputs(args: argparse.Namespace) -> Tuple[CheckpointInfo, Any, str, An
     info = check(inspect_checkpoint, args.checkpoint_dir, args.tag)
     check(check_args, args, info)  # the argument errors also when the checkpoint cannot be read
     config = None
-    try:  # not for a checkpoint folder that does not exist: "no config.json" in it would add nothing
-        if args.model_config or os.path.isdir(args.checkpoint_dir):
+    try:  # not for a checkpoint folder that does not exist, nor a tag folder: "no config.json" in it would add nothing
+        if args.model_config or (os.path.isdir(args.checkpoint_dir) and not tag_folder_hint(args.checkpoint_dir)):
             config, config_dir = load_config(args.checkpoint_dir, args.model_config)
             load_generation_config(config_dir)  # the export carries it
     except ExportError as err:

@@ -305,6 +305,10 @@ def test_trainer_checkpoint_saved_without_deepspeed_files(gpt2_checkpoint, tmp_p
     (folder / "bitter7_state.pt").unlink()  # the run died between the Trainer's save and the callback's
     with pytest.raises(ExportError, match=r"holds model weights \(model.safetensors\) but no bitter7_state.pt"):
         export_checkpoint(str(folder), str(tmp_path / "out"))  # was: 'pass --tag', and there is no tag
+    (folder / "pruning_report.json").write_text("{}")  # an export given for a checkpoint: not a Trainer's
+    with pytest.raises(ExportError, match=r"it is an export \(pruning_report.json\): pruned already"):
+        export_checkpoint(str(folder), str(tmp_path / "out"))
+    (folder / "pruning_report.json").unlink()
     # a tag folder given for its parent: --tag did not help (it looked for global_step1/global_step1)
     tag_dir = os.path.join(gpt2_checkpoint, "global_step1")
     with pytest.raises(ExportError, match=r"it holds mp_rank_00_model_states.pt, so it is a tag folder itself: pass "

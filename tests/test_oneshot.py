@@ -252,6 +252,10 @@ def test_every_input_problem_is_named_at_once(tmp_path):
     (tmp_path / "ck").mkdir()  # a folder without a checkpoint or config.json: both said
     with pytest.raises(oneshot.OneShotError, match="(?s)--sparsity must be in.*no model config"):
         oneshot.check_inputs(args)
+    (tmp_path / "ck" / "mp_rank_00_model_states.pt").write_bytes(b"")  # a tag folder: the hint alone
+    with pytest.raises(oneshot.OneShotError, match="so it is a tag folder itself") as err:
+        oneshot.check_inputs(args)
+    assert "no model config" not in str(err.value)
 
 
 def test_bad_arguments_fail_on_every_rank(checkpoint):
