@@ -15,6 +15,7 @@ import sys
 from typing import Dict, List
 
 import torch
+from transformers import TrainerCallback
 
 try:
     import ds_bitter7  # noqa: F401
@@ -103,6 +104,16 @@ def trainer_checkpoints(output_dir: str) -> List[int]:
     return [int(m.group(1)) for m in found if m and os.path.isdir(os.path.join(output_dir, m.group(0)))]
 
 
+class LogLastStep(TrainerCallback):
+    """Log the loss at the last step too: ``logging_steps`` need not divide it, and a resumed run's
+    steps may all fall between two logging steps (its output named a loss of the earlier run)."""
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step >= state.max_steps:
+            control.should_log = True
+        return control
+
+
 def main() -> None:
     args = parse_args()
 
@@ -146,17 +157,19 @@ def main() -> None:
                       data_collator=collate)
     callback = Bitter7Callback(trainer)
     trainer.add_callback(callback)
+    trainer.add_callback(LogLastStep())
     trainer.train(resume_from_checkpoint=True if args.resume else None)
     # trainer.evaluate() is not called: on CPU/gloo, accelerate's gather_for_metrics fails inside
     # DeepSpeed's comm layer ("ProcessGroupGloo::allgather: invalid output tensor list").
-    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    step = trainer.state.global_step
+    loss = next((h["loss"] for h in reversed(trainer.state.log_history) if "loss" in h and h.get("step") == step), None)
     pruner = callback.pruner
     if trainer.is_world_process_zero():
         if pruner is not None:
             print(pruner.format_report())
-        print(f"last logged train loss {losses[-1] if losses else float('nan'):.4f}")
+        print(f"train loss at step {step}: {loss if loss is not None else float('nan'):.4f}")
         if args.summary:
-            summary = {"steps": trainer.state.global_step, "train_loss": losses[-1] if losses else None,
+            summary = {"steps": step, "train_loss": loss,
                        "world_size": trainer.args.world_size,
                        "pruning": pruner is not None,
                        "layers": pruner.sparsity_report() if pruner is not None else [],

@@ -52,6 +52,9 @@ def test_trainer_prunes_saves_and_resumes(tmp_path):
     run(base + ["--max_steps", "10", "--resume"], tmp_path, timeout=200)
     resumed = json.loads(summary.read_text())
     assert resumed["steps"] == 10
+    # the loss at step 10, not step 8's from the first run (logging_steps min(10, max_steps) = 8 at
+    # resume: no step of this run was logged)
+    assert resumed["train_loss"] is not None and resumed["train_loss"] != first["train_loss"]
     assert [r["units_kept"] for r in resumed["layers"]] == kept
     # an earlier checkpoint's bitter7_state.pt beside the latest one's weights (a run redone from
     # checkpoint-4 and stopped between DeepSpeed's save and the callback's leaves that): the state
@@ -119,10 +122,14 @@ def test_trainer_resume_keeps_unstructured_masks(tmp_path):
     base = trainer_command(config, corpus, out, summary, save_steps=8)
     run(base + ["--max_steps", "8"], tmp_path, timeout=200)
     (out / "checkpoint-8" / "bitter7_state.pt").unlink()
-    kept = sum(r["params_kept"] for r in json.loads(summary.read_text())["layers"])
+    first = json.loads(summary.read_text())
+    kept = sum(r["params_kept"] for r in first["layers"])
     run(base + ["--max_steps", "10", "--resume"], tmp_path, timeout=200)
     resumed = json.loads(summary.read_text())
     assert resumed["steps"] == 10
+    # the loss at step 10, not step 8's from the first run (logging_steps min(10, max_steps) = 8 at
+    # resume: no step of this run was logged)
+    assert resumed["train_loss"] is not None and resumed["train_loss"] != first["train_loss"]
     assert sum(r["params_kept"] for r in resumed["layers"]) == kept < sum(r["params_total"] for r in resumed["layers"])
 
 
