@@ -24,6 +24,7 @@ except ImportError:  # run from a checkout without `pip install -e .`
     import ds_bitter7  # noqa: F401
 from ds_bitter7 import cli, modeling
 from ds_bitter7 import data as dsdata
+from ds_bitter7.checkpoint_files import checkpoint_problems
 from ds_bitter7.cli import check_launch_args
 from ds_bitter7.comm import abort_job_on_error, init_distributed
 from ds_bitter7.hf_trainer import Bitter7Callback, prepare_model
@@ -104,6 +105,23 @@ def trainer_checkpoints(output_dir: str) -> List[int]:
     return [int(m.group(1)) for m in found if m and os.path.isdir(os.path.join(output_dir, m.group(0)))]
 
 
+def resume_problems(last: str, ds_config: Dict) -> List[str]:
+    """What stops the Trainer's DeepSpeed loading of ``last`` (a ``checkpoint-N``), as
+    ``launch/train.py`` checks it: a ZeRO checkpoint of another world size (how to convert it), a
+    missing or damaged rank file, another ZeRO stage or precision. DeepSpeed's own error named no
+    conversion; a rank file that failed on one rank left the others waiting. None for a universal
+    load (DeepSpeed checks that layout) or a model-only checkpoint (no ``latest``)."""
+    import torch.distributed as dist
+
+    if not os.path.isfile(os.path.join(last, "latest")) or (ds_config.get("checkpoint") or {}).get("load_universal"):
+        return []
+    stage = (ds_config.get("zero_optimization") or {}).get("stage", 0)
+    bf16 = (ds_config.get("bf16") or ds_config.get("bfloat16") or {}).get("enabled", False)
+    return checkpoint_problems(last, world_size=dist.get_world_size() if dist.is_initialized() else 1,
+                               zero_stage=stage if isinstance(stage, int) else None,
+                               bf16=bf16 if isinstance(bf16, bool) else None)
+
+
 class LogLastStep(TrainerCallback):
     """Log the loss at the last step too: ``logging_steps`` need not divide it, and a resumed run's
     steps may all fall between two logging steps (its output named a loss of the earlier run)."""
@@ -142,6 +160,9 @@ def main() -> None:
     if mismatch:  # alike on every rank; DeepSpeed's loading would fail with a size-mismatch traceback
         raise SystemExit(f"cannot resume from {last!r}: its model (config.json) has {mismatch}: pass the "
                          "training run's --model, --model_overrides and --tokenizer")
+    problems = resume_problems(last, ds_config) if last else []
+    cli.exit_on_every_rank(f"cannot resume from {last!r}: {'; '.join(problems)}" if problems else None,
+                           elsewhere=f"another rank cannot resume from {last!r}")
     positions = modeling.max_positions(model.config)
     if positions and args.seq_len > positions:  # the embedding would fail on the first batch
         raise SystemExit(f"--seq_len {args.seq_len} is longer than the model's {positions} positions: "

@@ -76,6 +76,10 @@ def test_trainer_prunes_saves_and_resumes(tmp_path):
     other = [json.dumps({"n_layer": 2, "n_embd": 64}) if arg == TINY_MODEL[-1] else arg for arg in base]
     log = run(other + ["--max_steps", "20", "--resume"], tmp_path, timeout=200, fails=True)
     assert "its model (config.json) has n_embd=32 where this run's has 64" in log, log[-3000:]
+    # resumed by one process: the conversion named before DeepSpeed's loading (its error named none)
+    one = [str(VENV_BIN / "python")] + base[base.index("launch/train_hf_trainer.py"):]
+    log = run(one + ["--max_steps", "20", "--resume"], tmp_path, timeout=200, fails=True)
+    assert "saved with ZeRO stage 2 by 2 data-parallel ranks, not 1" in log and "ds_to_universal" in log, log[-3000:]
 
 
 def test_trainer_checkpoints_of_an_export_load_without_ds_bitter7(tmp_path):
