@@ -19,7 +19,7 @@ import os
 import shutil
 import sys
 import tempfile
-from typing import Mapping, Optional, Sequence
+from typing import Mapping, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -75,22 +75,28 @@ def load_generation_config(folder: str):
         raise ExportError(f"generation config {path!r} cannot be read by transformers: {first}") from None
 
 
-def add_missing_biases_(model: nn.Module, state_dict: Mapping[str, torch.Tensor]) -> None:
+def add_missing_biases_(model: nn.Module, state_dict: Mapping[str, torch.Tensor]) -> int:
     """Give nn.Linear layers a bias where the checkpoint has one the config does not declare
-    (the pruner adds a compensation bias to LLaMA's down_proj / o_proj)."""
+    (the pruner adds a compensation bias to LLaMA's down_proj / o_proj). Returns the number of
+    parameters added (not the model's before the pruner)."""
     modules = dict(model.named_modules())
     params = dict(model.named_parameters())
+    added = 0
     for key, value in state_dict.items():
         if key in params or not key.endswith(".bias"):
             continue
         module = modules.get(key[: -len(".bias")])
         if isinstance(module, nn.Linear) and module.bias is None:
             module.bias = nn.Parameter(torch.zeros_like(value, dtype=module.weight.dtype))
+            added += module.bias.numel()
+    return added
 
 
-def build_model(config, state_dict: Mapping[str, torch.Tensor], source: str) -> PreTrainedModel:
-    """A model of `config` holding the consolidated weights (fp32); raises naming `source`."""
+def build_model(config, state_dict: Mapping[str, torch.Tensor], source: str) -> Tuple[PreTrainedModel, int]:
+    """A model of `config` holding the consolidated weights (fp32), and the number of parameters
+    before the pruner added its compensation biases; raises naming `source`."""
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    params_before = _count(model)
     add_missing_biases_(model, state_dict)
     missing, unexpected = key_mismatch(model, state_dict)
     if missing or unexpected:
@@ -103,7 +109,7 @@ def build_model(config, state_dict: Mapping[str, torch.Tensor], source: str) -> 
         raise ExportError(f"weights in {source!r} do not fit the {config.model_type} config "
                           f"({detail or err}): pass the training run's config with --model_config") from None
     model.tie_weights()
-    return model.eval()
+    return model.eval(), params_before
 
 
 def _count(model: nn.Module) -> int:
@@ -305,7 +311,7 @@ def export_checkpoint(checkpoint_dir: str, output_dir: str, *, tag: Optional[str
         config, config_dir = load_config(checkpoint_dir, model_config)
         weights = consolidate(checkpoint_dir, tag)
         source = os.path.join(checkpoint_dir, tag)
-    model = build_model(config, weights, source)
+    model, params_before = build_model(config, weights, source)
     masks = state["masks"]
     try:
         validate_masks(masks, unit_counts(model.state_dict(), config), source=f"masks in {state_file!r}")
@@ -313,7 +319,8 @@ def export_checkpoint(checkpoint_dir: str, output_dir: str, *, tag: Optional[str
         raise ExportError(str(err)) from err
     extra = {"tag": tag, "step": state.get("step"), "structures": state.get("structures")}
     return export_model(model, masks, output_dir, dtype=dtype, overwrite=overwrite,
-                        source=os.path.abspath(checkpoint_dir), extra=extra, copy_from=config_dir)
+                        source=os.path.abspath(checkpoint_dir), extra=extra, copy_from=config_dir,
+                        params_before=params_before)
 
 
 def main(argv=None) -> int:

@@ -187,9 +187,11 @@ def unused_section(args: argparse.Namespace) -> Optional[str]:
         return None
     flags = {"score": "--score", "structures": "--structures", "scope": "--scope", "target_sparsity": "--sparsity",
              "min_units_per_layer": "--min_units_per_layer"}
-    mine = bitter7_section(args)
-    differ = [f"{flag} {' '.join(map(str, section[key])) if isinstance(section[key], list) else section[key]}"
-              for key, flag in flags.items() if key in section and _sorted(section[key]) != _sorted(mine[key])]
+    mine, theirs = bitter7_section(args), dict(section)
+    if isinstance(theirs.get("structures"), list):  # one-shot prunes no "unstructured"
+        theirs["structures"] = [s for s in theirs["structures"] if s != "unstructured"] or mine["structures"]
+    differ = [f"{flag} {' '.join(map(str, theirs[key])) if isinstance(theirs[key], list) else theirs[key]}"
+              for key, flag in flags.items() if key in theirs and _sorted(theirs[key]) != _sorted(mine[key])]
     return (f"--ds_config {args.ds_config!r}: its bitter7 section is not used (one-shot prunes as its flags say)"
             + (f"; to follow it, pass {' '.join(differ)}" if differ else ""))
 
@@ -480,11 +482,11 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
     torch.manual_seed(args.seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.generation_config = load_generation_config(config_dir) or model.generation_config
+    params_before = sum(p.numel() for p in model.parameters())  # the model before any pruner added biases
     fit_checkpoint_biases(model, info)
     check_model_matches(model, info, config_dir)
     check_frozen_units(model, info, args.structures)
     engine = build_engine(args, info, model, comm)
-    params_before = sum(p.numel() for p in engine.module.parameters())  # the checkpoint's model
     # zero biases for the out projections that still have none, added after loading: one-shot takes no
     # optimizer step, so they need no optimizer state (compensation writes them on every rank)
     added = ds_bitter7.prepare_model(engine.module, cfg)

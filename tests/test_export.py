@@ -136,8 +136,12 @@ def test_cli_exports_a_2_rank_zero2_checkpoint(gpt2_checkpoint, tmp_path):
 
 
 def test_llama_compensation_bias_survives_export(llama_checkpoint, tmp_path):
+    from test_shrink import tiny_llama
+
     report = export_checkpoint(llama_checkpoint, str(tmp_path / "small"))
     assert report["model_type_out"] == "bitter7_llama"
+    # the model before pruning: without the compensation biases the pruner added (they were counted)
+    assert report["params_before"] == sum(p.numel() for p in tiny_llama().parameters())
     assert_logits_match(str(tmp_path / "small"), llama_checkpoint)
 
 

@@ -731,12 +731,14 @@ def test_a_bitter7_section_in_ds_config_is_said_to_be_unused(tmp_path):
     was dropped without a word."""
     config = tmp_path / "ds.json"
     config.write_text(json.dumps({"train_batch_size": 2, "bitter7": {
-        "score": "bitter7", "structures": ["attention_heads", "mlp_neurons"], "target_sparsity": 0.5, "scope": "global"}}))
+        "score": "bitter7", "structures": ["attention_head", "mlp_neuron"], "target_sparsity": 0.5, "scope": "global"}}))
     args = oneshot.parse_args([str(tmp_path), str(tmp_path / "o"), "--sparsity", "0.5", "--ds_config", str(config)])
     assert oneshot.unused_section(args) == (f"--ds_config {str(config)!r}: its bitter7 section is not used (one-shot "
                                             "prunes as its flags say); to follow it, pass --score bitter7 --structures "
-                                            "attention_heads mlp_neurons")
-    args.structures, args.score = ["mlp_neurons", "attention_heads"], "bitter7"  # the same, in another order
+                                            "attention_head mlp_neuron")
+    args.structures, args.score = ["mlp_neuron", "attention_head"], "bitter7"  # the same, in another order
     assert oneshot.unused_section(args).endswith("(one-shot prunes as its flags say)")
+    config.write_text(json.dumps({"bitter7": {"structures": ["unstructured"], "score": "bitter7"}}))
+    assert oneshot.unused_section(args).endswith("(one-shot prunes as its flags say)")  # none it could follow
     config.write_text(json.dumps({"train_batch_size": 2}))
     assert oneshot.unused_section(args) is None
