@@ -92,28 +92,38 @@ def read_ds_config(path: str, where: str, trainer: bool = False) -> Tuple[dict, 
     return ds_config, cfg
 
 
-def auto_keys(config: dict, prefix: str = "") -> List[str]:
-    """The dotted keys of ``config`` whose value is ``"auto"``, nested objects included."""
-    keys = []
-    for key, value in config.items():
-        if value == "auto":
-            keys.append(prefix + str(key))
-        elif isinstance(value, dict):
-            keys += auto_keys(value, f"{prefix}{key}.")
+def auto_keys(config: dict) -> List[str]:
+    """The dotted keys whose ``"auto"`` DeepSpeed would read as a value: top-level ones (batch
+    sizes, ``gradient_clipping``), the optimizer's and scheduler's, and ``fp16`` / ``bf16``
+    ``enabled``. Its config sections (``zero_optimization``, ``data_types``, ...) take ``"auto"``
+    as their default, so theirs are left alone."""
+    def nested(obj, prefix: str) -> List[str]:
+        if obj == "auto":
+            return [prefix]
+        return [k for key, value in obj.items() for k in nested(value, f"{prefix}.{key}")] if isinstance(obj, dict) else []
+
+    keys = [str(key) for key, value in config.items() if value == "auto"]
+    keys += nested(config.get("optimizer"), "optimizer") + nested(config.get("scheduler"), "scheduler")
+    keys += [f"{kind}.enabled" for kind in ("fp16", "bf16", "bfloat16")
+             if isinstance(config.get(kind), dict) and config[kind].get("enabled") == "auto"]
     return keys
 
 
 def build_or_exit(what: str, fn: Callable, *args):
     """``Communicator().call(what, fn, *args)`` for what a launch script builds from the user's
-    arguments (tokenizer, data, model): a bad path or name stops every rank with one line, the
-    error of the rank that found it (the others: that another rank failed), not a traceback per
-    rank. Collective: every rank must call this, in the same order."""
+    arguments (tokenizer, data, model): a bad path or name (``ValueError``, ``OSError``) stops every
+    rank with one line, the error of the rank that found it (the others: that another rank
+    failed), not a traceback per rank; other errors keep theirs. Collective: every rank must call
+    this, in the same order."""
     try:
         return Communicator().call(what, fn, *args)
-    except (ValueError, OSError, RuntimeError) as err:  # raised on every rank alike by the call
+    except Exception as err:
+        if getattr(err, "another_rank", False):  # that rank says what it was
+            raise SystemExit(str(err)) from None
+        if not isinstance(err, (ValueError, OSError)):  # a bug, not a bad argument: its traceback
+            raise
         logger.debug("%s failed", what, exc_info=True)
-        message = f"{type(err).__name__}: {err}".strip()
-        raise SystemExit(str(err) if str(err).startswith(what) else f"{what}: {message}") from None
+        raise SystemExit(f"{what}: {type(err).__name__}: {err}") from None
 
 
 def exit_on_every_rank(*problems: Optional[str], elsewhere: str) -> None:

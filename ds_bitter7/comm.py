@@ -295,7 +295,9 @@ class Communicator:
         Collective: every rank must call this, in the same order.
         """
         if self.any(error is not None):
-            error = error or kind(f"{what} failed on another rank; see that rank's error")
+            if error is None:
+                error = kind(f"{what} failed on another rank; see that rank's error")
+                error.another_rank = True
             mark_every_rank(error)
             raise error
 

@@ -200,6 +200,10 @@ def build_model(name_or_path: str, vocab_size: Optional[int] = None, max_positio
         return AutoModelForCausalLM.from_pretrained(name_or_path, config=config, dtype=dtype)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config)
+    if os.path.isfile(os.path.join(name_or_path, "generation_config.json")):  # a folder's (a resumed run's) stop tokens
+        from transformers import GenerationConfig
+
+        model.generation_config = GenerationConfig.from_pretrained(name_or_path)
     if dtype is not None:
         model = model.to(dtype)
     logger.info("random init %s (%s): %.2fM parameters", name_or_path, config.model_type,
@@ -238,4 +242,7 @@ def model_mismatch(saved: Dict[str, Any], config) -> Optional[str]:
     ours = config.to_dict()
     diffs = [f"{k}={saved[k]!r} where this run's has {ours.get(k)!r}" for k in SHAPE_KEYS
              if k in saved and saved[k] != ours.get(k)]
+    if "head_dim" in saved and saved["head_dim"] != ours.get("head_dim"):  # kept from a local config.json before
+        diffs.append(f"(a width override kept the local config.json's head_dim before ds_bitter7 derived it: add "
+                     f"\"head_dim\": {saved['head_dim']} to --model_overrides)")
     return ", ".join(diffs) or None

@@ -180,24 +180,25 @@ def check_args(args: argparse.Namespace, info: Optional[CheckpointInfo]) -> None
 def unused_section(args: argparse.Namespace) -> Optional[str]:
     """What to say when ``--ds_config`` has a ``"bitter7"`` section: one-shot prunes as its flags
     say, and where the section says otherwise, which flags would follow it."""
-    from .config import load_ds_config
+    from .config import load_ds_config, parse_config
 
     section = load_ds_config(args.ds_config).get("bitter7") if args.ds_config else None
     if not isinstance(section, dict):
         return None
-    flags = {"score": "--score", "structures": "--structures", "scope": "--scope", "target_sparsity": "--sparsity",
-             "min_units_per_layer": "--min_units_per_layer"}
-    mine, theirs = bitter7_section(args), dict(section)
-    if isinstance(theirs.get("structures"), list):  # one-shot prunes no "unstructured"
-        theirs["structures"] = [s for s in theirs["structures"] if s != "unstructured"] or mine["structures"]
-    differ = [f"{flag} {' '.join(map(str, theirs[key])) if isinstance(theirs[key], list) else theirs[key]}"
-              for key, flag in flags.items() if key in theirs and _sorted(theirs[key]) != _sorted(mine[key])]
-    return (f"--ds_config {args.ds_config!r}: its bitter7 section is not used (one-shot prunes as its flags say)"
-            + (f"; to follow it, pass {' '.join(differ)}" if differ else ""))
-
-
-def _sorted(value):
-    return sorted(map(str, value)) if isinstance(value, list) else value
+    said = f"--ds_config {args.ds_config!r}: its bitter7 section is not used (one-shot prunes as its flags say)"
+    try:
+        cfg = parse_config({"bitter7": section})
+    except ValueError as err:
+        return f"{said}; it is not valid either: {' '.join(str(err).split())}"
+    trained = [enum_name(s) for s in cfg.structures if enum_name(s) != "unstructured"]  # one-shot prunes no elements
+    flags = {"score": ("--score", enum_name(cfg.score), args.score),
+             "structures": ("--structures", sorted(trained or args.structures), sorted(args.structures)),
+             "scope": ("--scope", enum_name(cfg.scope), args.scope),
+             "target_sparsity": ("--sparsity", cfg.target_sparsity, args.sparsity),
+             "min_units_per_layer": ("--min_units_per_layer", cfg.min_units_per_layer, args.min_units_per_layer)}
+    differ = [f"{flag} {' '.join(theirs) if isinstance(theirs, list) else theirs}"
+              for key, (flag, theirs, mine) in flags.items() if key in section and theirs != mine]
+    return said + (f"; to follow it, pass {' '.join(differ)}" if differ else "")
 
 
 def pruner_number_problems(args: argparse.Namespace) -> List[str]:

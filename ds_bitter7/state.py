@@ -115,15 +115,22 @@ def _tags(folder: str) -> list:
     return sorted(d for d in os.listdir(folder) if os.path.isfile(os.path.join(folder, d, MODEL_STATES_FILE)))
 
 
-def save_model_config(model, save_dir: str) -> None:
+def save_model_config(model, save_dir: str, replace: bool = False) -> None:
     """The model's ``config.json`` (and generation config) beside its checkpoints, where the export
-    and one-shot read it, unless one is there (a Trainer's ``checkpoint-N``, ``launch/train.py``'s)."""
+    and one-shot read it, unless one is there (a Trainer's ``checkpoint-N``) or with ``replace``.
+    Best effort: a config transformers refuses to write (it validates them) is warned about; the
+    checkpoint itself is complete without it."""
     config = getattr(model, "config", None)
-    if not hasattr(config, "save_pretrained") or os.path.exists(os.path.join(save_dir, "config.json")):
+    if not hasattr(config, "save_pretrained") or (not replace and os.path.exists(os.path.join(save_dir, "config.json"))):
         return
-    config.save_pretrained(save_dir)
-    if getattr(model, "generation_config", None) is not None:
-        model.generation_config.save_pretrained(save_dir)
+    for what, without in ((config, "the export and one-shot then need --model_config"),
+                          (getattr(model, "generation_config", None), "an export gets transformers' defaults")):
+        try:
+            if what is not None:
+                what.save_pretrained(save_dir)
+        except Exception as err:  # noqa: BLE001 - transformers' validation: the checkpoint does not need it
+            logger.warning("ds_bitter7: not writing the model's %s into %s (%s: %s): %s", type(what).__name__,
+                           save_dir, type(err).__name__, err, without)
 
 
 def install_checkpoint_hooks(engine, pruner) -> None:

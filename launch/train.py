@@ -41,7 +41,7 @@ from ds_bitter7.export import REPORT_FILE, json_safe
 from ds_bitter7.modeling import model_mismatch, saved_model_config
 from ds_bitter7.schedule import sparsity_reached
 from ds_bitter7.state import CLIENT_KEY as PRUNER_STATE_KEY
-from ds_bitter7.state import latest_tag
+from ds_bitter7.state import latest_tag, save_model_config
 from ds_bitter7.zero_access import MissingOptimizerState
 
 logger = logging.getLogger("train")
@@ -194,9 +194,7 @@ def save(engine, tokenizer, save_dir: str, step: int, extra: Dict[str, Any]) -> 
     client = dict(extra, step=step)
     engine.save_checkpoint(save_dir, tag=f"global_step{step}", client_state=client)
     if engine.global_rank == 0:  # export and one-shot read the model config and tokenizer beside the checkpoints
-        engine.module.config.save_pretrained(save_dir)
-        if getattr(engine.module, "generation_config", None) is not None:  # a --model's stop tokens: the export keeps them
-            engine.module.generation_config.save_pretrained(save_dir)
+        save_model_config(engine.module, save_dir, replace=True)  # a --model's stop tokens too: the export keeps them
         if not isinstance(tokenizer, dsdata.ByteTokenizer):  # bytes: what they use when no files are there
             tokenizer.save_pretrained(save_dir)
 

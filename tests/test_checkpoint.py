@@ -183,3 +183,19 @@ def test_rank_files_saved_without_crc_are_accepted(tmp_path):
         f.write(b"\xff" * 8)
     problems = zero_file_problems(str(tmp_path), 1)
     assert len(problems) == 1 and "is truncated or corrupt (Bad CRC-32" in problems[0], problems
+
+
+def test_a_model_config_transformers_refuses_to_write_does_not_stop_the_save(tmp_path, caplog):
+    """engine.save_checkpoint writes the model's config beside the checkpoints for the export:
+    transformers validates a generation config as it saves it, and its refusal stopped the save
+    before 'latest' was written."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from ds_bitter7.state import save_model_config
+
+    model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=32))
+    model.generation_config.temperature = 0.7  # without do_sample: invalid
+    with caplog.at_level("WARNING"):
+        save_model_config(model, str(tmp_path))
+    assert (tmp_path / "config.json").is_file() and not (tmp_path / "generation_config.json").exists()
+    assert "not writing the model's GenerationConfig" in caplog.text and "transformers' defaults" in caplog.text

@@ -248,6 +248,31 @@ def test_initialize_takes_deepspeeds_arguments():
         ds_bitter7.initialize(None, None, None, None, None, None, {"train_batch_size": 1})
 
 
+def test_auto_values_deepspeed_would_read_as_numbers():
+    """launch/train.py has no Trainer to fill them in; DeepSpeed's sections default theirs."""
+    from ds_bitter7.cli import auto_keys
+
+    config = {"train_batch_size": "auto", "gradient_clipping": 1.0, "optimizer": {"params": {"lr": "auto"}},
+              "scheduler": {"params": {"warmup_num_steps": "auto"}}, "bf16": {"enabled": "auto"},
+              "zero_optimization": {"stage": 1, "reduce_bucket_size": "auto"},
+              "data_types": {"keep_in_fp32_modules": "auto"}}
+    assert auto_keys(config) == ["train_batch_size", "optimizer.params.lr", "scheduler.params.warmup_num_steps",
+                                 "bf16.enabled"]
+
+
+def test_build_or_exit_keeps_the_traceback_of_a_bug(capsys):
+    """A bad path or name is one line; anything else (a shape error) keeps its traceback."""
+    import torch
+
+    from ds_bitter7.cli import build_or_exit
+
+    with pytest.raises(SystemExit, match="^building the data: ValueError: data path 'x' does not exist$"):
+        build_or_exit("building the data", lambda: (_ for _ in ()).throw(ValueError("data path 'x' does not exist")))
+    with pytest.raises(RuntimeError):
+        build_or_exit("building the model", lambda: torch.zeros(3) @ torch.zeros(4))
+    assert build_or_exit("loading the tokenizer", lambda: 7) == 7
+
+
 def test_batch_sizes_must_be_positive_integers():
     """The launch scripts read them before DeepSpeed: "4" failed with a TypeError naming no key."""
     with pytest.raises(ValueError, match="train_micro_batch_size_per_gpu = '4': must be a positive integer"):

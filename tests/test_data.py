@@ -223,6 +223,9 @@ def test_local_model_with_weights_is_checked_and_overridden(tmp_path):
                          num_key_value_heads=2, head_dim=16)  # not derived: kept
     chosen.save_pretrained(tmp_path / "llama_wide_heads")
     assert modeling.build_config(str(tmp_path / "llama_wide_heads"), overrides={"hidden_size": 64}).head_dim == 16
+    # a run made before that resumes with its own command: told how to keep its head_dim
+    wider = modeling.build_config(str(tmp_path / "llama"), overrides={"hidden_size": 64})
+    assert 'add "head_dim": 8 to --model_overrides' in modeling.model_mismatch({"head_dim": 8}, wider)
 
 
 def test_typos_of_builtin_names_are_refused_before_the_hub():

@@ -202,6 +202,12 @@ def test_train_warns_and_refuses_in_one_process(tmp_path):
     run(no_tok + ["--config", str(dense), "--steps", "1", "--model", str(model_dir), "--save_dir",
                   str(tmp_path / "word_ckpt")], tmp_path)
     assert len(AutoTokenizer.from_pretrained(str(tmp_path / "word_ckpt"))) == 500
+    # resumed without --model: the checkpoint's model, and its generation config (it was overwritten by
+    # the default one of a model built from config.json alone)
+    no_model = [a for a in no_tok if a not in TINY_MODEL]
+    run(no_model + ["--config", str(dense), "--steps", "2", "--resume", str(tmp_path / "word_ckpt"), "--save_dir",
+                    str(tmp_path / "word_ckpt")], tmp_path)
+    assert GenerationConfig.from_pretrained(str(tmp_path / "word_ckpt")).eos_token_id == [499, 7]
     run([python, "-m", "ds_bitter7.oneshot", str(tmp_path / "word_ckpt"), str(tmp_path / "word_small"),
          "--sparsity", "0.25", "--compensation", "none"], tmp_path)
     assert GenerationConfig.from_pretrained(str(tmp_path / "word_small")).eos_token_id == [499, 7]

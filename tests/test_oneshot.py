@@ -740,5 +740,8 @@ def test_a_bitter7_section_in_ds_config_is_said_to_be_unused(tmp_path):
     assert oneshot.unused_section(args).endswith("(one-shot prunes as its flags say)")
     config.write_text(json.dumps({"bitter7": {"structures": ["unstructured"], "score": "bitter7"}}))
     assert oneshot.unused_section(args).endswith("(one-shot prunes as its flags say)")  # none it could follow
+    config.write_text(json.dumps({"bitter7": {"score": "bitter8"}}))  # said, with what is wrong
+    assert "its bitter7 section is not used (one-shot prunes as its flags say); it is not valid either:" in (
+        oneshot.unused_section(args)) and "bitter8" in oneshot.unused_section(args)
     config.write_text(json.dumps({"train_batch_size": 2}))
     assert oneshot.unused_section(args) is None
