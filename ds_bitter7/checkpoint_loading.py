@@ -161,12 +161,12 @@ def check_model_matches(model, info: CheckpointInfo, config_dir: str) -> None:
                            "--model_config")
 
 
-def fit_checkpoint_biases(model, info: CheckpointInfo) -> int:
+def fit_checkpoint_biases(model, info: CheckpointInfo) -> None:
     """Give out projections without a bias (LLaMA) the compensation biases a ds_bitter7 checkpoint
-    carries, so that it loads; returns the number of parameters added."""
+    carries, so that it loads."""
     from .export import add_missing_biases_
 
-    return add_missing_biases_(model, {k: torch.zeros(s) for k, s in info.module_shapes.items() if k.endswith(".bias")})
+    add_missing_biases_(model, {k: torch.zeros(s) for k, s in info.module_shapes.items() if k.endswith(".bias")})
 
 
 def frozen_in_training(names: Iterable[str], info: CheckpointInfo) -> List[str]:

@@ -75,21 +75,17 @@ def load_generation_config(folder: str):
         raise ExportError(f"generation config {path!r} cannot be read by transformers: {first}") from None
 
 
-def add_missing_biases_(model: nn.Module, state_dict: Mapping[str, torch.Tensor]) -> int:
+def add_missing_biases_(model: nn.Module, state_dict: Mapping[str, torch.Tensor]) -> None:
     """Give nn.Linear layers a bias where the checkpoint has one the config does not declare
-    (the pruner adds a compensation bias to LLaMA's down_proj / o_proj). Returns the number of
-    parameters added (not the model's before the pruner)."""
+    (the pruner adds a compensation bias to LLaMA's down_proj / o_proj)."""
     modules = dict(model.named_modules())
     params = dict(model.named_parameters())
-    added = 0
     for key, value in state_dict.items():
         if key in params or not key.endswith(".bias"):
             continue
         module = modules.get(key[: -len(".bias")])
         if isinstance(module, nn.Linear) and module.bias is None:
             module.bias = nn.Parameter(torch.zeros_like(value, dtype=module.weight.dtype))
-            added += module.bias.numel()
-    return added
 
 
 def build_model(config, state_dict: Mapping[str, torch.Tensor], source: str) -> Tuple[PreTrainedModel, int]:

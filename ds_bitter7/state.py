@@ -161,8 +161,8 @@ def install_checkpoint_hooks(engine, pruner) -> None:
         rank_file = _rank_file(os.path.join(save_dir, tag), pruner.comm.rank)
         pruner.comm.call(f"writing {rank_file}", lambda: atomic_save(pruner.local_state_dict(), rank_file))
         rank0 = engine.global_rank == 0
-        pruner.comm.call(f"writing the model config into {save_dir}",
-                         lambda: save_model_config(engine.module, save_dir) if rank0 else None)
+        if rank0:  # best effort, never raises: no collective needed
+            save_model_config(engine.module, save_dir)
         if save_latest and not decoupled:
             pruner.comm.call(f"writing {save_dir}/latest", lambda: write_latest(save_dir, tag) if rank0 else None)
         return out
