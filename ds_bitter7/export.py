@@ -238,9 +238,13 @@ def _publish(tmp: str, output_dir: str, overwrite: bool, keep: Sequence[Optional
         os.rename(output_dir, old)
     try:
         os.rename(tmp, output_dir)
-    except OSError:
+    except OSError as err:
         if old:  # the previous export back in place, not left hidden
-            os.rename(old, output_dir)
+            try:
+                os.rename(old, output_dir)
+            except OSError as back:
+                raise OSError(f"could not rename the export to {output_dir!r} ({err}), nor put the previous "
+                              f"export back ({back}): it is in {old!r}") from err
         raise
     if old:
         shutil.rmtree(old, ignore_errors=True)

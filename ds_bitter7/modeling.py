@@ -242,7 +242,9 @@ def model_mismatch(saved: Dict[str, Any], config) -> Optional[str]:
     ours = config.to_dict()
     diffs = [f"{k}={saved[k]!r} where this run's has {ours.get(k)!r}" for k in SHAPE_KEYS
              if k in saved and saved[k] != ours.get(k)]
-    if "head_dim" in saved and saved["head_dim"] != ours.get("head_dim"):  # kept from a local config.json before
+    if ("head_dim" in saved and saved["head_dim"] != ours.get("head_dim") and _derived_head_dim(config)
+            and all(saved.get(k) == ours.get(k) for k in ("hidden_size", "num_attention_heads"))):
+        # the only difference is the head_dim this run derived, where a local config.json's was kept before
         diffs.append(f"(a width override kept the local config.json's head_dim before ds_bitter7 derived it: add "
                      f"\"head_dim\": {saved['head_dim']} to --model_overrides)")
     return ", ".join(diffs) or None

@@ -225,7 +225,12 @@ def test_local_model_with_weights_is_checked_and_overridden(tmp_path):
     assert modeling.build_config(str(tmp_path / "llama_wide_heads"), overrides={"hidden_size": 64}).head_dim == 16
     # a run made before that resumes with its own command: told how to keep its head_dim
     wider = modeling.build_config(str(tmp_path / "llama"), overrides={"hidden_size": 64})
-    assert 'add "head_dim": 8 to --model_overrides' in modeling.model_mismatch({"head_dim": 8}, wider)
+    assert 'add "head_dim": 8 to --model_overrides' in modeling.model_mismatch({**wider.to_dict(), "head_dim": 8}, wider)
+    # not where head_dim differs because the widths do, or where this run's head_dim is not derived
+    narrower = modeling.build_config(str(tmp_path / "llama"))
+    assert modeling.model_mismatch(narrower.to_dict(), wider) == "hidden_size=32 where this run's has 64, head_dim=8 where this run's has 16"
+    chosen = modeling.build_config(str(tmp_path / "llama_wide_heads"))  # 4 heads of 16 in a 32-wide model
+    assert modeling.model_mismatch({**chosen.to_dict(), "head_dim": 8}, chosen) == "head_dim=8 where this run's has 16"
 
 
 def test_typos_of_builtin_names_are_refused_before_the_hub():

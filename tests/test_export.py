@@ -180,6 +180,17 @@ def test_a_failed_rename_puts_the_previous_export_back(gpt2_checkpoint, tmp_path
     assert sorted(os.listdir(tmp_path / "small")) == before
     assert sorted(os.listdir(tmp_path)) == ["small"]  # nothing hidden left beside it
 
+    def both_failing(src, dst):  # and when putting it back fails too, the error says where it is
+        if ".tmp-" in os.path.basename(src) or ".old-" in os.path.basename(src):
+            raise OSError(13, "Permission denied")
+        rename(src, dst)
+
+    monkeypatch.setattr(export.os, "rename", both_failing)
+    with pytest.raises(OSError, match="nor put the previous export back") as err:
+        export_checkpoint(gpt2_checkpoint, str(tmp_path / "small"), overwrite=True)
+    hidden = str(err.value).rsplit("it is in ", 1)[1].strip("'")
+    assert sorted(os.listdir(hidden)) == before
+
 
 def test_overwrite_never_deletes_what_is_not_an_export(gpt2_checkpoint, tmp_path):
     runs = tmp_path / "runs"
