@@ -171,7 +171,7 @@ def worker(argv: List[str]) -> None:
     base = oneshot.parse_args([a.checkpoint, a.out + ".tmp", "--sparsity", "0", "--validation", "builtin",
                                "--batch_size", str(a.micro_batch), "--seq_len", str(a.seq_len), "--num_batches",
                                str(a.num_batches), "--seed", str(a.seed), "--ridge", str(a.ridge)])  # the defaults
-    calib = oneshot.calibration_data(base, tok, torch.device("cpu"))  # TRAIN split
+    calib = oneshot.calibration_data(base, tok)  # TRAIN split
     val = oneshot.validation_loader(base, tok)
     rows, dense = [], None
     for sparsity in SPARSITIES:

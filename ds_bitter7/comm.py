@@ -17,7 +17,7 @@ import socket
 import sys
 import time
 import traceback
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
@@ -218,8 +218,7 @@ class Communicator:
     """Collectives over one process group, on the device that its backend needs."""
 
     group: Optional[object] = None
-    bytes_sent: int = 0  # bytes handed to collectives since creation (or the last reset)
-    calls: Dict[str, int] = field(default_factory=dict)
+    bytes_sent: int = 0  # bytes handed to collectives since creation
 
     @property
     def world_size(self) -> int:
@@ -234,17 +233,13 @@ class Communicator:
             return torch.device("cuda", torch.cuda.current_device())
         return torch.device("cpu")
 
-    def _count(self, name: str, t: torch.Tensor) -> None:
-        self.bytes_sent += t.numel() * t.element_size()
-        self.calls[name] = self.calls.get(name, 0) + 1
-
-    def _reduce(self, name: str, t: torch.Tensor, op, in_place: bool = False) -> torch.Tensor:
+    def _reduce(self, t: torch.Tensor, op, in_place: bool = False) -> torch.Tensor:
         """``t`` reduced over ranks: a new tensor, or with ``in_place`` ``t`` itself where it is
         contiguous and on the collective's device (no copy of a large matrix)."""
         out = t if in_place and t.is_contiguous() else t.detach().clone()
         if self.world_size == 1:
             return out
-        self._count(name, out)
+        self.bytes_sent += out.numel() * out.element_size()
         buf = out.to(self._device())
         dist.all_reduce(buf, op=op, group=self.group)
         return buf.to(t.device)
@@ -254,7 +249,7 @@ class Communicator:
 
         Collective: every rank must call this, in the same order.
         """
-        return self._reduce("all_reduce_sum", t, dist.ReduceOp.SUM)
+        return self._reduce(t, dist.ReduceOp.SUM)
 
     def all_reduce_sum_(self, t: torch.Tensor) -> torch.Tensor:
         """``all_reduce_sum`` for a caller that gives ``t`` up: where ``t`` is already on the
@@ -263,14 +258,14 @@ class Communicator:
 
         Collective: every rank must call this, in the same order.
         """
-        return self._reduce("all_reduce_sum", t, dist.ReduceOp.SUM, in_place=True)
+        return self._reduce(t, dist.ReduceOp.SUM, in_place=True)
 
     def all_reduce_max(self, t: torch.Tensor) -> torch.Tensor:
         """Element-wise max over ranks, returned as a new tensor.
 
         Collective: every rank must call this, in the same order.
         """
-        return self._reduce("all_reduce_max", t, dist.ReduceOp.MAX)
+        return self._reduce(t, dist.ReduceOp.MAX)
 
     def any(self, flag: bool) -> bool:
         """True when ``flag`` is true on any rank.

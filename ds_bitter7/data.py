@@ -429,7 +429,7 @@ def load_text_datasets(data: Union[str, Sequence[str]], validation_fraction: flo
     return _split_train(dd["train"], validation_fraction, seed)
 
 
-def chunk_dataset(ds, tokenizer, seq_len: int, num_proc: Optional[int] = None, what: str = "dataset"):
+def chunk_dataset(ds, tokenizer, seq_len: int, what: str = "dataset"):
     """Tokenize, join documents with the end-of-document id and cut into ``seq_len`` blocks.
 
     Returns a ``datasets.Dataset`` with one column ``input_ids`` (torch format). Each map batch of
@@ -458,7 +458,7 @@ def chunk_dataset(ds, tokenizer, seq_len: int, num_proc: Optional[int] = None, w
         return {"input_ids": rows, "whole": [True] * n + [False]}  # the last row: this batch's leftover
 
     pieces = ds.map(to_blocks, batched=True, batch_size=1000, remove_columns=ds.column_names,
-                    num_proc=num_proc, desc=f"blocks of {seq_len}")
+                    desc=f"blocks of {seq_len}")
     flags = pieces["whole"]
     whole = pieces.select([i for i, w in enumerate(flags) if w])
     left = [t for ids in pieces.select([i for i, w in enumerate(flags) if not w])["input_ids"] for t in ids]

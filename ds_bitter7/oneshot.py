@@ -285,7 +285,7 @@ def bitter7_section(args: argparse.Namespace) -> dict:
 
 
 # --------------------------------------------------------------------------- data
-def _texts(spec: Sequence[str], split: str, seed: int):
+def _texts(spec: Sequence[str], split: str):
     """A text dataset: the builtin corpus' ``split``, or every row of the local files."""
     if list(spec) == [dsdata.BUILTIN]:
         return dsdata.builtin_dataset(split)
@@ -298,12 +298,11 @@ def _texts(spec: Sequence[str], split: str, seed: int):
         raise OneShotError(str(err)) from None
 
 
-def calibration_data(args, tokenizer, device) -> List[Dict[str, torch.Tensor]]:
+def calibration_data(args, tokenizer) -> List[Dict[str, torch.Tensor]]:
     """``num_batches`` batches per rank (different blocks on each rank) from the calibration data."""
-    blocks = dsdata.chunk_dataset(_texts(args.calibration, "train", args.seed), tokenizer, args.seq_len,
+    blocks = dsdata.chunk_dataset(_texts(args.calibration, "train"), tokenizer, args.seq_len,
                                   what=f"--calibration {' '.join(args.calibration)}")
-    return [{k: v.to(device) for k, v in b.items()}
-            for b in dsdata.calibration_batches(blocks, args.batch_size, args.num_batches, args.seed)]
+    return dsdata.calibration_batches(blocks, args.batch_size, args.num_batches, args.seed)
 
 
 def load_tokenizer(args, config, config_dir: str, trained_with: Optional[str] = None):
@@ -336,7 +335,7 @@ def read_data(args, tokenizer, calibrate: bool, comm):
     a problem on any rank (unreadable file, too little text) fails every rank. Collective."""
     calib = val = error = None
     try:
-        calib = calibration_data(args, tokenizer, torch.device("cpu")) if calibrate else None
+        calib = calibration_data(args, tokenizer) if calibrate else None
         val = validation_loader(args, tokenizer) if args.validation else None
     except Exception as err:  # datasets' own errors do not always name the file
         what = f"--calibration {args.calibration}" if calib is None and calibrate else f"--validation {args.validation}"
@@ -399,7 +398,7 @@ def check_frozen_units(model, info: CheckpointInfo, structures: Sequence[str]) -
 
 def validation_loader(args, tokenizer, world: Optional[int] = None, rank: Optional[int] = None):
     """This rank's validation batches (``data.eval_dataloader``; default: this process's rank)."""
-    blocks = dsdata.chunk_dataset(_texts(args.validation, "validation", args.seed), tokenizer, args.seq_len,
+    blocks = dsdata.chunk_dataset(_texts(args.validation, "validation"), tokenizer, args.seq_len,
                                   what=f"--validation {' '.join(args.validation)}")
     return dsdata.eval_dataloader(blocks, args.batch_size, world, rank)
 

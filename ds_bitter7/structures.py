@@ -84,23 +84,6 @@ class ParamSlice:
         dump.index_add_(0, torch.where(units >= 0, units, out.numel()), sums.to(out.device, out.dtype))
         out.copy_(dump[:-1])
 
-    def keep_elements(self, unit_keep: torch.Tensor, start: int, numel: int) -> torch.Tensor:
-        """BoolTensor[numel]: for a flat range, whether each element survives ``unit_keep``."""
-        units = self.unit_ids
-        coord_keep = torch.ones(units.numel(), dtype=torch.bool)
-        has_unit = units >= 0
-        coord_keep[has_unit] = unit_keep[units[has_unit]]
-        if len(self.shape) == 1:
-            return coord_keep[start:start + numel]
-        cols = self.row_len
-        r0, r1 = start // cols, (start + numel - 1) // cols
-        offset = start - r0 * cols
-        if self.dim == 0:
-            rows = coord_keep[r0:r1 + 1].repeat_interleave(cols)
-        else:
-            rows = coord_keep.repeat(r1 - r0 + 1)
-        return rows[offset:offset + numel]
-
     def zero_plan(self, unit_keep: torch.Tensor, start: int, numel: int,
                   device: Optional[torch.device] = None) -> List[tuple]:
         """Cheap per-step zeroing of a flat range's pruned elements (see :func:`apply_zero_plan`).

@@ -21,6 +21,14 @@ EXPORTED = {"bitter7_gpt2": {"mlp": (96, [60, 84]), "attn": (4, [3, 2])},
             "bitter7_llama": {"mlp": (80, [50, 70]), "attn": (2, [1, 2])}}
 
 
+def kept_elements(s, unit_keep: torch.Tensor, start: int = 0, numel: int = -1) -> torch.Tensor:
+    """BoolTensor over the flat range ``[start, start + numel)`` of a ``ParamSlice`` (all of it by
+    default): whether each element survives ``unit_keep`` (elements of no unit always do)."""
+    ids = s.unit_ids.view([-1 if d == s.dim else 1 for d in range(len(s.shape))]).expand(s.shape)
+    full = torch.where(ids >= 0, unit_keep[ids.clamp_min(0)], torch.ones_like(ids, dtype=torch.bool)).flatten()
+    return full[start:] if numel < 0 else full[start:start + numel]
+
+
 def tiny_model(family: str, seed: int = 0, layers: int = 2) -> torch.nn.Module:
     """A GPT-2 (Conv1D, fused qkv) or LLaMA with grouped-query attention, ``layers`` blocks, fp32,
     no dropout. ``bitter7_gpt2`` / ``bitter7_llama``: that model (2 blocks) shrunk as an export after

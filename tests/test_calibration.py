@@ -1,4 +1,4 @@
-"""Activation statistics (issue 4): exact across ranks, both sources, and the variance-aware score.
+"""Activation statistics: exact across ranks, both sources, and the variance-aware score.
 
 Distributed results are compared with a single-process reference computed in plain torch (hooks
 on the full data, float64), independently of ``ds_bitter7.calibration``.
@@ -80,7 +80,7 @@ def stats_suite(cases) -> list:
         if kind == "padded":  # 6 pad positions in each second row: they must not count
             calib = [{"input_ids": x.masked_fill(PAD, 0), "attention_mask": (~PAD).long()} for x in mine]
         model = tiny_model(family)
-        # "second_moment": the X^T X that least squares (issue 6) will use; compensation is off
+        # "second_moment": the X^T X that least squares uses; compensation is off
         comp = ({"enabled": False, "mode": "least_squares"} if kind == "second_moment" else {"enabled": True})
         cfg = ds_config(stage, "fp32", {"structures": BOTH, "score": "bitter7_variance",
                                         "bias_compensation": dict(comp, num_batches=8)})

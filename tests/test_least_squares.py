@@ -1,4 +1,4 @@
-"""Least-squares compensation (issue 6): the solver, and the distributed update against a reference.
+"""Least-squares compensation: the solver, and the distributed update against a reference.
 
 - Solver: when the removed features are exact linear combinations (plus a constant) of the kept
   ones, the refitted layer reproduces the unpruned output on every row; with ridge 0 the update is

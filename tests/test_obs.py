@@ -1,4 +1,4 @@
-"""Score ``obs`` (issue 6): the greedy structured Optimal Brain Surgeon order.
+"""Score ``obs``: the greedy structured Optimal Brain Surgeon order.
 
 ``removal_order`` (incremental inverse updates) is compared with a brute-force reference that, at
 every step, refits the next layer from scratch for every candidate unit (the Schur complement of

@@ -1,4 +1,4 @@
-"""One-shot pruning of a plain DeepSpeed checkpoint (issue 6), on emulated ranks.
+"""One-shot pruning of a plain DeepSpeed checkpoint, on emulated ranks.
 
 - A ZeRO-2 checkpoint written by plain DeepSpeed at 2 ranks is pruned at 2 ranks (same world
   size) and at 1 rank (universal checkpoint conversion): the same units go, the perplexity before

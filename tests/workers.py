@@ -7,7 +7,7 @@ from typing import Dict, List
 
 import torch
 import torch.distributed as dist
-from reference import VOCAB, ds_config, known, tiny_model
+from reference import VOCAB, ds_config, kept_elements, known, tiny_model
 
 import ds_bitter7
 from ds_bitter7.structures import unstructured_params
@@ -83,7 +83,7 @@ def pruned_elements_zero(pruner) -> Dict[str, bool]:
             frag = pruner.access.fragments.get(s.name)
             if frag is None:
                 continue
-            drop = ~s.keep_elements(keep, frag.start, frag.numel)
+            drop = ~kept_elements(s, keep, frag.start, frag.numel)
             if bool(pruner.access.master(frag)[drop].ne(0).any()):
                 ok["master"] = False
             views = pruner.access.moment_views(frag)
