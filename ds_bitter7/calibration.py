@@ -115,7 +115,7 @@ def needs_stats(config) -> bool:
     """Whether a parsed ``Bitter7Config`` needs activation statistics."""
     from .scores import get_scorer
 
-    return bool(config.bias_compensation.enabled or get_scorer(config.score).uses_activation_std)
+    return bool(config.bias_compensation.enabled or get_scorer(config.score).needs_stats)
 
 
 BATCH_FORM = ("each batch is a dict of the model's keyword inputs, such as {'input_ids': LongTensor[batch, seq]}, "

@@ -196,7 +196,7 @@ class Bitter7Config(DeepSpeedConfigModel):
         if kinds == ["unstructured"] and self.bias_compensation.enabled:
             problems.append("bias_compensation folds removed units into the next layer; structures "
                             "['unstructured'] removes no units (disable it, or add mlp_neuron / attention_head)")
-        if kinds == ["unstructured"] and scorer.fn is not None and scorer.uses_activation_std:
+        if kinds == ["unstructured"] and scorer.times_unit_std:
             problems.append(f"score {score!r} scores whole units by their activations; it does "
                             "not apply to structures ['unstructured'] (use 'bitter7')")
         if problems:  # one line each (``_describe`` splits them): the count says how many

@@ -22,7 +22,7 @@ from typing import Dict, List, Optional, Set, Tuple
 
 import torch
 
-from .calibration import ActivationStats, unit_std
+from .calibration import ActivationStats, needs_stats, unit_std
 from .comm import LOCAL, Communicator, log_main, mark_every_rank
 from .compensation import PartlyCompensated, compensate
 from .config import Bitter7Config, MaskUpkeep, Scope, StatsSource, StructureName, enum_name
@@ -87,8 +87,7 @@ class Pruner:
             self.movement = {n: torch.zeros(f.numel, dtype=torch.float32, device=f.flat.device)
                              for n, f in self.access.fragments.items()}
         # Activation statistics per unit group (bias compensation, variance-aware score).
-        needs_stats = config.bias_compensation.enabled or self.scorer.uses_activation_std
-        self.stats = ActivationStats(self, calibration_data) if needs_stats else None
+        self.stats = ActivationStats(self, calibration_data) if needs_stats(config) else None
         self.step_count = 0
         self.last_event: Optional[dict] = None
         self.events: List[dict] = []
@@ -107,7 +106,7 @@ class Pruner:
         Collective: every rank must call this, in the same order.
         """
         with self._one_batch_list():
-            stats = self._gather() if self.stats is not None and self.scorer.uses_activation_std else None
+            stats = self._gather() if self.stats is not None and self.scorer.needs_stats else None
             out = {}
             for kind in self.kinds:
                 out.update(self._kind_scores(kind, stats))
@@ -228,7 +227,7 @@ class Pruner:
         sums = self._reduced_sums([(g.n_units, g.slices) for g in groups],
                                   lambda frag, start, numel: self.scorer.fn(self._score_inputs(frag, start, numel)))
         out = _by_group(sums, groups)  # [n_units of this kind, all layers]
-        if self.scorer.uses_activation_std:
+        if self.scorer.times_unit_std:
             out = {g.key: out[g.key] * unit_std(g, stats[g.key]) for g in groups}
         return out
 

@@ -33,7 +33,8 @@ class ScoreInputs:
 class Scorer:
     needs: Tuple[str, ...]  # ScoreInputs fields that must be present
     fn: Optional[Callable[[ScoreInputs], torch.Tensor]]  # None: a unit-level score (``unit_fn``)
-    uses_activation_std: bool = False  # needs activation statistics (bitter7_variance: x unit std)
+    needs_stats: bool = False  # needs the units' activation statistics
+    times_unit_std: bool = False  # ``fn``'s unit sums multiplied by each unit's activation std
     unit_fn: Optional[Callable] = None  # (group, model, UnitStats) -> float64[n_units], no element sums
     kind_fn: Optional[Callable] = None  # (groups, model, stats, masks, ridge, per_layer=, fraction=, min_keep=,
     #                                      output_weights=, comm=, free_stats=): collective, identical on every rank
@@ -84,10 +85,10 @@ SCORERS: Dict[ScoreName, Scorer] = {
     ScoreName.magnitude: Scorer((), magnitude),
     ScoreName.fisher: Scorer(("exp_avg_sq",), fisher),
     ScoreName.movement: Scorer(("movement",), movement),
-    ScoreName.bitter7_variance: Scorer(("exp_avg_sq",), bitter7, uses_activation_std=True),
-    ScoreName.fluctuation: Scorer((), None, uses_activation_std=True, unit_fn=fluctuation),
-    ScoreName.obs: Scorer((), None, uses_activation_std=True, kind_fn=removal_order, uses_covariance=True),
-    ScoreName.bitter7_obs: Scorer(("exp_avg_sq",), None, uses_activation_std=True, kind_fn=removal_order,
+    ScoreName.bitter7_variance: Scorer(("exp_avg_sq",), bitter7, needs_stats=True, times_unit_std=True),
+    ScoreName.fluctuation: Scorer((), None, needs_stats=True, unit_fn=fluctuation),
+    ScoreName.obs: Scorer((), None, needs_stats=True, kind_fn=removal_order, uses_covariance=True),
+    ScoreName.bitter7_obs: Scorer(("exp_avg_sq",), None, needs_stats=True, kind_fn=removal_order,
                                   uses_covariance=True, output_fisher=True),
 }
 
