@@ -18,8 +18,9 @@ from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 import torch
 
 from .state import CLIENT_KEY as STATE_KEY
-from .state import MODEL_STATES_FILE
+from .state import MODEL_STATES_FILE, latest_tag
 from .state import TRAINER_FILE as TRAINER_STATE_FILE
+from .state import read_torch_file as _read_torch_file
 
 logger = logging.getLogger(__name__)
 
@@ -39,13 +40,10 @@ def resolve_tag(checkpoint_dir: str, tag: Optional[str] = None) -> str:
         raise ExportError(f"checkpoint directory {checkpoint_dir!r} " + ("is a file: name the folder given to "
                           "save_checkpoint" if os.path.exists(checkpoint_dir) else "does not exist"))
     if tag is None:
-        latest = os.path.join(checkpoint_dir, "latest")
-        if os.path.isfile(latest):
-            with open(latest) as f:
-                tag = f.read().strip()
-            if not tag:
-                raise ExportError(f"{latest!r} is empty (it should name a tag folder); pass --tag")
-        else:
+        latest, tag = os.path.join(checkpoint_dir, "latest"), latest_tag(checkpoint_dir)
+        if tag == "":
+            raise ExportError(f"{latest!r} is empty (it should name a tag folder); pass --tag")
+        if tag is None:
             steps = sorted(os.path.basename(p) for p in glob.glob(os.path.join(checkpoint_dir, "global_step*")))
             if len(steps) != 1:
                 found = f"found tag folders {steps}" if steps else "no global_step* folder either"
@@ -88,12 +86,7 @@ def tag_folder_hint(folder: str) -> Optional[str]:
 
 def read_torch_file(path: str):
     """torch.load (memory-mapped, on the CPU), with an ``ExportError`` naming a bad file."""
-    if os.path.isfile(path) and os.path.getsize(path) == 0:  # torch's own word is about mmap and zipfiles
-        raise ExportError(f"cannot read {path!r}: the file is empty (an interrupted copy?)")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=False, mmap=True)
-    except Exception as err:  # a truncated or foreign file: say which one
-        raise ExportError(f"cannot read {path!r}: {type(err).__name__}: {err}") from err
+    return _read_torch_file(path, ExportError)
 
 
 def zero_file_problems(tag_dir: str, dp_world_size: Optional[int] = None) -> List[str]:

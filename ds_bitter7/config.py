@@ -12,7 +12,7 @@ import itertools
 import json
 import os
 from enum import Enum
-from typing import Any, List, Union
+from typing import Any, List, Optional, Union
 
 from deepspeed.runtime.config_utils import DeepSpeedConfigModel
 from pydantic import (
@@ -321,6 +321,14 @@ def _flag(value) -> bool:
     if isinstance(value, str):
         return value.strip().lower() in ("1", "true", "t", "yes", "y", "on")
     return bool(value)
+
+
+def bf16_enabled(ds_config: dict) -> Optional[bool]:
+    """The ``enabled`` flag of a DeepSpeed config's bf16 section (``bf16``, or its other name
+    ``bfloat16``): False without one, None where it is not a boolean."""
+    section = ds_config.get("bf16") or ds_config.get("bfloat16") or {}
+    enabled = section.get("enabled", False) if isinstance(section, dict) else None
+    return enabled if isinstance(enabled, bool) else None
 
 
 def check_deepspeed_support(ds_config: dict) -> None:

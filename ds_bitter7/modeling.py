@@ -29,6 +29,16 @@ def max_positions(config) -> Optional[int]:
     return getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None)
 
 
+def seq_len_problem(seq_len: int, config, where: str = "") -> Optional[str]:
+    """Why blocks of ``seq_len`` tokens do not fit the model's position table (``where``: which
+    config, for the message), or None. Longer blocks fail in the embedding on the first batch
+    (GPT-2) or run on positions the model never trained on."""
+    limit = max_positions(config)
+    if limit and seq_len > limit:
+        return f"--seq_len {seq_len} is longer than the model's {limit} positions{where}: pass --seq_len <= {limit}"
+    return None
+
+
 def parse_overrides(text: str) -> Dict[str, Any]:
     """A ``--model_overrides`` argument: a JSON object; ``ValueError`` naming what is wrong."""
     try:

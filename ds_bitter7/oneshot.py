@@ -45,10 +45,10 @@ from .checkpoint_loading import (
 )
 from .cli import file_problem, make_problem
 from .comm import abort_job_on_error, launch_rank, log_main
-from .config import StructureName, enum_name
+from .config import StructureName, bf16_enabled, enum_name
 from .evaluation import perplexity
 from .export import is_within, json_safe
-from .modeling import max_positions
+from .modeling import max_positions, seq_len_problem
 from .scores import get_scorer
 from .shrink import window_export_problem
 from .state import MODEL_STATES_FILE as MODEL_STATES
@@ -162,7 +162,7 @@ def check_args(args: argparse.Namespace, info: Optional[CheckpointInfo]) -> None
             except ValueError as err:
                 problems.append(f"--ds_config {args.ds_config!r}: {err}")
         if given is not None and info is not None:
-            wants = bool((given.get("bf16") or given.get("bfloat16") or {}).get("enabled", False))
+            wants = bool(bf16_enabled(given))
             problems += [p for p in (precision_problem(info.zero_files, wants, f"--ds_config {args.ds_config!r}"),) if p]
     if args.batch_size < 1 or args.eval_batches < 0:
         problems.append("--batch_size must be >= 1, --eval_batches >= 0")
@@ -266,9 +266,9 @@ def resolve_seq_len(args: argparse.Namespace, info: CheckpointInfo, config) -> i
     """
     limit = max_positions(config)
     seq_len = args.seq_len or info.seq_len or (min(DEFAULT_SEQ_LEN, limit) if limit else DEFAULT_SEQ_LEN)
-    if limit and seq_len > limit:
-        raise OneShotError(f"--seq_len {seq_len} is longer than the model's {limit} positions "
-                           f"(config.json of {args.model_config or args.checkpoint_dir!r}): pass --seq_len <= {limit}")
+    problem = seq_len_problem(seq_len, config, f" (config.json of {args.model_config or args.checkpoint_dir!r})")
+    if problem:
+        raise OneShotError(problem)
     return seq_len
 
 

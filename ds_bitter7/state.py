@@ -16,7 +16,7 @@ import inspect
 import logging
 import os
 import tempfile
-from typing import BinaryIO, Callable, Optional
+from typing import Any, BinaryIO, Callable, Optional
 
 import torch
 
@@ -70,16 +70,22 @@ def atomic_save(obj, path: str) -> None:
     atomic_write(path, lambda f: torch.save(obj, f))
 
 
+def read_torch_file(path: str, error: type = CheckpointError, what: str = "") -> Any:
+    """torch.load (memory-mapped, on the CPU: tensors are read as they are copied), with ``error``
+    naming ``what`` and the file when it is empty, truncated or not a torch file."""
+    if os.path.isfile(path) and os.path.getsize(path) == 0:  # torch's own word is about mmap and zipfiles
+        raise error(f"cannot read {what}{path!r}: the file is empty (an interrupted copy?)")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+    except Exception as err:  # a truncated or foreign file: say which one
+        raise error(f"cannot read {what}{path!r}: {type(err).__name__}: {err}") from err
+
+
 def load_file(path: str) -> dict:
     """torch.load a pruner state file, with an error naming the file when it is bad."""
     if not os.path.isfile(path):
         raise CheckpointError(f"bitter7 pruner state file {path} does not exist")
-    if os.path.getsize(path) == 0:  # torch's own word is about mmap and zipfiles
-        raise CheckpointError(f"bitter7 pruner state file {path} is empty (an interrupted copy?)")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=False, mmap=True)  # tensors read as copied
-    except Exception as e:  # truncated or not a torch file
-        raise CheckpointError(f"bitter7 pruner state file {path} is unreadable ({type(e).__name__}: {e})") from None
+    state = read_torch_file(path, what="bitter7 pruner state file ")
     if not isinstance(state, dict):
         raise CheckpointError(f"bitter7 pruner state file {path} does not hold a pruner state")
     return state

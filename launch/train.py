@@ -270,10 +270,7 @@ def train(args) -> Dict[str, Any]:
         problem = (f"--model {args.model!r} has trained weights for {model.config.vocab_size} token ids and no "
                    "tokenizer files beside them: the byte tokenizer would feed it ids that mean other text; "
                    "pass its tokenizer with --tokenizer DIR")
-    positions = modeling.max_positions(model.config)
-    if problem is None and positions and args.seq_len > positions:  # the embedding would fail on the first batch
-        problem = (f"--seq_len {args.seq_len} is longer than the model's {positions} positions: "
-                   f"pass --seq_len <= {positions}")
+    problem = problem or modeling.seq_len_problem(args.seq_len, model.config)
     exit_on_every_rank(problem, elsewhere="another rank cannot build the model to resume")
     train_blocks, val_blocks = cli.build_or_exit("building the data", build_data, args, tokenizer, rank)
     logger.info("data: %d train / %d validation blocks of %d tokens, %d ranks",

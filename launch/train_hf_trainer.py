@@ -27,6 +27,7 @@ from ds_bitter7 import data as dsdata
 from ds_bitter7.checkpoint_files import checkpoint_problems
 from ds_bitter7.cli import check_launch_args
 from ds_bitter7.comm import abort_job_on_error, init_distributed
+from ds_bitter7.config import bf16_enabled
 from ds_bitter7.hf_trainer import Bitter7Callback, prepare_model
 
 
@@ -49,8 +50,8 @@ def trainer_settings(ds_config: Dict) -> Dict:
                            ("warmup_steps", "warmup_num_steps", sched), ("max_grad_norm", "gradient_clipping", ds_config)):
         if isinstance(params.get(ds), (int, float)):
             out[hf] = params[ds]
-    for hf, keys in (("bf16", ("bf16", "bfloat16")), ("fp16", ("fp16",))):
-        out[hf] = any((ds_config.get(k) or {}).get("enabled") is True for k in keys)
+    out["bf16"] = bf16_enabled(ds_config) is True
+    out["fp16"] = (ds_config.get("fp16") or {}).get("enabled") is True
     return {k: v for k, v in out.items() if v != "auto"}
 
 
@@ -116,10 +117,9 @@ def resume_problems(last: str, ds_config: Dict) -> List[str]:
     if not os.path.isfile(os.path.join(last, "latest")) or (ds_config.get("checkpoint") or {}).get("load_universal"):
         return []
     stage = (ds_config.get("zero_optimization") or {}).get("stage", 0)
-    bf16 = (ds_config.get("bf16") or ds_config.get("bfloat16") or {}).get("enabled", False)
     return checkpoint_problems(last, world_size=dist.get_world_size() if dist.is_initialized() else 1,
                                zero_stage=stage if isinstance(stage, int) else None,
-                               bf16=bf16 if isinstance(bf16, bool) else None)
+                               bf16=bf16_enabled(ds_config))
 
 
 class LogLastStep(TrainerCallback):
@@ -163,10 +163,9 @@ def main() -> None:
     problems = resume_problems(last, ds_config) if last else []
     cli.exit_on_every_rank(f"cannot resume from {last!r}: {'; '.join(problems)}" if problems else None,
                            elsewhere=f"another rank cannot resume from {last!r}")
-    positions = modeling.max_positions(model.config)
-    if positions and args.seq_len > positions:  # the embedding would fail on the first batch
-        raise SystemExit(f"--seq_len {args.seq_len} is longer than the model's {positions} positions: "
-                         f"pass --seq_len <= {positions}")
+    problem = modeling.seq_len_problem(args.seq_len, model.config)
+    if problem:  # alike on every rank
+        raise SystemExit(problem)
     prepare_model(model, bitter7)  # before DeepSpeed flattens the parameters (the section is checked above)
     training_args = TrainingArguments(
         output_dir=args.output_dir, deepspeed=ds_config, max_steps=args.max_steps,
