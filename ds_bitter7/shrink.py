@@ -1,10 +1,13 @@
 """Physically remove pruned MLP neurons and attention heads from a Hugging Face causal LM.
 
 Pure torch on a state dict: each unit's weights are picked out with `index_select` along the
-dimension the unit owns (the unit definitions of ``structures``' adapters), the next layer's bias (which holds
-the bias compensation) is kept as is, and a model of the new shape is built from a config that
-says the new widths: a standard config where one is able to (same width in every block), else the
-`bitter7_gpt2` / `bitter7_llama` / `bitter7_mistral` types of `ds_bitter7.models`.
+dimension the unit owns (the units of ``structures``' adapters, written here per weight layout,
+GPT-2's or LLaMA's), the next layer's bias (which holds the bias compensation) is kept as is, and a
+model of the new shape is built from a config that says the new widths: a standard config where
+one is able to (same width in every block), else the `bitter7_gpt2` / `bitter7_llama` /
+`bitter7_mistral` types of `ds_bitter7.models`. Building that model needs the architecture, not
+only its units: a model type made prunable with ``register_adapter`` is not exported smaller
+(``family_of`` names the types that are).
 
 A block whose every unit of a kind was pruned keeps one (all-zero) unit, because transformers'
 layers cannot be zero wide; a pruned unit contributes exactly nothing, so the output is unchanged.

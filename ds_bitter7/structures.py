@@ -276,7 +276,8 @@ ADAPTERS: Dict[str, Adapter] = {"gpt2": _GPT2, "llama": _LLAMA, "mistral": _LLAM
 
 
 def register_adapter(model_type: str, adapter: Adapter) -> None:
-    """Make a new ``model.config.model_type`` prunable."""
+    """Make a new ``model.config.model_type`` prunable (masks, scores, compensation). Exporting it
+    smaller needs a model class of the new widths: ``shrink`` builds those for its own types only."""
     ADAPTERS[model_type] = adapter
 
 
