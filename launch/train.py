@@ -318,6 +318,60 @@ def stale_universal(folder: str) -> Optional[str]:
             "config to continue from there (it is only for the first resume at a new world size)")
 
 
+def resume(args, engine, pruner, world_size: int, rank: int) -> Tuple[int, Optional[float], Optional[float], int]:
+    """Load ``--resume`` into the engine (and its pruner), after checking it on every rank; returns
+    the checkpoint's (step, start perplexity, start loss, step of that perplexity), with warnings
+    where this run's arguments differ from the checkpoint's run."""
+    # a missing or truncated rank file fails every rank here, not one rank inside DeepSpeed's
+    # loading while the others wait in its collectives
+    universal = bool(engine.load_universal_checkpoint())  # another layout: DeepSpeed checks it
+    if universal:
+        problems = [p for p in (stale_universal(args.resume),) if p]
+    elif os.path.isfile(os.path.join(args.resume, "latest")):
+        problems = checkpoint_problems(args.resume, world_size=world_size, zero_stage=engine.zero_optimization_stage(),
+                                       bf16=engine.bfloat16_enabled())
+    else:  # said on every rank: a node that sees no checkpoint there must not fail alone
+        problems = ["no DeepSpeed checkpoint in it (no 'latest' file)"]
+    if Communicator().any(bool(problems)):
+        why = "; ".join(problems) or "another rank cannot read it (see its error)"
+        raise SystemExit(f"cannot resume from {args.resume!r}: {why}")
+    path, client = engine.load_checkpoint(args.resume)
+    if path is None:
+        raise FileNotFoundError(f"no DeepSpeed checkpoint to resume in {args.resume}")
+    client = client or {}
+    if rank == 0 and pruner is None and client.get(PRUNER_STATE_KEY) is not None:
+        logger.warning("%s carries ds_bitter7 pruner state but this run's config has no bitter7 section: "
+                       "its masks are not kept from here on and its checkpoints will not carry them "
+                       "(export needs them); add the checkpoint's bitter7 section to --config", path)
+    start, ppl_start, loss_start = client.get("step", engine.global_steps), client.get("ppl_start"), client.get("loss_start")
+    own = args.tokenizer is not None and os.path.realpath(args.tokenizer) == os.path.realpath(args.resume)
+    refused, warned = (None, None) if own else \
+        dsdata.tokenizer_change(client.get("tokenizer"), args.tokenizer or dsdata.BYTES)  # own: saved beside it
+    if refused:  # the same client state on every rank: every rank stops
+        raise SystemExit(f"{path}: {refused}")
+    if rank == 0 and warned:
+        logger.warning("%s: %s", path, warned)
+    ppl_start_step = client.get("ppl_start_step", 0)
+    logger.info("resumed from %s at step %d", path, start)
+    if rank == 0 and args.steps <= start:
+        logger.warning("--steps %d is not past the checkpoint's step %d: no step is taken; the resumed model "
+                       "is evaluated as it is", args.steps, start)
+    if rank == 0 and ppl_start is not None and client.get("seq_len") not in (None, args.seq_len):
+        logger.warning("the step-%d perplexity in the report is the checkpoint's, measured with --seq_len %s, "
+                       "not this run's %d", ppl_start_step, client.get("seq_len"), args.seq_len)
+    data = {"data": data_record(args), "seed": args.seed}
+    changed = [k for k, v in data.items() if client.get(k) not in (None, v)]
+    if rank == 0 and changed:  # another split: validation documents may have been trained on
+        logger.warning("the checkpoint's run trained with %s; this one has %s: the data order differs, and so "
+                       "may the train/validation split (validation text may have been trained on); the step-%d "
+                       "perplexity in the report was measured on the checkpoint's", ", ".join(f"--{k} {client[k]}" for k in changed),
+                       ", ".join(f"--{k} {data[k]}" for k in changed), ppl_start_step)
+    if rank == 0 and not args.save_dir:
+        logger.warning("no --save_dir: this resumed run's checkpoints are not saved (add --save_dir, for "
+                       "instance %s)", args.resume)
+    return start, ppl_start, loss_start, ppl_start_step
+
+
 def run_loop(args, engine, pruner, tokenizer, train_blocks, val_blocks, world_size: int,
              rank: int) -> Dict[str, Any]:
     mb, ga = engine.train_micro_batch_size_per_gpu(), engine.gradient_accumulation_steps()
@@ -325,53 +379,7 @@ def run_loop(args, engine, pruner, tokenizer, train_blocks, val_blocks, world_si
     val_loader = dsdata.eval_dataloader(val_blocks, mb)
     start, ppl_start, loss_start, ppl_start_step = 0, None, None, 0
     if args.resume:
-        # a missing or truncated rank file fails every rank here, not one rank inside DeepSpeed's
-        # loading while the others wait in its collectives
-        universal = bool(engine.load_universal_checkpoint())  # another layout: DeepSpeed checks it
-        if universal:
-            problems = [p for p in (stale_universal(args.resume),) if p]
-        elif os.path.isfile(os.path.join(args.resume, "latest")):
-            problems = checkpoint_problems(args.resume, world_size=world_size, zero_stage=engine.zero_optimization_stage(),
-                                           bf16=engine.bfloat16_enabled())
-        else:  # said on every rank: a node that sees no checkpoint there must not fail alone
-            problems = ["no DeepSpeed checkpoint in it (no 'latest' file)"]
-        if Communicator().any(bool(problems)):
-            why = "; ".join(problems) or "another rank cannot read it (see its error)"
-            raise SystemExit(f"cannot resume from {args.resume!r}: {why}")
-        path, client = engine.load_checkpoint(args.resume)
-        if path is None:
-            raise FileNotFoundError(f"no DeepSpeed checkpoint to resume in {args.resume}")
-        client = client or {}
-        if rank == 0 and pruner is None and client.get(PRUNER_STATE_KEY) is not None:
-            logger.warning("%s carries ds_bitter7 pruner state but this run's config has no bitter7 section: "
-                           "its masks are not kept from here on and its checkpoints will not carry them "
-                           "(export needs them); add the checkpoint's bitter7 section to --config", path)
-        start, ppl_start, loss_start = client.get("step", engine.global_steps), client.get("ppl_start"), client.get("loss_start")
-        own = args.tokenizer is not None and os.path.realpath(args.tokenizer) == os.path.realpath(args.resume)
-        refused, warned = (None, None) if own else \
-            dsdata.tokenizer_change(client.get("tokenizer"), args.tokenizer or dsdata.BYTES)  # own: saved beside it
-        if refused:  # the same client state on every rank: every rank stops
-            raise SystemExit(f"{path}: {refused}")
-        if rank == 0 and warned:
-            logger.warning("%s: %s", path, warned)
-        ppl_start_step = client.get("ppl_start_step", 0)
-        logger.info("resumed from %s at step %d", path, start)
-        if rank == 0 and args.steps <= start:
-            logger.warning("--steps %d is not past the checkpoint's step %d: no step is taken; the resumed model "
-                           "is evaluated as it is", args.steps, start)
-        if rank == 0 and ppl_start is not None and client.get("seq_len") not in (None, args.seq_len):
-            logger.warning("the step-%d perplexity in the report is the checkpoint's, measured with --seq_len %s, "
-                           "not this run's %d", ppl_start_step, client.get("seq_len"), args.seq_len)
-        data = {"data": data_record(args), "seed": args.seed}
-        changed = [k for k, v in data.items() if client.get(k) not in (None, v)]
-        if rank == 0 and changed:  # another split: validation documents may have been trained on
-            logger.warning("the checkpoint's run trained with %s; this one has %s: the data order differs, and so "
-                           "may the train/validation split (validation text may have been trained on); the step-%d "
-                           "perplexity in the report was measured on the checkpoint's", ", ".join(f"--{k} {client[k]}" for k in changed),
-                           ", ".join(f"--{k} {data[k]}" for k in changed), ppl_start_step)
-        if rank == 0 and not args.save_dir:
-            logger.warning("no --save_dir: this resumed run's checkpoints are not saved (add --save_dir, for "
-                           "instance %s)", args.resume)
+        start, ppl_start, loss_start, ppl_start_step = resume(args, engine, pruner, world_size, rank)
     end_step = pruner.config.schedule.end_step if pruner is not None else 0
     if rank == 0 and start < args.steps < end_step:
         logger.warning("--steps %d ends before schedule.end_step %d: the run stops at sparsity %s of "
