@@ -146,7 +146,7 @@ def worker(argv: List[str]) -> None:
 
     import ds_bitter7
     from ds_bitter7 import data as dsdata
-    from ds_bitter7 import oneshot
+    from ds_bitter7 import oneshot, oneshot_args
     from ds_bitter7.checkpoint_loading import build_engine, inspect_checkpoint
     from ds_bitter7.comm import Communicator, init_distributed
     from ds_bitter7.config import parse_config
@@ -168,7 +168,7 @@ def worker(argv: List[str]) -> None:
     info = inspect_checkpoint(a.checkpoint, None)
     config, _ = load_config(a.checkpoint)
     tok = dsdata.get_tokenizer(None)
-    base = oneshot.parse_args([a.checkpoint, a.out + ".tmp", "--sparsity", "0", "--validation", "builtin",
+    base = oneshot_args.parse_args([a.checkpoint, a.out + ".tmp", "--sparsity", "0", "--validation", "builtin",
                                "--batch_size", str(a.micro_batch), "--seq_len", str(a.seq_len), "--num_batches",
                                str(a.num_batches), "--seed", str(a.seed), "--ridge", str(a.ridge)])  # the defaults
     calib = oneshot.calibration_data(base, tok)  # TRAIN split
@@ -182,7 +182,7 @@ def worker(argv: List[str]) -> None:
                 t0 = time.perf_counter()
                 args = argparse.Namespace(**{**vars(base), "scope": scope, "sparsity": sparsity,
                                              "compensation": comp, "score": score})
-                cfg = parse_config({"bitter7": oneshot.bitter7_section(args)})
+                cfg = parse_config({"bitter7": oneshot_args.bitter7_section(args)})
                 torch.manual_seed(a.seed)
                 model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
                 engine = build_engine(args, info, model, comm)

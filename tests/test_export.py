@@ -505,7 +505,7 @@ def test_an_output_location_that_cannot_be_written_is_named_before_the_work(tmp_
     """A folder the user may not write in (or a read-only file system: os.access says so for root
     too) failed in tempfile.mkdtemp after the weights were consolidated, and one-shot's --report
     after the export was written; a mount point given to --overwrite failed at the rename."""
-    from ds_bitter7 import oneshot
+    from ds_bitter7 import oneshot_args
     from ds_bitter7.export import check_output_dir
 
     locked = os.path.realpath(tmp_path / "locked")
@@ -516,15 +516,15 @@ def test_an_output_location_that_cannot_be_written_is_named_before_the_work(tmp_
     for inside in ("model", os.path.join("out", "model")):  # its parent, or the nearest that exists
         with pytest.raises(ExportError, match="cannot be written: no permission to write in .*locked'"):
             check_output_dir(os.path.join(locked, inside), False)
-    args = oneshot.parse_args([str(tmp_path / "ckpt"), str(tmp_path / "o"), "--sparsity", "0.5",
+    args = oneshot_args.parse_args([str(tmp_path / "ckpt"), str(tmp_path / "o"), "--sparsity", "0.5",
                                "--report", os.path.join(locked, "r.json")])
-    assert oneshot.report_problems(args) == [f"--report {args.report!r}: no permission to write in {locked!r}"]
+    assert oneshot_args.report_problems(args) == [f"--report {args.report!r}: no permission to write in {locked!r}"]
     (tmp_path / "r.json").write_text("{}")  # an existing report is written in place: its folder's permission is no matter
     (tmp_path / "mnt").mkdir()
     monkeypatch.setattr(os, "access", lambda path, mode: False if os.path.realpath(path) == str(tmp_path.resolve())
                         else access(path, mode))
     args.report, args.overwrite = str(tmp_path / "r.json"), True
-    assert oneshot.report_problems(args) == []
+    assert oneshot_args.report_problems(args) == []
     monkeypatch.setattr(os, "access", access)
     check_output_dir(str(tmp_path / "out"), False)  # beside it: fine
     ismount = os.path.ismount

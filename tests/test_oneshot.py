@@ -20,7 +20,8 @@ import torch.distributed as dist
 from distributed import run_distributed
 from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
-from ds_bitter7 import oneshot
+from ds_bitter7 import checkpoint_loading, oneshot, oneshot_args
+from ds_bitter7.state import MODEL_STATES_FILE
 
 TEXT = "\n".join(f"line {i}: the quick brown fox jumps over the lazy dog {i * 7 % 13}." for i in range(400))
 
@@ -81,7 +82,7 @@ def make_checkpoint(folder: str, llama: bool = False, bf16: bool = False, bitter
 
 def run_oneshot(argv):
     try:
-        return oneshot.run(oneshot.parse_args(argv))
+        return oneshot.run(oneshot_args.parse_args(argv))
     except oneshot.OneShotError as err:
         return f"OneShotError: {err}"
 
@@ -178,7 +179,7 @@ def test_validation_shares_count_every_block_once(tmp_path):
     from ds_bitter7 import data as dsdata
 
     (tmp_path / "v.txt").write_text(TEXT[:2000])
-    args = oneshot.parse_args([str(tmp_path), "o", "--sparsity", "0.5", "--validation", str(tmp_path / "v.txt"),
+    args = oneshot_args.parse_args([str(tmp_path), "o", "--sparsity", "0.5", "--validation", str(tmp_path / "v.txt"),
                                "--seq_len", "32", "--batch_size", "4"])
     tokenizer = dsdata.get_tokenizer("bytes")
     whole = torch.cat([b["input_ids"] for b in oneshot.validation_loader(args, tokenizer, 1, 0)])
@@ -230,31 +231,31 @@ def test_unreadable_or_short_data_fails_every_rank(checkpoint, tmp_path):
 
 def test_structures_must_include_those_pruned_in_training(tmp_path):
     info = oneshot.CheckpointInfo("t", str(tmp_path), [], True, {}, {}, {"structures": ["mlp_neuron"]})
-    args = oneshot.parse_args([str(tmp_path), "o", "--sparsity", "0.5", "--structures", "attention_head"])
+    args = oneshot_args.parse_args([str(tmp_path), "o", "--sparsity", "0.5", "--structures", "attention_head"])
     with pytest.raises(oneshot.OneShotError, match="pass --structures mlp_neuron attention_head"):
-        oneshot.check_args(args, info)
+        oneshot_args.check_args(args, info)
     # with the pruner config's own refusal in the same error, not one after the other
     args.scope = "standardized"  # the default score bitter7_obs is a greedy order
     with pytest.raises(oneshot.OneShotError, match="(?s)pass --structures mlp_neuron attention_head.*"
                        "standardizing ranks per layer is meaningless"):
-        oneshot.check_args(args, info)
+        oneshot_args.check_args(args, info)
 
 
 def test_every_input_problem_is_named_at_once(tmp_path):
     """An unreadable checkpoint does not hide the argument errors, nor they the model config's."""
-    args = oneshot.parse_args([str(tmp_path / "ck"), str(tmp_path / "o"), "--sparsity", "1.5",
+    args = oneshot_args.parse_args([str(tmp_path / "ck"), str(tmp_path / "o"), "--sparsity", "1.5",
                                "--calibration", str(tmp_path / "nope.txt")])
     with pytest.raises(oneshot.OneShotError) as err:
-        oneshot.check_inputs(args)
+        oneshot_args.check_inputs(args)
     for part in ("checkpoint directory", "does not exist", "--sparsity must be in [0, 1)", "nope.txt']: not found"):
         assert part in str(err.value), str(err.value)
     assert "no model config" not in str(err.value)  # in a folder that does not exist: nothing to add
     (tmp_path / "ck").mkdir()  # a folder without a checkpoint or config.json: both said
     with pytest.raises(oneshot.OneShotError, match="(?s)--sparsity must be in.*no model config"):
-        oneshot.check_inputs(args)
+        oneshot_args.check_inputs(args)
     (tmp_path / "ck" / "mp_rank_00_model_states.pt").write_bytes(b"")  # a tag folder: the hint alone
     with pytest.raises(oneshot.OneShotError, match="so it is a tag folder itself") as err:
-        oneshot.check_inputs(args)
+        oneshot_args.check_inputs(args)
     assert "no model config" not in str(err.value)
 
 
@@ -323,7 +324,7 @@ def _weights_only_checkpoint(folder) -> None:
     tag.mkdir()
     (folder / "latest").write_text("global_step1")
     model = _model()
-    torch.save({"module": model.state_dict(), "optimizer": None}, tag / oneshot.MODEL_STATES)
+    torch.save({"module": model.state_dict(), "optimizer": None}, tag / MODEL_STATES_FILE)
     model.config.save_pretrained(str(folder))
 
 
@@ -375,22 +376,22 @@ def test_least_squares_keeps_the_zeros_of_unstructured_training(checkpoint, tmp_
 def test_seq_len_defaults_to_the_training_run_and_never_exceeds_the_positions(tmp_path):
     config = _model().config  # 64 positions
     info = oneshot.CheckpointInfo("t", str(tmp_path), [], True, {}, {}, None, seq_len=None)
-    args = oneshot.parse_args([str(tmp_path), str(tmp_path / "out"), "--sparsity", "0.5"])
-    assert oneshot.resolve_seq_len(args, info, config) == 64  # 256 capped at the position table
+    args = oneshot_args.parse_args([str(tmp_path), str(tmp_path / "out"), "--sparsity", "0.5"])
+    assert oneshot_args.resolve_seq_len(args, info, config) == 64  # 256 capped at the position table
     info.seq_len = 32  # recorded by launch/train.py
-    assert oneshot.resolve_seq_len(args, info, config) == 32
+    assert oneshot_args.resolve_seq_len(args, info, config) == 32
     args.seq_len = 128
     with pytest.raises(oneshot.OneShotError, match="--seq_len 128 is longer than the model's 64 positions"):
-        oneshot.resolve_seq_len(args, info, config)
+        oneshot_args.resolve_seq_len(args, info, config)
     with pytest.raises(oneshot.OneShotError, match="--seq_len must be >= 2"):
-        oneshot.check_args(oneshot.parse_args([str(tmp_path), "o", "--sparsity", "0.5", "--seq_len", "1"]), None)
+        oneshot_args.check_args(oneshot_args.parse_args([str(tmp_path), "o", "--sparsity", "0.5", "--seq_len", "1"]), None)
 
 
 def test_tokenizer_beside_the_config_is_used_and_must_fit(tmp_path):
     from _launch_util import write_word_tokenizer
 
     write_word_tokenizer(tmp_path, 300)  # more ids than the model's 264
-    args = oneshot.parse_args([str(tmp_path), "o", "--sparsity", "0.5"])
+    args = oneshot_args.parse_args([str(tmp_path), "o", "--sparsity", "0.5"])
     with pytest.raises(oneshot.OneShotError, match=r"tokenizer \(.*\) has 300 ids but the model only 264"):
         oneshot.load_tokenizer(args, _model().config, str(tmp_path))
     args.tokenizer = None
@@ -413,7 +414,7 @@ def test_tokenizer_other_than_the_recorded_one_is_warned_about(tmp_path, caplog)
     write_word_tokenizer(tmp_path / "tok", 300)
     big = _model().config
     big.vocab_size = 1000
-    args = oneshot.parse_args([str(tmp_path), "o", "--sparsity", "0.5", "--tokenizer", "bytes"])
+    args = oneshot_args.parse_args([str(tmp_path), "o", "--sparsity", "0.5", "--tokenizer", "bytes"])
     with caplog.at_level("WARNING", logger="ds_bitter7.oneshot"):
         oneshot.load_tokenizer(args, big, str(tmp_path), "runs/tok")
     assert "trained with the tokenizer 'runs/tok' but this one-shot uses 'bytes'" in caplog.text
@@ -440,35 +441,35 @@ def test_truncated_or_missing_rank_file_is_named_before_loading(checkpoint, tmp_
     with open(rank1, "r+b") as f:
         f.truncate(os.path.getsize(rank1) // 2)
     with pytest.raises(oneshot.OneShotError, match="zero_pp_rank_1_mp_rank_00_optim_states.pt' is truncated"):
-        oneshot.inspect_checkpoint(str(copy), None)
+        checkpoint_loading.inspect_checkpoint(str(copy), None)
     rank1.write_bytes(b"")  # an empty file is no legacy torch file either
     with pytest.raises(oneshot.OneShotError, match="zero_pp_rank_1_mp_rank_00_optim_states.pt' is truncated"):
-        oneshot.inspect_checkpoint(str(copy), None)
+        checkpoint_loading.inspect_checkpoint(str(copy), None)
     rank1.unlink()
     with pytest.raises(oneshot.OneShotError, match=r"saved by 2 data-parallel ranks: rank\(s\) \[1\] missing"):
-        oneshot.inspect_checkpoint(str(copy), None)
+        checkpoint_loading.inspect_checkpoint(str(copy), None)
     assert checkpoint_problems(str(copy)) and not checkpoint_problems(ckpt)  # export and resume use these
     rank0 = copy / "global_step3" / "zero_pp_rank_0_mp_rank_00_optim_states.pt"
     shutil.copy(ckpt + "/global_step3/zero_pp_rank_1_mp_rank_00_optim_states.pt", rank1)
     shutil.copy(rank0, copy / "global_step3" / "zero_pp_rank_2_mp_rank_00_optim_states.pt")  # a stale third rank's
     with pytest.raises(oneshot.OneShotError, match=r"rank\(s\) \[2\], but the checkpoint was saved by 2 data"):
-        oneshot.inspect_checkpoint(str(copy), None)  # not a universal conversion of 3 files that fails inside
+        checkpoint_loading.inspect_checkpoint(str(copy), None)  # not a universal conversion of 3 files that fails inside
 
 
 def test_report_folder_and_ds_config_are_checked_first(checkpoint, tmp_path):
     root, ckpt, text = checkpoint
     (tmp_path / "bad.json").write_text("{not json")
     (tmp_path / "empty").mkdir()
-    args = oneshot.parse_args([ckpt, str(tmp_path / "out"), "--sparsity", "0.5", "--report",
+    args = oneshot_args.parse_args([ckpt, str(tmp_path / "out"), "--sparsity", "0.5", "--report",
                                str(tmp_path / "nodir" / "r.json"), "--ds_config", str(tmp_path / "bad.json"),
                                "--calibration", str(tmp_path / "empty")])
     with pytest.raises(oneshot.OneShotError) as e:
-        oneshot.check_args(args, None)
+        oneshot_args.check_args(args, None)
     assert "nodir' does not exist" in str(e.value) and "is not valid JSON" in str(e.value), str(e.value)
     assert "--calibration: no .txt/" in str(e.value) and "files in the folder" in str(e.value), str(e.value)
-    inside = oneshot.parse_args([ckpt, str(tmp_path / "out"), "--sparsity", "0.5", "--report",
+    inside = oneshot_args.parse_args([ckpt, str(tmp_path / "out"), "--sparsity", "0.5", "--report",
                                  str(tmp_path / "out" / "oneshot.json")])
-    oneshot.check_args(inside, None)  # a report inside OUTPUT_DIR: that folder is made by the export
+    oneshot_args.check_args(inside, None)  # a report inside OUTPUT_DIR: that folder is made by the export
 
 
 def test_report_path_that_would_clobber_a_file_is_refused_first(checkpoint, tmp_path):
@@ -478,7 +479,7 @@ def test_report_path_that_would_clobber_a_file_is_refused_first(checkpoint, tmp_
     (tmp_path / "old.json").write_text("{}")
 
     def problems(report, *extra):
-        return oneshot.report_problems(oneshot.parse_args([ckpt, str(tmp_path / "out"), "--sparsity", "0.5",
+        return oneshot_args.report_problems(oneshot_args.parse_args([ckpt, str(tmp_path / "out"), "--sparsity", "0.5",
                                                            "--calibration", text, "--report", report, *extra]))
 
     assert "which this run reads" in problems(os.path.join(ckpt, "latest"))[0]
@@ -497,9 +498,9 @@ def test_report_path_that_would_clobber_a_file_is_refused_first(checkpoint, tmp_
 
 def test_infinite_ridge_is_refused(checkpoint):
     root, ckpt, text = checkpoint
-    args = oneshot.parse_args([ckpt, str(root / "x"), "--sparsity", "0.5", "--ridge", "inf"])
+    args = oneshot_args.parse_args([ckpt, str(root / "x"), "--sparsity", "0.5", "--ridge", "inf"])
     with pytest.raises(oneshot.OneShotError, match="--ridge must be a finite number >= 0, got inf"):
-        oneshot.check_args(args, None)
+        oneshot_args.check_args(args, None)
 
 
 def _convert_into_each_ranks_own_folder(ckpt: str, root: str) -> str:
@@ -532,14 +533,14 @@ def test_conversion_folder_is_deleted_only_when_oneshot_made_it(checkpoint, tmp_
     """OUTPUT_DIR.universal_tmp is emptied before a conversion: a folder there that one-shot did not
     make (the user's, or the very checkpoint being read) is refused before any work, and kept."""
     root, ckpt, text = checkpoint
-    args = oneshot.parse_args([ckpt, str(tmp_path / "out"), "--sparsity", "0.5"])
+    args = oneshot_args.parse_args([ckpt, str(tmp_path / "out"), "--sparsity", "0.5"])
     work = tmp_path / "out.universal_tmp"
     work.mkdir()
     (work / "notes.txt").write_text("mine")
-    assert "was not made by ds_bitter7.oneshot" in oneshot.output_dir_problem(args, ckpt)
+    assert "was not made by ds_bitter7.oneshot" in oneshot_args.output_dir_problem(args, ckpt)
     assert (work / "notes.txt").read_text() == "mine"
-    (work / oneshot.UNIVERSAL_MARK).write_text("")  # an interrupted earlier conversion: replaced
-    assert oneshot.output_dir_problem(args, ckpt) is None
+    (work / checkpoint_loading.UNIVERSAL_MARK).write_text("")  # an interrupted earlier conversion: replaced
+    assert oneshot_args.output_dir_problem(args, ckpt) is None
 
 
 def test_shortfall_and_already_pruned_count_units():
@@ -640,16 +641,16 @@ def test_ds_config_of_another_zero_stage_is_refused(tmp_path):
     cases.append((zero, None, None))  # no zero_optimization section: loading gives it the checkpoint's stage
     for info, stage, error in cases:
         (tmp_path / "ds.json").write_text(json.dumps({} if stage is None else {"zero_optimization": {"stage": stage}}))
-        args = oneshot.parse_args([str(tmp_path), str(tmp_path / "o"), "--sparsity", "0.5", "--score", "magnitude",
+        args = oneshot_args.parse_args([str(tmp_path), str(tmp_path / "o"), "--sparsity", "0.5", "--score", "magnitude",
                                    "--ds_config", str(tmp_path / "ds.json")])
         if error is None:
-            oneshot.check_args(args, info)
+            oneshot_args.check_args(args, info)
         else:
             with pytest.raises(oneshot.OneShotError, match=error):
-                oneshot.check_args(args, info)
+                oneshot_args.check_args(args, info)
     # offload: one-shot takes no step and loads without it (the training run's config may have it)
     (tmp_path / "ds.json").write_text(json.dumps({"zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu"}}}))
-    oneshot.check_args(oneshot.parse_args([str(tmp_path), str(tmp_path / "o"), "--sparsity", "0.5", "--score",
+    oneshot_args.check_args(oneshot_args.parse_args([str(tmp_path), str(tmp_path / "o"), "--sparsity", "0.5", "--score",
                                            "magnitude", "--ds_config", str(tmp_path / "ds.json")]), zero)
 
 
@@ -661,7 +662,7 @@ def test_zero3_checkpoint_is_named(tmp_path):
     (tmp_path / "latest").write_text("global_step1")
     (tag / "zero_pp_rank_0_mp_rank_00_model_states.pt").write_bytes(b"")
     with pytest.raises(oneshot.OneShotError, match="saved under ZeRO stage 3 .*ZeRO stage 0, 1 and 2 checkpoints only"):
-        oneshot.inspect_checkpoint(str(tmp_path), None)
+        checkpoint_loading.inspect_checkpoint(str(tmp_path), None)
     with pytest.raises(ExportError, match="saved under ZeRO stage 3"):
         load_pruner_state(str(tmp_path), "global_step1")
 
@@ -675,20 +676,20 @@ def test_ds_config_of_the_other_precision_is_refused(tmp_path):
     info = oneshot.CheckpointInfo("t", str(tmp_path), files, True, {}, {}, None)
     for name, section, bad in (("fp32.json", {}, True), ("bf16.json", {"bf16": {"enabled": True}}, False)):
         (tmp_path / name).write_text(json.dumps({"zero_optimization": {"stage": 2}, **section}))
-        args = oneshot.parse_args([str(tmp_path), str(tmp_path / "o"), "--sparsity", "0.5", "--ds_config",
+        args = oneshot_args.parse_args([str(tmp_path), str(tmp_path / "o"), "--sparsity", "0.5", "--ds_config",
                                    str(tmp_path / name)])
         if bad:
             with pytest.raises(oneshot.OneShotError, match="does not enable bf16, but checkpoint .* was saved with it"):
-                oneshot.check_args(args, info)
+                oneshot_args.check_args(args, info)
         else:
-            oneshot.check_args(args, info)
+            oneshot_args.check_args(args, info)
     stage0 = oneshot.CheckpointInfo("t", str(tmp_path), [], True, {}, {}, None)  # fp32, stage 0
     for section in ({"zero_optimization": {"stage": 0}, "bf16": {"enabled": True}}, {"fp16": {"enabled": True}}):
         (tmp_path / "half.json").write_text(json.dumps(section))  # was: KeyError 'dynamic_loss_scale' inside DeepSpeed
-        args = oneshot.parse_args([str(tmp_path), str(tmp_path / "o"), "--sparsity", "0.5", "--ds_config",
+        args = oneshot_args.parse_args([str(tmp_path), str(tmp_path / "o"), "--sparsity", "0.5", "--ds_config",
                                    str(tmp_path / "half.json")])
         with pytest.raises(oneshot.OneShotError, match=r"enabled with zero_optimization.stage = 0"):
-            oneshot.check_args(args, stage0)
+            oneshot_args.check_args(args, stage0)
 
 
 def test_rank_file_with_corrupt_contents_is_named(checkpoint, tmp_path):
@@ -732,16 +733,16 @@ def test_a_bitter7_section_in_ds_config_is_said_to_be_unused(tmp_path):
     config = tmp_path / "ds.json"
     config.write_text(json.dumps({"train_batch_size": 2, "bitter7": {
         "score": "bitter7", "structures": ["attention_head", "mlp_neuron"], "target_sparsity": 0.5, "scope": "global"}}))
-    args = oneshot.parse_args([str(tmp_path), str(tmp_path / "o"), "--sparsity", "0.5", "--ds_config", str(config)])
-    assert oneshot.unused_section(args) == (f"--ds_config {str(config)!r}: its bitter7 section is not used (one-shot "
+    args = oneshot_args.parse_args([str(tmp_path), str(tmp_path / "o"), "--sparsity", "0.5", "--ds_config", str(config)])
+    assert oneshot_args.unused_section(args) == (f"--ds_config {str(config)!r}: its bitter7 section is not used (one-shot "
                                             "prunes as its flags say); to follow it, pass --score bitter7 --structures "
                                             "attention_head mlp_neuron")
     args.structures, args.score = ["mlp_neuron", "attention_head"], "bitter7"  # the same, in another order
-    assert oneshot.unused_section(args).endswith("(one-shot prunes as its flags say)")
+    assert oneshot_args.unused_section(args).endswith("(one-shot prunes as its flags say)")
     config.write_text(json.dumps({"bitter7": {"structures": ["unstructured"], "score": "bitter7"}}))
-    assert oneshot.unused_section(args).endswith("(one-shot prunes as its flags say)")  # none it could follow
+    assert oneshot_args.unused_section(args).endswith("(one-shot prunes as its flags say)")  # none it could follow
     config.write_text(json.dumps({"bitter7": {"score": "bitter8"}}))  # said, with what is wrong
     assert "its bitter7 section is not used (one-shot prunes as its flags say); it is not valid either:" in (
-        oneshot.unused_section(args)) and "bitter8" in oneshot.unused_section(args)
+        oneshot_args.unused_section(args)) and "bitter8" in oneshot_args.unused_section(args)
     config.write_text(json.dumps({"train_batch_size": 2}))
-    assert oneshot.unused_section(args) is None
+    assert oneshot_args.unused_section(args) is None
