@@ -296,15 +296,16 @@ class Communicator:
             mark_every_rank(error)
             raise error
 
-    def call(self, what: str, fn: Callable, *args):
+    def call(self, what: str, fn: Callable, *args, kind: type = RuntimeError):
         """``fn(*args)`` on this rank, its result; when it raises on any rank, every rank raises
-        (``raise_if_any``). Collective: every rank must call this, in the same order."""
+        (``raise_if_any``: the others raise ``kind``). Collective: every rank must call this, in the
+        same order."""
         error, out = None, None
         try:
             out = fn(*args)
         except Exception as e:  # noqa: BLE001 - re-raised on every rank below
             error = e
-        self.raise_if_any(error, what)
+        self.raise_if_any(error, what, kind)
         return out
 
 

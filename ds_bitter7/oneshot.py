@@ -205,7 +205,12 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
     problem = output_dir_problem(args, config_dir)
     if comm.any(problem is not None):
         raise OneShotError(problem or "another rank cannot write the output directory (see its error)")
-    tokenizer = load_tokenizer(args, config, config_dir, info.tokenizer)
+    found = args.tokenizer or dsdata.tokenizer_beside(config_dir)
+    if not comm.same(str(found)):  # a node without the files beside config.json would tokenize bytes
+        raise OneShotError(f"the ranks find different tokenizers beside {config_dir!r} (this rank: "
+                           f"{found or 'bytes'}): a node misses the saved files; pass --tokenizer")
+    tokenizer = comm.call("loading the tokenizer", load_tokenizer, args, config, config_dir, info.tokenizer,
+                          kind=OneShotError)
     calib, val = read_data(args, tokenizer, needs_stats(cfg), comm)  # before the (long) checkpoint load
     torch.manual_seed(args.seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)

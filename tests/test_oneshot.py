@@ -116,6 +116,22 @@ def test_two_ranks_prune_compensate_and_export(checkpoint):
     assert sum(p.numel() for p in small.parameters()) == s["params_after"]
 
 
+def run_oneshot_per_rank(argvs):
+    return run_oneshot(argvs[dist.get_rank()])
+
+
+def test_ranks_that_find_different_tokenizers_stop_together(checkpoint, tmp_path):
+    """A node without the tokenizer files beside config.json tokenized bytes while the others used
+    the files (their statistics mixed), and a tokenizer that failed on one rank left the others in
+    the next collective (gloo's 'Connection closed by peer')."""
+    root, ckpt, text = checkpoint
+    argvs = [_argv(root, ckpt, text, str(tmp_path / "out"), "--tokenizer", t) for t in ("bytes", str(tmp_path / "no"))]
+    out = run_distributed(run_oneshot_per_rank, 2, argvs, timeout=90)
+    assert all(o.startswith("OneShotError: the ranks find different tokenizers") for o in out), out
+    assert "(this rank: bytes)" in out[0] and "/no)" in out[1]
+    assert not os.path.exists(tmp_path / "out")
+
+
 def test_other_world_size_goes_through_universal_checkpoint(checkpoint):
     root, ckpt, text = checkpoint
     same = ("--compensation", "none", "--score", "bitter7")  # optimizer-state scores: no data dependence
