@@ -39,15 +39,19 @@ def check_launch_args(parser: argparse.ArgumentParser, args: argparse.Namespace,
 
 def path_problems(rank: int, summary: Optional[str], reads: Sequence[Optional[str]] = (),
                   output_dirs: Sequence[Tuple[str, Optional[str]]] = (),
-                  checkpoints: Sequence[Optional[str]] = ()) -> List[str]:
+                  checkpoints: Sequence[Optional[str]] = (), data: Sequence[str] = ()) -> List[str]:
     """Why this rank cannot write the run's outputs: an output folder (``(flag, path)``, written by
-    every rank) that cannot be made or written, or, on rank 0 (only it writes the summary, so
+    every rank) that cannot be made or written, or that is a ``data`` folder (the run's JSON files
+    would be read as data at the next start), or, on rank 0 (only it writes the summary, so
     another node need not see the path), a ``--summary`` that is a folder, cannot be made, or would
     replace a file the run reads (``reads``: inputs, files or folders) or one of its checkpoints'
     (``checkpoints``: folders). Found before any work: else at the first save, after training.
     A node's disk may differ from the others': pass them to ``exit_on_path_problems``."""
     problems = [problem for flag, path in output_dirs if path
                 for problem in (folder_problem(path, flag),) if problem]
+    problems += [f"{flag} {path!r} is a --data folder: the files the run writes there (config.json, ...) would "
+                 "be read as data when it resumes; choose another folder" for flag, path in output_dirs if path
+                 for folder in data if os.path.isdir(folder) and os.path.realpath(folder) == os.path.realpath(path)]
     if summary and rank == 0:
         problems += [p for p in (summary_problem(summary, reads, checkpoints),) if p]
     return problems

@@ -103,7 +103,8 @@ def path_problems(args, rank: int) -> List[str]:
     """What this rank's file system refuses in the arguments (``cli.path_problems``, a ``--resume``
     file, a ``--save_dir`` of another run's): made on every rank once the ranks have started."""
     problems = cli.path_problems(rank, args.summary, reads=[args.config, *args.data, args.tokenizer, args.model],
-                                 output_dirs=[("--save_dir", args.save_dir)], checkpoints=[args.save_dir, args.resume])
+                                 output_dirs=[("--save_dir", args.save_dir)], checkpoints=[args.save_dir, args.resume],
+                                 data=args.data)
     if args.resume and os.path.lexists(args.resume) and not os.path.isdir(args.resume):
         problems.append(f"--resume {args.resume!r} is a file, not a folder")
     elif args.resume and not os.path.lexists(args.resume):

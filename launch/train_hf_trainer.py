@@ -81,7 +81,8 @@ def path_problems(args, rank: int) -> List[str]:
     ``checkpoint-N`` folders in --output_dir against --resume and --max_steps): made on every rank
     once the ranks have started."""
     problems = cli.path_problems(rank, args.summary, reads=[args.deepspeed, *args.data, args.tokenizer, args.model],
-                                 output_dirs=[("--output_dir", args.output_dir)], checkpoints=[args.output_dir])
+                                 output_dirs=[("--output_dir", args.output_dir)], checkpoints=[args.output_dir],
+                                 data=args.data)
     steps = trainer_checkpoints(args.output_dir)
     if steps and not args.resume:  # the Trainer would replace them one by one, mixing two runs
         names = [f"checkpoint-{n}" for n in sorted(steps)]

@@ -432,6 +432,8 @@ def test_bad_arguments_are_refused_before_any_work(tmp_path, capsys):
                           (["--data", str(tmp_path / "afile"), "--summary", str(tmp_path / "afile")],
                            "which this run reads: name another file"),
                           (["--summary", base[1]], "which this run reads"),
+                          # its config.json and the rest were read as data at the resume
+                          (["--data", str(tmp_path), "--save_dir", str(tmp_path)], "is a --data folder"),
                           (["--save_dir", str(tmp_path), "--summary", str(tmp_path / "latest")],
                            "would replace a file of the checkpoints in"),
                           (["--resume", str(tmp_path), "--summary", str(tmp_path / "global_step4" / "s.json")],

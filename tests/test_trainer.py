@@ -187,6 +187,8 @@ def test_trainer_script_refuses_bad_arguments_before_any_work(tmp_path, capsys):
     for extra, needle in ((["--summary", str(tmp_path)], "is a folder: name a file"),
                           (["--output_dir", str(tmp_path / "used")], "already holds checkpoints (checkpoint-4)"),
                           (["--resume"], "holds no checkpoint-N folder to resume from"),
+                          (["--data", str(tmp_path / "used"), "--output_dir", str(tmp_path / "used"), "--resume"],
+                           "is a --data folder"),
                           (["--output_dir", str(tmp_path / "used"), "--resume", "--max_steps", "4"],
                            "the last checkpoint in --output_dir is at step 4")):
         problems = hf.path_problems(hf.parse_args(base + extra), rank=0)
