@@ -546,18 +546,24 @@ class Pruner:
         """This rank's own state: movement accumulators and unstructured masks over its fragments,
         and the activation sums of the training window so far (source ``training``)."""
         return {"version": STATE_VERSION, "rank": self.comm.rank, "world_size": self.comm.world_size,
-                "fragments": {n: (f.start, f.numel) for n, f in self.access.fragments.items()},
+                "step": self.step_count, "fragments": {n: (f.start, f.numel) for n, f in self.access.fragments.items()},
                 "movement": {n: t.clone() for n, t in self.movement.items()},
                 "unstructured": ({n: m.clone() for n, m in self.unstructured.pruned.items()}
                                  if self.unstructured is not None else {}),
                 "window": self.stats.window_state() if self.stats is not None else {}}
 
-    def check_local_state(self, local: dict) -> None:
-        """Raise ``CheckpointError`` when ``local`` was saved with another partitioning (local)."""
+    def check_local_state(self, local: dict, source: str = "bitter7 per-rank state") -> None:
+        """Raise ``CheckpointError`` when ``local`` (``source``) was saved with another partitioning,
+        or at another step than the replicated state just loaded (a rank file of another save copied
+        in: its unstructured masks would bring pruned weights back). Local."""
         frags = {n: (f.start, f.numel) for n, f in self.access.fragments.items()}
         if local.get("fragments") != frags:
-            raise CheckpointError("bitter7 per-rank state was saved with another ZeRO partitioning; "
+            raise CheckpointError(f"{source} was saved with another ZeRO partitioning; "
                                   "resume at the same world size or through a universal checkpoint")
+        if local.get("step", self.step_count) != self.step_count:  # files saved before 'step' was kept: not checked
+            raise CheckpointError(f"{source} was saved at step {local['step']}, the checkpoint at step "
+                                  f"{self.step_count}: a rank file of another save was copied in; copy this "
+                                  "tag folder's files again")
 
     def load_local_state_dict(self, local: Optional[dict]) -> None:
         """Restore :meth:`local_state_dict`; None (world size changed) restarts movement and the

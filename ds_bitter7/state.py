@@ -211,7 +211,8 @@ def restore_local(pruner, folder: str, state: dict, universal: bool = False) -> 
     try:
         local = _load_local(folder, pruner, state, universal)
         if local is not None:
-            pruner.check_local_state(local)  # before the collectives of load_local_state_dict
+            pruner.check_local_state(local, _rank_file(folder, pruner.comm.rank))  # before the collectives of
+            # load_local_state_dict
     except CheckpointError as e:
         error = e
     pruner.comm.raise_if_any(error, "loading the bitter7 per-rank state")

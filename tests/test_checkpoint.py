@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 import workers
 from distributed import run_distributed
 
@@ -121,6 +122,19 @@ def test_truncated_rank_file_fails_on_every_rank(tmp_path):
     errors = run_distributed(workers.load_expecting_error, 2, ckpt, BITTER7, 1)
     assert "cannot read bitter7 pruner state file" in errors[1] and "bitter7_rank1.pt" in errors[1]
     assert errors[0]  # rank 0's file is fine, but it must not wait forever: it fails too
+
+
+def test_a_rank_file_of_another_save_fails_on_every_rank(tmp_path):
+    """A rank's bitter7 file copied in from another save loaded without a word: its unstructured
+    masks (an earlier step's) brought pruned weights back."""
+    ckpt = str(tmp_path)
+    run_distributed(workers.resume_run, 2, ckpt, "full", BITTER7, {})
+    path = tmp_path / "global_step3" / "bitter7_rank1.pt"
+    local = torch.load(path, weights_only=False)
+    torch.save({**local, "step": 2}, path)
+    errors = run_distributed(workers.load_expecting_error, 2, ckpt, BITTER7)
+    assert "bitter7_rank1.pt was saved at step 2, the checkpoint at step 3" in errors[1], errors
+    assert errors[0]  # rank 0's file is fine, but it fails too
 
 
 def test_latest_names_a_checkpoint_only_once_every_rank_file_is_written(tmp_path):
