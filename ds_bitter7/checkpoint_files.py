@@ -130,7 +130,45 @@ def zero_file_problems(tag_dir: str, dp_world_size: Optional[int] = None) -> Lis
                 problems.append(f"{path!r} is truncated or corrupt ({err}): copy it again from the original")
         except OSError as err:
             problems.append(f"cannot read {path!r}: {err}")
-    return problems
+    return problems or mixed_zero_files(ranks)
+
+
+def _zero_file_keys(path: str) -> Optional[Tuple[tuple, tuple]]:
+    """(Adam's steps, the partition's parameter ranges) of a ZeRO rank file, memory-mapped (its
+    tensors are not read); None for a layout this does not know."""
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=False, mmap=True)["optimizer_state_dict"]
+        states = saved["base_optimizer_state"]["state"].values()
+        steps = tuple(sorted({float(s["step"]) for s in states if isinstance(s, dict) and "step" in s}))
+        ranges = tuple((n, a.start, a.numel) for group in saved.get("param_slice_mappings") or []
+                       for n, a in group.items())
+        return steps, ranges
+    except Exception:  # noqa: BLE001 - another optimizer's layout: DeepSpeed's loading checks it
+        return None
+
+
+def mixed_zero_files(ranks: Mapping[int, str]) -> List[str]:
+    """Rank files (``{rank: path}``) of one tag that are not of one save: Adam steps that differ (a
+    rank's file of another save copied in), or two ranks with the same partition (one rank's file
+    copied over another's). DeepSpeed loads either without a word: the model's weights are then
+    partly another step's, or one rank's partition twice."""
+    keys = {r: k for r, k in ((r, _zero_file_keys(p)) for r, p in sorted(ranks.items())) if k is not None}
+    steps: Dict[tuple, List[int]] = {}
+    for rank, (step, _) in keys.items():
+        steps.setdefault(step, []).append(rank)
+    if len(steps) > 1:
+        found = "; ".join(f"{', '.join(str(int(s)) for s in step) or 'none'} in rank(s) {r}" for step, r in steps.items())
+        return [f"the ZeRO rank files of {os.path.dirname(next(iter(ranks.values())))!r} hold different optimizer "
+                f"steps ({found}): a rank's file of another save was copied in; copy the tag folder again"]
+    owners: Dict[tuple, List[int]] = {}
+    for rank, (_, ranges) in keys.items():
+        if ranges:
+            owners.setdefault(ranges, []).append(rank)
+    twice = [r for r in owners.values() if len(r) > 1]
+    if twice:
+        return [f"the ZeRO rank files of ranks {twice[0]} in {os.path.dirname(ranks[twice[0][0]])!r} hold the same "
+                "partition: one rank's file was copied over another's; copy the tag folder again"]
+    return []
 
 
 def checkpoint_problems(checkpoint_dir: str, tag: Optional[str] = None, world_size: Optional[int] = None,

@@ -137,6 +137,32 @@ def test_a_rank_file_of_another_save_fails_on_every_rank(tmp_path):
     assert errors[0]  # rank 0's file is fine, but it fails too
 
 
+def test_zero_rank_files_of_another_save_or_rank_are_named(full_run, tmp_path):
+    """DeepSpeed loads a tag folder whose ZeRO rank files are not of one save without a word (resume,
+    export and one-shot then used weights partly of another step, or one partition twice)."""
+    import shutil
+
+    from ds_bitter7.checkpoint_files import checkpoint_problems
+
+    ckpt, _ = full_run
+    names = [f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt" for r in (0, 1)]
+    mixed = tmp_path / "mixed"
+    shutil.copytree(ckpt, mixed)
+    assert checkpoint_problems(str(mixed)) == []
+    rank1 = mixed / "global_step3" / names[1]
+    saved = torch.load(rank1, weights_only=False)
+    for state in saved["optimizer_state_dict"]["base_optimizer_state"]["state"].values():
+        state["step"] = torch.tensor(2.0)  # as the file of an earlier save
+    torch.save(saved, rank1)
+    assert checkpoint_problems(str(mixed)) == [
+        f"the ZeRO rank files of {str(mixed / 'global_step3')!r} hold different optimizer steps (3 in rank(s) [0]; "
+        "2 in rank(s) [1]): a rank's file of another save was copied in; copy the tag folder again"]
+    shutil.copy(mixed / "global_step3" / names[0], rank1)
+    assert checkpoint_problems(str(mixed)) == [
+        f"the ZeRO rank files of ranks [0, 1] in {str(mixed / 'global_step3')!r} hold the same partition: one "
+        "rank's file was copied over another's; copy the tag folder again"]
+
+
 def test_latest_names_a_checkpoint_only_once_every_rank_file_is_written(tmp_path):
     """A save that fails on one rank (here: its pruner file, disk full) fails on every rank and
     leaves ``latest`` at the previous checkpoint, which loads; the wrapped save and load take
