@@ -26,7 +26,8 @@ _WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "model.safetensors.in
 def max_positions(config) -> Optional[int]:
     """The longest sequence the model's position table holds (GPT-2's ``n_positions``, LLaMA's
     ``max_position_embeddings``), or None when the config names neither."""
-    return getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None)
+    return next((n for n in (getattr(config, k, None) for k in ("n_positions", "max_position_embeddings"))
+                 if n is not None), None)
 
 
 def seq_len_problem(seq_len: int, config, where: str = "") -> Optional[str]:
@@ -144,7 +145,7 @@ def build_config(name_or_path: str, vocab_size: Optional[int] = None, max_positi
     the last id, 256 for bytes; None for a tokenizer without one: the config then has none, rather
     than an ordinary token that would end generation).
     """
-    overrides = dict(overrides or {})
+    overrides = given = dict(overrides or {})
     if name_or_path in BUILTIN_MODELS:
         vocab = _round_up(vocab_size or 257)
         eos = (vocab_size or 257) - 1 if eos_token_id == LAST_ID else eos_token_id
@@ -154,7 +155,11 @@ def build_config(name_or_path: str, vocab_size: Optional[int] = None, max_positi
             raise ValueError(f"vocab_size override must be a positive integer, got {vocab!r}")
         ids = {k: overrides[k] for k in ("bos_token_id", "eos_token_id")}
         _refuse_unknown(type(BUILTIN_MODELS[name_or_path](vocab, max_positions, **ids)), overrides)
-        config = BUILTIN_MODELS[name_or_path](vocab, max_positions, **overrides)
+        try:
+            config = BUILTIN_MODELS[name_or_path](vocab, max_positions, **overrides)
+        except Exception as err:  # noqa: BLE001 - ValueError, or huggingface_hub's strict-dataclass error
+            raise ValueError(f"--model_overrides: the {name_or_path} config refuses them: "
+                             f"{' '.join(str(err).split())}") from None
     else:
         from transformers import AutoConfig
 
@@ -183,10 +188,35 @@ def build_config(name_or_path: str, vocab_size: Optional[int] = None, max_positi
                     hint = f" (override {', '.join(per_layer)} too: one entry per block)"
                 raise ValueError(f"--model_overrides {json.dumps(overrides)}: the {config.model_type} config "
                                  f"refuses them: {' '.join(str(err).split())}{hint}") from None
+    problems = shape_problems(config)
+    if problems:  # else a shape error inside the first forward, or a division by zero, naming no key
+        raise ValueError(f"model {name_or_path!r}" + (f" with --model_overrides {json.dumps(given)}" if given else "")
+                         + ": " + "; ".join(problems))
     if vocab_size is not None and vocab_size > config.vocab_size:
         raise ValueError(f"tokenizer has {vocab_size} ids but model {name_or_path!r} only "
                          f"{config.vocab_size}")
     return config
+
+
+def shape_problems(config) -> List[str]:
+    """What makes a config's sizes unbuildable: a count that is not a positive integer, a width the
+    heads do not divide (without an explicit ``head_dim``), query heads the key/value heads do not
+    divide (names as the config spells them: GPT-2's ``n_embd``, LLaMA's ``hidden_size``)."""
+    name = getattr(config, "attribute_map", {})  # LLaMA's name -> the config's own (GPT-2's n_embd)
+    keys = ("num_hidden_layers", "hidden_size", "num_attention_heads", "num_key_value_heads", "vocab_size",
+            "max_position_embeddings", "intermediate_size", "n_inner", "head_dim")
+    values = {k: getattr(config, k, None) for k in keys}
+    problems = [f"{name.get(k, k)} = {v!r}: not a positive integer" for k, v in values.items()
+                if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1)]
+    if problems:
+        return problems
+    hidden, heads, kv = values["hidden_size"], values["num_attention_heads"], values["num_key_value_heads"]
+    if hidden and heads and values["head_dim"] is None and hidden % heads:
+        problems.append(f"{name.get('hidden_size', 'hidden_size')} = {hidden} is not a multiple of "
+                        f"{name.get('num_attention_heads', 'num_attention_heads')} = {heads}")
+    if heads and kv and heads % kv:
+        problems.append(f"num_attention_heads = {heads} is not a multiple of num_key_value_heads = {kv}")
+    return problems
 
 
 def build_model(name_or_path: str, vocab_size: Optional[int] = None, max_positions: int = 256,

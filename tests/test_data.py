@@ -242,6 +242,30 @@ def test_typos_of_builtin_names_are_refused_before_the_hub():
         modeling.build_config("tiny-gtp2")
 
 
+def test_overrides_that_make_no_model_are_named(tmp_path):
+    """Sizes no model can have passed every check, then failed in the first forward (a shape error
+    naming no key), in a division by zero, or in the config's own validation, as a traceback."""
+    from transformers import LlamaConfig
+
+    from ds_bitter7 import modeling
+
+    for name, overrides, problem in (
+            ("tiny-gpt2", {"n_positions": 0}, "n_positions = 0: not a positive integer"),
+            ("tiny-gpt2", {"n_head": 0}, "n_head = 0: not a positive integer"),
+            ("tiny-gpt2", {"n_inner": 0}, "n_inner = 0: not a positive integer"),
+            ("tiny-gpt2", {"n_embd": 30}, "n_embd = 30 is not a multiple of n_head = 4"),
+            ("tiny-llama", {"num_key_value_heads": 3}, "num_attention_heads = 4 is not a multiple of num_key_value_heads = 3"),
+            ("tiny-gpt2", {"n_layer": "2"}, "Field 'n_layer' expected int, got str")):
+        with pytest.raises(ValueError, match=problem) as err:
+            modeling.build_config(name, 257, overrides=overrides)
+        assert json.dumps(overrides) in str(err.value) or "refuses them" in str(err.value)
+    LlamaConfig(num_hidden_layers=1, hidden_size=32, intermediate_size=64, num_attention_heads=4,
+                num_key_value_heads=2).save_pretrained(tmp_path / "llama")
+    with pytest.raises(ValueError, match="intermediate_size = -1: not a positive integer"):
+        modeling.build_config(str(tmp_path / "llama"), overrides={"intermediate_size": -1})
+    assert modeling.max_positions(modeling.build_config("tiny-gpt2", max_positions=64)) == 64
+
+
 def test_hub_dataset_configuration_reaches_load_dataset(tmp_path, monkeypatch):
     """A hub name with a configuration (wikitext needs one): datasets' own load_dataset reads it,
     here from a local dataset repository of two configurations standing in for the hub (offline)."""
