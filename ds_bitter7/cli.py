@@ -10,7 +10,7 @@ import os
 from typing import Callable, List, Optional, Sequence, Tuple
 
 from .comm import Communicator, rank_list, ranks_not_sharing
-from .config import Bitter7Config, check_deepspeed_support, load_ds_config, parse_config
+from .config import Bitter7Config, check_deepspeed_support, load_ds_config, optimizer_problems, parse_config
 from .export import TOKENIZER_FILES, is_within, unwritable
 from .modeling import parse_overrides
 from .state import MODEL_STATES_FILE
@@ -86,6 +86,9 @@ def read_ds_config(path: str, where: str, trainer: bool = False) -> Tuple[dict, 
         cfg = parse_config(ds_config)
         if cfg.enabled:
             check_deepspeed_support(ds_config)
+        problems = optimizer_problems(ds_config)
+        if problems:
+            raise ValueError("\n".join(["DeepSpeed config cannot be used:", *problems]))
         auto = auto_keys(ds_config)
         if auto and not trainer:
             raise ValueError(f"{', '.join(auto)} = \"auto\": only the HF Trainer (launch/train_hf_trainer.py) "

@@ -372,6 +372,27 @@ def check_deepspeed_support(ds_config: dict) -> None:
         raise ValueError("DeepSpeed config not supported by ds_bitter7:\n" + "\n".join(problems))
 
 
+def optimizer_problems(ds_config: dict) -> List[str]:
+    """What in a DeepSpeed config's ``optimizer`` and ``scheduler`` sections DeepSpeed (or the HF
+    Trainer's reading of them) would fail on with a traceback naming no key: a section or its
+    ``params`` that is not an object, ``betas`` that are not two numbers."""
+    problems = []
+    for section in ("optimizer", "scheduler"):
+        value = ds_config.get(section)
+        if value is not None and not isinstance(value, dict):
+            problems.append(f"  {section} = {value!r}: an object is expected ({{\"type\": ..., \"params\": {{...}}}})")
+        elif value is not None and not isinstance(value.get("params", {}), dict):
+            problems.append(f"  {section}.params = {value['params']!r}: an object is expected")
+    optimizer = ds_config.get("optimizer")
+    params = optimizer.get("params") if isinstance(optimizer, dict) else None
+    betas = params.get("betas", "auto") if isinstance(params, dict) else "auto"
+    numbers = isinstance(betas, (list, tuple)) and len(betas) == 2 and all(
+        b == "auto" or (isinstance(b, (int, float)) and not isinstance(b, bool)) for b in betas)
+    if betas != "auto" and not numbers:
+        problems.append(f"  optimizer.params.betas = {betas!r}: two numbers are expected, such as [0.9, 0.999]")
+    return problems
+
+
 def check_same_on_every_rank(cfg: Bitter7Config, group=None) -> None:
     """``ValueError`` on every rank of ``group`` (default: the world) when their parsed
     ``"bitter7"`` sections differ (a node with another config file): their masks would split, or

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
@@ -158,11 +159,13 @@ def test_unknown_model_family_is_refused():
 
 
 def test_model_without_blocks_is_refused_before_deepspeed_starts():
-    """n_layer 0 trained with a pruner of no units and reported nothing pruned."""
-    import ds_bitter7
-    from ds_bitter7 import modeling
+    """n_layer 0 trained with a pruner of no units and reported nothing pruned (a library user's own
+    model: the launch scripts' build_config refuses it)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
 
-    model = modeling.build_model("tiny-gpt2", 264, overrides={"n_layer": 0})
+    import ds_bitter7
+
+    model = GPT2LMHeadModel(GPT2Config(n_layer=0, n_embd=32, n_head=2, vocab_size=264))
     with pytest.raises(ValueError, match=r"^the gpt2 model has no blocks \(transformer.h is empty\): nothing to prune$"):
         ds_bitter7.initialize(model=model, model_parameters=model.parameters(),
                               config={"train_batch_size": 1, "bitter7": {"target_sparsity": 0.5}})
@@ -258,6 +261,24 @@ def test_auto_values_deepspeed_would_read_as_numbers():
               "data_types": {"keep_in_fp32_modules": "auto"}}
     assert auto_keys(config) == ["train_batch_size", "optimizer.params.lr", "scheduler.params.warmup_num_steps",
                                  "bf16.enabled"]
+
+
+def test_optimizer_sections_deepspeed_cannot_read_are_named(tmp_path):
+    """"params": null and three betas failed with an AttributeError / unpacking traceback naming no
+    key (in the HF script after the model and data were built; in DeepSpeed's optimizer for
+    launch/train.py)."""
+    from ds_bitter7.cli import read_ds_config
+
+    path = tmp_path / "ds.json"
+    for section, problem in (({"optimizer": {"type": "AdamW", "params": None}}, "optimizer.params = None: an object"),
+                             ({"optimizer": {"type": "AdamW", "params": {"betas": [0.9, 0.95, 0.99]}}},
+                              "optimizer.params.betas = [0.9, 0.95, 0.99]: two numbers are expected"),
+                             ({"scheduler": "WarmupLR"}, "scheduler = 'WarmupLR': an object is expected")):
+        path.write_text(json.dumps({"train_micro_batch_size_per_gpu": 1, **section}))
+        with pytest.raises(SystemExit, match=re.escape(problem)):
+            read_ds_config(str(path), "--config")
+    path.write_text(json.dumps({"optimizer": {"type": "AdamW", "params": {"betas": "auto", "lr": "auto"}}}))
+    assert read_ds_config(str(path), "--deepspeed", trainer=True)[0]["optimizer"]["params"]["betas"] == "auto"
 
 
 def test_build_or_exit_keeps_the_traceback_of_a_bug(capsys):
