@@ -26,7 +26,7 @@ from transformers import TrainerCallback
 from . import prepare_model  # noqa: F401  (re-exported: call it before Trainer(...))
 from .calibration import needs_stats
 from .checkpoint_files import ExportError, saved_pruner_state
-from .comm import is_main_process, world_size_and_rank
+from .comm import Communicator, is_main_process, world_size_and_rank
 from .config import enum_name
 from .export import write_remote_code
 from .state import TRAINER_FILE as STATE_FILE
@@ -85,8 +85,13 @@ class Bitter7Callback(TrainerCallback):
         inputs the calibration forwards take (a leftover text column would not collate)."""
         ds = self.trainer.train_dataset
         bs = self.trainer.args.per_device_train_batch_size
+        world, rank = world_size_and_rank()
         rows = [{k: row[k] for k in ("input_ids", "attention_mask") if k in row}
-                for row in rank_rows(ds, bs * num_batches, *world_size_and_rank())]
+                for row in rank_rows(ds, bs * num_batches, world, rank)]
+        if Communicator().any(not rows):  # else attach refused this rank's "empty container" it was never given
+            raise ValueError(f"the training set has fewer rows than the {world} ranks: the calibration batches the "
+                             "callback takes from it (for bias compensation or the score) need one per rank at "
+                             "least (more text, a shorter sequence length, or pass calibration_data=)")
         batches = []
         for i in range(0, len(rows), bs):
             batch = self.trainer.data_collator(rows[i:i + bs])

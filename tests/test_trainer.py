@@ -220,6 +220,37 @@ def test_default_calibration_rows_differ_per_rank():
     assert rank_rows(range(4), 3, 2, 1) == [1, 3]  # a short dataset: fewer rows, never another rank's
 
 
+def default_calibration_of(rows: int):
+    from types import SimpleNamespace
+
+    import torch
+
+    from ds_bitter7.hf_trainer import Bitter7Callback
+
+    trainer = SimpleNamespace(train_dataset=[{"input_ids": torch.arange(4)}] * rows, data_collator=collate_rows,
+                              args=SimpleNamespace(per_device_train_batch_size=1))
+    try:
+        return len(Bitter7Callback(trainer)._default_calibration(SimpleNamespace(device="cpu"), 2))
+    except ValueError as err:
+        return str(err)
+
+
+def collate_rows(rows):
+    import torch
+
+    return {"input_ids": torch.stack([r["input_ids"] for r in rows])}
+
+
+def test_a_training_set_of_fewer_rows_than_ranks_is_named_on_every_rank():
+    """Rank 1 got no calibration row: attach refused the "empty container" of calibration_data, an
+    argument the user never gave (rank 0: "failed on another rank")."""
+    from distributed import run_distributed
+
+    assert run_distributed(default_calibration_of, 2, 4) == [2, 2]
+    out = run_distributed(default_calibration_of, 2, 1)
+    assert all(o.startswith("the training set has fewer rows than the 2 ranks") for o in out), out
+
+
 def test_a_push_uploads_the_model_code_of_an_export(tmp_path):
     """The Trainer's push (transformers 5: ``_push_from_checkpoint`` and ``push_to_hub``) calls
     ``on_push_begin``, then copies config.json and the weights from checkpoint-N into output_dir
