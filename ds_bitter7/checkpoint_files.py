@@ -18,7 +18,7 @@ from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 import torch
 
 from .state import CLIENT_KEY as STATE_KEY
-from .state import MODEL_STATES_FILE, latest_tag
+from .state import MODEL_STATES_FILE, checkpoint_tags, latest_tag
 from .state import TRAINER_FILE as TRAINER_STATE_FILE
 from .state import read_torch_file as _read_torch_file
 
@@ -66,6 +66,9 @@ def resolve_tag(checkpoint_dir: str, tag: Optional[str] = None) -> str:
                     hint = "pass --tag"
                 raise ExportError(f"no 'latest' file at {latest!r} ({found}); {hint}")
             tag = steps[0]
+    if os.path.normpath(tag) in (".", "..") or os.path.isabs(tag):  # the folder itself, or one outside it
+        raise ExportError(f"tag {tag!r} names no tag folder inside {checkpoint_dir!r}: pass a tag such as "
+                          f"{', '.join(checkpoint_tags(checkpoint_dir)) or 'global_step100'}")
     if not os.path.isdir(os.path.join(checkpoint_dir, tag)):
         hint = tag_folder_hint(checkpoint_dir)
         raise ExportError(f"checkpoint tag folder {os.path.join(checkpoint_dir, tag)!r} does not exist"

@@ -114,7 +114,7 @@ def write_latest(save_dir: str, tag: str) -> None:
     atomic_write(os.path.join(save_dir, "latest"), lambda f: f.write(tag.encode()))
 
 
-def _tags(folder: str) -> list:
+def checkpoint_tags(folder: str) -> list:
     """The checkpoint tags in ``folder``: its subfolders holding DeepSpeed's model-states file."""
     if not os.path.isdir(folder):
         return []
@@ -181,7 +181,7 @@ def install_checkpoint_hooks(engine, pruner) -> None:
         resolved = _resolve_tag(load_dir, tag, universal)
         missing = resolved is not None and not os.path.isdir(os.path.join(load_dir, str(resolved)))
         pruner.comm.raise_if_any(CheckpointError(f"checkpoint tag folder {os.path.join(load_dir, str(resolved))} "
-                                                 f"does not exist (tags in {load_dir}: {_tags(load_dir)})")
+                                                 f"does not exist (tags in {load_dir}: {checkpoint_tags(load_dir)})")
                                  if missing else None, "finding the checkpoint", CheckpointError)
         path, client_state = load(*call.args, **call.kwargs)
         if path is None:

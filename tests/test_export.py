@@ -291,6 +291,10 @@ def test_missing_latest_tag(tmp_path):
         (tmp_path / "ckpt" / tag).mkdir(parents=True)
     with pytest.raises(ExportError, match="no 'latest' file at .*latest"):
         export_checkpoint(str(tmp_path / "ckpt"), str(tmp_path / "out"))
+    (tmp_path / "ckpt" / "global_step2" / "mp_rank_00_model_states.pt").write_bytes(b"")
+    for tag in ("", ".", "global_step2/.."):  # the folder itself: "no pruner state" in it, naming no tag
+        with pytest.raises(ExportError, match=f"tag {tag!r} names no tag folder inside .*: pass a tag such as global_step2$"):
+            export_checkpoint(str(tmp_path / "ckpt"), str(tmp_path / "out"), tag=tag)
 
 
 def test_trainer_checkpoint_saved_without_deepspeed_files(gpt2_checkpoint, tmp_path):
