@@ -66,9 +66,12 @@ def resolve_tag(checkpoint_dir: str, tag: Optional[str] = None) -> str:
                     hint = "pass --tag"
                 raise ExportError(f"no 'latest' file at {latest!r} ({found}); {hint}")
             tag = steps[0]
-    if os.path.normpath(tag) in (".", "..") or os.path.isabs(tag):  # the folder itself, or one outside it
-        raise ExportError(f"tag {tag!r} names no tag folder inside {checkpoint_dir!r}: pass a tag such as "
-                          f"{', '.join(checkpoint_tags(checkpoint_dir)) or 'global_step100'}")
+    folder, root = os.path.abspath(os.path.join(checkpoint_dir, tag)), os.path.abspath(checkpoint_dir)  # an
+    # absolute tag replaces checkpoint_dir: one inside it is taken as its path there
+    if not folder.startswith(root.rstrip(os.sep) + os.sep):
+        raise ExportError(f"tag {tag!r} names no tag folder inside {checkpoint_dir!r} (the folder itself, or one "
+                          f"outside it): pass a tag such as {', '.join(checkpoint_tags(checkpoint_dir)) or 'global_step100'}")
+    tag = os.path.relpath(folder, root)
     if not os.path.isdir(os.path.join(checkpoint_dir, tag)):
         hint = tag_folder_hint(checkpoint_dir)
         raise ExportError(f"checkpoint tag folder {os.path.join(checkpoint_dir, tag)!r} does not exist"
@@ -118,9 +121,14 @@ def zero_file_problems(tag_dir: str, dp_world_size: Optional[int] = None) -> Lis
         problems.append(f"{tag_dir!r} holds *optim_states.pt of rank(s) {extra}, but the checkpoint was saved by "
                         f"{expected} data-parallel ranks: a stale file of another run? Move "
                         f"{os.path.basename(ranks[extra[0]])!r}{' and the others' if len(extra) > 1 else ''} away")
+    contents = {}  # rank -> its tensors' CRCs and sizes, from the central directory (no tensor is read)
     for path in sorted(files):
         try:
             with zipfile.ZipFile(path) as archive:  # the central directory, at the end
+                data = tuple(sorted((i.filename.rsplit("/", 1)[-1], i.CRC, i.file_size) for i in archive.infolist()
+                                    if "/data/" in i.filename))
+                if any(crc for _, crc, _ in data):  # torch wrote CRCs (else nothing to compare)
+                    contents[next(r for r, p in ranks.items() if p == path)] = data
                 for info in archive.infolist():  # and the CRC of every record but the tensors' storages (the
                     # pickle: small; a full read would double the load's I/O), where torch wrote one (CRC 0:
                     # torch.serialization.set_crc32_options(False))
@@ -133,44 +141,43 @@ def zero_file_problems(tag_dir: str, dp_world_size: Optional[int] = None) -> Lis
                 problems.append(f"{path!r} is truncated or corrupt ({err}): copy it again from the original")
         except OSError as err:
             problems.append(f"cannot read {path!r}: {err}")
-    return problems or mixed_zero_files(ranks)
+    return problems or mixed_zero_files(ranks, contents)
 
 
-def _zero_file_keys(path: str) -> Optional[Tuple[tuple, tuple]]:
-    """(Adam's steps, the partition's parameter ranges) of a ZeRO rank file, memory-mapped (its
-    tensors are not read); None for a layout this does not know."""
+def _adam_steps(path: str) -> Optional[tuple]:
+    """The Adam steps a ZeRO rank file holds, memory-mapped (its tensors are not read); None for a
+    layout this does not know."""
     try:
         saved = torch.load(path, map_location="cpu", weights_only=False, mmap=True)["optimizer_state_dict"]
         states = saved["base_optimizer_state"]["state"].values()
-        steps = tuple(sorted({float(s["step"]) for s in states if isinstance(s, dict) and "step" in s}))
-        ranges = tuple((n, a.start, a.numel) for group in saved.get("param_slice_mappings") or []
-                       for n, a in group.items())
-        return steps, ranges
+        return tuple(sorted({float(s["step"]) for s in states if isinstance(s, dict) and "step" in s}))
     except Exception:  # noqa: BLE001 - another optimizer's layout: DeepSpeed's loading checks it
         return None
 
 
-def mixed_zero_files(ranks: Mapping[int, str]) -> List[str]:
+def mixed_zero_files(ranks: Mapping[int, str], contents: Mapping[int, tuple]) -> List[str]:
     """Rank files (``{rank: path}``) of one tag that are not of one save: Adam steps that differ (a
-    rank's file of another save copied in), or two ranks with the same partition (one rank's file
-    copied over another's). DeepSpeed loads either without a word: the model's weights are then
-    partly another step's, or one rank's partition twice."""
-    keys = {r: k for r, k in ((r, _zero_file_keys(p)) for r, p in sorted(ranks.items())) if k is not None}
+    rank's file of another save copied in), or two ranks whose tensors are the same bytes (``contents``:
+    each rank's tensor CRCs and sizes; one rank's file copied over another's). DeepSpeed loads
+    either without a word: the model's weights are then partly another step's, or one rank's
+    partition twice. (Two ranks' partitions may cover the same parameter ranges, inside one large
+    embedding: their bytes differ.)"""
     steps: Dict[tuple, List[int]] = {}
-    for rank, (step, _) in keys.items():
-        steps.setdefault(step, []).append(rank)
+    for rank, path in sorted(ranks.items()):
+        step = _adam_steps(path)
+        if step is not None:
+            steps.setdefault(step, []).append(rank)
     if len(steps) > 1:
         found = "; ".join(f"{', '.join(str(int(s)) for s in step) or 'none'} in rank(s) {r}" for step, r in steps.items())
         return [f"the ZeRO rank files of {os.path.dirname(next(iter(ranks.values())))!r} hold different optimizer "
                 f"steps ({found}): a rank's file of another save was copied in; copy the tag folder again"]
     owners: Dict[tuple, List[int]] = {}
-    for rank, (_, ranges) in keys.items():
-        if ranges:
-            owners.setdefault(ranges, []).append(rank)
+    for rank, data in sorted(contents.items()):
+        owners.setdefault(data, []).append(rank)
     twice = [r for r in owners.values() if len(r) > 1]
     if twice:
         return [f"the ZeRO rank files of ranks {twice[0]} in {os.path.dirname(ranks[twice[0][0]])!r} hold the same "
-                "partition: one rank's file was copied over another's; copy the tag folder again"]
+                "tensors: one rank's file was copied over another's; copy the tag folder again"]
     return []
 
 

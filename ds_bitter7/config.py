@@ -325,8 +325,10 @@ def _flag(value) -> bool:
 
 def bf16_enabled(ds_config: dict) -> Optional[bool]:
     """The ``enabled`` flag of a DeepSpeed config's bf16 section (``bf16``, or its other name
-    ``bfloat16``): False without one, None where it is not a boolean."""
-    section = ds_config.get("bf16") or ds_config.get("bfloat16") or {}
+    ``bfloat16``, read where ``bf16`` is absent, as DeepSpeed does): False without one, None where
+    it is not a boolean."""
+    section = ds_config.get("bf16") if "bf16" in ds_config else ds_config.get("bfloat16", {})
+    section = {} if section is None else section
     enabled = section.get("enabled", False) if isinstance(section, dict) else None
     return enabled if isinstance(enabled, bool) else None
 

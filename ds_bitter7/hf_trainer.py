@@ -85,19 +85,29 @@ class Bitter7Callback(TrainerCallback):
         inputs the calibration forwards take (a leftover text column would not collate)."""
         ds = self.trainer.train_dataset
         bs = self.trainer.args.per_device_train_batch_size
-        world, rank = world_size_and_rank()
         rows = [{k: row[k] for k in ("input_ids", "attention_mask") if k in row}
-                for row in rank_rows(ds, bs * num_batches, world, rank)]
-        if Communicator().any(not rows):  # else attach refused this rank's "empty container" it was never given
-            raise ValueError(f"the training set has fewer rows than the {world} ranks: the calibration batches the "
-                             "callback takes from it (for bias compensation or the score) need one per rank at "
-                             "least (more text, a shorter sequence length, or pass calibration_data=)")
+                for row in rank_rows(ds, bs * num_batches, *world_size_and_rank())]
         batches = []
         for i in range(0, len(rows), bs):
             batch = self.trainer.data_collator(rows[i:i + bs])
             batches.append({k: v.to(engine.device) for k, v in batch.items()
                             if k in ("input_ids", "attention_mask")})
         return batches
+
+    def _calibration(self, engine, cfg) -> Optional[Iterable]:
+        """The calibration batches for ``attach``: ``calibration_data``, else the default ones where
+        the parsed config ``cfg`` needs them (compensation, or the score). Collective: a rank left
+        without a row fails every rank (attach refused the "empty container" of an argument the user
+        never gave); a rank whose config differs takes no default, and attach names the difference."""
+        default = (cfg.enabled and self.calibration_data is None and needs_stats(cfg)
+                   and enum_name(cfg.bias_compensation.source) == "calibration")
+        calib = self._default_calibration(engine, cfg.bias_compensation.num_batches) if default else self.calibration_data
+        if Communicator().any(default and not calib):
+            raise ValueError(f"the training set has fewer rows than the {world_size_and_rank()[0]} ranks: the "
+                             "calibration batches the callback takes from it (for bias compensation or the score) "
+                             "need one per rank at least (more text, a shorter sequence length, or pass "
+                             "calibration_data=)")
+        return calib
 
     def on_train_begin(self, args, state, control, **kwargs):
         import ds_bitter7
@@ -109,12 +119,8 @@ class Bitter7Callback(TrainerCallback):
         cfg = ds_bitter7.parse_config(config)
         self.pruner = ds_bitter7.get_pruner(engine)  # a second trainer.train(): the same engine and pruner
         if self.pruner is None:
-            calib = self.calibration_data
-            source = enum_name(cfg.bias_compensation.source)
-            if cfg.enabled and calib is None and needs_stats(cfg) and source == "calibration":  # compensation, or the score
-                calib = self._default_calibration(engine, cfg.bias_compensation.num_batches)
             # on every rank, the section enabled or not: attach first checks that the ranks' agree
-            self.pruner = ds_bitter7.attach(engine, config, calibration_data=calib)
+            self.pruner = ds_bitter7.attach(engine, config, calibration_data=self._calibration(engine, cfg))
         if not cfg.enabled:
             folder = self._resume_folder(args, state)
             if folder is not None and os.path.exists(os.path.join(folder, STATE_FILE)) and is_main_process():

@@ -210,9 +210,8 @@ def restore_local(pruner, folder: str, state: dict, universal: bool = False) -> 
     error, local = None, None
     try:
         local = _load_local(folder, pruner, state, universal)
-        if local is not None:
-            pruner.check_local_state(local, _rank_file(folder, pruner.comm.rank))  # before the collectives of
-            # load_local_state_dict
+        if local is not None:  # checked before the collectives of load_local_state_dict
+            pruner.check_local_state(local, _rank_file(folder, pruner.comm.rank))
     except CheckpointError as e:
         error = e
     pruner.comm.raise_if_any(error, "loading the bitter7 per-rank state")

@@ -159,8 +159,17 @@ def test_zero_rank_files_of_another_save_or_rank_are_named(full_run, tmp_path):
         "2 in rank(s) [1]): a rank's file of another save was copied in; copy the tag folder again"]
     shutil.copy(mixed / "global_step3" / names[0], rank1)
     assert checkpoint_problems(str(mixed)) == [
-        f"the ZeRO rank files of ranks [0, 1] in {str(mixed / 'global_step3')!r} hold the same partition: one "
+        f"the ZeRO rank files of ranks [0, 1] in {str(mixed / 'global_step3')!r} hold the same tensors: one "
         "rank's file was copied over another's; copy the tag folder again"]
+
+
+def test_ranks_whose_partitions_lie_in_one_parameter_are_not_copies(tmp_path):
+    """A parameter larger than a partition (an embedding) gives the ranks inside it the same
+    parameter ranges: ranges read as "the same partition" refused real checkpoints."""
+    from ds_bitter7.checkpoint_files import checkpoint_problems
+
+    run_distributed(workers.one_large_parameter_checkpoint, 3, str(tmp_path))
+    assert checkpoint_problems(str(tmp_path)) == []
 
 
 def test_latest_names_a_checkpoint_only_once_every_rank_file_is_written(tmp_path):

@@ -281,6 +281,15 @@ def test_optimizer_sections_deepspeed_cannot_read_are_named(tmp_path):
     assert read_ds_config(str(path), "--deepspeed", trainer=True)[0]["optimizer"]["params"]["betas"] == "auto"
 
 
+def test_the_bf16_section_is_read_as_deepspeed_reads_it():
+    """DeepSpeed reads "bfloat16" only where "bf16" is absent (an empty "bf16" is bf16 off)."""
+    from ds_bitter7.config import bf16_enabled
+
+    assert bf16_enabled({"bf16": {}, "bfloat16": {"enabled": True}}) is False
+    assert bf16_enabled({"bfloat16": {"enabled": True}}) is True
+    assert bf16_enabled({"bf16": {"enabled": "auto"}}) is None and bf16_enabled({}) is False
+
+
 def test_build_or_exit_keeps_the_traceback_of_a_bug(capsys):
     """A bad path or name is one line; anything else (a shape error) keeps its traceback."""
     import torch

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import stat
 import subprocess
@@ -292,9 +293,15 @@ def test_missing_latest_tag(tmp_path):
     with pytest.raises(ExportError, match="no 'latest' file at .*latest"):
         export_checkpoint(str(tmp_path / "ckpt"), str(tmp_path / "out"))
     (tmp_path / "ckpt" / "global_step2" / "mp_rank_00_model_states.pt").write_bytes(b"")
-    for tag in ("", ".", "global_step2/.."):  # the folder itself: "no pruner state" in it, naming no tag
-        with pytest.raises(ExportError, match=f"tag {tag!r} names no tag folder inside .*: pass a tag such as global_step2$"):
+    for tag in ("", ".", "global_step2/..", "../ckpt", str(tmp_path)):  # the folder itself: "no pruner state" in
+        # it, naming no tag; or one outside it
+        with pytest.raises(ExportError, match=f"tag {re.escape(repr(tag))} names no tag folder inside .*: pass a tag "
+                           "such as global_step2$"):
             export_checkpoint(str(tmp_path / "ckpt"), str(tmp_path / "out"), tag=tag)
+    from ds_bitter7.checkpoint_files import resolve_tag
+
+    for tag in ("global_step2/", str(tmp_path / "ckpt" / "global_step2")):  # an absolute tag inside it too
+        assert resolve_tag(str(tmp_path / "ckpt"), tag) == "global_step2"
 
 
 def test_trainer_checkpoint_saved_without_deepspeed_files(gpt2_checkpoint, tmp_path):

@@ -220,17 +220,20 @@ def test_default_calibration_rows_differ_per_rank():
     assert rank_rows(range(4), 3, 2, 1) == [1, 3]  # a short dataset: fewer rows, never another rank's
 
 
-def default_calibration_of(rows: int):
+def default_calibration_of(rows: int, compensate=(True, True)):
     from types import SimpleNamespace
 
     import torch
+    import torch.distributed as dist
 
+    from ds_bitter7 import parse_config
     from ds_bitter7.hf_trainer import Bitter7Callback
 
     trainer = SimpleNamespace(train_dataset=[{"input_ids": torch.arange(4)}] * rows, data_collator=collate_rows,
                               args=SimpleNamespace(per_device_train_batch_size=1))
+    cfg = parse_config({"bitter7": {"bias_compensation": {"enabled": compensate[dist.get_rank()], "num_batches": 2}}})
     try:
-        return len(Bitter7Callback(trainer)._default_calibration(SimpleNamespace(device="cpu"), 2))
+        return len(Bitter7Callback(trainer)._calibration(SimpleNamespace(device="cpu"), cfg) or [])
     except ValueError as err:
         return str(err)
 
@@ -249,6 +252,9 @@ def test_a_training_set_of_fewer_rows_than_ranks_is_named_on_every_rank():
     assert run_distributed(default_calibration_of, 2, 4) == [2, 2]
     out = run_distributed(default_calibration_of, 2, 1)
     assert all(o.startswith("the training set has fewer rows than the 2 ranks") for o in out), out
+    # a rank whose config takes no default batches still joins the check (it waited in attach's first
+    # collective while the others waited in this one)
+    assert run_distributed(default_calibration_of, 2, 4, (True, False), timeout=60) == [2, 0]
 
 
 def test_a_push_uploads_the_model_code_of_an_export(tmp_path):

@@ -583,6 +583,21 @@ def raised_target_after_end(ckpt: str, bitter7: dict) -> dict:
     return {"warnings": warnings, "error": error}
 
 
+def one_large_parameter_checkpoint(ckpt: str) -> None:
+    """ZeRO-1 on 3 ranks: the embedding holds the first two ranks' partitions whole."""
+    import deepspeed
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Embedding(4000, 16), torch.nn.Linear(16, 8))
+    cfg = {"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 1}, "steps_per_print": 10**9,
+           "optimizer": {"type": "AdamW", "params": {"lr": 1e-3, "torch_adam": True}}}
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=cfg)
+    for _ in range(2):
+        engine.backward(engine(torch.randint(0, 4000, (1, 8))).float().pow(2).mean())
+        engine.step()
+    engine.save_checkpoint(ckpt)
+
+
 def plain_deepspeed_checkpoint(ckpt: str) -> None:
     import deepspeed
 
